@@ -1,0 +1,53 @@
+"""``kc.curvature``: the KFC factors of one batch, for analysis, Laplace approximations and tests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kfc_compile.capture import model_output
+from kfc_compile.curvature.factors import Factors, public_view
+from kfc_compile.curvature.fisher import check_fisher, loss_spec, output_gradients
+from kfc_compile.registry import KFCInfo
+from kfc_compile.transform import check_approx, transform
+
+
+def transformed(model: nn.Module, approx: str) -> nn.Module:
+    """``model`` itself if it is already transformed with ``approx``, else a transformed copy."""
+    info = getattr(model, "kfc", None)
+    if isinstance(info, KFCInfo):
+        if info.approx != approx:
+            raise ValueError(f"model was transformed with approx={info.approx!r}, not {approx!r}")
+        return model
+    return transform(model, approx)
+
+
+def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", approx: str = "expand",
+              mc_samples: int = 1, generator: torch.Generator | None = None) -> dict[str, Factors]:
+    """KFC factors of one batch, keyed by layer name, in the paper's scaling.
+
+    ``inputs`` is a tensor or a tuple of positional inputs (dim 0 is the batch); ``loss_fn`` a loss name or
+    ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss``. For each layer, ``kron(G, A)`` is the
+    approximate Fisher block of the per-example loss for the row-major ``[W | b]``; grouped convs give factors
+    stacked per group. One forward; one backward per output vector (1 for mc/empirical, mc_samples for mc,
+    one per output coordinate for type-2), each computing no weight gradients.
+    """
+    check_fisher(fisher)
+    check_approx(approx)
+    spec = loss_spec(loss_fn)
+    tm = transformed(model, approx)
+    args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise ValueError("inputs must be a tensor or a non-empty tuple whose first element is a tensor")
+    n = args[0].shape[0]
+    state = tm.kfc.state
+    state.reset()
+    with state.armed_forward():
+        f = model_output(tm(*args))
+    first = True
+    for v in output_gradients(spec, fisher, f, targets, mc_samples, generator):
+        with state.backward_pass(inputs=first, grads=True):
+            torch.autograd.grad(f, [state.slot], v, retain_graph=True, allow_unused=True)
+        first = False
+    batch = state.take(n)
+    return {layer.name: Factors(public_view(batch[i].A), public_view(batch[i].G))
+            for i, layer in enumerate(tm.kfc.layers) if i in batch}

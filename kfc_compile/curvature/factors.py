@@ -1,0 +1,150 @@
+"""Factor state: one (Ω, Γ) pair per weight parameter, in the paper's scaling.
+
+``BatchStatistics`` accumulates raw sums over one statistics step (all sites of a layer, all backward passes of
+the Fisher estimator) and normalises them; ``RunningFactors`` keeps the moving average with
+ε = min(1 − 1/k, decay) (K-FAC).
+
+Scaling (kfc_spec.md §2.3, design.md §3), with N examples and T positions (all uses of the weight together):
+
+* expand (= KFC): Ω = (1/N) Σ_{n,t} x̄ x̄ᵀ (so Ω's bias-bias entry is T), Γ = 1/(N·T) Σ_{n,t} g gᵀ;
+* reduce:        Ω = (1/N) Σ_n x̃_n x̃_nᵀ with x̃_n the mean of x̄ over positions, Γ = (1/N) Σ_n (Σ_t g)(Σ_t g)ᵀ;
+
+where g is the gradient of the *per-example* loss. Factors are stored stacked per group, ``(groups, d, d)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+import triton_kernels as tk
+
+
+class Factors(NamedTuple):
+    """Ω (``A``) and Γ (``G``) of one layer; 2-D for ungrouped layers, stacked ``(groups, d, d)`` otherwise.
+
+    ``kron(G, A)`` is the approximate Fisher block of the per-example loss for the row-major ``[W | b]``.
+    """
+
+    A: torch.Tensor
+    G: torch.Tensor
+
+
+def public_view(t: torch.Tensor) -> torch.Tensor:
+    """Drop the group dimension of an ungrouped layer's factor."""
+    return t[0] if t.shape[0] == 1 else t
+
+
+@dataclass
+class BatchStatistics:
+    """Raw sums of one statistics step for one layer (see module docstring for the normalisation)."""
+
+    groups: int
+    a_dim: int  # Ω size per group, bias coordinate included
+    g_dim: int
+    has_bias: bool
+    approx: str
+    dtype: torch.dtype
+    device: torch.device
+    A: torch.Tensor | None = None
+    G: torch.Tensor | None = None
+    g_rows: int = 0  # N·T of the last completed Γ pass
+    _rows: int = 0  # rows seen in the current pass
+    _a_pending: torch.Tensor | None = None  # reduce: per-example sums, (N, groups, a_dim)
+    _a_positions: int = 0
+    _g_pending: torch.Tensor | None = None  # reduce: per-example sums of g, (N, groups, g_dim)
+    _a_pass_open: bool = False
+
+    def _new(self, d: int) -> torch.Tensor:
+        return torch.empty(self.groups, d, d, dtype=self.dtype, device=self.device)
+
+    def add_input(self, site, x: torch.Tensor) -> None:
+        """Add one site's input contribution to Ω (expand: outer products; reduce: per-example sums)."""
+        ones = site.has_bias
+        if self.approx == "expand":
+            target_dim = site.a_dim + ones
+            if self.A is None:
+                self.A = self._new(self.a_dim)
+                self.A.zero_()
+            if target_dim == self.a_dim:
+                site.accumulate_input_cov(self.A, x, alpha=1.0, beta=1.0, ones=ones)
+            else:  # a bias-free use of a weight whose other uses have a bias: the bias coordinate is 0 here
+                part = self._new(target_dim)
+                site.accumulate_input_cov(part, x, alpha=1.0, beta=0.0, ones=ones)
+                self.A[:, :target_dim, :target_dim] += part
+        else:
+            sums = site.input_sums(x).to(self.dtype)  # (N, groups, a_in)
+            t = site.positions(x)
+            pad = self.a_dim - sums.shape[-1]
+            if pad:
+                extra = sums.new_full((*sums.shape[:-1], pad), float(t) if ones else 0.0)
+                sums = torch.cat([sums, extra], dim=-1)
+            self._a_pending = sums if self._a_pending is None else self._a_pending + sums
+            self._a_positions += t
+        self._a_pass_open = True
+
+    def add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
+        """Add one site's output-gradient contribution to Γ; ``scale`` maps the backward's gradient to the
+        per-example loss's gradient (e.g. N for a batch-mean loss)."""
+        self._rows += gy.numel() // (site.g_dim * site.groups)
+        if self.approx == "expand":
+            if self.G is None:
+                self.G = self._new(self.g_dim)
+                self.G.zero_()
+            tk.syrk_update_(self.G, site.output_rows(gy), alpha=scale * scale, beta=1.0)
+        else:
+            sums = site.output_sums(gy).to(self.dtype) * scale
+            self._g_pending = sums if self._g_pending is None else self._g_pending + sums
+
+    def end_pass(self) -> None:
+        """Close one backward pass: flush reduce's per-example sums into outer products."""
+        if self._a_pass_open:
+            if self._a_pending is not None:
+                mean = (self._a_pending / self._a_positions).transpose(0, 1)  # (groups, N, a_dim)
+                if self.A is None:
+                    self.A = self._new(self.a_dim)
+                    self.A.zero_()
+                tk.syrk_update_(self.A, mean, alpha=1.0, beta=1.0)
+                self._a_pending, self._a_positions = None, 0
+            self._a_pass_open = False
+        if self._g_pending is not None:
+            if self.G is None:
+                self.G = self._new(self.g_dim)
+                self.G.zero_()
+            tk.syrk_update_(self.G, self._g_pending.transpose(0, 1), alpha=1.0, beta=1.0)
+            self._g_pending = None
+        if self._rows:
+            self.g_rows = self._rows
+            self._rows = 0
+
+    def factors(self, n_examples: int) -> Factors | None:
+        """Normalised (Ω, Γ), stacked per group; None if this layer saw no input or no gradient."""
+        if self.A is None or self.G is None or n_examples <= 0:
+            return None
+        A = self.A / n_examples
+        G = self.G / (self.g_rows if self.approx == "expand" else n_examples)
+        return Factors(A, G)
+
+
+@dataclass
+class RunningFactors:
+    """Exponential moving average of a layer's factors: F ← ε F + (1 − ε) F_batch, ε = min(1 − 1/k, decay)."""
+
+    A: torch.Tensor
+    G: torch.Tensor
+    updates: int = 0
+
+    @classmethod
+    def zeros(cls, groups: int, a_dim: int, g_dim: int, dtype: torch.dtype, device: torch.device) -> "RunningFactors":
+        return cls(torch.zeros(groups, a_dim, a_dim, dtype=dtype, device=device),
+                   torch.zeros(groups, g_dim, g_dim, dtype=dtype, device=device))
+
+    def update(self, batch: Factors, decay: float) -> None:
+        self.updates += 1
+        eps = min(1.0 - 1.0 / self.updates, decay)
+        self.A.mul_(eps).add_(batch.A, alpha=1.0 - eps)
+        self.G.mul_(eps).add_(batch.G, alpha=1.0 - eps)
+
+    def nbytes(self) -> int:
+        return self.A.numel() * self.A.element_size() + self.G.numel() * self.G.element_size()

@@ -1,0 +1,187 @@
+"""Layer kinds: how one call site's (input, output-gradient) pair becomes Ω and Γ contributions.
+
+A *site* is one call of a linear or convolution in the model; a *layer* (see ``factors.py``) is one weight
+parameter, which may be used at several sites. Each kind knows its geometry and produces, for a batch:
+
+* ``a_rows``/``a_sum``: the input side — unfolded patches (expand) or their per-example sums (reduce);
+* ``g_rows``/``g_sum``: the output-gradient side, channels last, split per group.
+
+All heavy lifting goes through the ``triton_kernels`` ops so that CUDA tensors get the fused kernels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import triton_kernels as tk
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """``F.linear(x, W, b)`` on an input of any rank: leading dims become positions."""
+
+    in_features: int
+    out_features: int
+    has_bias: bool
+    kind: str = "linear"
+    groups: int = 1
+
+    @property
+    def a_dim(self) -> int:
+        return self.in_features
+
+    @property
+    def g_dim(self) -> int:
+        return self.out_features
+
+    def positions(self, x: torch.Tensor) -> int:
+        return x.numel() // (x.shape[0] * self.in_features) if x.shape[0] else 0
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, N·T, in): one group, rows are (example, position) pairs."""
+        return x.reshape(1, -1, self.in_features)
+
+    def input_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, in): per-example sums over positions (the ones coordinate is added by the caller)."""
+        n = x.shape[0]
+        return x.reshape(n, -1, self.in_features).sum(1, dtype=_acc_dtype(x)).unsqueeze(1)
+
+    def accumulate_input_cov(self, out: torch.Tensor, x: torch.Tensor, alpha: float, beta: float, ones: bool) -> None:
+        tk.syrk_update_(out, self.input_rows(x), alpha=alpha, beta=beta, ones=ones)
+
+    def output_rows(self, gy: torch.Tensor) -> torch.Tensor:
+        return gy.reshape(1, -1, self.out_features)
+
+    def output_sums(self, gy: torch.Tensor) -> torch.Tensor:
+        n = gy.shape[0]
+        return gy.reshape(n, -1, self.out_features).sum(1, dtype=_acc_dtype(gy)).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class ConvSite:
+    """``F.conv{1,2,3}d`` with any stride, padding (incl. 'same' and non-zero modes), dilation and groups."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]  # (lo_0, hi_0, lo_1, hi_1, ...) applied by the conv itself (zero padding)
+    dilation: tuple[int, ...]
+    groups: int
+    has_bias: bool
+    padding_mode: str = "zeros"  # non-zero modes: pre-pad the input explicitly with ``mode_padding``
+    mode_padding: tuple[int, ...] = ()  # F.pad order (last dim first), used only when padding_mode != zeros
+
+    @property
+    def kind(self) -> str:
+        return f"conv{len(self.kernel_size)}d"
+
+    @property
+    def a_dim(self) -> int:
+        return (self.in_channels // self.groups) * math.prod(self.kernel_size)
+
+    @property
+    def g_dim(self) -> int:
+        return self.out_channels // self.groups
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode == "zeros":
+            return x
+        return F.pad(x, self.mode_padding, mode=self.padding_mode)
+
+    def out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        spatial = self._padded(x).shape[2:]
+        return tuple(
+            (s + self.padding[2 * i] + self.padding[2 * i + 1] - self.dilation[i] * (k - 1) - 1) // self.stride[i] + 1
+            for i, (s, k) in enumerate(zip(spatial, self.kernel_size))
+        )
+
+    def positions(self, x: torch.Tensor) -> int:
+        return math.prod(self.out_shape(x))
+
+    def accumulate_input_cov(self, out: torch.Tensor, x: torch.Tensor, alpha: float, beta: float, ones: bool) -> None:
+        tk.patch_cov_update_(
+            out, self._padded(x), self.kernel_size, self.stride, self.padding, self.dilation, self.groups,
+            alpha=alpha, beta=beta, ones=ones,
+        )
+
+    def input_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, groups, a_dim): per-example sums of patches over output positions."""
+        s = tk.patch_sum(self._padded(x), self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
+        return s
+
+    def output_rows(self, gy: torch.Tensor) -> torch.Tensor:
+        """(groups, N·T, Cout/groups)."""
+        n = gy.shape[0]
+        g = gy.reshape(n, self.groups, self.g_dim, -1)  # (N, G, I, T)
+        return g.permute(1, 0, 3, 2).reshape(self.groups, -1, self.g_dim)
+
+    def output_sums(self, gy: torch.Tensor) -> torch.Tensor:
+        n = gy.shape[0]
+        return gy.reshape(n, self.groups, self.g_dim, -1).sum(-1, dtype=_acc_dtype(gy))
+
+
+Site = LinearSite | ConvSite
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _tuple(v, n: int) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(int(i) for i in v)
+    if len(v) == 1:
+        return v * n
+    if len(v) != n:
+        raise ValueError(f"expected {n} values, got {v}")
+    return v
+
+
+def conv_site(weight: torch.Tensor, has_bias: bool, stride, padding, dilation, groups: int,
+              padding_mode: str = "zeros") -> ConvSite:
+    """Build a ConvSite from conv call arguments, resolving 'same'/'valid' padding like PyTorch does."""
+    if padding_mode not in _PADDING_MODES:
+        raise ValueError(f"unsupported padding_mode {padding_mode!r}")
+    d = weight.dim() - 2
+    if d not in (1, 2, 3):
+        raise ValueError(f"conv weight must have 3..5 dims, got {tuple(weight.shape)}")
+    kernel = tuple(weight.shape[2:])
+    stride = _tuple(stride, d)
+    dilation = _tuple(dilation, d)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0,) * (2 * d)
+        elif padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError("padding='same' requires stride 1")
+            pads = []
+            for k, dil in zip(kernel, dilation):
+                total = dil * (k - 1)
+                pads += [total // 2, total - total // 2]
+            pads = tuple(pads)
+        else:
+            raise ValueError(f"unknown padding {padding!r}")
+    else:
+        p = _tuple(padding, d)
+        pads = tuple(v for pi in p for v in (pi, pi))
+    mode_padding: tuple[int, ...] = ()
+    if padding_mode != "zeros":
+        # nn.ConvNd pads with the mode (F.pad order: last dim first), then convolves without padding.
+        mode_padding = tuple(v for i in reversed(range(d)) for v in (pads[2 * i], pads[2 * i + 1]))
+        pads = (0,) * (2 * d)
+    cout, cin_g = weight.shape[0], weight.shape[1]
+    return ConvSite(
+        in_channels=cin_g * groups, out_channels=cout, kernel_size=kernel, stride=stride, padding=pads,
+        dilation=dilation, groups=groups, has_bias=has_bias, padding_mode=padding_mode, mode_padding=mode_padding,
+    )
+
+
+def linear_site(weight: torch.Tensor, has_bias: bool) -> LinearSite:
+    return LinearSite(in_features=weight.shape[1], out_features=weight.shape[0], has_bias=has_bias)

@@ -1,0 +1,226 @@
+"""Building the instrumented module: a capture tap after every matched site.
+
+Traceable parts become an ``fx.GraphModule`` whose graph gets one ``Tap`` node per site. An untraceable
+submodule stays an opaque call; it is shallow-copied and its own children are instrumented recursively (a conv or
+linear child becomes a copy whose class adds the tap to the stock forward). Parameters are shared with the
+original model, which is never modified.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import defaultdict
+
+import torch.fx as fx
+from torch import nn
+
+from kfc_compile.capture import CaptureState, OutputTap, Tap, output_tap, tap
+from kfc_compile.graph.match import SiteMatch, Use, leaf_reason, module_site, scan_graph
+from kfc_compile.graph.trace import is_layer_module, trace_with_fallback
+from kfc_compile.registry import BlackBox, KFCInfo, KFCLayer, Uncovered
+
+_TAPPED_CLASSES: dict[type, type] = {}
+
+
+def _tapped_class(cls: type) -> type:
+    """A subclass of a conv/linear module class whose forward ends with the capture tap."""
+    if cls not in _TAPPED_CLASSES:
+        def forward(self, input):
+            return tap(cls.forward(self, input), input, self._kfc_state, self._kfc_site)
+        _TAPPED_CLASSES[cls] = type(f"KFC{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    return _TAPPED_CLASSES[cls]
+
+
+def _shallow_copy(m: nn.Module) -> nn.Module:
+    new = copy.copy(m)
+    new._modules = dict(m._modules)
+    new._parameters = dict(m._parameters)
+    new._buffers = dict(m._buffers)
+    return new
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+class Instrumenter:
+    """One pass over a model: collects sites and parameter uses, inserts taps, then decides the layers."""
+
+    def __init__(self, model: nn.Module, approx: str):
+        self.model = model
+        self.state = CaptureState([], [], approx)
+        self.matches: list[SiteMatch] = []
+        self.site_taps: list[tuple[object, object]] = []  # (graph module or swapped module, tap node or None)
+        self.uses: list[Use] = []
+        self.black_boxes: list[BlackBox] = []
+        self.names: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.names.setdefault(id(p), name)
+
+    # -- instrumentation ---------------------------------------------------------------------------------------
+    def instrument(self, module: nn.Module, prefix: str) -> nn.Module:
+        gm, boxes = trace_with_fallback(module)
+        if gm is None:
+            self.black_boxes.append(BlackBox(prefix or "<root>", boxes[0].reason))
+            return self._instrument_opaque(module, prefix)
+        opaque = {b.name for b in boxes}
+        self.black_boxes += [BlackBox(_join(prefix, b.name), b.reason) for b in boxes]
+        sites, uses = scan_graph(gm, f"{prefix}." if prefix else "", opaque)
+        self.uses += uses
+        for match in sites:
+            self._add_graph_tap(gm, match)
+        for name in opaque:
+            parent_name, _, child = name.rpartition(".")
+            parent = gm.get_submodule(parent_name) if parent_name else gm
+            setattr(parent, child, self.instrument(module.get_submodule(name), _join(prefix, name)))
+        gm.recompile()
+        for name, sub in gm.named_modules():  # fx makes fresh containers; keep the original train/eval flags
+            try:
+                sub.training = module.get_submodule(name).training
+            except AttributeError:
+                pass
+        return gm
+
+    def _add_graph_tap(self, gm: fx.GraphModule, match: SiteMatch) -> None:
+        index = len(self.matches)
+        self.matches.append(match)
+        tap_name = f"_kfc_tap_{index}"
+        gm.add_submodule(tap_name, Tap(self.state, index))
+        with gm.graph.inserting_after(match.node):
+            tap_node = gm.graph.call_module(tap_name, (match.node, match.input_node))
+        match.node.replace_all_uses_with(tap_node, delete_user_cb=lambda user: user is not tap_node)
+        self.site_taps.append((gm, tap_node))
+
+    def _instrument_opaque(self, module: nn.Module, prefix: str) -> nn.Module:
+        if is_layer_module(module):
+            return self._swap_layer(module, prefix)
+        new = _shallow_copy(module)
+        if isinstance(module, nn.MultiheadAttention):
+            self.uses += [Use(p, leaf_reason(module, prefix)) for p in module.parameters()]
+            return new
+        for p in module._parameters.values():
+            if p is not None:
+                self.uses.append(Use(p, f"used inside the untraceable forward of '{prefix or '<root>'}'"))
+        for name, child in module._modules.items():
+            if child is not None:
+                new._modules[name] = self.instrument(child, _join(prefix, name))
+        return new
+
+    def _swap_layer(self, module: nn.Module, prefix: str) -> nn.Module:
+        site, why = module_site(module)
+        if site is None:
+            self.uses += [Use(p, why) for p in module.parameters()]
+            return module
+        new = _shallow_copy(module)
+        new.__class__ = _tapped_class(type(module))
+        index = len(self.matches)
+        new._kfc_state, new._kfc_site = self.state, index
+        self.matches.append(SiteMatch(None, None, module.weight, module.bias, site, prefix))
+        self.site_taps.append((new, None))
+        return new
+
+    # -- decision ------------------------------------------------------------------------------------------------
+    def finish(self, root: nn.Module) -> tuple[nn.Module, KFCInfo]:
+        """Decide which weights are under KFC, remove taps of the others, add the output tap, build ``tm.kfc``."""
+        other_uses: dict[int, list[str]] = defaultdict(list)
+        for use in self.uses:
+            other_uses[id(use.param)].append(use.reason)
+        by_weight: dict[int, list[int]] = defaultdict(list)
+        for i, m in enumerate(self.matches):
+            by_weight[id(m.weight)].append(i)
+
+        layers: list[KFCLayer] = []
+        site_layer: list[int | None] = [None] * len(self.matches)
+        rejected: dict[int, str] = {}
+        for indices in by_weight.values():
+            matches = [self.matches[i] for i in indices]
+            weight = matches[0].weight
+            if not weight.requires_grad:
+                continue
+            reason = self._reject_reason(matches, other_uses)
+            if reason:
+                rejected[id(weight)] = reason
+                for m in matches:
+                    if m.bias is not None:
+                        rejected[id(m.bias)] = reason
+                continue
+            bias = next((m.bias for m in matches if m.bias is not None and m.bias.requires_grad), None)
+            for i, m in zip(indices, matches):
+                if m.site.has_bias and (m.bias is None or not m.bias.requires_grad):
+                    m.site = dataclasses.replace(m.site, has_bias=False)  # computed or frozen bias: W block only
+                site_layer[i] = len(layers)
+            site = matches[0].site
+            layers.append(KFCLayer(
+                name=self._layer_name(matches[0]), kind=site.kind, weight=weight, bias=bias,
+                a_dim=site.a_dim + (bias is not None), g_dim=site.g_dim, groups=site.groups, uses=len(matches),
+                sites=[m.site for m in matches],
+            ))
+
+        for i, (owner, tap_node) in enumerate(self.site_taps):
+            if site_layer[i] is None and tap_node is not None:
+                tap_node.replace_all_uses_with(tap_node.args[0])
+                owner.graph.erase_node(tap_node)
+                owner.delete_submodule(tap_node.target)
+        root = self._add_output_tap(root)
+        for owner, _ in self.site_taps:
+            if isinstance(owner, fx.GraphModule):
+                owner.recompile()
+        self.state.layers = layers
+        self.state.sites = [(site_layer[i], m.site) for i, m in enumerate(self.matches)]
+
+        covered = {id(layer.weight) for layer in layers} | {id(layer.bias) for layer in layers if layer.bias is not None}
+        uncovered, frozen, total, seen = [], [], 0, set()
+        for name, p in self.model.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not p.requires_grad:
+                frozen.append(name)
+                continue
+            total += p.numel()
+            if id(p) in covered:
+                continue
+            reason = rejected.get(id(p)) or next(iter(other_uses.get(id(p), [])), None)
+            uncovered.append(Uncovered(name, tuple(p.shape), reason or "not used by any traced call"))
+        return root, KFCInfo(self.state.approx, layers, uncovered, self.black_boxes, frozen, self.state, total)
+
+    def _add_output_tap(self, root: nn.Module) -> nn.Module:
+        if isinstance(root, fx.GraphModule):
+            out_node = next(n for n in reversed(root.graph.nodes) if n.op == "output")
+            root.add_submodule("_kfc_output_tap", OutputTap(self.state))
+            with root.graph.inserting_before(out_node):
+                tapped = root.graph.call_module("_kfc_output_tap", (out_node.args[0],))
+            out_node.args = (tapped,)
+            root.recompile()
+            return root
+        cls = type(root)
+        state = self.state
+
+        def forward(self, *args, **kwargs):
+            return output_tap(cls.forward(self, *args, **kwargs), state)
+
+        root.__class__ = type(f"KFC{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+        return root
+
+    def _layer_name(self, match: SiteMatch) -> str:
+        if match.module_name is not None:
+            return match.module_name
+        name = self.names.get(id(match.weight), "<unnamed>")
+        return name[: -len(".weight")] if name.endswith(".weight") else name
+
+    @staticmethod
+    def _reject_reason(matches: list[SiteMatch], other_uses: dict[int, list[str]]) -> str:
+        weight = matches[0].weight
+        if other_uses.get(id(weight)):
+            return f"weight also {other_uses[id(weight)][0]}"
+        biases = {id(m.bias) for m in matches if m.bias is not None}
+        if len(biases) > 1:
+            return "weight shared by calls with different bias parameters"
+        for m in matches:
+            if m.bias is not None and other_uses.get(id(m.bias)):
+                return f"bias also {other_uses[id(m.bias)][0]}"
+        first = matches[0].site
+        if any((m.site.kind, m.site.a_dim, m.site.g_dim, m.site.groups) != (first.kind, first.a_dim, first.g_dim, first.groups)
+               for m in matches):
+            return "weight shared by calls of different kinds or geometries"
+        return ""

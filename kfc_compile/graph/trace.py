@@ -1,0 +1,81 @@
+"""Turning a model into an fx graph: the leaf policy and the partial-trace fallback.
+
+Every ``nn.Linear``/``_ConvNd`` subclass with the stock ``forward`` is a leaf (so torchvision's ``Conv3DSimple``
+is not inlined into a ``get_attr`` + ``conv3d`` and lost). A submodule whose forward cannot be traced
+(data-dependent control flow, iteration over proxies) is retried as an opaque leaf; the caller instruments
+what is inside it separately. Tracing therefore never fails on a model merely because part of it is untraceable.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
+
+from kfc_compile.registry import BlackBox
+
+log = logging.getLogger(__name__)
+
+_STOCK_FORWARDS = {
+    nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
+    nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward, nn.ConvTranspose3d.forward,
+}
+
+
+def is_layer_module(m: nn.Module) -> bool:
+    """A linear or conv module whose forward is the stock one (so its call is exactly one F.linear/F.conv)."""
+    return (isinstance(m, (nn.Linear, _ConvNd)) and type(m).forward in _STOCK_FORWARDS
+            and not parametrize.is_parametrized(m))
+
+
+class KFCTracer(fx.Tracer):
+    """``symbolic_trace``'s tracer with conv/linear leaves, opaque submodules, and a stack of modules in progress."""
+
+    def __init__(self, opaque: set[str]):
+        super().__init__()
+        self.opaque = opaque
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if is_layer_module(m) or qualname in self.opaque:
+            return True
+        if isinstance(m, nn.MultiheadAttention):
+            return True  # its projections are functional calls behind control flow; matched as uncovered
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            qualname = self.path_of_module(m)
+        except NameError:
+            return super().call_module(m, forward, args, kwargs)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        self.stack.append(qualname)
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return out
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:200]
+
+
+def trace_with_fallback(module: nn.Module) -> tuple[fx.GraphModule | None, list[BlackBox]]:
+    """Trace ``module``; submodules that fail become opaque leaves. Returns (None, [root reason]) if the root's
+    own forward is untraceable. Black-box names are relative to ``module``."""
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = KFCTracer(set(opaque))
+        try:
+            graph = tracer.trace(module)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means "keep it opaque"
+            if not tracer.stack or tracer.stack[-1] in opaque:
+                return None, [BlackBox("", _reason(e))]
+            opaque[tracer.stack[-1]] = _reason(e)
+            log.info("kfc: submodule %r is untraceable (%s); keeping it opaque", tracer.stack[-1], _reason(e))
+            continue
+        gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+        return gm, [BlackBox(name, reason) for name, reason in opaque.items()]
