@@ -1,0 +1,161 @@
+"""``torch.library`` custom ops (namespace ``kfc``) wrapping the kernels, with fake impls for torch.compile.
+
+Each op validates its inputs (also under fake tensors, so a bad call fails while tracing), asks
+``dispatch.backend`` which implementation to run, and runs it. The ops are opaque to inductor: torch.compile
+traces them as single nodes with no graph break; in-place ops declare ``mutates_args`` so functionalization
+handles the writes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import checks, dispatch, reference
+
+
+def _triton(kernel: str):
+    mod = dispatch.kernel_module(kernel)
+    return mod, dispatch.kernels_interpreted(mod)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# symmetric rank-k update
+
+
+@torch.library.custom_op("kfc::syrk_update", mutates_args=("F",))
+def syrk_update(F: Tensor, X: Tensor, alpha: float, beta: float, ones: bool) -> None:
+    """F <- beta*F + alpha*Xbar^T Xbar (in place, exactly symmetric)."""
+    F3, X3 = checks.check_syrk(F, X, ones)
+    if dispatch.backend("syrk", F, X) == "triton":
+        mod, interp = _triton("syrk")
+        mod.syrk_update_(F3, X3, alpha, beta, ones, interp)
+    else:
+        reference.syrk_update_(F3, X3, alpha, beta, ones)
+
+
+@syrk_update.register_fake
+def _(F: Tensor, X: Tensor, alpha: float, beta: float, ones: bool) -> None:
+    checks.check_syrk(F, X, ones)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conv patches
+
+
+@torch.library.custom_op("kfc::patch_cov_update", mutates_args=("F",))
+def patch_cov_update(F: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int], groups: int, alpha: float, beta: float,
+                     ones: bool) -> None:
+    """F[g] <- beta*F[g] + alpha*sum_{n,t} pbar pbar^T with implicit im2col (in place, exactly symmetric)."""
+    geom = checks.conv_geometry(x, kernel_size, stride, padding, dilation, groups)
+    F3 = checks.check_patch_cov(F, x, geom, ones)
+    if dispatch.backend("patch_cov", F, x) == "triton":
+        mod, interp = _triton("patch_cov")
+        mod.patch_cov_update_(F3, x, geom, alpha, beta, ones, interp)
+    else:
+        reference.patch_cov_update_(F3, x, geom, alpha, beta, ones)
+
+
+@patch_cov_update.register_fake
+def _(F: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+      dilation: Sequence[int], groups: int, alpha: float, beta: float, ones: bool) -> None:
+    geom = checks.conv_geometry(x, kernel_size, stride, padding, dilation, groups)
+    checks.check_patch_cov(F, x, geom, ones)
+
+
+def _sum_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("kfc::patch_sum", mutates_args=())
+def patch_sum(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+              dilation: Sequence[int], groups: int, ones: bool) -> Tensor:
+    """(N, groups, Dg') sums over output locations of the (bias-augmented) patches."""
+    geom = checks.conv_geometry(x, kernel_size, stride, padding, dilation, groups)
+    if dispatch.backend("patch_cov", x) == "triton":
+        mod, interp = _triton("patch_cov")
+        return mod.patch_sum(x, geom, ones, _sum_dtype(x), interp)
+    return reference.patch_sum(x, geom, ones, _sum_dtype(x))
+
+
+@patch_sum.register_fake
+def _(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+      dilation: Sequence[int], groups: int, ones: bool) -> Tensor:
+    geom = checks.conv_geometry(x, kernel_size, stride, padding, dilation, groups)
+    return x.new_empty((geom.N, geom.groups, geom.dp(ones)), dtype=_sum_dtype(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preconditioners
+
+
+def _eigen(grad, QG, lG, QA, lA, damping, out, alpha, beta) -> Tensor:
+    ub, g, QG3, lG2, QA3, lA2, out3 = checks.check_eigen(grad, QG, lG, QA, lA, out)
+    dtype = checks.compute_dtype(grad, QG, lG, QA, lA)
+    if dispatch.backend("precondition", grad, QG, lG, QA, lA, *(() if out is None else (out,))) == "triton":
+        mod, interp = _triton("precondition")
+        U = mod.eigen_precondition(g, QG3, lG2, QA3, lA2, damping, out3, alpha, beta, dtype, interp)
+    else:
+        U = reference.eigen_precondition(g, QG3, lG2, QA3, lA2, damping, out3, alpha, beta, dtype)
+    return U[0] if ub else U
+
+
+@torch.library.custom_op("kfc::eigen_precondition", mutates_args=())
+def eigen_precondition(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor, damping: float) -> Tensor:
+    """U = QG [(QG^T grad QA) / (lG lA^T + damping)] QA^T (batched or not), as a new tensor."""
+    return _eigen(grad, QG, lG, QA, lA, damping, None, 1.0, 0.0)
+
+
+@eigen_precondition.register_fake
+def _(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor, damping: float) -> Tensor:
+    checks.check_eigen(grad, QG, lG, QA, lA, None)
+    return grad.new_empty(grad.shape, dtype=checks.compute_dtype(grad, QG, lG, QA, lA))
+
+
+@torch.library.custom_op("kfc::eigen_precondition_out", mutates_args=("out",))
+def eigen_precondition_out(out: Tensor, grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor,
+                           damping: float, alpha: float, beta: float) -> None:
+    """out <- beta*out + alpha*U for the eigenbasis update U (fused epilogue)."""
+    _eigen(grad, QG, lG, QA, lA, damping, out, alpha, beta)
+
+
+@eigen_precondition_out.register_fake
+def _(out: Tensor, grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor, damping: float, alpha: float,
+      beta: float) -> None:
+    checks.check_eigen(grad, QG, lG, QA, lA, out)
+
+
+def _kron(grad, Ginv, Ainv, out, alpha, beta) -> Tensor:
+    ub, g, G3, A3, out3 = checks.check_kron(grad, Ginv, Ainv, out)
+    dtype = checks.compute_dtype(grad, Ginv, Ainv)
+    if dispatch.backend("precondition", grad, Ginv, Ainv, *(() if out is None else (out,))) == "triton":
+        mod, interp = _triton("precondition")
+        U = mod.kron_precondition(g, G3, A3, out3, alpha, beta, dtype, interp)
+    else:
+        U = reference.kron_precondition(g, G3, A3, out3, alpha, beta, dtype)
+    return U[0] if ub else U
+
+
+@torch.library.custom_op("kfc::kron_precondition", mutates_args=())
+def kron_precondition(grad: Tensor, Ginv: Tensor, Ainv: Tensor) -> Tensor:
+    """U = Ginv grad Ainv (batched or not), as a new tensor."""
+    return _kron(grad, Ginv, Ainv, None, 1.0, 0.0)
+
+
+@kron_precondition.register_fake
+def _(grad: Tensor, Ginv: Tensor, Ainv: Tensor) -> Tensor:
+    checks.check_kron(grad, Ginv, Ainv, None)
+    return grad.new_empty(grad.shape, dtype=checks.compute_dtype(grad, Ginv, Ainv))
+
+
+@torch.library.custom_op("kfc::kron_precondition_out", mutates_args=("out",))
+def kron_precondition_out(out: Tensor, grad: Tensor, Ginv: Tensor, Ainv: Tensor, alpha: float, beta: float) -> None:
+    """out <- beta*out + alpha*Ginv grad Ainv (fused epilogue)."""
+    _kron(grad, Ginv, Ainv, out, alpha, beta)
+
+
+@kron_precondition_out.register_fake
+def _(out: Tensor, grad: Tensor, Ginv: Tensor, Ainv: Tensor, alpha: float, beta: float) -> None:
+    checks.check_kron(grad, Ginv, Ainv, out)
