@@ -199,9 +199,10 @@ def check_eigen(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor,
     QG3, lG2 = _batched("QG", QG, 3, ub), _batched("lG", lG, 2, ub)
     QA3, lA2 = _batched("QA", QA, 3, ub), _batched("lA", lA, 2, ub)
     B, I, D = g.shape
-    for n, t, want in (("QG", QG3, (B, I, I)), ("lG", lG2, (B, I)), ("QA", QA3, (B, D, D)), ("lA", lA2, (B, D))):
+    for n, t, orig, want in (("QG", QG3, QG, (B, I, I)), ("lG", lG2, lG, (B, I)), ("QA", QA3, QA, (B, D, D)),
+                             ("lA", lA2, lA, (B, D))):
         if tuple(t.shape) != want:
-            _fail(f"{n} has shape {tuple(t.shape)}, expected {want[1:] if ub else want} for grad of shape "
+            _fail(f"{n} has shape {tuple(orig.shape)}, expected {want[1:] if ub else want} for grad of shape "
                   f"{tuple(grad.shape)}")
     return ub, g, QG3, lG2, QA3, lA2, check_out(out, grad, ub, B, I, D)
 
@@ -218,9 +219,9 @@ def check_kron(grad: Tensor, Ginv: Tensor, Ainv: Tensor,
     g = grad.unsqueeze(0) if ub else grad
     G3, A3 = _batched("Ginv", Ginv, 3, ub), _batched("Ainv", Ainv, 3, ub)
     B, I, D = g.shape
-    for n, t, want in (("Ginv", G3, (B, I, I)), ("Ainv", A3, (B, D, D))):
+    for n, t, orig, want in (("Ginv", G3, Ginv, (B, I, I)), ("Ainv", A3, Ainv, (B, D, D))):
         if tuple(t.shape) != want:
-            _fail(f"{n} has shape {tuple(t.shape)}, expected {want[1:] if ub else want} for grad of shape "
+            _fail(f"{n} has shape {tuple(orig.shape)}, expected {want[1:] if ub else want} for grad of shape "
                   f"{tuple(grad.shape)}")
     return ub, g, G3, A3, check_out(out, grad, ub, B, I, D)
 

@@ -116,7 +116,7 @@ def sym_candidates(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, d
 
 def gemm_default(M: int, N: int, K: int, batch: int, device: torch.device, interpreted: bool) -> GemmConfig:
     if interpreted:
-        return GemmConfig(block_m=16, block_n=16, block_k=16, group_m=4, num_warps=1, num_stages=1)
+        return GemmConfig(block_m=32, block_n=32, block_k=16, group_m=2, num_warps=1, num_stages=1)
     if M * N >= 256 * 1024:
         return GemmConfig(block_m=128, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3)
     return GemmConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3)
