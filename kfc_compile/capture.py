@@ -65,6 +65,7 @@ class CaptureState:
         self.n_examples = 0
         self._train_flags: tuple[bool, bool, bool] | None = None  # (inputs, grads, grads are of a batch mean)
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
+        self.last_inputs: tuple = ()  # positional inputs of the last forward with grad enabled (no copy)
 
     # -- called by the taps --------------------------------------------------------------------------------------
     def record(self, site_index: int, x: torch.Tensor, gy: torch.Tensor) -> None:
@@ -181,12 +182,18 @@ class _OutputTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         state = ctx.state
-        if state.fisher_pass is not None:
+        fisher_pass = state.fisher_pass
+        if fisher_pass is not None:
+            # f is this node's own output (marked dirty), so the Fisher pass re-enters here: pass through then.
             (f,) = ctx.saved_tensors
             train_flags = (state.capture_input, state.capture_grad, state.grad_scale)
-            with torch.enable_grad():
-                state.fisher_pass(f)
-            state.set_capture(*train_flags)
+            state.fisher_pass = None
+            try:
+                with torch.enable_grad():
+                    fisher_pass(f)
+            finally:
+                state.fisher_pass = fisher_pass
+                state.set_capture(*train_flags)
         return grad, torch.zeros((), dtype=state.slot.dtype, device=grad.device), None
 
 
@@ -201,10 +208,14 @@ def model_output(out) -> torch.Tensor:
     raise TypeError(f"cannot find the model output tensor in a {type(out).__name__}")
 
 
-def output_tap(out, state: CaptureState):
-    """Applied to the model's output: on an armed step of a plain loop, records the batch size and runs the
-    Fisher pass at the start of the training backward (see ``CaptureState``)."""
-    if not state.armed or not torch.is_grad_enabled():
+def output_tap(out, state: CaptureState, inputs: tuple = ()):
+    """Applied to the model's output. Keeps a reference to the forward's inputs (for Fisher-vector products on
+    the batch), and on an armed step of a plain loop records the batch size and runs the Fisher pass at the start
+    of the training backward (see ``CaptureState``)."""
+    if not torch.is_grad_enabled():
+        return out
+    state.last_inputs = inputs
+    if not state.armed:
         return out
     f = model_output(out)
     state.on_output(f.shape[0])
@@ -223,5 +234,5 @@ class OutputTap(nn.Module):
         super().__init__()
         self.state = state
 
-    def forward(self, out):
-        return output_tap(out, self.state)
+    def forward(self, out, *inputs):
+        return output_tap(out, self.state, inputs)

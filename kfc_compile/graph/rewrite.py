@@ -189,7 +189,8 @@ class Instrumenter:
             out_node = next(n for n in reversed(root.graph.nodes) if n.op == "output")
             root.add_submodule("_kfc_output_tap", OutputTap(self.state))
             with root.graph.inserting_before(out_node):
-                tapped = root.graph.call_module("_kfc_output_tap", (out_node.args[0],))
+                inputs = tuple(n for n in root.graph.nodes if n.op == "placeholder")
+                tapped = root.graph.call_module("_kfc_output_tap", (out_node.args[0], *inputs))
             out_node.args = (tapped,)
             root.recompile()
             return root
@@ -197,7 +198,7 @@ class Instrumenter:
         state = self.state
 
         def forward(self, *args, **kwargs):
-            return output_tap(cls.forward(self, *args, **kwargs), state)
+            return output_tap(cls.forward(self, *args, **kwargs), state, args)
 
         root.__class__ = type(f"KFC{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
         return root
