@@ -153,6 +153,12 @@ def tap(y: torch.Tensor, x: torch.Tensor, state: CaptureState, site_index: int) 
     """Identity on ``y``; when the state is armed, records (x, grad of y) in the backward."""
     if not state.armed or not torch.is_grad_enabled() or not y.requires_grad:
         return y
+    return _armed_tap(y, x, state, site_index)
+
+
+@torch.compiler.disable
+def _armed_tap(y: torch.Tensor, x: torch.Tensor, state: CaptureState, site_index: int) -> torch.Tensor:
+    # Kept out of dynamo graphs: a traced backward would run ``record``'s Python side effects once, at trace time.
     return _Tap.apply(y, x, state.slot, state, site_index)
 
 
@@ -217,6 +223,11 @@ def output_tap(out, state: CaptureState, inputs: tuple = ()):
     state.last_inputs = inputs
     if not state.armed:
         return out
+    return _armed_output_tap(out, state)
+
+
+@torch.compiler.disable
+def _armed_output_tap(out, state: CaptureState):
     f = model_output(out)
     state.on_output(f.shape[0])
     if state.fisher_pass is None or not f.requires_grad:
