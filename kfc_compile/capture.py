@@ -62,7 +62,8 @@ class CaptureState:
         self.grad_scale = 1.0
         self.slot = torch.zeros((), requires_grad=True)
         self.stats: dict[int, BatchStatistics] = {}
-        self.n_examples = 0
+        self.n_examples = 0  # batch size of the armed forward (set by drivers or the output tap)
+        self.stats_examples: int | None = None  # use only the first k examples for statistics (K-FAC's τ₁)
         self._train_flags: tuple[bool, bool, bool] | None = None  # (inputs, grads, grads are of a batch mean)
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
         self.last_inputs: tuple = ()  # positional inputs of the last forward with grad enabled (no copy)
@@ -79,6 +80,10 @@ class CaptureState:
             stats = BatchStatistics(layer.groups, layer.a_dim, layer.g_dim, layer.bias is not None, self.approx,
                                     dtype, layer.weight.device)
             self.stats[layer_index] = stats
+        used = self.examples_used()
+        if used < self.n_examples:  # leading dim is N (or N·L for inputs flattened inside the model)
+            x = x[: x.shape[0] * used // self.n_examples]
+            gy = gy[: gy.shape[0] * used // self.n_examples]
         with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
             if self.capture_input:
                 stats.add_input(site, x.detach())
@@ -135,11 +140,22 @@ class CaptureState:
         self.fisher_pass = None
         self.set_capture(False, False)
 
-    def take(self, n_examples: int) -> dict[int, Factors]:
-        """Normalised factors of the step just recorded (layer index → Factors); resets the accumulators."""
+    def examples_used(self) -> int:
+        """How many leading examples of the batch feed the statistics."""
+        if self.stats_examples is None:
+            return self.n_examples
+        return min(self.n_examples, self.stats_examples)
+
+    def take(self, n_examples: int | None = None) -> dict[int, Factors]:
+        """Normalised factors of the step just recorded (layer index → Factors); resets the accumulators.
+
+        ``n_examples`` defaults to the armed forward's batch size; a statistics subsample is accounted for."""
+        if n_examples is not None:
+            self.n_examples = n_examples
+        used = self.examples_used()
         out = {}
         for i, s in self.stats.items():
-            f = s.factors(n_examples)
+            f = s.factors(used)
             if f is not None:
                 out[i] = f
         self.stats = {}

@@ -41,6 +41,7 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
     n = args[0].shape[0]
     state = tm.kfc.state
     state.reset()
+    state.n_examples = n
     with state.armed_forward():
         f = model_output(tm(*args))
     first = True
@@ -48,6 +49,6 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
         with state.backward_pass(inputs=first, grads=True):
             torch.autograd.grad(f, [state.slot], v, retain_graph=True, allow_unused=True)
         first = False
-    batch = state.take(n)
+    batch = state.take()
     return {layer.name: Factors(public_view(batch[i].A), public_view(batch[i].G))
             for i, layer in enumerate(tm.kfc.layers) if i in batch}
