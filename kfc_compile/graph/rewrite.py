@@ -61,7 +61,8 @@ class Instrumenter:
     def instrument(self, module: nn.Module, prefix: str) -> nn.Module:
         gm, boxes = trace_with_fallback(module)
         if gm is None:
-            self.black_boxes.append(BlackBox(prefix or "<root>", boxes[0].reason))
+            if not any(b.name == (prefix or "<root>") for b in self.black_boxes):  # the parent's trace may have it
+                self.black_boxes.append(BlackBox(prefix or "<root>", boxes[0].reason))
             return self._instrument_opaque(module, prefix)
         opaque = {b.name for b in boxes}
         self.black_boxes += [BlackBox(_join(prefix, b.name), b.reason) for b in boxes]
@@ -78,7 +79,7 @@ class Instrumenter:
             try:
                 sub.training = module.get_submodule(name).training
             except AttributeError:
-                pass
+                sub.training = gm.training  # a tap added here: follow its graph module
         return gm
 
     def _add_graph_tap(self, gm: fx.GraphModule, match: SiteMatch) -> None:
@@ -187,7 +188,7 @@ class Instrumenter:
     def _add_output_tap(self, root: nn.Module) -> nn.Module:
         if isinstance(root, fx.GraphModule):
             out_node = next(n for n in reversed(root.graph.nodes) if n.op == "output")
-            root.add_submodule("_kfc_output_tap", OutputTap(self.state))
+            root.add_submodule("_kfc_output_tap", OutputTap(self.state).train(root.training))
             with root.graph.inserting_before(out_node):
                 inputs = tuple(n for n in root.graph.nodes if n.op == "placeholder")
                 tapped = root.graph.call_module("_kfc_output_tap", (out_node.args[0], *inputs))
