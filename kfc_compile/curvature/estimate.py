@@ -38,6 +38,8 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     if not args or not isinstance(args[0], torch.Tensor):
         raise ValueError("inputs must be a tensor or a non-empty tuple whose first element is a tensor")
+    if not tm.kfc.layers:
+        return {}  # nothing under KFC (transform warned); the output may not even depend on a parameter
     n = args[0].shape[0]
     state = tm.kfc.state
     state.reset()
