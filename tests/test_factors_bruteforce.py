@@ -192,6 +192,52 @@ def test_conv_factors_match_brute_force(geo):
         assert f.A.dim() == 2 and f.G.dim() == 2
 
 
+class FunctionalConv(nn.Module):
+    """Geometry given to ``torch.conv2d`` positionally and to ``F.conv1d`` by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.w2 = nn.Parameter(torch.randn(4, 2, 2, 3))
+        self.b2 = nn.Parameter(torch.randn(4))
+        self.w1 = nn.Parameter(torch.randn(3, 4, 2))
+
+    def forward(self, x):
+        h = torch.tanh(torch.conv2d(x, self.w2, self.b2, (2, 1), (1, 0), (1, 2), 2))
+        return F.conv1d(h.flatten(2), weight=self.w1, stride=2, padding="valid", dilation=3)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_functional_conv_matches_brute_force(approx):
+    torch.manual_seed(2)
+    model = FunctionalConv().double()
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    f = kc.curvature(model, nn.MSELoss(reduction="sum"), x, y, fisher="empirical", approx=approx)
+    assert set(f) == {"w2", "w1"}
+    outs = {}
+    orig = {"conv2d": torch.conv2d, "conv1d": F.conv1d}
+
+    def spy(kind):
+        def call(*args, **kwargs):
+            out = orig[kind](*args, **kwargs)
+            out.retain_grad()
+            outs[kind] = ((args[0] if args else kwargs["input"]).detach(), out)
+            return out
+        return call
+
+    torch.conv2d, F.conv1d = spy("conv2d"), spy("conv1d")
+    try:
+        nn.MSELoss(reduction="sum")(model(x), y).backward()
+    finally:
+        torch.conv2d, F.conv1d = orig["conv2d"], orig["conv1d"]
+    xin, out = outs["conv2d"]
+    P = brute_conv_patches(xin.numpy(), (2, 3), (2, 1), (1, 0), (1, 2), 2, "zeros")
+    check(f["w2"], *brute_factors(P, conv_grads_rows(out.grad, 2), True, approx))
+    xin, out = outs["conv1d"]
+    P = brute_conv_patches(xin.numpy(), (2,), (2,), "valid", (3,), 1, "zeros")
+    check(f["w1"], *brute_factors(P, conv_grads_rows(out.grad, 1), False, approx))
+
+
 def test_bias_row_and_beta_counts():
     """Stride 1, pad R: Ω's bias-bias entry is T, the bias row is Σ_t a, and with a = 1 everywhere the
     weight block holds the overlap counts β(δ, δ') of kfc_spec §2.2."""
