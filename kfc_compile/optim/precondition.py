@@ -1,0 +1,255 @@
+"""Per-layer preconditioning: damped factor inverses / eigendecompositions and Γ⁻¹ [∇W | ∇b] Ω⁻¹.
+
+Conventions (kfc_spec.md §5, design.md §3):
+
+* A layer's gradient matrix is ``[∇W | ∇b]`` per group, ``(groups, g_dim, a_dim)``, bias column last; for a
+  grouped conv, group g is output rows ``g·Cout/groups .. (g+1)·Cout/groups`` of ``weight.flatten(1)``.
+* ``kron(Γ, Ω)`` (factors in the paper's scaling) is the Fisher block of the *per-example* loss. The objective h
+  being preconditioned may be a sum over N examples; its curvature is then ``scale · kron(Γ, Ω)`` with
+  ``scale = N`` (``scale = 1`` for a batch mean). The scale is applied to Ω before damping.
+* ``eta`` is the total identity weight: damping + weight decay.
+
+Two damping methods:
+
+* ``"factored"`` (KFC Eqs. 20–22): ``(scale·Ω + π√η I) ⊗ (Γ + √η/π I)`` with the trace-norm split
+  π = sqrt((tr(scale·Ω)/dim Ω) / (tr Γ/dim Γ)), per group; inverses by Cholesky.
+* ``"eigen"`` (KFC-S App. B.2, Eqs. 33–38): ``(scale·kron(Γ, Ω) + η I)⁻¹`` exactly, via the eigendecompositions
+  of Ω and Γ; the eigenvalue products and η meet inside the kernel.
+
+Everything is computed in the factors' dtype (fp32, fp64 for fp64 models); a failed fp32 Cholesky / eigh is
+retried in fp64. With η = 0 the inverses are exact and a singular factor raises :class:`SingularFactorError`.
+The products themselves go through ``triton_kernels`` (``kron_precondition`` / ``eigen_precondition``), with all
+same-shape groups of all layers stacked into one batched call.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+import triton_kernels as tk
+from kfc_compile.registry import KFCLayer
+
+DAMPING_METHODS = ("factored", "eigen")
+
+
+class SingularFactorError(RuntimeError):
+    """An undamped (damping = weight_decay = 0) factor is singular, so its exact inverse does not exist."""
+
+
+# -- gradient matrices -------------------------------------------------------------------------------------------
+
+def grad_matrix(layer: KFCLayer, weight_decay: float = 0.0, grads: tuple | None = None) -> torch.Tensor | None:
+    """``[∇W + wd·W | ∇b + wd·b]`` per group, ``(groups, g_dim, a_dim)``; None if the layer has no gradient.
+
+    ``grads`` overrides ``(weight.grad, bias.grad)``. A missing bias gradient (while the weight has one) is zero.
+    """
+    W, b = layer.weight, layer.bias
+    gW, gb = grads if grads is not None else (W.grad, None if b is None else b.grad)
+    if gW is None and gb is None:
+        return None
+    if gW is None:
+        gW = torch.zeros_like(W)
+    gW = gW.reshape(layer.groups, layer.g_dim, -1)
+    if weight_decay:
+        gW = gW + weight_decay * W.detach().reshape(layer.groups, layer.g_dim, -1)
+    if b is None:
+        return gW
+    if gb is None:
+        gb = torch.zeros_like(b)
+    gb = gb.reshape(layer.groups, layer.g_dim, 1)
+    if weight_decay:
+        gb = gb + weight_decay * b.detach().reshape(layer.groups, layer.g_dim, 1)
+    return torch.cat([gW.to(torch.promote_types(gW.dtype, gb.dtype)), gb.to(gW.dtype)], dim=-1)
+
+
+def split_matrix(layer: KFCLayer, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverse of :func:`grad_matrix`'s layout: (update of W, update of b or None)."""
+    a_in = layer.a_dim - (layer.bias is not None)
+    dW = U[..., :a_in].reshape(layer.weight.shape)
+    db = U[..., a_in].reshape(layer.bias.shape) if layer.bias is not None else None
+    return dW, db
+
+
+# -- damped inverses ---------------------------------------------------------------------------------------------
+
+def pi_split(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """π per group (trace norm): sqrt((tr Ω / dim Ω) / (tr Γ / dim Γ)); 1 where a trace is not positive."""
+    ta = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) / A.shape[-1]
+    tg = torch.diagonal(G, dim1=-2, dim2=-1).sum(-1) / G.shape[-1]
+    ok = (ta > 0) & (tg > 0)
+    return torch.where(ok, (ta / torch.where(ok, tg, torch.ones_like(tg))).clamp_min(0).sqrt(), torch.ones_like(ta))
+
+
+def _spd_inverse(M: torch.Tensor, what: str) -> torch.Tensor:
+    """Inverse of a batch of SPD matrices by Cholesky; fp32 failures are retried in fp64."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if not bool((info == 0).all()):
+        if M.dtype != torch.float64:
+            L64, info = torch.linalg.cholesky_ex(M.double())
+            if bool((info == 0).all()):
+                return torch.cholesky_inverse(L64).to(M.dtype)
+        raise SingularFactorError(
+            f"{what} is singular (not positive definite even in float64); use damping > 0 or weight_decay > 0")
+    return torch.cholesky_inverse(L)
+
+
+def factored_inverses(A: torch.Tensor, G: torch.Tensor, eta: float, scale: float = 1.0,
+                      name: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+    """(Ω_d⁻¹, Γ_d⁻¹) with Ω_d = scale·Ω + π√η I, Γ_d = Γ + √η/π I (stacked per group)."""
+    A = A * scale if scale != 1.0 else A
+    eye_a = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    eye_g = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    if eta > 0:
+        s = eta ** 0.5
+        pi = pi_split(A, G)[:, None, None]
+        Ad = A + (pi * s) * eye_a
+        Gd = G + (s / pi) * eye_g
+    else:
+        Ad, Gd = A, G
+    return (_spd_inverse(Ad, f"factor Ω of layer {name!r}"), _spd_inverse(Gd, f"factor Γ of layer {name!r}"))
+
+
+def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        lam, Q = torch.linalg.eigh(M)
+        if bool(torch.isfinite(lam).all()) and bool(torch.isfinite(Q).all()):
+            return lam, Q
+    except torch.linalg.LinAlgError:
+        if M.dtype == torch.float64:
+            raise
+    lam, Q = torch.linalg.eigh(M.double())
+    return lam.to(M.dtype), Q.to(M.dtype)
+
+
+def eigendecompose(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(QA, lA, QG, lG) of the symmetric factors, eigenvalues clamped at 0 (the factors are PSD)."""
+    lA, QA = _eigh(A)
+    lG, QG = _eigh(G)
+    return QA, lA.clamp_min(0), QG, lG.clamp_min(0)
+
+
+def check_eigen_invertible(lA: torch.Tensor, lG: torch.Tensor, name: str) -> None:
+    """With η = 0 the exact damping needs every eigenvalue product to be positive."""
+    for lam, what in ((lA, "Ω"), (lG, "Γ")):
+        tol = lam.amax(-1) * lam.shape[-1] * torch.finfo(lam.dtype).eps
+        if bool((lam.amin(-1) <= tol).any()):
+            raise SingularFactorError(f"factor {what} of layer {name!r} is singular; use damping > 0 or "
+                                      "weight_decay > 0")
+
+
+# -- per-layer curvature state -----------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class LayerInverse:
+    """What the preconditioner applies for one layer, and the (η, scale) it was built for."""
+
+    method: str
+    tensors: dict[str, torch.Tensor]  # factored: Ainv, Ginv; eigen: QA, lA, QG, lG
+    eta: float
+    scale: float
+
+    def state(self) -> dict:
+        return {"method": self.method, "eta": self.eta, "scale": self.scale,
+                "tensors": {k: v.clone() for k, v in self.tensors.items()}}
+
+    @classmethod
+    def from_state(cls, s: dict, device: torch.device) -> "LayerInverse":
+        return cls(s["method"], {k: v.to(device) for k, v in s["tensors"].items()}, float(s["eta"]),
+                   float(s["scale"]))
+
+
+def compute_inverse(method: str, A: torch.Tensor, G: torch.Tensor, eta: float, scale: float,
+                    name: str) -> LayerInverse:
+    if method == "factored":
+        Ainv, Ginv = factored_inverses(A, G, eta, scale, name)
+        return LayerInverse(method, {"Ainv": Ainv, "Ginv": Ginv}, eta, scale)
+    QA, lA, QG, lG = eigendecompose(A, G)
+    if eta <= 0:
+        check_eigen_invertible(lA, lG, name)
+    return LayerInverse(method, {"QA": QA, "lA": lA, "QG": QG, "lG": lG}, eta, scale)
+
+
+def rescale_inverse(inv: LayerInverse, eta: float, scale: float, A: torch.Tensor, G: torch.Tensor,
+                    name: str) -> LayerInverse:
+    """The inverse for a new (η, scale) from the same factors: free for eigen, a new Cholesky for factored."""
+    if inv.method == "eigen":
+        if eta <= 0:
+            check_eigen_invertible(inv.tensors["lA"], inv.tensors["lG"], name)
+        return LayerInverse("eigen", inv.tensors, eta, scale)
+    return compute_inverse("factored", A, G, eta, scale, name)
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """Same-shape groups of several layers, applied in one batched kernel call."""
+
+    members: list[int]  # layer indices
+    counts: list[int]  # groups per member
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # stacked over all members' groups
+    eta: float = 0.0
+
+
+def build_buckets(inverses: dict[int, LayerInverse]) -> list[_Bucket]:
+    """Stack the inverses of layers with the same (method, shapes, dtype, device)."""
+    keyed: dict[tuple, list[int]] = defaultdict(list)
+    for i, inv in inverses.items():
+        t = inv.tensors
+        ref = t["Ainv"] if inv.method == "factored" else t["QA"]
+        other = t["Ginv"] if inv.method == "factored" else t["QG"]
+        keyed[(inv.method, ref.shape[-1], other.shape[-1], ref.dtype, str(ref.device), inv.eta)].append(i)
+    buckets = []
+    for (method, *_rest, eta), members in keyed.items():
+        invs = [inverses[i] for i in members]
+        b = _Bucket(members, [next(iter(v.tensors.values())).shape[0] for v in invs], eta=eta)
+        if method == "factored":
+            b.tensors = {"Ainv": torch.cat([v.tensors["Ainv"] for v in invs]),
+                         "Ginv": torch.cat([v.tensors["Ginv"] for v in invs])}
+        else:
+            b.tensors = {"QA": torch.cat([v.tensors["QA"] for v in invs]),
+                         "lA": torch.cat([v.tensors["lA"] * v.scale for v in invs]),
+                         "QG": torch.cat([v.tensors["QG"] for v in invs]),
+                         "lG": torch.cat([v.tensors["lG"] for v in invs])}
+        buckets.append(b)
+    return buckets
+
+
+def apply_buckets(buckets: list[_Bucket], mats: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Preconditioned matrices for every layer in ``mats`` (layer index → (groups, g, a)); one kernel call per
+    bucket whose members all have a gradient, per-layer calls otherwise."""
+    out: dict[int, torch.Tensor] = {}
+    for b in buckets:
+        present = [i for i in b.members if i in mats]
+        if not present:
+            continue
+        t = b.tensors
+        dtype = next(iter(t.values())).dtype
+        if len(present) == len(b.members):
+            g = torch.cat([mats[i].to(dtype) for i in b.members]) if len(b.members) > 1 else mats[b.members[0]].to(dtype)
+            U = _apply(t, g, b.eta)
+            for i, part in zip(b.members, torch.split(U, b.counts)):
+                out[i] = part
+            continue
+        offsets = [0]
+        for c in b.counts:
+            offsets.append(offsets[-1] + c)
+        for pos, i in enumerate(b.members):
+            if i in mats:
+                sl = slice(offsets[pos], offsets[pos + 1])
+                out[i] = _apply({k: v[sl] for k, v in t.items()}, mats[i].to(dtype), b.eta)
+    return out
+
+
+def _apply(t: dict[str, torch.Tensor], g: torch.Tensor, eta: float) -> torch.Tensor:
+    if "Ainv" in t:
+        return tk.kron_precondition(g, t["Ginv"], t["Ainv"])
+    return tk.eigen_precondition(g, t["QG"], t["lG"], t["QA"], t["lA"], eta)
+
+
+def precondition_layer(inv: LayerInverse, mat: torch.Tensor) -> torch.Tensor:
+    """One layer's Γ⁻¹ G Ω⁻¹ (or the exact eigen-damped solve), ``(groups, g, a)``."""
+    t = dict(inv.tensors)
+    if inv.method == "eigen" and inv.scale != 1.0:
+        t["lA"] = t["lA"] * inv.scale
+    return _apply(t, mat.to(next(iter(t.values())).dtype), inv.eta)
