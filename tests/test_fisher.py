@@ -37,6 +37,15 @@ def test_mc_converges_to_type2(kind):
     expected 8), and an absolute error at S = 1024 below 0.1 (measured ≈ 0.01–0.03; a wrong sampling variance,
     e.g. N(f, 1) for MSE, would leave a bias of 100% that no S removes).
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~3000 backward passes on tiny tensors: threading only adds sync (and contention)
+    try:
+        _check_mc_convergence(kind)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_mc_convergence(kind):
     model = mlp()
     x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     loss, y = _targets(kind, 8)

@@ -286,3 +286,25 @@ def test_train_eval_flags_preserved():
     tm2 = kc.transform(model)
     assert not tm2.training and not any(m.training for m in tm2.modules())
     assert model.stem.training is False and model.training is False
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x, z):
+        return self.a(x) * torch.tanh(self.b(z))
+
+
+def test_tuple_of_inputs():
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    x, z = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    tm = kc.transform(model)
+    torch.testing.assert_close(tm(x, z), model(x, z), rtol=0, atol=0)
+    f = kc.curvature(tm, nn.MSELoss(), (x, z), torch.randn(3, 2, dtype=torch.float64), fisher="type-2")
+    xb = torch.cat([x, torch.ones(3, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(f["a"].A, xb.T @ xb / 3)
+    assert f["b"].A.shape == (5, 5)
