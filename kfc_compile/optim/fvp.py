@@ -1,0 +1,133 @@
+"""Exact Fisher products on a batch (subset) with forward-mode JVPs, and the α/μ quadratic-model solve.
+
+For directions u, w in parameter space, ``uᵀ F w = mean_n (J_n u)ᵀ H_n (J_n w)`` where J_n is the Jacobian of
+example n's model output and H_n the Hessian of its per-example loss ℓ_n w.r.t. that output (the output-space
+Fisher, exact for these exponential-family losses):
+
+* cross-entropy: ``c·(diag(p) − p pᵀ)`` per loss term (class dim 1),
+* MSE: ``2c·I``,
+* BCE with logits: ``c·σ(1−σ)`` elementwise,
+
+with ``c`` the per-example term weight (``LossSpec.term_weight``). F is the Fisher of the per-example loss averaged
+over examples, i.e. the curvature of a batch-mean objective; ``scale`` (N for a sum objective) multiplies it.
+One JVP per direction gives all inner products among the directions (2 JVPs for the 4 scalars of §6.1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call
+
+from kfc_compile.capture import model_output
+from kfc_compile.curvature.fisher import LossSpec
+
+
+def output_fisher_inner(spec: LossSpec, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """mean over examples of ``uₙᵀ Hₙ wₙ`` (a 0-d tensor, at least fp32) for output directions u, w (f's shape)."""
+    dt = torch.promote_types(f.dtype, torch.float32)
+    f, u, w = f.detach().to(dt), u.to(dt), w.to(dt)
+    n = f.shape[0]
+    c = spec.term_weight(f)
+    if spec.kind == "cross_entropy":
+        cls_dim = 1 if f.dim() > 1 else 0
+        p = torch.softmax(f, dim=cls_dim)
+        pu = (p * u).sum(cls_dim)
+        pw = (p * w).sum(cls_dim) if w is not u else pu
+        total = (p * u * w).sum() - (pu * pw).sum()
+    elif spec.kind == "mse":
+        total = 2.0 * (u * w).sum()
+    else:
+        s = torch.sigmoid(f)
+        total = (s * (1 - s) * u * w).sum()
+    return total * (c / max(n, 1))
+
+
+def batch_subset(inputs: tuple, fraction: float) -> tuple:
+    """The first ceil(fraction·N) examples of every tensor input whose leading dim is the batch size N."""
+    if not inputs or not isinstance(inputs[0], torch.Tensor):
+        raise RuntimeError("no recorded model inputs: run a forward pass with grad enabled before opt.step()")
+    n = inputs[0].shape[0]
+    m = max(1, min(n, math.ceil(fraction * n)))
+    out = []
+    for a in inputs:
+        if isinstance(a, torch.Tensor):
+            a = a.detach()
+            if a.dim() > 0 and a.shape[0] == n and m < n:
+                a = a[:m]
+        out.append(a)
+    return tuple(out)
+
+
+class FisherProducts:
+    """JVPs of a (transformed) model's output w.r.t. its parameters, buffers copied so that BatchNorm running
+    statistics are not touched by these extra forwards."""
+
+    def __init__(self, model: nn.Module, spec: LossSpec):
+        self.model = model
+        self.spec = spec
+        self.names: dict[int, str] = {}
+        for name, p in model.named_parameters():
+            self.names.setdefault(id(p), name)
+
+    def outputs_and_jvps(self, inputs: tuple, directions: list[dict[torch.Tensor, torch.Tensor]]
+                         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Model output f on ``inputs`` and ``J·d`` for each direction (dict parameter → tensor of its shape).
+
+        Parameters missing from a direction get a zero tangent; parameters the model does not use are ignored.
+        """
+        model = self.model
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        buffers = {n: b.detach() for n, b in model.named_buffers()}
+        named = [{self.names[id(p)]: v for p, v in d.items() if id(p) in self.names} for d in directions]
+        moving = {n: params[n] for d in named for n in d}
+        if not moving:
+            with torch.no_grad():
+                bufs = {n: b.clone() for n, b in buffers.items()}
+                f = model_output(functional_call(model, (params, bufs), inputs))
+            return f, [torch.zeros_like(f) for _ in directions]
+
+        f = None
+        outs = []
+        with torch.no_grad():
+            for d in named:
+                with fwAD.dual_level():
+                    duals = {n: fwAD.make_dual(prim, d[n].to(prim.dtype) if n in d else torch.zeros_like(prim))
+                             for n, prim in moving.items()}
+                    # fresh buffer copies per pass: BatchNorm's in-place running-stat updates stay local
+                    bufs = {n: b.clone() for n, b in buffers.items()}
+                    out = model_output(functional_call(self.model, ({**params, **duals}, bufs), inputs))
+                    primal, tangent = fwAD.unpack_dual(out)
+                    f = primal.detach().clone()
+                    outs.append(torch.zeros_like(f) if tangent is None else tangent.detach().clone())
+        return f, outs
+
+
+def gram(spec: LossSpec, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """Matrix of ``scale·(J u_i)ᵀ H (J u_j)`` over the given JVPs (fp64, symmetric)."""
+    k = len(jvps)
+    C = torch.zeros(k, k, dtype=torch.float64)
+    for i in range(k):
+        for j in range(i, k):
+            C[i, j] = C[j, i] = float(output_fisher_inner(spec, f, jvps[i], jvps[j])) * scale
+    return C
+
+
+def solve_alpha_mu(C: torch.Tensor, d: torch.Tensor) -> tuple[float, float]:
+    """Minimiser (α, μ) of ``d·x + ½ xᵀ C x`` (KFAC-S §E.4 / KFC-S Eqs. 30–31): x = −C⁻¹ d.
+
+    ``C`` is 2×2 (Δ and δ₀ rows) or 1×1 (no previous update). A singular or non-positive C (δ₀ parallel to Δ,
+    zero directions) falls back to the α-only solve; a non-positive curvature along Δ gives α = 0.
+    """
+    C = C.double()
+    d = d.double()
+    if C.shape[0] == 2:
+        det = C[0, 0] * C[1, 1] - C[0, 1] * C[1, 0]
+        if C[0, 0] > 0 and C[1, 1] > 0 and det > 1e-12 * C[0, 0] * C[1, 1]:
+            x = -torch.linalg.solve(C, d)
+            return float(x[0]), float(x[1])
+    if C[0, 0] > 0:
+        return float(-d[0] / C[0, 0]), 0.0
+    return 0.0, 0.0
