@@ -1,0 +1,149 @@
+"""The ``kfc-compile`` command. Subcommands: ``demo`` (more, e.g. ``zoo``, register in ``build_parser``)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+PROG = "kfc-compile"
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def _lr_list(s: str) -> tuple[float, ...]:
+    parts = [p for p in s.replace(" ", "").split(",") if p]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated learning rates, e.g. 0.3,0.1,0.03")
+    return tuple(_positive_float(p) for p in parts)
+
+
+def _optimizer_list(s: str) -> tuple[str, ...]:
+    from kfc_compile.demo.train import OPTIMIZERS
+
+    names = tuple(p for p in s.replace(" ", "").split(",") if p)
+    bad = [n for n in names if n not in OPTIMIZERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(OPTIMIZERS)}, got {s!r}")
+    return names
+
+
+def _add_demo(sub) -> None:
+    from kfc_compile.demo.data import TASKS
+    from kfc_compile.demo.models import MODELS
+    from kfc_compile.demo.train import GRIDS, TASK_SETTINGS
+
+    defaults = ", ".join(f"{t}: {s.steps} steps, target {s.target:g}" for t, s in TASK_SETTINGS.items())
+    p = sub.add_parser(
+        "demo", help="KFC-pre vs tuned SGD+momentum and Adam on a small task; table + demo.png",
+        description="Train a small net with KFC-pre, SGD with momentum 0.9 and Adam, each with its learning rate "
+                    "picked from a small grid by short runs, then once more with the picked rate. Prints steps "
+                    "and seconds to a target training loss and the final test accuracy, and writes a plot of the "
+                    f"training loss against steps and seconds. Task defaults: {defaults}. Nothing is downloaded.")
+    p.add_argument("--task", choices=TASKS, default="digits",
+                   help="digits: scikit-learn's bundled 8x8 digits; mnist1d: generated locally by the mnist1d "
+                        "package; cifar10: torchvision's CIFAR-10 from --data-dir (default: %(default)s)")
+    p.add_argument("--data-dir", metavar="DIR", help="directory holding cifar-10-batches-py/ (for --task cifar10)")
+    p.add_argument("--model", choices=MODELS, default="auto",
+                   help="auto: convnet for digits/mnist1d, paper for cifar10; convnet: small 2-D/1-D conv net; "
+                        "mlp; paper: the KFC paper's CIFAR-10 net; resnet18: torchvision's (3x32x32 only)")
+    p.add_argument("--steps", type=_positive_int, help="training steps of each final run (task default)")
+    p.add_argument("--tune-steps", type=_positive_int, help="steps of each tuning run (default: steps/2; a tuning "
+                                                              "run stops early at the target)")
+    p.add_argument("--batch-size", type=_positive_int, help="mini-batch size for every optimizer (default 128)")
+    p.add_argument("--target", type=_positive_float, help="target training loss (task default)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="initialisation and batch-order seed (default 0)")
+    p.add_argument("--out", default="demo.png", metavar="PNG", help="plot path (default: %(default)s); '' for none")
+    p.add_argument("--optimizers", type=_optimizer_list, default=("kfc", "sgd", "adam"), metavar="LIST",
+                   help="comma-separated subset of kfc,sgd,adam (default: all)")
+    for o, name in (("kfc", "KFC-pre"), ("sgd", "SGD"), ("adam", "Adam")):
+        p.add_argument(f"--lr-{o}", type=_lr_list, metavar="LRS",
+                       help=f"{name} learning-rate grid, comma-separated (default: {','.join(map(str, GRIDS[o]))});"
+                            " one value skips tuning")
+    p.add_argument("--stats-every", type=_positive_int, help="KFC statistics period (default: the optimizer's)")
+    p.add_argument("--inverse-every", type=_positive_int, help="KFC inverse period (default: the optimizer's)")
+    p.add_argument("--threads", type=_nonneg_int, default=None,
+                   help="torch intra-op threads (default: 1 for digits/mnist1d, whose tiny layers lose time to "
+                        "threading; torch's default otherwise; 0 = torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every run")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from kfc_compile.demo import run_demo
+
+    threads = args.threads if args.threads is not None else (1 if args.task in ("digits", "mnist1d") else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    grids = {o: getattr(args, f"lr_{o}") for o in ("kfc", "sgd", "adam") if getattr(args, f"lr_{o}")}
+    kfc_options = {k: v for k, v in (("stats_every", args.stats_every), ("inverse_every", args.inverse_every))
+                   if v is not None}
+    res = run_demo(args.task, args.model, steps=args.steps, batch_size=args.batch_size, target=args.target,
+                   seed=args.seed, optimizers=args.optimizers, grids=grids, tune_steps=args.tune_steps,
+                   data_dir=args.data_dir, kfc_options=kfc_options, out=args.out or None,
+                   progress=not args.no_progress)
+    print(res.table())
+    if res.plot:
+        print(f"wrote {res.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="KFC / K-FAC natural-gradient training for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kfc-compile`` console script; returns the exit status (2 for bad options/data)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from kfc_compile.demo.data import DemoError
+
+    try:
+        return args.func(args)
+    except DemoError as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
