@@ -159,9 +159,9 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
                         f"got {type(model).__name__} (use kc.transform(model) for eager models)")
     backend = _innermost_backend(model)
     if backend is not kfc_backend:
-        raise ValueError(f"the model is compiled with backend {getattr(backend, '__name__', backend)!r}, "
-                         "which inserts no capture taps: use torch.compile(model, backend='kfc'), or "
-                         "torch.compile(kc.transform(model))")
+        raise NotImplementedError(f"KFC on a model compiled with backend {getattr(backend, '__name__', backend)!r} "
+                                  "(no capture taps) is not supported: use torch.compile(model, backend='kfc'), or "
+                                  "torch.compile(kc.transform(model))")
     orig = model._orig_mod
     params = list(orig.parameters())
     device = params[0].device if params else torch.device("cpu")

@@ -117,8 +117,12 @@ def _route(model: nn.Module, tm: nn.Module) -> None:
 def resolve_model(model, approx: str) -> tuple[nn.Module, nn.Module, bool]:
     """(transformed module, module whose parameters are trained, needs routing)."""
     if _is_dynamo_module(model):
-        raise NotImplementedError("KFC on a torch.compile'd model (the 'kfc' backend) is not supported yet: "
-                                  "pass the plain nn.Module (or kc.transform(model))")
+        if isinstance(getattr(model._orig_mod, "kfc", None), KFCInfo):  # torch.compile(kc.transform(m))
+            return resolve_model(model._orig_mod, approx)
+        from kfc_compile.compile.backend import registry_for  # torch.compile(m, backend="kfc"): live registry
+
+        registry_for(model, approx)
+        return model, model._orig_mod, False
     if not isinstance(model, nn.Module):
         raise TypeError(f"KFC expects an nn.Module or a kc.transform()ed module, got {type(model).__name__}")
     info = getattr(model, "kfc", None)
@@ -208,7 +212,10 @@ class KFC(torch.optim.Optimizer):
         info: KFCInfo = tm.kfc
         self.model = tm
         self.layers: list[KFCLayer] = list(info.layers)
-        if not self.layers:
+        # a model compiled with the kfc backend: layers join info.layers when dynamo compiles (_sync_layers)
+        self._layers_version = getattr(info, "version", None)
+        pending = self._layers_version is not None and not info.graphs
+        if not self.layers and not pending:
             if fallback is None:
                 raise ValueError(f"{type(owner).__name__} has no layer KFC can precondition and fallback=None: "
                                  "nothing would be trained (use fallback='sgd' or 'adam')")
@@ -232,7 +239,7 @@ class KFC(torch.optim.Optimizer):
                           f"{[names.get(id(p), '?') for p in rest][:8]}", stacklevel=2)
         groups = []
         common = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay)
-        if kfc_params:
+        if kfc_params or pending:
             groups.append({"params": kfc_params, "role": "kfc", **common})
         if rest and fallback is not None:
             flr = fallback_lr if fallback_lr is not None else (lr if fallback == "sgd" else 1e-3)
@@ -253,7 +260,8 @@ class KFC(torch.optim.Optimizer):
         self._scale = 1.0
         self._armed = False
         self._warned: set[str] = set()
-        self._fisher_products = fvp.FisherProducts(tm, self.loss_spec)
+        self._owner_params = [p for p in owner.parameters()]
+        self._fisher_products = fvp.FisherProducts(owner if _is_dynamo_module(tm) else tm, self.loss_spec)
         self.last_step: dict = {}
         if self.averaging is not None:
             for group in self.param_groups:
@@ -272,7 +280,40 @@ class KFC(torch.optim.Optimizer):
         """Number of completed ``step()`` calls."""
         return self._step_count
 
+    def _sync_layers(self) -> None:
+        """Follow a live registry (kfc backend): layers found since the last call join the KFC group (their
+        parameters leave the fallback), layers dropped leave it; per-layer state follows its layer."""
+        info = self.model.kfc
+        version = getattr(info, "version", None)
+        if version is None or version == self._layers_version:
+            return
+        self._layers_version = version
+        new = list(info.layers)
+        old = {id(layer): i for i, layer in enumerate(self.layers)}
+        moved = {old[id(layer)]: j for j, layer in enumerate(new) if id(layer) in old}
+        running, frozen = [None] * len(new), [False] * len(new)
+        for i, j in moved.items():
+            running[j], frozen[j] = self._running[i], self._frozen[i]
+        self._running, self._frozen = running, frozen
+        self._inverse = {moved[i]: inv for i, inv in self._inverse.items() if i in moved}
+        self._stale = {moved[i] for i in self._stale if i in moved}
+        self._buckets = None
+        self.layers = new
+        kfc_params = [p for layer in new for p in (layer.weight, layer.bias) if p is not None]
+        covered = {id(p) for p in kfc_params}
+        kg = self._kfc_group()
+        if kg is None:
+            kg = {**self.defaults, "params": [], "role": "kfc"}
+            self.param_groups.insert(0, kg)
+        kg["params"] = kfc_params
+        fg = self._fallback_group()
+        if fg is not None:
+            fg["params"] = [p for p in self._owner_params if p.requires_grad and id(p) not in covered]
+            names = {id(p): n for n, p in self.model._orig_mod.named_parameters()}
+            self.fallback_names = [names.get(id(p), "?") for p in fg["params"]]
+
     def _layer_index(self, name: str) -> int:
+        self._sync_layers()
         for i, layer in enumerate(self.layers):
             if layer.name == name:
                 return i
@@ -312,6 +353,7 @@ class KFC(torch.optim.Optimizer):
     def precondition(self, grads: dict | None = None) -> dict[torch.Tensor, torch.Tensor]:
         """F̂⁻¹∇h for the KFC parameters with the current inverses (∇h = ``.grad`` + weight_decay·θ by default, or
         ``grads[param]``). Layers without factors yet are returned unpreconditioned."""
+        self._sync_layers()
         group = self._kfc_group()
         if group is None:
             return {}
@@ -346,7 +388,8 @@ class KFC(torch.optim.Optimizer):
     def _arm_for(self, k: int) -> None:
         """Arm the capture taps if step k is a statistics step, otherwise disarm them."""
         st = self._capture
-        due = (k - 1) % self.stats_every == 0 and any(not f for f in self._frozen)
+        layers_pending = self._layers_version is not None and not self._frozen  # kfc backend, nothing compiled
+        due = (k - 1) % self.stats_every == 0 and (any(not f for f in self._frozen) or layers_pending)
         if not due:
             if self._armed:
                 st.disarm()
@@ -458,6 +501,7 @@ class KFC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         k = self._step_count + 1
+        self._sync_layers()
         self._collect_statistics()
         inputs = self._capture.last_inputs
         n = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
