@@ -528,13 +528,16 @@ def kfc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
     options and ``mode`` are inductor's, as for ``backend="inductor"``."""
     options = dict(options or {})
     inner = options.pop("inner", "inductor")
-    new_gm, _, _ = instrument(gm, example_inputs)
-    if inner == "inductor":
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
+    new_gm, info, _ = instrument(gm, example_inputs)
+    # The Fisher pass of a statistics step runs the compiled backward with retain_graph=True before the training
+    # backward: AOT's donated buffers (saved tensors freed during the backward) forbid that.
+    with torch._functorch.config.patch(donated_buffer=False):
+        if inner == "inductor":
+            from torch._inductor import list_mode_options
+            from torch._inductor.compile_fx import compile_fx
 
-        patches = {**(list_mode_options(mode) if mode else {}), **options}
-        return compile_fx(new_gm, example_inputs, config_patches=patches or None)
-    from torch._dynamo.backends.registry import lookup_backend
+            patches = {**(list_mode_options(mode) if mode else {}), **options}
+            return compile_fx(new_gm, example_inputs, config_patches=patches or None)
+        from torch._dynamo.backends.registry import lookup_backend
 
-    return lookup_backend(inner)(new_gm, example_inputs)
+        return lookup_backend(inner)(new_gm, example_inputs)

@@ -403,9 +403,12 @@ class KFC(torch.optim.Optimizer):
 
     def _fisher_pass(self, f: torch.Tensor) -> None:
         st = self._capture
-        for v in output_gradients(self.loss_spec, self.fisher, f, None, self.mc_samples, self.generator):
-            with st.backward_pass(inputs=False, grads=True):
-                torch.autograd.grad(f, [st.slot], v, retain_graph=True, allow_unused=True)
+        # retain_graph through a kfc-backend graph: it is compiled without AOT donated buffers, and AOT's runtime
+        # check reads the same flag (compile/backend.py)
+        with torch._functorch.config.patch(donated_buffer=False):
+            for v in output_gradients(self.loss_spec, self.fisher, f, None, self.mc_samples, self.generator):
+                with st.backward_pass(inputs=False, grads=True):
+                    torch.autograd.grad(f, [st.slot], v, retain_graph=True, allow_unused=True)
 
     def _collect_statistics(self) -> int:
         """Fold the recorded batch factors into the moving averages; returns how many layers were updated."""
