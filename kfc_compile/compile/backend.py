@@ -125,7 +125,7 @@ def _merge(dst: CompiledKFCInfo, src: CompiledKFCInfo) -> None:
     dst.graphs += src.graphs
     for p in src.params:
         _OWNER[p] = dst
-        if p not in dst.params:
+        if not any(p is q for q in dst.params):
             dst.params.append(p)
     for pid, name in src.names.items():
         dst.names.setdefault(pid, name)
