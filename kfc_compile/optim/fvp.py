@@ -32,11 +32,13 @@ def output_fisher_inner(spec: LossSpec, f: torch.Tensor, u: torch.Tensor, w: tor
     n = f.shape[0]
     c = spec.term_weight(f)
     if spec.kind == "cross_entropy":
+        # Σ_c p_c (u_c − ū)(w_c − w̄) with ū = Σ_c p_c u_c: = uᵀ(diag p − p pᵀ)w without the cancellation of
+        # Σ p u w − (Σ p u)(Σ p w), which loses everything in fp32 once ‖u‖ is large
         cls_dim = 1 if f.dim() > 1 else 0
         p = torch.softmax(f, dim=cls_dim)
-        pu = (p * u).sum(cls_dim)
-        pw = (p * w).sum(cls_dim) if w is not u else pu
-        total = (p * u * w).sum() - (pu * pw).sum()
+        uc = u - (p * u).sum(cls_dim, keepdim=True)
+        wc = uc if w is u else w - (p * w).sum(cls_dim, keepdim=True)
+        total = (p * uc * wc).sum()
     elif spec.kind == "mse":
         total = 2.0 * (u * w).sum()
     else:
