@@ -24,32 +24,60 @@ _INT32_MAX = 2**31 - 1
 
 
 @triton.jit
-def _patch_tile(x_ptr, offs_m, offs_d, m_hi, c_base, Dg, T, O1, O2, S0, S1, S2, sxn, sxc, sx0, sx1, sx2,
-                P0, P1, P2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ST0: tl.constexpr,
-                ST1: tl.constexpr, ST2: tl.constexpr, DL0: tl.constexpr, DL1: tl.constexpr, DL2: tl.constexpr):
-    """Load the (BLOCK_M, BLOCK_D) block of the virtual im2col matrix of one group; returns (tile, row mask)."""
-    m_ok = offs_m < m_hi
-    n = offs_m // T                       # row -> (n, o0, o1, o2)
-    r = offs_m - n * T
-    o0 = r // (O1 * O2)
-    r = r - o0 * (O1 * O2)
-    o1 = r // O2
-    o2 = r - o1 * O2
-    c = offs_d // (K0 * K1 * K2)          # column -> (c, q0, q1, q2), channel-major like weight.flatten(1)
+def _patch_cols(offs_d, c_base, Dg, sxc, sx0, sx1, sx2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                DL0: tl.constexpr, DL1: tl.constexpr, DL2: tl.constexpr, NDIM: tl.constexpr):
+    """Column part of the virtual im2col matrix (loop invariant): column d = (channel c, kernel offset q), in
+    ``weight.flatten(1)`` order. Returns (address offset, per-dim input offset q*dilation, column mask)."""
+    c = offs_d // (K0 * K1 * K2)
     q = offs_d - c * (K0 * K1 * K2)
     q0 = q // (K1 * K2)
     q = q - q0 * (K1 * K2)
     q1 = q // K2
     q2 = q - q1 * K2
-    i0 = o0[:, None] * ST0 - P0 + q0[None, :] * DL0
-    i1 = o1[:, None] * ST1 - P1 + q1[None, :] * DL1
-    i2 = o2[:, None] * ST2 - P2 + q2[None, :] * DL2
-    ok = (m_ok[:, None] & (offs_d < Dg)[None, :] & (i0 >= 0) & (i0 < S0) & (i1 >= 0) & (i1 < S1)
-          & (i2 >= 0) & (i2 < S2))
-    addr = (n.to(tl.int64)[:, None] * sxn + (c_base + c).to(tl.int64)[None, :] * sxc
-            + i0.to(tl.int64) * sx0 + i1.to(tl.int64) * sx1 + i2.to(tl.int64) * sx2)
-    a = tl.load(x_ptr + addr, mask=ok, other=0.0)
-    return a, m_ok
+    c2 = q2 * DL2
+    off = (c_base + c).to(tl.int64) * sxc + c2.to(tl.int64) * sx2
+    c1 = q1 * DL1
+    c0 = q0 * DL0
+    if NDIM >= 2:
+        off += c1.to(tl.int64) * sx1
+    if NDIM >= 3:
+        off += c0.to(tl.int64) * sx0
+    return off, c0, c1, c2, offs_d < Dg
+
+
+@triton.jit
+def _patch_rows(offs_m, m_hi, T, O1, O2, sxn, sx0, sx1, sx2, P0, P1, P2, ST0: tl.constexpr, ST1: tl.constexpr,
+                ST2: tl.constexpr, NDIM: tl.constexpr):
+    """Row part: row m = (example n, output location o). Returns (address offset, per-dim o*stride - pad, mask)."""
+    n = offs_m // T
+    r = offs_m - n * T
+    o0 = r // (O1 * O2)
+    r = r - o0 * (O1 * O2)
+    o1 = r // O2
+    o2 = r - o1 * O2
+    r2 = o2 * ST2 - P2
+    off = n.to(tl.int64) * sxn + r2.to(tl.int64) * sx2
+    r1 = o1 * ST1 - P1
+    r0 = o0 * ST0 - P0
+    if NDIM >= 2:
+        off += r1.to(tl.int64) * sx1
+    if NDIM >= 3:
+        off += r0.to(tl.int64) * sx0
+    return off, r0, r1, r2, offs_m < m_hi
+
+
+@triton.jit
+def _patch_load(x_ptr, row_off, r0, r1, r2, m_ok, col_off, c0, c1, c2, d_ok, S0, S1, S2, NDIM: tl.constexpr):
+    """(BLOCK_M, BLOCK_D) block: input coordinate = row part + column part per dim; zero padding by masking."""
+    i2 = r2[:, None] + c2[None, :]
+    ok = m_ok[:, None] & d_ok[None, :] & (i2 >= 0) & (i2 < S2)
+    if NDIM >= 2:
+        i1 = r1[:, None] + c1[None, :]
+        ok = ok & (i1 >= 0) & (i1 < S1)
+    if NDIM >= 3:
+        i0 = r0[:, None] + c0[None, :]
+        ok = ok & (i0 >= 0) & (i0 < S0)
+    return tl.load(x_ptr + (row_off[:, None] + col_off[None, :]), mask=ok, other=0.0)
 
 
 @triton.jit
@@ -57,8 +85,8 @@ def _patch_cov_kernel(x_ptr, f_ptr, ws_ptr, M, T, O1, O2, S0, S1, S2, sxn, sxc, 
                       Cg, Dg, Dp, s_fb, s_fr, s_fc, ws_s_split, ws_s_b, m_per_split, alpha, beta,
                       K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ST0: tl.constexpr, ST1: tl.constexpr,
                       ST2: tl.constexpr, DL0: tl.constexpr, DL1: tl.constexpr, DL2: tl.constexpr,
-                      ONES: tl.constexpr, BETA_ZERO: tl.constexpr, USE_WS: tl.constexpr, CAST: tl.constexpr,
-                      PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                      NDIM: tl.constexpr, ONES: tl.constexpr, BETA_ZERO: tl.constexpr, USE_WS: tl.constexpr,
+                      CAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     t = tl.program_id(0)
     s = tl.program_id(1)
     g = tl.program_id(2)
@@ -67,15 +95,19 @@ def _patch_cov_kernel(x_ptr, f_ptr, ws_ptr, M, T, O1, O2, S0, S1, S2, sxn, sxc, 
     offs_i = ti * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_j = tj * BLOCK_D + tl.arange(0, BLOCK_D)
     c_base = g * Cg
+    coff_i, ci0, ci1, ci2, di_ok = _patch_cols(offs_i, c_base, Dg, sxc, sx0, sx1, sx2, K0, K1, K2, DL0, DL1, DL2,
+                                               NDIM)
+    coff_j, cj0, cj1, cj2, dj_ok = _patch_cols(offs_j, c_base, Dg, sxc, sx0, sx1, sx2, K0, K1, K2, DL0, DL1, DL2,
+                                               NDIM)
     m_lo = s * m_per_split
     m_hi = tl.minimum(m_lo + m_per_split, M)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=acc_dt)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        a_i, m_ok = _patch_tile(x_ptr, offs_m, offs_i, m_hi, c_base, Dg, T, O1, O2, S0, S1, S2, sxn, sxc, sx0,
-                                sx1, sx2, P0, P1, P2, K0, K1, K2, ST0, ST1, ST2, DL0, DL1, DL2)
-        a_j, _ = _patch_tile(x_ptr, offs_m, offs_j, m_hi, c_base, Dg, T, O1, O2, S0, S1, S2, sxn, sxc, sx0,
-                             sx1, sx2, P0, P1, P2, K0, K1, K2, ST0, ST1, ST2, DL0, DL1, DL2)
+        roff, r0, r1, r2, m_ok = _patch_rows(offs_m, m_hi, T, O1, O2, sxn, sx0, sx1, sx2, P0, P1, P2, ST0, ST1, ST2,
+                                             NDIM)
+        a_i = _patch_load(x_ptr, roff, r0, r1, r2, m_ok, coff_i, ci0, ci1, ci2, di_ok, S0, S1, S2, NDIM)
+        a_j = _patch_load(x_ptr, roff, r0, r1, r2, m_ok, coff_j, cj0, cj1, cj2, dj_ok, S0, S1, S2, NDIM)
         if CAST:
             a_i = a_i.to(acc_dt)
             a_j = a_j.to(acc_dt)
@@ -93,19 +125,21 @@ def _patch_cov_kernel(x_ptr, f_ptr, ws_ptr, M, T, O1, O2, S0, S1, S2, sxn, sxc, 
 def _patch_sum_kernel(x_ptr, out_ptr, T, O1, O2, S0, S1, S2, sxn, sxc, sx0, sx1, sx2, P0, P1, P2, Cg, Dg, Dp,
                       G, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ST0: tl.constexpr,
                       ST1: tl.constexpr, ST2: tl.constexpr, DL0: tl.constexpr, DL1: tl.constexpr, DL2: tl.constexpr,
-                      ONES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+                      NDIM: tl.constexpr, ONES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     """out[n, g, d] = sum_t pbar[n, t, g, d]; grid (N, groups, D tiles)."""
     n = tl.program_id(0)
     g = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     out_dt = out_ptr.dtype.element_ty
+    coff, c0, c1, c2, d_ok = _patch_cols(offs_d, g * Cg, Dg, sxc, sx0, sx1, sx2, K0, K1, K2, DL0, DL1, DL2, NDIM)
     m_lo = n * T
     m_hi = m_lo + T
     acc = tl.zeros((BLOCK_D,), dtype=out_dt)
     for m0 in range(m_lo, m_hi, BLOCK_T):
         offs_m = m0 + tl.arange(0, BLOCK_T)
-        a, _ = _patch_tile(x_ptr, offs_m, offs_d, m_hi, g * Cg, Dg, T, O1, O2, S0, S1, S2, sxn, sxc, sx0, sx1, sx2,
-                           P0, P1, P2, K0, K1, K2, ST0, ST1, ST2, DL0, DL1, DL2)
+        roff, r0, r1, r2, m_ok = _patch_rows(offs_m, m_hi, T, O1, O2, sxn, sx0, sx1, sx2, P0, P1, P2, ST0, ST1, ST2,
+                                             NDIM)
+        a = _patch_load(x_ptr, roff, r0, r1, r2, m_ok, coff, c0, c1, c2, d_ok, S0, S1, S2, NDIM)
         acc += tl.sum(a.to(out_dt), axis=0)
     if ONES:
         acc += (offs_d == Dg).to(out_dt) * T
@@ -113,8 +147,8 @@ def _patch_sum_kernel(x_ptr, out_ptr, T, O1, O2, S0, S1, S2, sxn, sxc, sx0, sx1,
     tl.store(base + offs_d, acc, mask=offs_d < Dp)
 
 
-KERNELS = (_patch_cov_kernel, _patch_sum_kernel, _patch_tile, split_finalize_kernel, upper_tile, sym_store,
-           store_partial)
+KERNELS = (_patch_cov_kernel, _patch_sum_kernel, _patch_cols, _patch_rows, _patch_load, split_finalize_kernel,
+           upper_tile, sym_store, store_partial)
 
 
 def _geom_args(x: Tensor, geom: ConvGeometry) -> tuple[list, dict]:
@@ -123,7 +157,7 @@ def _geom_args(x: Tensor, geom: ConvGeometry) -> tuple[list, dict]:
     sx = (0,) * lead + tuple(x.stride()[2:])
     rt = [geom.T, geom.out[1], geom.out[2], *geom.spatial, x.stride(0), x.stride(1), *sx, *geom.pad_lo]
     ce = dict(K0=geom.kernel[0], K1=geom.kernel[1], K2=geom.kernel[2], ST0=geom.stride[0], ST1=geom.stride[1],
-              ST2=geom.stride[2], DL0=geom.dilation[0], DL1=geom.dilation[1], DL2=geom.dilation[2])
+              ST2=geom.stride[2], DL0=geom.dilation[0], DL1=geom.dilation[1], DL2=geom.dilation[2], NDIM=geom.d)
     return rt, ce
 
 
@@ -188,7 +222,7 @@ def patch_sum(x: Tensor, geom: ConvGeometry, ones: bool, dtype: torch.dtype, int
     if geom.N == 0:
         return out
     forced = tuning._OVERRIDE.get().get("patch_sum")
-    block_d, block_t, warps = forced if forced is not None else ((16, 32, 1) if interpreted else (64, 64, 4))
+    block_d, block_t, warps = forced if forced is not None else ((16, 32, 1) if interpreted else (64, 32, 4))
     rt, ce = _geom_args(x, geom)
     grid = (geom.N, geom.groups, triton.cdiv(Dp, block_d))
     if geom.N > 2**31 - 1 or geom.groups > _MAX_GRID or grid[2] > _MAX_GRID:

@@ -13,7 +13,7 @@ import contextvars
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -102,15 +102,17 @@ def sym_default(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, devi
 
 
 def sym_candidates(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, device: torch.device) -> list[SymConfig]:
-    """A small sweep for the autotuner / gpu_check."""
+    """A small sweep for the autotuner / gpu_check: three tile shapes with the heuristic split (and twice it when
+    that needs no new compile). Kept short because every tile shape is a new compile."""
     out = []
-    for bd, bm, w in ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8)):
-        if bd > max(32, 2 * Dp):
-            continue
+    shapes = [(64, 32, 4), (64, 64, 4), (128, 32, 8)]
+    if Dp <= 96:
+        shapes = [(32, 64, 4), (32, 128, 4), (64, 32, 4)]
+    for bd, bm, w in shapes:
         n_tiles = math.ceil(Dp / bd)
         split = choose_split(n_tiles * (n_tiles + 1) // 2 * batch, M, bm, device, False)
-        for s in sorted({split, max(1, split // 2), min(64, 2 * split)}):
-            out.append(SymConfig(block_d=bd, block_m=bm, split=s, num_warps=w, num_stages=3))
+        splits = [split, 2 * split] if split > 1 and M // (8 * bm) >= 2 * split else [split]
+        out += [SymConfig(block_d=bd, block_m=bm, split=s, num_warps=w, num_stages=3) for s in splits]
     return out
 
 
@@ -123,8 +125,8 @@ def gemm_default(M: int, N: int, K: int, batch: int, device: torch.device, inter
 
 
 def gemm_candidates() -> list[GemmConfig]:
-    return [GemmConfig(64, 64, 32, 8, 4, 3), GemmConfig(128, 64, 32, 8, 4, 3), GemmConfig(64, 128, 32, 8, 4, 3),
-            GemmConfig(128, 128, 32, 8, 8, 3), GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(32, 64, 32, 8, 4, 4)]
+    return [GemmConfig(64, 64, 32, 8, 4, 3), GemmConfig(128, 64, 32, 8, 4, 3), GemmConfig(128, 128, 32, 8, 8, 3),
+            GemmConfig(32, 64, 32, 8, 4, 4)]
 
 
 def autotune_enabled() -> bool:
@@ -158,5 +160,10 @@ def pick(kind: str, key: tuple, default: object, candidates: Callable[[], list],
     return _CACHE[ck]
 
 
-def with_split(cfg: SymConfig, split: int) -> SymConfig:
-    return replace(cfg, split=split)
+def tuned_configs() -> dict[tuple, object]:
+    """The autotuner's choices so far, keyed by (kind, shape key...)."""
+    return dict(_CACHE)
+
+
+def clear_tuned() -> None:
+    _CACHE.clear()
