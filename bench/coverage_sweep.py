@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -120,6 +121,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, torchvision {torchvision.__version__}"
 
 
+def commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "kfc_compile"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" (kfc_compile/ modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def render(records: list[dict], command: str, header: dict) -> str:
     ok = [r for r in records if r.get("status") == "ok"]
     covs = [r["coverage"] for r in records if "coverage" in r]
@@ -131,6 +144,7 @@ def render(records: list[dict], command: str, header: dict) -> str:
         f"* command: `{command}`",
         f"* date: {header['date']}",
         f"* machine: {header['machine']}",
+        f"* code: commit {header.get('commit', 'unknown')}",
         f"* models: every name in `torchvision.models.list_models(module=torchvision.models)` "
         f"({header['n_models']}), `weights=None`, eval mode, float32, batch {BATCH}, under `torch.no_grad()`",
         "* equal outputs: `max |transformed - original| <= 1e-5 * max(1, max |original|)`; "
@@ -178,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     command = "python " + " ".join(sys.argv) if argv is None else "coverage_sweep " + " ".join(argv)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
-    header = {"date": datetime.date.today().isoformat(), "machine": machine(), "n_models": len(names)}
+    header = {"date": datetime.date.today().isoformat(), "machine": machine(), "n_models": len(names),
+              "commit": commit()}
     os.makedirs(os.path.dirname(args.jsonl) or ".", exist_ok=True)
     if args.render_only:
         with open(args.jsonl) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        header.update(rows[0]) if rows and "date" in rows[0] else None
+        if rows and "date" in rows[0]:
+            header.update(rows[0])
         records = [r for r in rows if "model" in r]
         command = rows[0].get("command", command) if rows else command
     else:

@@ -123,10 +123,12 @@ def machine(device: torch.device) -> str:
 
 
 def table(run: dict) -> list[str]:
-    lines = [f"**{run['device']}** ({run['machine']}; {run['date']}; `{run['command']}`)", "",
-             "| model | batch | KFC layers | original ms | capture off ms | capture on ms | "
-             "capture off / original | capture on / original |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"**{run['device']}** ({run['machine']}; {run['date']}; `{run['command']}`)", ""]
+    if run.get("note"):
+        lines += [f"Note: {run['note']}.", ""]
+    lines += ["| model | batch | KFC layers | original ms | capture off ms | capture on ms | "
+              "capture off / original | capture on / original |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in run["results"]:
         ms = r["median_ms"]
         lines.append(f"| {r['model']} | {r['batch']} | {r['layers']} | {ms['original']:.1f} | "
@@ -177,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     run = {"device": device.type, "machine": machine(device), "date": datetime.date.today().isoformat(),
            "command": "python bench/transform_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "results": []}
+    load_start = os.getloadavg()
     for name in args.models:
         res = bench_case(name, args.reps, args.warmup, device)
         run["results"].append(res)
         print(f"{name}: {res['median_ms']} ratios {res['ratio']}", file=sys.stderr)
+    if device.type == "cpu":  # a busy machine inflates absolute times; the interleaved ratios hold up better
+        run["note"] = (f"load average (1 min) {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, "
+                       f"on {os.cpu_count()} cores")
     print("\n".join(table(run)))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
