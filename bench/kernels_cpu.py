@@ -57,7 +57,7 @@ def _ptxas_info(ptx: str, arch: int) -> tuple[int, int]:
 def variants(quick: bool) -> list[tuple[str, str, object, dict, dict, int, int]]:
     """(kernel, variant label, fn, pointer types, constexprs, num_warps, num_stages)."""
     out = []
-    sym_tiles = [(64, 32, 4), (128, 32, 8)] if quick else [(32, 64, 4), (32, 128, 4), (64, 32, 4), (64, 64, 4),
+    sym_tiles = [(64, 32, 4), (128, 32, 8)] if quick else [(32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 4),
                                                             (128, 32, 8), (128, 64, 8)]
     dtypes = [("fp32", "fp32", False, "tf32x3"), ("bf16", "fp32", False, "ieee"), ("fp32", "fp32", False, "ieee"),
               ("fp16", "fp32", False, "ieee"), ("fp32", "fp64", True, "ieee")]
@@ -71,13 +71,13 @@ def variants(quick: bool) -> list[tuple[str, str, object, dict, dict, int, int]]
                 ce = dict(ce, K0=1, K1=3, K2=3, ST0=1, ST1=1, ST2=1, DL0=1, DL1=1, DL2=1, NDIM=2)
                 out.append(("patch_cov", lab + " k3x3", patch_cov._patch_cov_kernel,
                             {"x_ptr": "*" + xdt, "f_ptr": "*" + fdt, "ws_ptr": "*" + fdt}, ce, w, 3))
-    for bd, w in ((32, 4), (64, 4), (128, 8)):
+    for bd, w in ((32, 4), (64, 4)):
         for fdt in ("fp32", "fp64"):
             out.append(("finalize", f"F={fdt} BLOCK={bd}", symstore.split_finalize_kernel,
                         {"ws_ptr": "*" + fdt, "f_ptr": "*" + fdt}, dict(BETA_ZERO=False, BLOCK=bd), w, 1))
     for xdt, odt in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
         ce = dict(K0=2, K1=3, K2=3, ST0=1, ST1=2, ST2=1, DL0=1, DL1=1, DL2=2, NDIM=3, ONES=True, BLOCK_D=64,
-                  BLOCK_T=64)
+                  BLOCK_T=32)
         out.append(("patch_sum", f"x={xdt} out={odt}", patch_cov._patch_sum_kernel,
                     {"x_ptr": "*" + xdt, "out_ptr": "*" + odt}, ce, 4, 1))
     gemms = [tuning.GemmConfig(64, 64, 32, 8, 4, 3), tuning.GemmConfig(128, 128, 32, 8, 8, 3)] if quick else \

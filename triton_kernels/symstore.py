@@ -69,13 +69,22 @@ def split_finalize_kernel(ws_ptr, f_ptr, Dp, SPLIT, s_split, s_b, s_fb, s_fr, s_
     sym_store(f_ptr + b.to(tl.int64) * s_fb, s_fr, s_fc, acc, offs_i, offs_j, Dp, alpha, beta, BETA_ZERO)
 
 
+FINALIZE_MAX_BLOCK = 64
+
+
 def n_upper_tiles(Dp: int, block: int) -> int:
     n = triton.cdiv(Dp, block)
     return n * (n + 1) // 2
 
 
 def finalize(ws, F3, split: int, alpha: float, beta: float, block: int, num_warps: int = 4) -> None:
-    """Launch the finaliser on workspace ``ws`` (SPLIT, B, Dp, Dp) into the batched factor ``F3`` (B, Dp, Dp)."""
+    """Launch the finaliser on workspace ``ws`` (SPLIT, B, Dp, Dp) into the batched factor ``F3`` (B, Dp, Dp).
+
+    ``block`` is the main kernel's tile. The finaliser may use any divisor of it: each of its upper sub-tiles lies
+    inside one upper tile of the main kernel, which wrote it completely. 64 keeps it free of register spills.
+    """
+    if block > FINALIZE_MAX_BLOCK:
+        block, num_warps = FINALIZE_MAX_BLOCK, 4
     B, Dp = F3.shape[0], F3.shape[-1]
     grid = (n_upper_tiles(Dp, block), B)
     split_finalize_kernel[grid](ws, F3, Dp, split, ws.stride(0), ws.stride(1), F3.stride(0), F3.stride(1),
