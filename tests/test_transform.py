@@ -205,10 +205,14 @@ def test_data_dependent_if_becomes_black_box():
         f = kc.curvature(tm, nn.MSELoss(reduction="sum"), x, y, fisher="empirical")
         # the inner conv's factors, from its input and per-example output gradients in the original model
         seen = {}
-        hooks = [model.gate.conv.register_forward_hook(lambda m, i, o: (seen.update(x=i[0].detach()), o.retain_grad(),
-                                                                        seen.update(out=o)) and None)]
+
+        def hook(mod, inputs, out):
+            out.retain_grad()
+            seen.update(x=inputs[0].detach(), out=out)
+
+        handle = model.gate.conv.register_forward_hook(hook)
         nn.MSELoss(reduction="sum")(model(x), y).backward()
-        hooks[0].remove()
+        handle.remove()
         model.zero_grad()
         xi = seen["x"].permute(0, 2, 3, 1).reshape(-1, 3)
         xi = torch.cat([xi, torch.ones(len(xi), 1, dtype=xi.dtype)], 1)
