@@ -193,9 +193,10 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
 
 
 def _innermost_backend(model):
-    from torch._dynamo.eval_frame import innermost_backend
-
-    fn = innermost_backend(model.dynamo_ctx.callback)
+    """The backend a compiled module was built with (unwrapping dynamo's and torch.compile's wrappers)."""
+    fn = model.dynamo_ctx.callback
+    while hasattr(fn, "_torchdynamo_orig_backend"):
+        fn = fn._torchdynamo_orig_backend
     return getattr(fn, "compiler_fn", fn)
 
 
