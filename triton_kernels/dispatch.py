@@ -9,7 +9,10 @@
 * ``torch``: always the reference.
 
 The Triton modules are imported lazily, on the first call that needs them, so importing ``triton_kernels`` (or
-``kfc_compile``) never decorates kernels and never fixes the interpreter choice early.
+``kfc_compile``) never decorates kernels and never fixes the interpreter choice early. The kernels call only
+``triton.language`` builtins, never its own ``@jit`` helpers (``tl.zeros``, ``tl.cdiv``, ``tl.sum``, ...), which are
+built when ``triton`` itself is imported: so it does not matter whether something imported triton before the
+variable was set (a test checks this).
 """
 from __future__ import annotations
 

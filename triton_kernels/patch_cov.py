@@ -101,7 +101,7 @@ def _patch_cov_kernel(x_ptr, f_ptr, ws_ptr, M, T, O1, O2, S0, S1, S2, sxn, sxc, 
                                                NDIM)
     m_lo = s * m_per_split
     m_hi = tl.minimum(m_lo + m_per_split, M)
-    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=acc_dt)
+    acc = tl.full((BLOCK_D, BLOCK_D), 0, acc_dt)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         roff, r0, r1, r2, m_ok = _patch_rows(offs_m, m_hi, T, O1, O2, sxn, sx0, sx1, sx2, P0, P1, P2, ST0, ST1, ST2,
@@ -122,6 +122,11 @@ def _patch_cov_kernel(x_ptr, f_ptr, ws_ptr, M, T, O1, O2, S0, S1, S2, sxn, sxc, 
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
 def _patch_sum_kernel(x_ptr, out_ptr, T, O1, O2, S0, S1, S2, sxn, sxc, sx0, sx1, sx2, P0, P1, P2, Cg, Dg, Dp,
                       G, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ST0: tl.constexpr,
                       ST1: tl.constexpr, ST2: tl.constexpr, DL0: tl.constexpr, DL1: tl.constexpr, DL2: tl.constexpr,
@@ -134,20 +139,20 @@ def _patch_sum_kernel(x_ptr, out_ptr, T, O1, O2, S0, S1, S2, sxn, sxc, sx0, sx1,
     coff, c0, c1, c2, d_ok = _patch_cols(offs_d, g * Cg, Dg, sxc, sx0, sx1, sx2, K0, K1, K2, DL0, DL1, DL2, NDIM)
     m_lo = n * T
     m_hi = m_lo + T
-    acc = tl.zeros((BLOCK_D,), dtype=out_dt)
+    acc = tl.full((BLOCK_D,), 0, out_dt)
     for m0 in range(m_lo, m_hi, BLOCK_T):
         offs_m = m0 + tl.arange(0, BLOCK_T)
         roff, r0, r1, r2, m_ok = _patch_rows(offs_m, m_hi, T, O1, O2, sxn, sx0, sx1, sx2, P0, P1, P2, ST0, ST1, ST2,
                                              NDIM)
         a = _patch_load(x_ptr, roff, r0, r1, r2, m_ok, coff, c0, c1, c2, d_ok, S0, S1, S2, NDIM)
-        acc += tl.sum(a.to(out_dt), axis=0)
+        acc += tl.reduce(a.to(out_dt), 0, _add)
     if ONES:
         acc += (offs_d == Dg).to(out_dt) * T
     base = out_ptr + (n.to(tl.int64) * G + g) * Dp
     tl.store(base + offs_d, acc, mask=offs_d < Dp)
 
 
-KERNELS = (_patch_cov_kernel, _patch_sum_kernel, _patch_cols, _patch_rows, _patch_load, split_finalize_kernel,
+KERNELS = (_patch_cov_kernel, _patch_sum_kernel, _add, _patch_cols, _patch_rows, _patch_load, split_finalize_kernel,
            upper_tile, sym_store, store_partial)
 
 

@@ -31,8 +31,8 @@ def _bmm_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
     # grouped ordering: GROUP_M row blocks share column blocks while they are hot in L2
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
+    n_m = (M + BLOCK_M - 1) // BLOCK_M
+    n_n = (N + BLOCK_N - 1) // BLOCK_N
     width = GROUP_M * n_n
     first_m = (pid // width) * GROUP_M
     gsize = tl.minimum(n_m - first_m, GROUP_M)
@@ -49,7 +49,7 @@ def _bmm_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
     b_cols = b_ptr + bid * s_bb + offs_n.to(tl.int64)[None, :] * s_bn
     m_ok = offs_m < M
     n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dt)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, acc_dt)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K

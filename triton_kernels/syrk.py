@@ -38,7 +38,7 @@ def _syrk_kernel(x_ptr, f_ptr, ws_ptr, M, D, Dp, s_xb, s_xm, s_xd, s_fb, s_fr, s
     xb = x_ptr + b.to(tl.int64) * s_xb
     m_lo = s * m_per_split
     m_hi = tl.minimum(m_lo + m_per_split, M)
-    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=acc_dt)
+    acc = tl.full((BLOCK_D, BLOCK_D), 0, acc_dt)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_hi

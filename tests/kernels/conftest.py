@@ -1,9 +1,16 @@
-"""Kernel tests run the Triton kernels on CPU through the Triton interpreter.
+"""Kernel tests run the Triton kernels on CPU through the Triton interpreter (``TRITON_INTERPRET=1``).
 
-triton decides between interpreter and compiler when ``@triton.jit`` decorates a kernel, reading
-``TRITON_INTERPRET`` at that moment (triton 3.x reads it through ``triton.knobs`` lazily). ``triton_kernels``
-imports its kernel modules lazily, so setting the variable here is enough as long as no kernel module was built
-before. The guard below turns the ways this can go wrong into one clear error instead of confusing failures.
+When triton decides interpreter vs GPU compiler: at ``@triton.jit`` decoration time, reading ``TRITON_INTERPRET``
+through ``triton.knobs`` (triton 3.x), not at ``import triton``. ``triton_kernels`` imports its kernel modules
+lazily, on the first Triton call. So:
+
+* the variable is set here, at conftest import, before any test in this directory imports a kernel module;
+* the variable is scoped: a module-scoped fixture sets it for each test module here and restores the previous
+  value afterwards, and drops the kernel modules from ``sys.modules`` on both sides. Other test directories (which
+  may run inductor's own Triton kernels on a GPU machine) never see it, and kernels built earlier in the session
+  for the GPU compiler are rebuilt for the interpreter instead of failing;
+* a guard turns the one unrecoverable case (triton's interpret knob pinned so the variable is ignored) into a clear
+  error.
 """
 from __future__ import annotations
 
@@ -12,32 +19,52 @@ import sys
 
 import pytest
 
-_PRESET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+_PREVIOUS = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"          # before anything in this directory imports a kernel module
 
-_KERNEL_MODULES = ("triton_kernels.syrk", "triton_kernels.patch_cov", "triton_kernels.precondition")
+_KERNEL_MODULES = ("syrk", "patch_cov", "precondition", "symstore")
+
+
+def _purge_kernel_modules() -> None:
+    """Forget built kernels so the next Triton call re-imports (re-decorates) them under the current variable."""
+    pkg = sys.modules.get("triton_kernels")
+    for name in _KERNEL_MODULES:
+        sys.modules.pop(f"triton_kernels.{name}", None)
+        if pkg is not None and name in vars(pkg):
+            delattr(pkg, name)
 
 
 def _guard() -> None:
-    if "triton" in sys.modules and _PRESET != "1":
-        import triton
-        if not triton.knobs.runtime.interpret:
-            raise pytest.UsageError(
-                "triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1, and it does not "
-                "see the variable now (triton.knobs.runtime.interpret was pinned). Run with TRITON_INTERPRET=1 in "
-                "the environment.")
-    for name in _KERNEL_MODULES:
-        mod = sys.modules.get(name)
-        if mod is None:
-            continue
-        from triton.runtime.interpreter import InterpretedFunction
-        if not all(isinstance(k, InterpretedFunction) for k in mod.KERNELS):
-            raise pytest.UsageError(
-                f"{name} was imported (its Triton kernels built for the GPU compiler) before "
-                "tests/kernels/conftest.py set TRITON_INTERPRET=1. Run with TRITON_INTERPRET=1 in the environment.")
+    if "triton" not in sys.modules:
+        return
+    import triton
+    if not triton.knobs.runtime.interpret:
+        raise pytest.UsageError(
+            "tests/kernels: TRITON_INTERPRET=1 is set but triton ignores it (triton.knobs.runtime.interpret was "
+            "pinned by code imported earlier in this session); the Triton kernels cannot run on CPU. Run the kernel "
+            "tests on their own, e.g. `TRITON_INTERPRET=1 python -m pytest tests/kernels`.")
 
 
-_guard()
+def _restore() -> None:
+    if _PREVIOUS is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _triton_interpreter():
+    os.environ["TRITON_INTERPRET"] = "1"
+    _guard()
+    _purge_kernel_modules()
+    yield
+    _purge_kernel_modules()
+    _restore()
+
+
+def pytest_collection_finish(session) -> None:
+    """Collection is over: stop exporting the variable to tests outside this directory (the fixture re-sets it)."""
+    _restore()
 
 
 @pytest.fixture(params=["torch", "triton"])

@@ -165,3 +165,23 @@ def test_statistics_ignore_autocast(backend):
     assert F.dtype == torch.float32 and U.dtype == torch.float32
     assert R.rel_err(F, R.syrk(X, True)) < 1e-5
     assert R.rel_err(U, R.kron(X[:5], torch.eye(5), R.syrk(X, True)[:12, :12])) < 1e-5
+
+
+def test_kernels_use_only_triton_builtins():
+    """Kernels must not call triton.language helpers that are themselves @jit functions (tl.zeros, tl.cdiv, tl.sum,
+    ...): those are built when triton is imported, so if anything imported triton before TRITON_INTERPRET=1 was set
+    they are compiler-only and the interpreter cannot call them from our kernels."""
+    import inspect
+    import re
+
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    stdlib_jit = {n for n in dir(tl) if isinstance(getattr(tl, n), (JITFunction, InterpretedFunction))}
+    assert {"zeros", "cdiv", "sum"} <= stdlib_jit        # the check itself sees them
+    for name in ("syrk", "patch_cov", "precondition", "symstore"):
+        src = inspect.getsource(dispatch.kernel_module(name) if name != "symstore"
+                                else __import__("triton_kernels.symstore", fromlist=["x"]))
+        used = set(re.findall(r"\btl\.(\w+)\(", src))
+        assert not used & stdlib_jit, f"{name} uses jit-defined tl helpers {sorted(used & stdlib_jit)}"
