@@ -22,7 +22,8 @@ damped inverses / eigendecompositions (steps 1–3 and every ``inverse_every`` s
 * ``mode="adaptive"`` (full K-FAC rescaling; kfc_spec.md §5.4–6.1): Δ = −F̂⁻¹∇h, δ = lr·(αΔ + μδ₀) with (α, μ)
   minimising the quadratic model M built from the exact mini-batch Fisher (2 JVPs) plus (damping + wd)·I;
   ``lr = 1`` is K-FAC proper, ``momentum = 0`` drops μ. Every ``lm_interval`` steps the damping λ follows the
-  Levenberg–Marquardt rule with ρ = (h(θ) − h(θ+δ)) / (M(0) − M(δ)), which needs ``step(closure)``.
+  Levenberg–Marquardt rule with ρ = (h(θ) − h(θ+δ)) / (M(0) − M(δ)) (ρ = −∞ when the model predicts no decrease,
+  e.g. lr > 2 overshooting its minimiser), which needs ``step(closure)``: λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4.
 
 ∇h is the gradient of the regularised objective: ``.grad + weight_decay·θ``. Parameters outside KFC
 (norm layers, embeddings, anything ``kc.report`` lists as uncovered) are updated in the same ``step()`` by the
@@ -594,7 +595,8 @@ class KFC(torch.optim.Optimizer):
             wd = kg["weight_decay"]
             for p, u in nat.items():
                 delta[p] = -u
-                grad_h[p] = p.grad + wd * p.detach() if wd else p.grad
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                grad_h[p] = g + wd * p.detach() if wd else g
             groups.append(kg)
         if fg is not None:
             for p, g in self._sgd_direction(fg).items():
