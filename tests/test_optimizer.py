@@ -279,6 +279,25 @@ def test_plain_module_is_routed_in_place():
         kc.transform(model)
 
 
+def test_deepcopy_of_a_routed_model_is_independent():
+    torch.manual_seed(12)
+    model = small_net(bn=True)
+    opt = kc.KFC(model, lr=0.1)
+    twin = copy.deepcopy(model)
+    x, y = batch(0, dtype=torch.float32)
+    with torch.no_grad():
+        twin[0].weight.mul_(2.0)
+        assert not torch.allclose(twin(x), model(x))  # the copy's forward uses the copy's parameters
+    twin.eval()
+    assert model.training and model[3].training and not twin[3].training
+    opt2 = kc.KFC(twin, lr=0.1)
+    assert opt2.layers[0].weight is twin[0].weight
+    twin.train()
+    F.cross_entropy(twin(x), y).backward()
+    opt2.step()
+    assert opt2.factors("0") is not None and opt.factors("0") is None
+
+
 def test_transformed_model_and_adaptive_without_closure_warns():
     torch.manual_seed(9)
     tm = kc.transform(small_net(bn=False).double())

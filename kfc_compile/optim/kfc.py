@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 import warnings
 from collections.abc import Iterator
 from numbers import Real
@@ -105,14 +106,13 @@ def _route(model: nn.Module, tm: nn.Module) -> None:
     model.__dict__["_kfc_transformed"] = tm  # not a registered submodule: model.state_dict() is unchanged
     model.forward = tm.forward
     model.kfc = tm.kfc
-    own_train = type(model).train
+    model.train = types.MethodType(_routed_train, model)  # a bound method: copy.deepcopy(model) stays consistent
 
-    def train(mode: bool = True):
-        own_train(model, mode)
-        tm.train(mode)
-        return model
 
-    model.train = train
+def _routed_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    type(self).train(self, mode)
+    self.__dict__["_kfc_transformed"].train(mode)
+    return self
 
 
 def resolve_model(model, approx: str) -> tuple[nn.Module, nn.Module, bool]:
@@ -131,6 +131,8 @@ def resolve_model(model, approx: str) -> tuple[nn.Module, nn.Module, bool]:
         if info.approx != approx:
             raise ValueError(f"approx={approx!r} but the model was transformed with approx={info.approx!r}")
         tm = model.__dict__.get("_kfc_transformed", model)
+        if tm is not model and getattr(tm, "kfc", None) is not info:  # a deepcopy: GraphModule drops .kfc
+            tm.kfc = info
         return tm, model, False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
