@@ -59,7 +59,7 @@ def _optimizer_list(s: str) -> tuple[str, ...]:
 def _add_demo(sub) -> None:
     from kfc_compile.demo.data import TASKS
     from kfc_compile.demo.models import MODELS
-    from kfc_compile.demo.train import GRIDS, TASK_SETTINGS
+    from kfc_compile.demo.train import GRIDS, KFC_OPTIONS, TASK_SETTINGS
 
     defaults = ", ".join(f"{t}: {s.steps} steps, target {s.target:g}" for t, s in TASK_SETTINGS.items())
     p = sub.add_parser(
@@ -76,8 +76,8 @@ def _add_demo(sub) -> None:
                    help="auto: convnet for digits/mnist1d, paper for cifar10; convnet: small 2-D/1-D conv net; "
                         "mlp; paper: the KFC paper's CIFAR-10 net; resnet18: torchvision's (3x32x32 only)")
     p.add_argument("--steps", type=_positive_int, help="training steps of each final run (task default)")
-    p.add_argument("--tune-steps", type=_positive_int, help="steps of each tuning run (default: steps/2; a tuning "
-                                                              "run stops early at the target)")
+    p.add_argument("--tune-steps", type=_positive_int, help="step budget of each tuning run (default: --steps; "
+                                                              "a tuning run stops at the target)")
     p.add_argument("--batch-size", type=_positive_int, help="mini-batch size for every optimizer (default 128)")
     p.add_argument("--target", type=_positive_float, help="target training loss (task default)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="initialisation and batch-order seed (default 0)")
@@ -88,8 +88,11 @@ def _add_demo(sub) -> None:
         p.add_argument(f"--lr-{o}", type=_lr_list, metavar="LRS",
                        help=f"{name} learning-rate grid, comma-separated (default: {','.join(map(str, GRIDS[o]))});"
                             " one value skips tuning")
-    p.add_argument("--stats-every", type=_positive_int, help="KFC statistics period (default: the optimizer's)")
-    p.add_argument("--inverse-every", type=_positive_int, help="KFC inverse period (default: the optimizer's)")
+    p.add_argument("--stats-every", type=_positive_int,
+                   help=f"KFC statistics period (default {KFC_OPTIONS['stats_every']}; the paper set the periods "
+                        "for runtime only)")
+    p.add_argument("--inverse-every", type=_positive_int,
+                   help=f"KFC inverse period (default {KFC_OPTIONS['inverse_every']})")
     p.add_argument("--threads", type=_nonneg_int, default=None,
                    help="torch intra-op threads (default: 1 for digits/mnist1d, whose tiny layers lose time to "
                         "threading; torch's default otherwise; 0 = torch's default)")
@@ -119,11 +122,75 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _name_list(s: str) -> tuple[str, ...]:
+    names = tuple(p for p in s.replace(" ", "").split(",") if p)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated model names, got {s!r}")
+    return names
+
+
+def _family_list(s: str) -> tuple[str, ...]:
+    from kfc_compile.zoo import FAMILIES
+
+    names = tuple(p for p in s.replace(" ", "").split(",") if p)
+    bad = [n for n in names if n not in FAMILIES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(FAMILIES)}, got {s!r}")
+    return names
+
+
+def _add_zoo(sub) -> None:
+    p = sub.add_parser(
+        "zoo", help="transform + a few KFC steps on every torchvision model (or a list); zoo.md + zoo.json",
+        description="For each model (random init, weights=None, nothing downloaded): find an input size it "
+                    "accepts, transform it, run --steps KFC steps and as many SGD steps on a copy on one synthetic "
+                    "batch, and record tracing (ok / partial with black boxes / failed), layers by kind, "
+                    "coverage, uncovered parameters by reason, loss before/after, step-time ratio and factor "
+                    "memory. Detection models are transformed and reported only. A failing model never stops "
+                    "the sweep. Writes zoo.md and zoo.json to --out after every model.")
+    p.add_argument("--models", type=_name_list, metavar="all|NAME,...",
+                   help="torchvision model names (default: every model of --family)")
+    p.add_argument("--family", type=_family_list, default=("classification",), metavar="LIST",
+                   help="comma-separated subset of classification,video,segmentation,detection (default: "
+                        "classification); used when --models is not given or is 'all'")
+    p.add_argument("--steps", type=_positive_int, default=2, help="KFC steps per model (default: %(default)s)")
+    p.add_argument("--resolution", type=_positive_int, default=32,
+                   help="smallest input size to try; models with a larger minimum use theirs (default: %(default)s)")
+    p.add_argument("--batch", type=_positive_int, default=2, help="synthetic batch size (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=0.01, help="KFC and SGD learning rate (default: %(default)s)")
+    p.add_argument("--damping", type=_positive_float, default=0.1, help="KFC damping (default: %(default)s)")
+    p.add_argument("--out", default="zoo-out", metavar="DIR", help="output directory (default: %(default)s)")
+    p.add_argument("--threads", type=_nonneg_int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_zoo)
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    import torch
+
+    from kfc_compile import zoo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.models and args.models != ("all",):
+        names = list(args.models)
+    else:
+        names = zoo.model_names(args.family)
+    command = "kfc-compile " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["zoo"] else None
+    rows = zoo.run(names, steps=args.steps, resolution=args.resolution, batch=args.batch, out=args.out,
+                   lr=args.lr, damping=args.damping, progress=not args.no_progress, command=command)
+    t = zoo.totals(rows)
+    print(f"{t['models']} models: ok {t['ok']}, partial {t['partial']}, failed {t['failed']}; "
+          f"wrote {args.out}/zoo.md and {args.out}/zoo.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="KFC / K-FAC natural-gradient training for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_demo(sub)
+    _add_zoo(sub)
     return parser
 
 
