@@ -35,34 +35,11 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import kfc_compile as kc  # noqa: E402
 
-# Resolutions to try, smallest first; the first one the *original* model accepts is used.
-DEFAULT_RES = (32, 64, 128, 224)
-RES = {
-    "inception_v3": (75, 128, 299),  # needs >= 75
-    "maxvit_t": (224,),  # window partitioning needs multiples of 7 * 32
-}
+# Model construction, input sizes and the main output are shared with ``kfc-compile zoo`` (kfc_compile/zoo.py).
+from kfc_compile.zoo import build, first_output, resolutions  # noqa: E402
+
 BATCH = 2
 RTOL = 1e-5
-
-
-def resolutions(name: str) -> tuple[int, ...]:
-    if name.startswith("vit_"):
-        return (224,)  # ViT checks the image size it was built for
-    return RES.get(name, DEFAULT_RES)
-
-
-def build(name: str) -> torch.nn.Module:
-    kwargs = {"weights": None}
-    if name in ("inception_v3", "googlenet"):
-        kwargs["aux_logits"] = False  # eval mode ignores aux heads anyway; keeps the output a plain tensor
-        kwargs["init_weights"] = True
-    return torchvision.models.get_model(name, **kwargs)
-
-
-def first_output(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    return out[0] if isinstance(out, (tuple, list)) else out["out"]
 
 
 def sweep_one(name: str) -> dict:
