@@ -299,3 +299,20 @@ def test_inference_and_no_grad_calls():
         torch.testing.assert_close(cm(x), model(x))
     torch.testing.assert_close(cm(x), model(x))
     assert [layer.name for layer in kb.registry_for(cm).layers] == ["0", "3"]
+
+
+def test_registries_do_not_keep_models_alive():
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    alive = weakref.ref(model[0].weight)
+    cm = torch.compile(model, backend="kfc", options=AOT_EAGER)
+    opt = kc.KFC(cm, lr=0.1, fisher="empirical", clip=None)
+    F.cross_entropy(cm(torch.randn(4, 3)), torch.randint(0, 2, (4,))).backward()
+    opt.step()
+    assert len(opt.layers) == 2
+    del model, cm, opt
+    torch._dynamo.reset()
+    gc.collect()
+    assert alive() is None

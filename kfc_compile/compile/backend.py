@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +48,22 @@ _LINEAR_TARGETS = {torch._C._nn.linear, F.linear}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
-_OWNER: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> CompiledKFCInfo
+# parameter -> weakref to its CompiledKFCInfo. The registry itself holds its parameters, so a strong value would
+# keep the key alive forever; registries live on the compiled module (``model.kfc``) or, for graphs compiled before
+# one exists, on the compiled graph (``kfc_backend``).
+_OWNER: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _owner(p: torch.Tensor) -> "CompiledKFCInfo | None":
+    ref = _OWNER.get(p)
+    return ref() if ref is not None else None
+
+
+def _own(p: torch.Tensor, info: "CompiledKFCInfo") -> None:
+    _OWNER[p] = weakref.ref(info)
+
+
+_MODELS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # original module -> its registry (lives as long as it)
 _SLOTS: dict[torch.device, nn.Parameter] = {}
 STATS = {"graphs": 0, "sites": 0}  # graphs instrumented and taps inserted by this process (tests, benchmarks)
 
@@ -124,7 +140,7 @@ def _merge(dst: CompiledKFCInfo, src: CompiledKFCInfo) -> None:
     dst.rejected.update(src.rejected)
     dst.graphs += src.graphs
     for p in src.params:
-        _OWNER[p] = dst
+        _own(p, dst)
         if not any(p is q for q in dst.params):
             dst.params.append(p)
     for pid, name in src.names.items():
@@ -163,11 +179,16 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
                                   "(no capture taps) is not supported: use torch.compile(model, backend='kfc'), or "
                                   "torch.compile(kc.transform(model))")
     orig = model._orig_mod
+    info = _MODELS.get(orig)
+    if info is not None:  # the same module compiled again
+        model.__dict__["kfc"] = info
+        _install_output_tap(model, info.state)
+        return registry_for(model, approx)
     params = list(orig.parameters())
     device = params[0].device if params else torch.device("cpu")
     found = []
     for p in params:
-        owner = _OWNER.get(p)
+        owner = _owner(p)
         if owner is not None and owner not in found:
             found.append(owner)
     named = [o for o in found if not o.orphan]
@@ -179,7 +200,7 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
     for name, p in orig.named_parameters(remove_duplicate=False):
         info.names.setdefault(id(p), name)
     for p in params:
-        _OWNER[p] = info
+        _own(p, info)
         if not any(p is q for q in info.params):
             info.params.append(p)
     if info.approx != approx:
@@ -187,6 +208,7 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
     for layer in info.layers:  # names seen by an orphan registry were guessed from dynamo sources
         layer.name = _layer_name(info, layer.weight, layer.name)
     info.refresh()
+    _MODELS[orig] = info
     model.__dict__["kfc"] = info
     _install_output_tap(model, info.state)
     return info
@@ -361,7 +383,7 @@ class _Scan:
 def _registry_for_graph(params: list[nn.Parameter], device) -> CompiledKFCInfo:
     owners = []
     for p in params:
-        owner = _OWNER.get(p)
+        owner = _owner(p)
         if owner is not None and owner not in owners:
             owners.append(owner)
     if not owners:
@@ -372,8 +394,8 @@ def _registry_for_graph(params: list[nn.Parameter], device) -> CompiledKFCInfo:
         if other is not info:
             _merge(info, other)
     for p in params:
-        if _OWNER.get(p) is not info:
-            _OWNER[p] = info
+        if _owner(p) is not info:
+            _own(p, info)
             if info.orphan:
                 info.params.append(p)
     return info
@@ -508,7 +530,7 @@ def instrument(gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, Comp
     scan = _Scan(gm, example_inputs)
     scan.scan()
     params = list({id(p): p for p in scan.param_of.values()}.values())
-    if not scan.candidates and not any(_OWNER.get(p) is not None for p in params):
+    if not scan.candidates and not any(_owner(p) is not None for p in params):
         return gm, None, 0
     device = next((c.weight.device for c in scan.candidates), params[0].device if params else torch.device("cpu"))
     info = _registry_for_graph(params, device)
@@ -538,7 +560,13 @@ def kfc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
             from torch._inductor.compile_fx import compile_fx
 
             patches = {**(list_mode_options(mode) if mode else {}), **options}
-            return compile_fx(new_gm, example_inputs, config_patches=patches or None)
-        from torch._dynamo.backends.registry import lookup_backend
+            compiled = compile_fx(new_gm, example_inputs, config_patches=patches or None)
+        else:
+            from torch._dynamo.backends.registry import lookup_backend
 
-        return lookup_backend(inner)(new_gm, example_inputs)
+            compiled = lookup_backend(inner)(new_gm, example_inputs)
+    if info is not None and info.orphan and new_gm is not gm:
+        # No module holds this registry yet: the instrumented graph module does (AOT keeps it, with the slot
+        # parameter it lifted, for as long as the compiled graph lives; the callable returned here is not kept).
+        new_gm._kfc_registry = info
+    return compiled

@@ -9,11 +9,13 @@ flags at runtime and returns at once when no statistics are due, so the compiled
 statistics steps and plain steps run the same compiled graph.
 
 Graph nodes may only hold importable module-level functions and ints, hence the table: ``key`` → (state, site
-index in that state). A key can be re-pointed (``retarget``) when a registry is merged into another one.
+index in that state). A key can be re-pointed (``retarget``) when a registry is merged into another one. The table
+holds states weakly (a dead model's statistics are simply not recorded), so it never keeps a model alive.
 """
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -21,11 +23,15 @@ __all__ = ["new_site", "retarget", "site_ref", "tap"]
 
 
 class _SiteRef:
-    __slots__ = ("state", "index")
+    __slots__ = ("_state", "index")
 
     def __init__(self, state, index: int):
-        self.state = state
+        self._state = weakref.ref(state)
         self.index = index
+
+    @property
+    def state(self):
+        return self._state()
 
 
 _SITES: list[_SiteRef] = []
@@ -45,14 +51,16 @@ def site_ref(key: int) -> _SiteRef:
 
 def retarget(key: int, state, index: int) -> None:
     ref = _SITES[key]
-    ref.state, ref.index = state, index
+    ref._state, ref.index = weakref.ref(state), index
 
 
 @torch.library.custom_op("kfc::record", mutates_args=())
 def record(x: torch.Tensor, gy: torch.Tensor, key: int) -> None:
     """Hand (layer input, output gradient) of one call site to its capture state (no-op unless capturing)."""
     ref = _SITES[key]
-    ref.state.record(ref.index, x, gy)
+    state = ref.state
+    if state is not None:
+        state.record(ref.index, x, gy)
 
 
 @record.register_fake
