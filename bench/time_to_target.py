@@ -31,7 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 from kfc_compile.demo import load_task, train_lockstep, train_run  # noqa: E402
 from kfc_compile.demo.plot import COLORS  # noqa: E402
-from kfc_compile.demo.train import LABELS, OPTIMIZERS  # noqa: E402
+from kfc_compile.demo.train import KFC_OPTIONS, LABELS, OPTIMIZERS  # noqa: E402
 
 # (budget in steps, batch size, target training loss, eval_every)
 SETTINGS = {"digits": (300, 128, 1e-3, 5), "mnist1d": (800, 128, 0.1, 10)}
@@ -108,8 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="override the step budget of every task")
     p.add_argument("--batch-size", type=int, help="override the batch size of every task")
     p.add_argument("--target", type=float, help="override the target of every task")
-    p.add_argument("--stats-every", type=int)
-    p.add_argument("--inverse-every", type=int)
+    p.add_argument("--stats-every", type=int, help=f"KFC (default {KFC_OPTIONS['stats_every']}, as the demo)")
+    p.add_argument("--inverse-every", type=int, help=f"KFC (default {KFC_OPTIONS['inverse_every']}, as the demo)")
     p.add_argument("--kfc-momentum", type=float)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: these nets are tiny)")
     p.add_argument("--out", default="out/time_to_target.png")
@@ -128,8 +128,9 @@ def main(argv=None) -> int:
     for o in opts:
         if o not in OPTIMIZERS:
             p.error(f"unknown optimizer {o!r}")
-    kfc_options = {k: v for k, v in (("stats_every", a.stats_every), ("inverse_every", a.inverse_every),
-                                     ("momentum", a.kfc_momentum)) if v is not None}
+    kfc_options = {**KFC_OPTIONS, **{k: v for k, v in (("stats_every", a.stats_every),
+                                                       ("inverse_every", a.inverse_every),
+                                                       ("momentum", a.kfc_momentum)) if v is not None}}
     grids = {o: getattr(a, f"lr_{o}") for o in opts}
 
     print(f"# time_to_target: {datetime.datetime.now():%Y-%m-%d %H:%M}, torch {torch.__version__}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 PROG = "kfc-compile"
@@ -104,11 +105,19 @@ def _add_demo(sub) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from kfc_compile.demo import run_demo
-
     threads = args.threads if args.threads is not None else (1 if args.task in ("digits", "mnist1d") else 0)
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _demo(args)
+    finally:
+        torch.set_num_threads(before)  # main() may be called from Python (tests, notebooks)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kfc_compile.demo import run_demo
+
     grids = {o: getattr(args, f"lr_{o}") for o in ("kfc", "sgd", "adam") if getattr(args, f"lr_{o}")}
     kfc_options = {k: v for k, v in (("stats_every", args.stats_every), ("inverse_every", args.inverse_every))
                    if v is not None}
@@ -200,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # torch's own forward-mode AD (KFC's clipping) scripts its decompositions on first use and warns about it
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     from kfc_compile.demo.data import DemoError
 
     try:

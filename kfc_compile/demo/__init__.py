@@ -1,8 +1,9 @@
 """The ``kfc-compile demo``: KFC-pre against tuned SGD with momentum and Adam on a small real task.
 
-``run_demo`` tunes each optimizer's learning rate on a small grid (short runs that stop at the target), trains
-each once more with its best rate, and returns a ``DemoResult`` (``.table()``, ``.runs``); ``out`` gets a PNG of
-the training loss against steps and against seconds.
+``run_demo`` tunes each optimizer's learning rate on a small grid (runs that stop at the target), trains each
+once more with its best rate (the final runs interleaved, so that they share the machine's load alike), and
+returns a ``DemoResult`` (``.table()``, ``.runs``); ``out`` gets a PNG of the training loss against steps and
+against seconds.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from dataclasses import dataclass, field
 from kfc_compile.demo.data import INPUT_SHAPES, TASKS, Dataset, DemoError, load_task
 from kfc_compile.demo.models import DEFAULT_MODEL, MODELS, build_model, check_forward, paper_cifar_net
 from kfc_compile.demo.plot import plot_curves
-from kfc_compile.demo.train import (GRIDS, LABELS, OPTIMIZERS, TASK_SETTINGS, RunResult, TaskSettings,
-                                    make_optimizer, train_run, tune_lr)
+from kfc_compile.demo.train import (GRIDS, KFC_OPTIONS, LABELS, OPTIMIZERS, TASK_SETTINGS, RunResult, TaskSettings,
+                                    make_optimizer, train_lockstep, train_run, tune_lr)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DemoError", "DemoResult", "GRIDS", "MODELS", "OPTIMIZERS", "RunResult", "TASKS", "TASK_SETTINGS",
-           "load_task", "build_model", "make_optimizer", "paper_cifar_net", "run_demo", "train_run", "tune_lr"]
+           "load_task", "build_model", "make_optimizer", "paper_cifar_net", "run_demo", "train_lockstep", "train_run",
+           "tune_lr"]
 
 
 def _fmt(v, spec: str) -> str:
@@ -88,8 +90,9 @@ def run_demo(task: str = "digits", model: str = "auto", *, steps: int | None = N
              ) -> DemoResult:
     """Tune, train and compare ``optimizers`` on ``task``; see the module docstring.
 
-    Defaults per task come from ``TASK_SETTINGS``; ``tune_steps`` defaults to half of ``steps``; ``grids`` maps
-    an optimizer to its learning rates (``GRIDS`` for those not given; a single rate skips tuning).
+    Defaults per task come from ``TASK_SETTINGS``; ``tune_steps`` defaults to ``steps`` (tuning runs stop at the
+    target); ``grids`` maps an optimizer to its learning rates (``GRIDS`` for those not given; a single rate skips
+    tuning); ``kfc_options`` go to ``kc.KFC`` on top of ``KFC_OPTIONS``.
     """
     if task not in TASKS:
         raise DemoError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
@@ -103,7 +106,7 @@ def run_demo(task: str = "digits", model: str = "auto", *, steps: int | None = N
     batch_size = s.batch_size if batch_size is None else batch_size
     target = s.target if target is None else target
     eval_every = max(1, min(s.eval_every, steps)) if eval_every is None else eval_every
-    tune_steps = max(1, steps // 2) if tune_steps is None else tune_steps
+    tune_steps = steps if tune_steps is None else tune_steps
     for name, v in (("steps", steps), ("batch size", batch_size), ("eval_every", eval_every),
                     ("tune steps", tune_steps)):
         if v < 1:
@@ -111,7 +114,7 @@ def run_demo(task: str = "digits", model: str = "auto", *, steps: int | None = N
     if not (target > 0 and math.isfinite(target)):
         raise DemoError(f"target training loss must be positive, got {target}")
     grids = {o: tuple((grids or {}).get(o, GRIDS[o])) for o in optimizers}
-    kfc_options = dict(kfc_options or {})
+    kfc_options = {**KFC_OPTIONS, **(kfc_options or {})}
 
     model_name = DEFAULT_MODEL[task] if model == "auto" else model
     build_model(model_name, task, INPUT_SHAPES[task], 10)  # bad model/task pairs fail before loading data
@@ -122,17 +125,19 @@ def run_demo(task: str = "digits", model: str = "auto", *, steps: int | None = N
 
     total = sum((len(g) * tune_steps if len(g) > 1 else 0) + steps for g in grids.values())
     common = dict(batch_size=batch_size, target=target, eval_every=eval_every, seed=seed, kfc_options=kfc_options)
-    runs: dict[str, RunResult] = {}
     tuning: dict[str, list[RunResult]] = {}
+    lrs: dict[str, float] = {}
     with tqdm(total=total, desc="demo", unit="step", disable=not progress, dynamic_ncols=True) as bar:
         for o in optimizers:
             if len(grids[o]) > 1:
-                bar.set_description(f"tuning {LABELS[o]}")
-                lr, tuning[o] = tune_lr(ds, model_name, o, grids[o], steps=tune_steps, bar=bar, **common)
+                bar.set_description(f"tuning {LABELS[o]} lr")
+                lrs[o], tuning[o] = tune_lr(ds, model_name, o, grids[o], steps=tune_steps, bar=bar, **common)
             else:
-                lr = grids[o][0]
-            bar.set_description(f"training {LABELS[o]} lr={lr:g}")
-            runs[o] = train_run(ds, model_name, o, lr, steps=steps, bar=bar, **common)
+                lrs[o] = grids[o][0]
+        # the final runs go in lockstep (eval_every steps of each in turn): the same machine load for all
+        bar.set_description("final runs " + ", ".join(f"{LABELS[o]} lr={lr:g}" for o, lr in lrs.items()))
+        finals = train_lockstep(ds, model_name, list(lrs.items()), steps=steps, bar=bar, **common)
+        runs = dict(zip(lrs, finals))
     res = DemoResult(task, model_name, steps, batch_size, target, seed, runs, tuning)
     if out:
         curves = [(o, f"{r.label} (lr {r.lr:g})", r.steps, r.seconds, r.train_loss) for o, r in runs.items()]
