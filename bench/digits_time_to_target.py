@@ -22,6 +22,7 @@ the same for every method). The target is the mean cross-entropy over all 1797 e
 
     .venv/bin/python bench/digits_time_to_target.py            # ~10 min on 2 loaded cores
     .venv/bin/python bench/digits_time_to_target.py --quick    # smaller grids
+    .venv/bin/python bench/digits_time_to_target.py --profile --threads 1   # CPU time of a KFC step by phase
 """
 from __future__ import annotations
 
@@ -126,6 +127,62 @@ def steps_to_target(name, lr, data, args) -> int | None:
     return None
 
 
+PHASES = (("_fisher_pass", "MC Fisher backward (Γ only)"), ("_collect_statistics", "moving averages"),
+          ("_refresh_inverses", "inverses (amortised)"), ("_natural", "preconditioning Γ⁻¹GΩ⁻¹"),
+          ("_fisher_quadratic", "ν: exact Fisher-vector product (JVP)"))
+
+
+def profile(data, steps: int = 40) -> None:
+    """CPU time per step of KFC-pre (lr 0.1, μ=0) by phase, next to SGD's whole step (same batch every step)."""
+    X, Y = data
+    x, y = X[:128], Y[:128]
+    model = make_net()
+    opt = kc.KFC(model, lr=0.1, momentum=0.0, stats_every=1, inverse_every=20)
+    acc: dict[str, float] = {}
+    for name, _ in PHASES:
+        fn = getattr(opt, name)
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            c0 = time.process_time()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc[_name] = acc.get(_name, 0.0) + time.process_time() - c0
+        setattr(opt, name, timed)
+    sgd_model = make_net()
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.1, momentum=0.9)
+    parts = {"forward": 0.0, "backward (incl. Ω/Γ capture and the MC backward)": 0.0, "opt.step()": 0.0}
+    sgd_total = 0.0
+    for k in range(3 + steps):
+        if k == 3:
+            acc.clear()
+            parts = dict.fromkeys(parts, 0.0)
+            sgd_total = 0.0
+        c0 = time.process_time()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        c1 = time.process_time()
+        loss.backward()
+        c2 = time.process_time()
+        opt.step()
+        c3 = time.process_time()
+        for key, v in zip(parts, (c1 - c0, c2 - c1, c3 - c2)):
+            parts[key] += v
+        c0 = time.process_time()
+        sgd.zero_grad()
+        F.cross_entropy(sgd_model(x), y).backward()
+        sgd.step()
+        sgd_total += time.process_time() - c0
+    total = sum(parts.values())
+    print(f"\nCPU ms per step over {steps} steps ({torch.get_num_threads()} threads): KFC-pre {1e3 * total / steps:.2f}, "
+          f"SGD {1e3 * sgd_total / steps:.2f}, ratio {total / sgd_total:.2f}")
+    print("| part of a KFC-pre step | CPU ms/step |\n|---|---:|")
+    for key, v in parts.items():
+        print(f"| {key} | {1e3 * v / steps:.2f} |")
+    for name, label in PHASES:
+        print(f"| ↳ {label} | {1e3 * acc.get(name, 0.0) / steps:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", type=float, default=0.05, help="training-set cross-entropy to reach")
@@ -135,10 +192,14 @@ def main() -> None:
     ap.add_argument("--ratio-steps", type=int, default=60, help="steps after warm-up for the time ratio (×20)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="two learning rates per method")
+    ap.add_argument("--profile", action="store_true", help="only the CPU-time breakdown of a KFC-pre step")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     data = load_digits_tensors()
+    if args.profile:
+        profile(data)
+        return
 
     print(f"# digits time-to-target: target train CE < {args.target}, batch {args.batch}, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads")
