@@ -163,7 +163,7 @@ class Instrumenter:
                 owner.graph.erase_node(tap_node)
                 owner.delete_submodule(tap_node.target)
         root = self._add_output_tap(root)
-        for owner, _ in self.site_taps:
+        for owner in {id(o): o for o, _ in self.site_taps}.values():  # once per graph, not once per site
             if isinstance(owner, fx.GraphModule):
                 owner.recompile()
         self.state.layers = layers
