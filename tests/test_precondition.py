@@ -171,3 +171,20 @@ def test_fp32_eigh_failure_is_retried_in_fp64(monkeypatch):
     QA, lA, QG, lG = P.eigendecompose(A, G)
     assert QA.dtype == torch.float32
     torch.testing.assert_close(QA @ torch.diag_embed(lA) @ QA.mT, A, rtol=1e-4, atol=1e-4)
+
+
+def test_factored_damping_survives_rounding_of_a_rank_deficient_factor():
+    """A rank-deficient fp32 Ω whose rounding left a -1e-6 eigenvalue, beside a Γ of trace ~1e14: π then gives Ω
+    almost none of η (π√η ≈ 1e-8), so without a rounding floor Cholesky fails even in fp64 (seen on mnasnet)."""
+    from kfc_compile.optim.precondition import factored_inverses
+
+    torch.manual_seed(0)
+    d = 72
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    lam = torch.zeros(d, dtype=torch.float64)
+    lam[0], lam[1], lam[-1] = 10.0, 5.0, -1e-6
+    A = (Q @ torch.diag(lam) @ Q.T).float()[None]
+    G = (1e14 * torch.eye(32)).float()[None]
+    Ainv, Ginv = factored_inverses(A, G, eta=0.1)
+    assert torch.isfinite(Ainv).all() and torch.isfinite(Ginv).all()
+    assert torch.linalg.eigvalsh(Ainv.double()).min() > 0  # positive definite, not a clamped mess

@@ -48,11 +48,12 @@ def output_fisher_inner(spec: LossSpec, f: torch.Tensor, u: torch.Tensor, w: tor
 
 
 def batch_subset(inputs: tuple, fraction: float) -> tuple:
-    """The first ceil(fraction·N) examples of every tensor input whose leading dim is the batch size N."""
+    """The first ceil(fraction·N) examples (at least 2 when N allows: train-mode BatchNorm needs more than one)
+    of every tensor input whose leading dim is the batch size N."""
     if not inputs or not isinstance(inputs[0], torch.Tensor):
         raise RuntimeError("no recorded model inputs: run a forward pass with grad enabled before opt.step()")
     n = inputs[0].shape[0]
-    m = max(1, min(n, math.ceil(fraction * n)))
+    m = max(min(2, n), min(n, math.ceil(fraction * n)))
     out = []
     for a in inputs:
         if isinstance(a, torch.Tensor):

@@ -82,6 +82,15 @@ def pi_split(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, (ta / torch.where(ok, tg, torch.ones_like(tg))).clamp_min(0).sqrt(), torch.ones_like(ta))
 
 
+def _rounding_floor(M: torch.Tensor) -> torch.Tensor:
+    """dim·eps·(mean eigenvalue) per group: the least damping that keeps a PSD factor stored in M's dtype
+    positive definite despite rounding. It matters only when π puts a vanishing share of η on a factor whose
+    scale is far from the other's (e.g. Γ's trace 1e14, Ω's 1e2): without it Cholesky fails on a rank-deficient
+    Ω whose rounding errors are below π√η."""
+    trace = torch.diagonal(M, dim1=-2, dim2=-1).sum(-1).clamp_min(0)
+    return (trace * torch.finfo(M.dtype).eps)[:, None, None]
+
+
 def _spd_inverse(M: torch.Tensor, what: str) -> torch.Tensor:
     """Inverse of a batch of SPD matrices by Cholesky; fp32 failures are retried in fp64."""
     L, info = torch.linalg.cholesky_ex(M)
@@ -104,8 +113,8 @@ def factored_inverses(A: torch.Tensor, G: torch.Tensor, eta: float, scale: float
     if eta > 0:
         s = eta ** 0.5
         pi = pi_split(A, G)[:, None, None]
-        Ad = A + (pi * s) * eye_a
-        Gd = G + (s / pi) * eye_g
+        Ad = A + torch.maximum(pi * s, _rounding_floor(A)) * eye_a
+        Gd = G + torch.maximum(s / pi, _rounding_floor(G)) * eye_g
     else:
         Ad, Gd = A, G
     return (_spd_inverse(Ad, f"factor Ω of layer {name!r}"), _spd_inverse(Gd, f"factor Γ of layer {name!r}"))
