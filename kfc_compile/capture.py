@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from kfc_compile.compile import ops as compile_ops
 from kfc_compile.curvature.factors import BatchStatistics, Factors
 from kfc_compile.registry import KFCLayer
 
@@ -67,6 +68,16 @@ class CaptureState:
         self._train_flags: tuple[bool, bool, bool] | None = None  # (inputs, grads, grads are of a batch mean)
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
         self.last_inputs: tuple = ()  # positional inputs of the last forward with grad enabled (no copy)
+
+    @property
+    def sites(self) -> list:
+        return self._sites
+
+    @sites.setter
+    def sites(self, sites: list) -> None:
+        self._sites = sites
+        # keys of the compile-clean taps (kfc::record), allocated here, outside any traced code
+        self.compile_keys = [compile_ops.new_site(self, i) for i in range(len(sites))]
 
     # -- called by the taps --------------------------------------------------------------------------------------
     def record(self, site_index: int, x: torch.Tensor, gy: torch.Tensor) -> None:
@@ -167,14 +178,15 @@ class CaptureState:
 
 def tap(y: torch.Tensor, x: torch.Tensor, state: CaptureState, site_index: int) -> torch.Tensor:
     """Identity on ``y``; when the state is armed, records (x, grad of y) in the backward."""
-    if not state.armed or not torch.is_grad_enabled() or not y.requires_grad:
+    if not torch.is_grad_enabled() or not y.requires_grad:
         return y
-    return _armed_tap(y, x, state, site_index)
-
-
-@torch.compiler.disable
-def _armed_tap(y: torch.Tensor, x: torch.Tensor, state: CaptureState, site_index: int) -> torch.Tensor:
-    # Kept out of dynamo graphs: a traced backward would run ``record``'s Python side effects once, at trace time.
+    if torch.compiler.is_compiling():
+        # Inside a dynamo graph the tap is always there and its backward calls the opaque kfc::record op, which
+        # reads the capture flags at run time (compile/ops.py): no guard on ``armed``, no graph break, one graph
+        # for statistics and plain steps. (A Python backward would run ``record`` once, at trace time.)
+        return compile_ops.tap(y, x, state.slot, state.compile_keys[site_index])
+    if not state.armed:
+        return y
     return _Tap.apply(y, x, state.slot, state, site_index)
 
 
