@@ -318,24 +318,29 @@ def test_registries_do_not_keep_models_alive():
     assert alive() is None
 
 
-def test_compiled_transform_taps_do_not_break_graphs():
+@pytest.mark.parametrize("backend", ["aot_eager", "kfc"])
+def test_compiled_transform_taps_do_not_break_graphs(backend):
     """``torch.compile(kc.transform(m))`` (any backend): inside dynamo the capture taps call kfc::record, so they
     neither break the graph nor guard on the capture flags; only the armed output tap (the Fisher pass needs an
-    eager autograd node on the model output) breaks, at the very end, on statistics steps."""
+    eager autograd node on the model output) breaks, at the very end, on statistics steps. The kfc backend sees
+    those taps and adds none of its own."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, stride=2),
                          nn.Flatten(), nn.Linear(4 * 9, 5)).double()
     eager_model, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
     opts = dict(lr=0.05, damping=0.01, stats_every=2, inverse_every=3, clip=None)
     eager_opt = kc.KFC(eager_model, generator=torch.Generator().manual_seed(1), **opts)
-    cm = torch.compile(kc.transform(compiled_model), backend="aot_eager")
+    options = AOT_EAGER if backend == "kfc" else None
+    cm = torch.compile(kc.transform(compiled_model), backend=backend, options=options)
     opt = kc.KFC(cm, generator=torch.Generator().manual_seed(1), **opts)
+    taps_before = kb.STATS["sites"]
     batches = _batches(4, 6, (3, 8, 8), 5, torch.float64)
     _train(eager_model, eager_opt, batches)
     _train(cm, opt, batches)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     breaks = torch._dynamo.utils.counters["graph_break"]
     assert breaks and all("_armed_output_tap" in reason for reason in breaks)
+    assert kb.STATS["sites"] == taps_before
     for layer in eager_opt.layers:
         fe, fc = eager_opt.factors(layer.name), opt.factors(layer.name)
         torch.testing.assert_close(fc.A, fe.A, rtol=1e-12, atol=1e-14)

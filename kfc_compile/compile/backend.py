@@ -314,7 +314,8 @@ class _Scan:
             if node.target in _LINEAR_TARGETS or node.target in _CONV_TARGETS:
                 cand = self._call_site(node)
                 if cand is not None:
-                    self.candidates.append(cand)
+                    if not self._tapped_already(node):
+                        self.candidates.append(cand)
                     claimed.add((node, _arg(node, 1, "weight")))
                     b = _arg(node, 2, "bias")
                     if cand.bias is not None:
@@ -328,6 +329,20 @@ class _Scan:
                 what = user.target if user.op != "call_function" else getattr(user.target, "__name__", user.target)
                 reason = self.mha_reasons.get(user) or f"used by {what} (only conv/linear calls are under KFC)"
                 self.other_uses.setdefault(id(p), reason)
+
+    def _tapped_already(self, node: fx.Node) -> bool:
+        """The call's output feeds a capture tap traced from a ``kc.transform``ed model (an autograd function whose
+        backward calls kfc::record): that model's own registry records it."""
+        for user in node.users:
+            if "autograd_function_apply" not in str(user.target):
+                continue
+            for arg in user.args:
+                if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                    sub = getattr(self.gm, arg.target, None)
+                    if isinstance(sub, fx.GraphModule) and any(
+                            n.target in (torch.ops.kfc.record, torch.ops.kfc.record.default) for n in sub.graph.nodes):
+                        return True
+        return False
 
     def _call_site(self, node: fx.Node) -> _Candidate | None:
         if node.target in _LINEAR_TARGETS:
