@@ -19,8 +19,10 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -75,6 +77,13 @@ def sweep_one(name: str) -> dict:
         info = tm.kfc
         rec.update(layers=len(info.layers), coverage=info.coverage, black_boxes=len(info.black_boxes),
                    black_box_names=[b.name for b in info.black_boxes], uncovered=len(info.uncovered))
+        by_reason: dict[str, int] = {}
+        for u in info.uncovered:  # group reasons without the parameter's own name
+            key = re.sub(r" '[^']*'", "", u.reason).split(" (only")[0]
+            by_reason[key] = by_reason.get(key, 0) + math.prod(u.shape)
+        if by_reason and info.total_numel:
+            key = max(by_reason, key=by_reason.get)
+            rec["top_uncovered"] = [key, by_reason[key] / info.total_numel]
         with torch.no_grad():
             out_tm = first_output(tm(x))
         diff = (out_tm - out).abs().max().item()
@@ -144,8 +153,9 @@ def render(records: list[dict], command: str, header: dict) -> str:
         lines += ["Not handled:", ""] + [f"* `{r['model']}`: {r.get('status')}: {r.get('error', '')}" for r in failed]
         lines += [""]
     lines += ["## Per model", "",
-              "| model | result | exact | input | params | KFC layers | coverage | black boxes | max abs diff | seconds |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+              "| model | result | exact | input | params | KFC layers | coverage | largest uncovered group (share) | "
+              "black boxes | max abs diff | seconds |",
+              "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in records:
         cov = f"{100 * r['coverage']:.2f}%" if "coverage" in r else ""
         diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ""
@@ -155,8 +165,9 @@ def render(records: list[dict], command: str, header: dict) -> str:
         bb = str(r.get("black_boxes", ""))
         if r.get("black_box_names"):
             bb += " (" + ", ".join(f"`{n}`" for n in r["black_box_names"][:3]) + (", ..." if len(r["black_box_names"]) > 3 else "") + ")"
+        top = f"{r['top_uncovered'][0]} ({100 * r['top_uncovered'][1]:.2f}%)" if r.get("top_uncovered") else ""
         lines.append(f"| {r['model']} | {r.get('status')} | {exact} | {res} | {r.get('params', 0):,} | "
-                     f"{r.get('layers', '')} | {cov} | {bb} | {diff} | {secs} |")
+                     f"{r.get('layers', '')} | {cov} | {top} | {bb} | {diff} | {secs} |")
     return "\n".join(lines) + "\n"
 
 
