@@ -117,10 +117,10 @@ def run_timing(args) -> dict:
         for name, step in steppers.items():
             x, y = batches[i % len(batches)]
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             loss = step(x, y)
             _sync(device)
-            dt = time.perf_counter() - t
+            dt = (time.process_time() - c) if args.cpu_time else (time.perf_counter() - t)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{name}: non-finite loss at step {k}")
             (warm[name] if k <= 3 else times[name][kind]).append(dt)
@@ -131,10 +131,10 @@ def run_timing(args) -> dict:
             for name, step in steppers.items():
                 model = step.model
                 _sync(device)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 F.cross_entropy(model(x), y).backward()
                 _sync(device)
-                fwdbwd[name].append(time.perf_counter() - t)
+                fwdbwd[name].append((time.process_time() - c) if args.cpu_time else (time.perf_counter() - t))
                 for p in model.parameters():
                     p.grad = None
     med = {name: {kind: 1e3 * _median(v) for kind, v in d.items()} for name, d in times.items()}
@@ -147,7 +147,7 @@ def run_timing(args) -> dict:
         "model": args.model, "batch": args.batch, "size": args.size, "rounds": args.rounds, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "loadavg": os.getloadavg(), "clip": not args.no_clip,
+        "loadavg": os.getloadavg(), "clip": not args.no_clip, "clock": "process CPU" if args.cpu_time else "wall",
         "median_ms": med, "inverse_ms": inv_ms, "inverse_ms_each": inverse,
         "warmup_ms": {n: [1e3 * t for t in v] for n, v in warm.items()},
         "kfc_graphs": cstep.compiles,
@@ -176,7 +176,7 @@ def run_timing(args) -> dict:
 
 def print_timing(res: dict) -> None:
     print(f"\n{res['model']}, batch {res['batch']}, {res['size']}x{res['size']}, {res['device_name']}, torch {res['torch']}, "
-          f"{res['threads']} threads, load average {res['loadavg'][0]:.1f}, {res['rounds']} rounds")
+          f"{res['threads']} threads, load average {res['loadavg'][0]:.1f}, {res['rounds']} rounds, {res['clock']} time")
     print("| stepper | plain step ms | statistics step ms | forward+backward ms (capture off) | plain / compiled SGD "
           "| stats / compiled SGD |")
     print("|---|---|---|---|---|---|")
@@ -267,10 +267,15 @@ def main(argv=None) -> None:
     p.add_argument("--explain", action="store_true", help="graph/break check on resnet18, mobilenet, vit_b_16")
     p.add_argument("--explain-models", nargs="*", default=["resnet18", "mobilenet_v3_small", "vit_b_16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--cpu-time", action="store_true", help="time steps in process CPU time instead of wall time "
+                   "(robust on a shared machine; use with --threads 1)")
     p.add_argument("--no-clip", action="store_true", help="KFC without clipping (no exact-Fisher JVPs per step)")
     p.add_argument("--check", action="store_true", help="compiled vs eager step on a small CNN (numerics only)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.check:
         res = run_check(torch.device(args.device))
     elif args.explain:
