@@ -85,9 +85,15 @@ def test_self_attention_decomposition_is_exact(mask, padding, need_weights, aver
 E, HEADS = 8, 2
 
 
-def _explicit_attention(t: torch.Tensor, mha: nn.MultiheadAttention) -> torch.Tensor:
+def _explicit_attention(t: torch.Tensor, mha: nn.MultiheadAttention, batch_first: bool = False) -> torch.Tensor:
     """The same self-attention as ``mha(t, t, t, need_weights=False)`` written with F.linear calls that
-    ``kc.transform`` can see (batch-first t: (N, L, E))."""
+    ``kc.transform`` can see (t: (N, L, E)). ``batch_first``: the projections see (N, L, ·) tensors."""
+    if batch_first:
+        N, L, _ = t.shape
+        qkv = F.linear(t, mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.unflatten(-1, (3, E)).unbind(-2)
+        q, k, v = [z.view(N, L, HEADS, E // HEADS).transpose(1, 2) for z in (q, k, v)]
+        return mha.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, L, E))
     x = t.transpose(0, 1)
     L, N, _ = x.shape
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
@@ -112,7 +118,10 @@ class ConvAttentionNet(nn.Module):
     def forward(self, x):
         h = F.relu(self.bn(self.c1(x)), inplace=True)
         t = F.relu(self.c2(h)).flatten(2).transpose(1, 2)
-        a = _explicit_attention(t, self.attn) if self.explicit else self.attn(t, t, t, need_weights=False)[0]
+        if self.explicit:
+            a = _explicit_attention(t, self.attn, batch_first=self.explicit == "batch_first")
+        else:
+            a = self.attn(t, t, t, need_weights=False)[0]
         return self.fc((t + a).mean(1))
 
 
@@ -168,6 +177,27 @@ def test_kfc_backend_matches_eager_transform():
         moved |= not torch.equal(pe, p0)
     assert moved
     torch.testing.assert_close(compiled_model.bn.running_mean, eager_model.bn.running_mean, rtol=1e-10, atol=1e-12)
+
+
+def test_kfc_backend_attention_statistics_are_batch_first():
+    """approx="reduce" groups positions by example, so the attention projections (which see sequence-first
+    tensors) must reach the statistics batch-first: compare with an eager twin whose projections are batch-first."""
+    torch.manual_seed(0)
+    base = ConvAttentionNet().double()
+    eager_model = copy.deepcopy(base)
+    eager_model.explicit = "batch_first"
+    compiled_model = copy.deepcopy(base)
+    opts = dict(lr=0.02, damping=0.01, fisher="mc", clip=None, approx="reduce")
+    eager_opt = kc.KFC(eager_model, generator=torch.Generator().manual_seed(1), **opts)
+    cm = torch.compile(compiled_model, backend="kfc", options=AOT_EAGER)
+    opt = kc.KFC(cm, generator=torch.Generator().manual_seed(1), **opts)
+    batches = _batches(2, 6, (3, 8, 8), 5, torch.float64)
+    _train(eager_model, eager_opt, batches)
+    _train(cm, opt, batches)
+    for name in ("attn.in_proj_weight", "attn.out_proj", "fc"):
+        fe, fc = eager_opt.factors(name), opt.factors(name)
+        torch.testing.assert_close(fc.A, fe.A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fc.G, fe.G, rtol=1e-10, atol=1e-12)
 
 
 class BrokenNet(nn.Module):

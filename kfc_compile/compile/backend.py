@@ -495,7 +495,7 @@ def _decide(info: CompiledKFCInfo, scan: _Scan) -> dict[int, int]:
             layer.uses = max(layer.uses, len(cands))
         for c in cands:
             info.state.sites.append((i, c.site))
-            key = ops.new_site(info.state, len(info.state.sites) - 1)
+            key = ops.new_site(info.state, len(info.state.sites) - 1, seq_first=c.role != "call")
             info.site_keys.append(key)
             keys[id(c)] = key
     return keys

@@ -9,6 +9,9 @@ this module computes the same function with explicit ``F.linear`` calls followed
 (``attn_mask`` 2-D/3-D, ``key_padding_mask``, bool or float), dropout, ``need_weights`` and
 ``average_attn_weights`` are supported. ``supported`` says whether a call qualifies; other variants are left
 untouched (their parameters go to the fallback optimizer, with the reason).
+
+Both projections see sequence-first tensors (L, N, ·); their taps are registered ``seq_first`` so that the
+statistics get them batch-first (what ``approx="reduce"`` and statistics subsampling need).
 """
 from __future__ import annotations
 
@@ -96,7 +99,7 @@ def self_attention(query, embed_dim_to_check, num_heads, in_proj_weight, in_proj
         weights = torch.softmax(weights, dim=-1)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
-        out = torch.bmm(weights, v).transpose(0, 1).contiguous().view(tgt_len * bsz, embed_dim)
+        out = torch.bmm(weights, v).transpose(0, 1).contiguous().view(tgt_len, bsz, embed_dim)
     else:
         if mask is not None:
             mask = mask.unsqueeze(0) if mask.size(0) == 1 else mask.view(bsz, heads, -1, tgt_len)
@@ -104,12 +107,11 @@ def self_attention(query, embed_dim_to_check, num_heads, in_proj_weight, in_proj
         k4 = k.view(bsz, heads, tgt_len, head_dim)
         v4 = v.view(bsz, heads, tgt_len, head_dim)
         out = F.scaled_dot_product_attention(q4, k4, v4, mask, dropout_p, False)
-        out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed_dim)
+        out = out.permute(2, 0, 1, 3).contiguous().view(tgt_len, bsz, embed_dim)
         weights = None
-    projected = F.linear(out, out_proj_weight, out_proj_bias)
+    projected = F.linear(out, out_proj_weight, out_proj_bias)  # (L, N, E): the same GEMM as on (L·N, E)
     if out_key >= 0:
         projected = tap(projected, out, slot, out_key)
-    projected = projected.view(tgt_len, bsz, projected.size(1))
     if weights is not None:
         weights = weights.view(bsz, heads, tgt_len, tgt_len)
         if average_attn_weights:

@@ -23,11 +23,12 @@ __all__ = ["new_site", "retarget", "site_ref", "tap"]
 
 
 class _SiteRef:
-    __slots__ = ("_state", "index")
+    __slots__ = ("_state", "index", "seq_first")
 
-    def __init__(self, state, index: int):
+    def __init__(self, state, index: int, seq_first: bool = False):
         self._state = weakref.ref(state)
         self.index = index
+        self.seq_first = seq_first
 
     @property
     def state(self):
@@ -38,10 +39,11 @@ _SITES: list[_SiteRef] = []
 _LOCK = threading.Lock()
 
 
-def new_site(state, index: int) -> int:
-    """A key for site ``index`` of ``state`` (a ``CaptureState``)."""
+def new_site(state, index: int, seq_first: bool = False) -> int:
+    """A key for site ``index`` of ``state`` (a ``CaptureState``). ``seq_first``: the site sees (sequence, batch,
+    ...) tensors (attention's projections); they are handed to the state batch-first."""
     with _LOCK:
-        _SITES.append(_SiteRef(state, index))
+        _SITES.append(_SiteRef(state, index, seq_first))
         return len(_SITES) - 1
 
 
@@ -60,6 +62,8 @@ def record(x: torch.Tensor, gy: torch.Tensor, key: int) -> None:
     ref = _SITES[key]
     state = ref.state
     if state is not None:
+        if ref.seq_first:
+            x, gy = x.transpose(0, 1), gy.transpose(0, 1)
         state.record(ref.index, x, gy)
 
 
