@@ -18,8 +18,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# make demo DEMO_ARGS="--task mnist1d"   (any `kfc-compile demo` options; see `kfc-compile demo --help`)
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VENV)/bin/kfc-compile demo
+	$(VENV)/bin/kfc-compile demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
