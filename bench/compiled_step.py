@@ -68,8 +68,8 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
 
 
 class SGDStep:
-    def __init__(self, model: nn.Module, compiled: bool):
-        self.model = torch.compile(model) if compiled else model
+    def __init__(self, model: nn.Module, compiled: bool, options: dict | None = None):
+        self.model = torch.compile(model, options=options) if compiled else model
         self.opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
 
     def __call__(self, x, y):
@@ -107,6 +107,11 @@ def run_timing(args) -> dict:
             "compiled SGD": SGDStep(copy.deepcopy(base), compiled=True),
             "eager SGD": SGDStep(copy.deepcopy(base), compiled=False),
         }
+        if args.extra_options:  # the same two compiled steppers with these inductor options
+            extra = json.loads(args.extra_options)
+            steppers["compiled KFC*"] = kc.compile_step(copy.deepcopy(base), nn.CrossEntropyLoss(),
+                                                        backend_options=extra, **kfc_opts)
+            steppers["compiled SGD*"] = SGDStep(copy.deepcopy(base), compiled=True, options=extra)
     torch._dynamo.utils.counters.clear()
     warm: dict[str, list[float]] = {k: [] for k in steppers}
     times: dict[str, dict[str, list[float]]] = {k: {"stats": [], "plain": []} for k in steppers}
@@ -140,7 +145,7 @@ def run_timing(args) -> dict:
     med = {name: {kind: 1e3 * _median(v) for kind, v in d.items()} for name, d in times.items()}
     for name in med:
         med[name]["fwd+bwd"] = 1e3 * _median(fwdbwd[name])
-    inverse = [1e3 * warm[n][2] - med[n]["stats"] for n in ("eager KFC", "compiled KFC")]
+    inverse = [1e3 * warm[n][2] - med[n]["stats"] for n in steppers if "KFC" in n]
     inv_ms = max(0.0, _median(inverse))
     cstep = steppers["compiled KFC"]
     res = {
@@ -153,7 +158,7 @@ def run_timing(args) -> dict:
         "kfc_graphs": cstep.compiles,
         "dynamo_unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
         "graph_breaks": dict(torch._dynamo.utils.counters["graph_break"]),
-        "kfc_layers": len(cstep.optimizer.layers),
+        "kfc_layers": len(cstep.optimizer.layers), "extra_options": args.extra_options,
     }
     sgd_c = med["compiled SGD"]["plain"]
     kinds = ("plain", "stats", "fwd+bwd")
@@ -164,11 +169,11 @@ def run_timing(args) -> dict:
     for sched in args.schedules:
         s, T = (int(v) for v in sched.split(":"))
         row = {}
-        for name in ("eager KFC", "compiled KFC"):
+        for name in [n for n in steppers if "KFC" in n]:
             m = med[name]
             row[name] = m["plain"] * (1 - 1 / s) + m["stats"] / s + inv_ms / T
-        row["compiled SGD"] = sgd_c
-        row["eager SGD"] = med["eager SGD"]["plain"]
+        for name in [n for n in steppers if "SGD" in n]:
+            row[name] = med[name]["plain"]
         amort[sched] = row
     res["amortised_ms"] = amort
     return res
@@ -272,6 +277,8 @@ def main(argv=None) -> None:
                    "(robust on a shared machine; use with --threads 1)")
     p.add_argument("--no-clip", action="store_true", help="KFC without clipping (no exact-Fisher JVPs per step)")
     p.add_argument("--check", action="store_true", help="compiled vs eager step on a small CNN (numerics only)")
+    p.add_argument("--extra-options", help="JSON inductor options: adds 'compiled KFC*' and 'compiled SGD*' "
+                   "steppers compiled with them (e.g. '{\"layout_optimization\": false}')")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.threads:
