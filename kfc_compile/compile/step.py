@@ -5,11 +5,16 @@ What is compiled and what is not (measured in ``bench/compiled_step.py``, see do
 * **compiled** (``torch.compile(model, backend="kfc")``, inductor): the model's forward and, through AOTAutograd,
   its backward, with the capture taps inside both graphs. The taps' ``kfc::record`` op reads the capture flags at
   run time, so statistics steps and plain steps run the **same** graph; the MC Fisher pass of a statistics step
-  is one more call of the compiled backward (``torch.autograd.grad`` from the output, sampled targets).
+  is one more call of the compiled backward (``torch.autograd.grad`` from the output, sampled targets). Unlike
+  the eager Fisher pass, that call also computes the weight gradients (AOT compiles one backward for every input
+  that requires grad) and throws them away.
 * **eager**: the loss on the model output, the optimizer step (moving averages, inverse / eigendecomposition
   refresh every ``inverse_every`` steps, preconditioning, clipping, momentum). Hyperparameters live in the
   optimizer's ``param_groups`` and are read there, so changing lr, damping or decay between steps (a scheduler)
   never recompiles anything.
+
+On CPU, inductor's default layout optimisation (channels-last convolutions) made resnet18's training graph
+slower than eager in ``bench/compiled_step.py``; ``backend_options={"layout_optimization": False}`` turns it off.
 
 Recompiles: one graph per dynamo frame for the first batch shape; a different batch size (the last, partial
 batch) recompiles once with a dynamic batch dimension (dynamo's automatic dynamic shapes), after which any batch
