@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from kfc_compile.curvature.layers import Site, conv_site, linear_site
+from kfc_compile.graph import opaque
 from kfc_compile.graph.trace import is_layer_module
 
 _FUNCTIONAL_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -108,14 +109,39 @@ def _op_name(node: fx.Node) -> str:
     return getattr(t, "__name__", str(t)) if node.op == "call_function" else f"{node.op} {t}"
 
 
-def scan_graph(gm: fx.GraphModule, prefix: str, opaque: set[str]) -> tuple[list[SiteMatch], list[Use]]:
-    """All sites and all other parameter uses of one traced graph (opaque submodules are skipped)."""
+@dataclass
+class OpaqueMatch:
+    """An opaque call with linear weights inside (see ``opaque.py``): the node and what to tap in it."""
+
+    node: fx.Node
+    plan: opaque.OpaquePlan
+
+
+def _param_args(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, nn.Parameter, bool]]:
+    """The parameters passed directly to a call: (name, parameter, whether it is an ``nn.Linear``'s weight)."""
+    out = []
+    for a in (*node.args, *node.kwargs.values()):
+        for v in (a if isinstance(a, (list, tuple)) else (a,)):
+            p = _param(gm, v)
+            if p is not None:
+                owner_name, _, attr = v.target.rpartition(".")
+                owner = gm.get_submodule(owner_name) if owner_name else gm
+                out.append((v.target, p, isinstance(owner, nn.Linear) and attr == "weight"))
+    return out
+
+
+def scan_graph(gm: fx.GraphModule, prefix: str, black_boxes: set[str]
+               ) -> tuple[list[SiteMatch], list[Use], list[OpaqueMatch]]:
+    """All sites, all other parameter uses, and the opaque calls with linear weights inside, of one traced graph
+    (black-box submodules are skipped)."""
     sites: list[SiteMatch] = []
     uses: list[Use] = []
+    opaque_calls: list[OpaqueMatch] = []
     matched_nodes: dict[fx.Node, SiteMatch] = {}
+    opaque_nodes: dict[fx.Node, dict[int, str]] = {}  # node -> reasons of its non-tapped parameter arguments
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            if node.target in opaque:
+            if node.target in black_boxes:
                 continue
             m = gm.get_submodule(node.target)
             qual = f"{prefix}{node.target}"
@@ -126,6 +152,13 @@ def scan_graph(gm: fx.GraphModule, prefix: str, opaque: set[str]) -> tuple[list[
                     continue
                 uses += [Use(p, why or f"{type(m).__name__} '{qual}': call not matched") for p in m.parameters()]
                 continue
+            if isinstance(m, nn.MultiheadAttention):
+                plan, why = opaque.mha_plan(m, qual, node)
+                if plan is not None:
+                    opaque_calls.append(OpaqueMatch(node, plan))
+                    continue
+                uses += [Use(p, why) for p in m.parameters()]
+                continue
             reason = leaf_reason(m, qual)
             uses += [Use(p, reason) for p in m.parameters()]
         elif node.op == "call_function":
@@ -133,6 +166,13 @@ def scan_graph(gm: fx.GraphModule, prefix: str, opaque: set[str]) -> tuple[list[
             if match is not None:
                 sites.append(match)
                 matched_nodes[node] = match
+            elif opaque.is_opaque_function(node.target):
+                params = _param_args(gm, node)
+                if params:
+                    plan, reasons = opaque.function_plan(node.target.__name__, params)
+                    opaque_nodes[node] = reasons
+                    if plan.linear:
+                        opaque_calls.append(OpaqueMatch(node, plan))
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
@@ -140,9 +180,14 @@ def scan_graph(gm: fx.GraphModule, prefix: str, opaque: set[str]) -> tuple[list[
         if p is None:
             continue
         for user in node.users:
+            if user in opaque_nodes:
+                reason = opaque_nodes[user].get(id(p))
+                if reason:
+                    uses.append(Use(p, reason))
+                continue
             m = matched_nodes.get(user)
             as_weight = m is not None and m.weight is p and _arg(user, 1, "weight") is node
             as_bias = m is not None and m.bias is p and _arg(user, 2, "bias") is node and m.input_node is not node
             if not (as_weight or as_bias):
                 uses.append(Use(p, f"used by {_op_name(user)} (only conv/linear calls are under KFC)"))
-    return sites, uses
+    return sites, uses, opaque_calls

@@ -15,7 +15,8 @@ import torch.fx as fx
 from torch import nn
 
 from kfc_compile.capture import CaptureState, OutputTap, Tap, output_tap, tap
-from kfc_compile.graph.match import SiteMatch, Use, leaf_reason, module_site, scan_graph
+from kfc_compile.graph import opaque
+from kfc_compile.graph.match import OpaqueMatch, SiteMatch, Use, leaf_reason, module_site, scan_graph
 from kfc_compile.graph.trace import is_layer_module, trace_with_fallback
 from kfc_compile.registry import BlackBox, KFCInfo, KFCLayer, Uncovered
 
@@ -53,6 +54,7 @@ class Instrumenter:
         self.site_taps: list[tuple[object, object]] = []  # (graph module or swapped module, tap node or None)
         self.uses: list[Use] = []
         self.black_boxes: list[BlackBox] = []
+        self.plans: list[opaque.OpaquePlan] = []
         self.names: dict[int, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self.names.setdefault(id(p), name)
@@ -66,10 +68,12 @@ class Instrumenter:
             return self._instrument_opaque(module, prefix)
         opaque = {b.name for b in boxes}
         self.black_boxes += [BlackBox(_join(prefix, b.name), b.reason) for b in boxes]
-        sites, uses = scan_graph(gm, f"{prefix}." if prefix else "", opaque)
+        sites, uses, opaque_calls = scan_graph(gm, f"{prefix}." if prefix else "", opaque)
         self.uses += uses
         for match in sites:
             self._add_graph_tap(gm, match)
+        for call in opaque_calls:
+            self._wrap_opaque(gm, call)
         for name in opaque:
             parent_name, _, child = name.rpartition(".")
             parent = gm.get_submodule(parent_name) if parent_name else gm
@@ -91,6 +95,33 @@ class Instrumenter:
             tap_node = gm.graph.call_module(tap_name, (match.node, match.input_node))
         match.node.replace_all_uses_with(tap_node, delete_user_cb=lambda user: user is not tap_node)
         self.site_taps.append((gm, tap_node))
+
+    def _wrap_opaque(self, gm: fx.GraphModule, call: OpaqueMatch) -> None:
+        """Register the sites inside an opaque call and replace the call by a wrapper that taps them."""
+        plan, node = call.plan, call.node
+        if node.op == "call_module":  # nn.MultiheadAttention leaf: a copy whose class runs under the mode
+            parent_name, _, child = node.target.rpartition(".")
+            parent = gm.get_submodule(parent_name) if parent_name else gm
+            current = getattr(parent, child)
+            if getattr(current, "_kfc_plan", None) is not None:
+                return  # a shared module called again: its wrapper taps every call (extra uses = extra positions)
+            owner = _shallow_copy(current)
+            owner.__class__ = opaque.capturing_class(type(current))
+            owner._kfc_plan = plan
+            setattr(parent, child, owner)
+        else:
+            name = f"_kfc_opaque_{len(self.plans)}"
+            gm.add_submodule(name, opaque.OpaqueCall(node.target, plan))
+            with gm.graph.inserting_after(node):
+                new_node = gm.graph.call_module(name, node.args, node.kwargs)
+            node.replace_all_uses_with(new_node)
+            gm.graph.erase_node(node)
+            owner = gm
+        for site in plan.sites:
+            site.index = len(self.matches)
+            self.matches.append(opaque.site_match(site))
+        self.plans.append(plan)
+        self.site_taps += [(owner, None)] * len(plan.sites)
 
     def _instrument_opaque(self, module: nn.Module, prefix: str) -> nn.Module:
         if is_layer_module(module):
@@ -168,6 +199,8 @@ class Instrumenter:
                 owner.recompile()
         self.state.layers = layers
         self.state.sites = [(site_layer[i], m.site) for i, m in enumerate(self.matches)]
+        for plan in self.plans:
+            plan.bind(self.state)
 
         covered = {id(layer.weight) for layer in layers} | {id(layer.bias) for layer in layers if layer.bias is not None}
         uncovered, frozen, total, seen = [], [], 0, set()
