@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import checks, dispatch, reference
+from . import checks, dispatch, reference, shift_cov
 
 
 def _triton(kernel: str):
@@ -55,7 +55,7 @@ def patch_cov_update(F: Tensor, x: Tensor, kernel_size: Sequence[int], stride: S
         mod, interp = _triton("patch_cov")
         mod.patch_cov_update_(F3, x, geom, alpha, beta, ones, interp)
     else:
-        reference.patch_cov_update_(F3, x, geom, alpha, beta, ones)
+        shift_cov.patch_cov_update_cpu(F3, x, geom, alpha, beta, ones)
 
 
 @patch_cov_update.register_fake
