@@ -13,6 +13,7 @@ backward that reaches every tap but computes no weight gradients: that is the Fi
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -65,6 +66,7 @@ class CaptureState:
         self.stats: dict[int, BatchStatistics] = {}
         self.n_examples = 0  # batch size of the armed forward (set by drivers or the output tap)
         self.stats_examples: int | None = None  # use only the first k examples for statistics (K-FAC's τ₁)
+        self.stats_fraction: float | None = None  # or the first subset_size(N, fraction) of them
         self._train_flags: tuple[bool, bool, bool] | None = None  # (inputs, grads, grads are of a batch mean)
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
         self.last_inputs: tuple = ()  # positional inputs of the last forward with grad enabled (no copy)
@@ -153,9 +155,11 @@ class CaptureState:
 
     def examples_used(self) -> int:
         """How many leading examples of the batch feed the statistics."""
-        if self.stats_examples is None:
-            return self.n_examples
-        return min(self.n_examples, self.stats_examples)
+        if self.stats_examples is not None:
+            return min(self.n_examples, self.stats_examples)
+        if self.stats_fraction is not None:
+            return subset_size(self.n_examples, self.stats_fraction)
+        return self.n_examples
 
     def take(self, n_examples: int | None = None) -> dict[int, Factors]:
         """Normalised factors of the step just recorded (layer index → Factors); resets the accumulators.
@@ -174,6 +178,12 @@ class CaptureState:
 
     def reset(self) -> None:
         self.stats = {}
+
+
+def subset_size(n: int, fraction: float) -> int:
+    """Examples in a leading subset of a batch of n: ceil(fraction·n), but at least 2 when n allows (train-mode
+    BatchNorm needs more than one example)."""
+    return max(min(2, n), min(n, math.ceil(fraction * n)))
 
 
 def tap(y: torch.Tensor, x: torch.Tensor, state: CaptureState, site_index: int) -> torch.Tensor:

@@ -152,7 +152,7 @@ def test_kfc_backend_matches_eager_transform():
     eager_model = copy.deepcopy(base)
     eager_model.explicit = True
     compiled_model = copy.deepcopy(base)
-    opts = dict(lr=0.02, damping=0.01, stats_every=2, inverse_every=3, fisher="mc", clip=None)
+    opts = dict(lr=0.02, damping=0.01, stats_every=2, inverse_every=3, fisher="mc", clip=None, stats_fraction=1.0)
     eager_opt = kc.KFC(eager_model, generator=torch.Generator().manual_seed(1), **opts)
     cm = torch.compile(compiled_model, backend="kfc")
     opt = kc.KFC(cm, generator=torch.Generator().manual_seed(1), **opts)
@@ -187,7 +187,7 @@ def test_kfc_backend_attention_statistics_are_batch_first():
     eager_model = copy.deepcopy(base)
     eager_model.explicit = "batch_first"
     compiled_model = copy.deepcopy(base)
-    opts = dict(lr=0.02, damping=0.01, fisher="mc", clip=None, approx="reduce")
+    opts = dict(lr=0.02, damping=0.01, fisher="mc", clip=None, approx="reduce", stats_fraction=1.0)
     eager_opt = kc.KFC(eager_model, generator=torch.Generator().manual_seed(1), **opts)
     cm = torch.compile(compiled_model, backend="kfc", options=AOT_EAGER)
     opt = kc.KFC(cm, generator=torch.Generator().manual_seed(1), **opts)
@@ -219,7 +219,7 @@ def test_graph_break_every_graph_instrumented():
     torch.manual_seed(0)
     base = BrokenNet().double()
     eager_model, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
-    opts = dict(lr=0.05, damping=0.01, fisher="empirical", clip=None)
+    opts = dict(lr=0.05, damping=0.01, fisher="empirical", clip=None, stats_fraction=1.0)
     eager_opt = kc.KFC(eager_model, **opts)
     cm = torch.compile(compiled_model, backend="kfc", options=AOT_EAGER)
     opt = kc.KFC(cm, **opts)
@@ -358,7 +358,7 @@ def test_compiled_transform_taps_do_not_break_graphs(backend):
     base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, stride=2),
                          nn.Flatten(), nn.Linear(4 * 9, 5)).double()
     eager_model, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
-    opts = dict(lr=0.05, damping=0.01, stats_every=2, inverse_every=3, clip=None)
+    opts = dict(lr=0.05, damping=0.01, stats_every=2, inverse_every=3, clip=None, stats_fraction=1.0)
     eager_opt = kc.KFC(eager_model, generator=torch.Generator().manual_seed(1), **opts)
     options = AOT_EAGER if backend == "kfc" else None
     cm = torch.compile(kc.transform(compiled_model), backend=backend, options=options)
@@ -377,3 +377,26 @@ def test_compiled_transform_taps_do_not_break_graphs(backend):
         torch.testing.assert_close(fc.G, fe.G, rtol=1e-12, atol=1e-14)
     for pe, pc in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(pc, pe, rtol=1e-12, atol=1e-14)
+
+
+def test_statistics_subset_compiled_equals_eager():
+    """stats_fraction < 1: the eager optimizer runs a separate forward of the subset, the kfc-backend model keeps
+    the capture in the user's pass and uses the subset's rows; for a model without cross-example coupling and the
+    deterministic type-2 Fisher both give the factors of the first examples."""
+    torch.manual_seed(0)
+    base = BrokenNet().double()
+    eager_model, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
+    opts = dict(lr=0.05, damping=0.01, fisher="type-2", clip=None, stats_fraction=0.4)
+    eager_opt = kc.KFC(eager_model, **opts)
+    cm = torch.compile(compiled_model, backend="kfc", options=AOT_EAGER)
+    opt = kc.KFC(cm, **opts)
+    batches = _batches(1, 5, (3, 6, 6), 4, torch.float64)  # one statistics step: the factors are its own
+    _train(eager_model, eager_opt, batches)
+    _train(cm, opt, batches)
+    x, y = batches[0]
+    ref = kc.curvature(copy.deepcopy(base), "cross_entropy", x[:2], y[:2], fisher="type-2")  # ceil(0.4·5) = 2
+    assert sorted(ref) == sorted(layer.name for layer in eager_opt.layers) == sorted(l.name for l in opt.layers)
+    for name, f in ref.items():
+        for got in (eager_opt.factors(name), opt.factors(name)):
+            torch.testing.assert_close(got.A, f.A, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got.G, f.G, rtol=1e-12, atol=1e-14)

@@ -30,7 +30,7 @@ def test_compile_step_matches_eager_step():
     reassociation in inductor's kernels, amplified a little by the inverses)."""
     torch.manual_seed(0)
     base = _net()
-    opts = dict(lr=0.02, damping=0.01, stats_every=2, inverse_every=6)
+    opts = dict(lr=0.02, damping=0.01, stats_every=2, inverse_every=6, stats_fraction=1.0)
     eager = kc.compile_step(copy.deepcopy(base), nn.CrossEntropyLoss(), compile=False,
                             generator=torch.Generator().manual_seed(1), **opts)
     step = kc.compile_step(copy.deepcopy(base), nn.CrossEntropyLoss(), generator=torch.Generator().manual_seed(1),

@@ -93,28 +93,60 @@ def test_identity_factors_with_averaging_and_schedulers():
 
 # -- statistics plumbing --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
 @pytest.mark.parametrize("fisher", ["type-2", "mc", "empirical"])
-def test_first_step_factors_equal_kc_curvature(fisher):
-    """Step 1 is a statistics step and ε = 0 on the first update, so the factors are the batch's factors."""
+def test_first_step_factors_equal_kc_curvature(fisher, fraction):
+    """Step 1 is a statistics step and ε = 0 on the first update, so the factors are the batch's factors — of its
+    first ceil(fraction·N) examples (mc/type-2: a separate forward of those; empirical: their rows of the user's
+    pass)."""
     torch.manual_seed(2)
     model = small_net(bn=False).double()
     ref_model = copy.deepcopy(model)
-    x, y = batch(3)
-    opt = kc.KFC(model, lr=0.0, fisher=fisher, generator=torch.Generator().manual_seed(5))
+    x, y = batch(3, n=6)
+    m = 3 if fraction < 1 else 6
+    opt = kc.KFC(model, lr=0.0, fisher=fisher, generator=torch.Generator().manual_seed(5), stats_fraction=fraction)
     F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
     opt.step()
-    ref = kc.curvature(ref_model, "cross_entropy", x, y, fisher=fisher, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # no weight gradients added
+    ref = kc.curvature(ref_model, "cross_entropy", x[:m], y[:m], fisher=fisher,
+                       generator=torch.Generator().manual_seed(5))
     for layer in opt.layers:
         got = opt.factors(layer.name)
         torch.testing.assert_close(got.A, ref[layer.name].A, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got.G, ref[layer.name].G, rtol=1e-12, atol=1e-12)
 
 
+def test_statistics_subset_pass_leaves_batchnorm_and_rng_alone():
+    """The separate statistics forward runs on copies of the buffers: BatchNorm's running statistics are those of
+    the user's forward only; it is a no-grad-side-effect pass (the parameters' .grad are the user's)."""
+    torch.manual_seed(6)
+    model = small_net(bn=True).double()
+    twin = copy.deepcopy(model)
+    x, y = batch(4)
+    opt = kc.KFC(model, lr=0.0, stats_fraction=0.25, clip=None, generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(twin(x), y).backward()
+    opt.step()
+    bn, bn_twin = model[3], twin[3]
+    assert torch.equal(bn.running_mean, bn_twin.running_mean) and torch.equal(bn.running_var, bn_twin.running_var)
+    assert int(bn.num_batches_tracked) == 1
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    assert all(opt.factors(layer.name) is not None for layer in opt.layers)
+
+
+def test_stats_fraction_validation():
+    for bad in (0.0, -0.5, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="stats_fraction"):
+            kc.KFC(small_net(), lr=0.1, stats_fraction=bad)
+
+
 def test_statistics_period_and_moving_average():
     torch.manual_seed(3)
     model = small_net(bn=False).double()
     ref_model = copy.deepcopy(model)
-    opt = kc.KFC(model, lr=0.0, fisher="type-2", stats_every=2, stat_decay=0.6)
+    opt = kc.KFC(model, lr=0.0, fisher="type-2", stats_every=2, stat_decay=0.6, stats_fraction=1.0)
     expected = {}
     for k in range(1, 6):
         x, y = batch(k)

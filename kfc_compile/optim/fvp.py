@@ -14,14 +14,12 @@ One JVP per direction gives all inner products among the directions (2 JVPs for 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 
-from kfc_compile.capture import model_output
+from kfc_compile.capture import model_output, subset_size
 from kfc_compile.curvature.fisher import LossSpec
 
 
@@ -48,12 +46,11 @@ def output_fisher_inner(spec: LossSpec, f: torch.Tensor, u: torch.Tensor, w: tor
 
 
 def batch_subset(inputs: tuple, fraction: float) -> tuple:
-    """The first ceil(fraction·N) examples (at least 2 when N allows: train-mode BatchNorm needs more than one)
-    of every tensor input whose leading dim is the batch size N."""
+    """The first ``subset_size(N, fraction)`` examples of every tensor input whose leading dim is the batch size N."""
     if not inputs or not isinstance(inputs[0], torch.Tensor):
         raise RuntimeError("no recorded model inputs: run a forward pass with grad enabled before opt.step()")
     n = inputs[0].shape[0]
-    m = max(min(2, n), min(n, math.ceil(fraction * n)))
+    m = subset_size(n, fraction)
     out = []
     for a in inputs:
         if isinstance(a, torch.Tensor):
@@ -62,6 +59,14 @@ def batch_subset(inputs: tuple, fraction: float) -> tuple:
                 a = a[:m]
         out.append(a)
     return tuple(out)
+
+
+def forward_with_private_buffers(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    """``model(*inputs)``'s output tensor, run on copies of the buffers so that BatchNorm running statistics are
+    not touched by an extra forward (parameters are the model's own, so autograd reaches them and the taps)."""
+    params = dict(model.named_parameters())
+    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
+    return model_output(functional_call(model, (params, bufs), inputs))
 
 
 class FisherProducts:

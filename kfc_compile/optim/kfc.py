@@ -11,6 +11,13 @@ the forward; during the user's backward the taps record Ω from the layer inputs
 * ``fisher="empirical"``: the user's own backward (free, but the empirical Fisher is a worse curvature model);
 * ``fisher="type-2"``: one backward per output coordinate (exact GGN factors; small outputs only).
 
+With ``stats_fraction < 1`` (default 1/8, K-FAC's τ₁) the statistics come from the first
+``ceil(stats_fraction·N)`` examples only: for ``mc``/``type-2`` the taps stay disarmed during the user's step and
+``step()`` runs one forward of that subset (on private copies of the buffers, so BatchNorm running statistics are
+untouched) and its sampled-target backward(s), which feed both Ω and Γ; the user's forward and backward then cost
+exactly an SGD step's. (``empirical``, and models compiled with the kfc backend, keep the capture in the user's
+pass and use the subset's rows.)
+
 ``step()`` then folds the batch factors into the moving averages (ε = min(1 − 1/k, stat_decay)), refreshes the
 damped inverses / eigendecompositions (steps 1–3 and every ``inverse_every`` steps), preconditions every KFC layer
 (``precondition.py``) and applies the update:
@@ -155,6 +162,8 @@ class KFC(torch.optim.Optimizer):
         weight_decay: ℓ2 coefficient: added to the gradient, folded into the damping and into ν.
         stats_every, inverse_every: statistics / inverse periods T_s, T_f (inverses also at steps 1–3).
         stat_decay: the moving-average cap: ε = min(1 − 1/k, stat_decay).
+        stats_fraction: share of the batch (its first examples, at least 2) that feeds the factor statistics
+            (K-FAC's τ₁); 1 uses the whole batch inside the user's own forward and backward.
         fisher: ``"mc"`` (sampled targets), ``"empirical"`` or ``"type-2"``.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or the matching ``nn`` loss instance (its
             reduction says whether the objective is a batch mean or sum; a sum scales the curvature by N).
@@ -175,6 +184,7 @@ class KFC(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, damping: float = 1e-3,
                  weight_decay: float = 0.0, stats_every: int = 1, inverse_every: int = 20, stat_decay: float = 0.95,
+                 stats_fraction: float = 0.125,
                  fisher: str = "mc", loss="cross_entropy", approx: str = "expand", mode: str = "pre",
                  clip: float | None = 0.3, averaging: float | None = None, damping_method: str = "factored",
                  fallback: str | None = "sgd", mc_samples: int = 1, generator: torch.Generator | None = None,
@@ -188,6 +198,7 @@ class KFC(torch.optim.Optimizer):
         self.stats_every = _positive_int("stats_every", stats_every)
         self.inverse_every = _positive_int("inverse_every", inverse_every)
         self.stat_decay = _real("stat_decay", stat_decay, low=0.0, high=1.0)
+        self.stats_fraction = _real("stats_fraction", stats_fraction, low=0.0, high=1.0, low_open=True)
         self.fisher = _choice("fisher", fisher, FISHER_TYPES)
         self.loss_spec = loss_spec(loss)
         self.approx = check_approx(approx)
@@ -227,6 +238,11 @@ class KFC(torch.optim.Optimizer):
         if route:
             _route(owner, tm)
         self._capture = info.state
+        # statistics on a subset: a separate forward of the subset in step() where possible, else the subset's rows
+        self._stats_in_step = (self.stats_fraction < 1.0 and self.fisher in ("mc", "type-2")
+                               and not _is_dynamo_module(tm))
+        self._capture.stats_fraction = None if self.stats_fraction == 1.0 or self._stats_in_step else self.stats_fraction
+        self._stats_due = False
 
         kfc_params: list[torch.nn.Parameter] = []
         for layer in self.layers:
@@ -393,7 +409,8 @@ class KFC(torch.optim.Optimizer):
         st = self._capture
         layers_pending = self._layers_version is not None and not self._frozen  # kfc backend, nothing compiled
         due = (k - 1) % self.stats_every == 0 and (any(not f for f in self._frozen) or layers_pending)
-        if not due:
+        self._stats_due = due and self._stats_in_step
+        if not due or self._stats_in_step:
             if self._armed:
                 st.disarm()
             self._armed = False
@@ -414,7 +431,8 @@ class KFC(torch.optim.Optimizer):
                     torch.autograd.grad(f, [st.slot], v, retain_graph=True, allow_unused=True)
 
     def _collect_statistics(self) -> int:
-        """Fold the recorded batch factors into the moving averages; returns how many layers were updated."""
+        """Fold the statistics recorded in the user's pass into the moving averages; returns how many layers were
+        updated."""
         st = self._capture
         if not self._armed:
             return 0
@@ -424,6 +442,28 @@ class KFC(torch.optim.Optimizer):
         st.reset()
         st.disarm()
         self._armed = False
+        return self._fold(batch)
+
+    def _statistics_pass(self) -> int:
+        """Statistics from a separate forward of the batch's leading subset and its sampled-target backward(s):
+        Ω in the first backward, Γ in all; no weight gradients (the backward targets only the taps' slot)."""
+        st = self._capture
+        saved = st.last_inputs
+        inputs = fvp.batch_subset(saved, self.stats_fraction)
+        st.reset()
+        try:
+            with torch.enable_grad(), st.armed_forward():
+                f = fvp.forward_with_private_buffers(self.model, inputs)
+        finally:
+            st.last_inputs = saved  # the output tap saw the subset
+        st.n_examples = f.shape[0]
+        vs = list(output_gradients(self.loss_spec, self.fisher, f, None, self.mc_samples, self.generator))
+        for i, v in enumerate(vs):
+            with st.backward_pass(inputs=i == 0, grads=True):
+                torch.autograd.grad(f, [st.slot], v, retain_graph=i + 1 < len(vs), allow_unused=True)
+        return self._fold(st.take())
+
+    def _fold(self, batch: dict[int, Factors]) -> int:
         updated = 0
         for i, f in batch.items():
             if self._frozen[i]:
@@ -509,6 +549,9 @@ class KFC(torch.optim.Optimizer):
         k = self._step_count + 1
         self._sync_layers()
         self._collect_statistics()
+        if self._stats_due:
+            self._statistics_pass()
+            self._stats_due = False
         inputs = self._capture.last_inputs
         n = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
         self._scale = 1.0 if self.loss_spec.reduction == "mean" else float(n)
