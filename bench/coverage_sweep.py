@@ -136,7 +136,8 @@ def render(records: list[dict], command: str, header: dict) -> str:
         "* equal outputs: `max |transformed - original| <= 1e-5 * max(1, max |original|)`; "
         "column *exact* says whether they are bitwise identical",
         "* coverage: share of trainable parameter elements under KFC (`tm.kfc.coverage`); the rest "
-        "(norms, embeddings, attention in-projections, class tokens, ...) goes to the fallback optimizer",
+        "(norms, embeddings, class tokens, position biases, biases passed into opaque functions, ...) goes to the fallback "
+        "optimizer; attention projections count as covered (tapped inside the attention call)",
         "* seconds: `kc.transform` wall time (2 CPU cores shared with other work, so indicative only)",
         "",
         "## Totals",
