@@ -153,7 +153,7 @@ def _add_zoo(sub) -> None:
         "zoo", help="transform + a few KFC steps on every torchvision model (or a list); zoo.md + zoo.json",
         description="For each model (random init, weights=None, nothing downloaded): find an input size it "
                     "accepts, transform it, run --steps KFC steps and as many SGD steps on a copy on one synthetic "
-                    "batch, and record tracing (ok / partial with black boxes / failed), layers by kind, "
+                    "batch, time steady-state KFC steps against SGD steps, and record tracing (ok / partial with black boxes / failed), layers by kind, "
                     "coverage, uncovered parameters by reason, loss before/after, step-time ratio and factor "
                     "memory. Detection models are transformed and reported only. A failing model never stops "
                     "the sweep. Writes zoo.md and zoo.json to --out after every model.")
@@ -168,6 +168,13 @@ def _add_zoo(sub) -> None:
     p.add_argument("--batch", type=_positive_int, default=2, help="synthetic batch size (default: %(default)s)")
     p.add_argument("--lr", type=_positive_float, default=0.01, help="KFC and SGD learning rate (default: %(default)s)")
     p.add_argument("--damping", type=_positive_float, default=0.1, help="KFC damping (default: %(default)s)")
+    p.add_argument("--timing-steps", type=_nonneg_int, default=3,
+                   help="steady-state KFC steps (after the optimizer's 3 inverse warm-up steps) and SGD steps (after "
+                        "one warm-up step) whose medians give the step-time ratio; 0: no timing (default: "
+                        "%(default)s)")
+    p.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+                   help="per-model wall-clock limit: each model runs in a forked worker process and one over the "
+                        "limit is stopped and recorded with what it measured so far (default: no limit)")
     p.add_argument("--out", default="zoo-out", metavar="DIR", help="output directory (default: %(default)s)")
     p.add_argument("--threads", type=_nonneg_int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -187,7 +194,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         names = zoo.model_names(args.family)
     command = "kfc-compile " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["zoo"] else None
     rows = zoo.run(names, steps=args.steps, resolution=args.resolution, batch=args.batch, out=args.out,
-                   lr=args.lr, damping=args.damping, progress=not args.no_progress, command=command)
+                   lr=args.lr, damping=args.damping, progress=not args.no_progress, command=command,
+                   timing_steps=args.timing_steps, time_limit=args.time_limit)
     t = zoo.totals(rows)
     print(f"{t['models']} models: ok {t['ok']}, partial {t['partial']}, failed {t['failed']}; "
           f"wrote {args.out}/zoo.md and {args.out}/zoo.json")

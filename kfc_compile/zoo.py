@@ -8,14 +8,21 @@ initialisation on synthetic data:
 1. builds it and finds the smallest input it accepts (``resolution`` first, then larger; per-model minimums);
 2. transforms it (``kc.transform``): traced fully, or partially (black boxes), or failed;
 3. runs ``steps`` KFC steps (``kc.KFC``, cross-entropy on the main output; per-pixel for segmentation) on one
-   fixed synthetic batch, and the same number of SGD steps on a copy, timing both;
+   fixed synthetic batch (the loss before and after them is recorded), then keeps stepping for the timing:
+   ``kfc_step_s`` is the median of ``timing_steps`` *steady-state* KFC steps, i.e. steps after the optimizer's
+   warm-up (it recomputes every inverse at steps 1–3; statistics are taken at every step, inverses are then
+   refreshed every 20 steps, which the median leaves out), and ``sgd_step_s`` the median of as many SGD
+   (momentum 0.9) steps on a copy after one warm-up step, in the same process: ``step_time_ratio`` is their ratio;
 4. records matched layers by kind, coverage, uncovered parameters by reason, the loss before and after, the
    step-time ratio and the bytes held by the optimizer's factors (moving averages and inverses).
 
-A model that fails never stops the sweep: its row says ``"failed"`` with the error. Detection models are
-transformed and reported only (their training needs target dicts). ``run`` returns the rows and, with ``out``,
-writes ``zoo.json`` (``{"schema_version": 1, "models": [...]}``, every row with exactly :data:`ROW_KEYS`) and
-``zoo.md``.
+A model that fails never stops the sweep: its row says ``"failed"`` with the error. With ``time_limit`` (seconds)
+each model runs in a worker process (forked from a fork server); one that runs over the limit is stopped and its row keeps what was
+measured before (coverage after the transform, the losses after the training steps): ``"failed"`` with a
+``time limit`` error if the training steps did not finish, else its status with the error noting the unfinished
+timing. Detection models are transformed and reported only (their training needs target dicts). ``run`` returns
+the rows and, with ``out``, writes ``zoo.json`` (``{"schema_version": 1, "models": [...]}``, every row with exactly
+:data:`ROW_KEYS`) and ``zoo.md``.
 """
 from __future__ import annotations
 
@@ -24,7 +31,9 @@ import datetime
 import gc
 import json
 import math
+import multiprocessing
 import os
+import pickle
 import platform
 import re
 import statistics
@@ -53,6 +62,7 @@ MIN_RES = {
 }
 VIDEO_FRAMES = {"mvit_v1_b": 16, "mvit_v2_s": 16, "s3d": 16}
 DETECTION_RES = (128, 224, 320)
+WARMUP_STEPS = 3  # kc.KFC recomputes every inverse at steps 1-3: step-time medians start after them
 
 
 def family_of(name: str) -> str:
@@ -190,25 +200,33 @@ def _targets(out, family: str, gen) -> torch.Tensor:
 
 def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, family: str | None = None, *,
             steps: int = 2, resolution: int | None = None, batch: int = 2, lr: float = 0.01,
-            damping: float = 0.1, sgd_steps: int = 2) -> dict:
-    """One report row (see :data:`ROW_KEYS`); never raises for a model's own failure."""
+            damping: float = 0.1, timing_steps: int = 3, progress: Callable[[str, dict], None] | None = None) -> dict:
+    """One report row (see :data:`ROW_KEYS`); never raises for a model's own failure. ``progress(stage, row)`` is
+    called with a copy of the row as each stage starts (the time-limited worker reports through it)."""
     import kfc_compile as kc
 
     family = family or (family_of(name) if constructor is None else "classification")
     row = _empty_row(name, family)
     t0 = time.perf_counter()
+    stage = "build"
+
+    def enter(new_stage: str) -> str:
+        if progress is not None:
+            progress(new_stage, dict(row, seconds=time.perf_counter() - t0))
+        return new_stage
+
     try:
         torch.manual_seed(0)
-        stage = "build"
+        stage = enter("build")
         model = constructor() if constructor is not None else build(name)
         if not isinstance(model, nn.Module):
             raise TypeError(f"constructor returned {type(model).__name__}, not an nn.Module")
         row["params"] = sum(p.numel() for p in model.parameters())
         row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        stage = "input"
+        stage = enter("input")
         x, out0 = _probe(model, name, family, resolutions(name, family, resolution), batch)
         row["input_shape"] = list(x.shape)
-        stage = "transform"
+        stage = enter("transform")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tm = kc.transform(model)
@@ -229,7 +247,7 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
         if family == "detection":
             row["status"] = "partial" if info.black_boxes else "ok"
             return row
-        stage = "train"
+        stage = enter("train")
         gen = torch.Generator().manual_seed(2)
         y = _targets(out0, family, gen)
         model.train()
@@ -238,42 +256,121 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
             warnings.simplefilter("ignore")
             # the whole (tiny) batch for the exact Fisher products: train-mode BatchNorm needs > 1 example
             opt = kc.KFC(model, lr=lr, damping=damping, loss="cross_entropy", clip_fraction=1.0)
-        times, losses = [], []
-        for _ in range(steps):
-            t = time.perf_counter()
+
+        def kfc_step() -> float:
             loss = _loss(model(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t)
-            losses.append(float(loss.detach()))
+            return float(loss.detach())
+
+        losses = [kfc_step() for _ in range(steps)]
         with torch.no_grad():
             after = float(_loss(model(x), y))
         row.update(trained=True, steps=steps, loss_before=losses[0] if losses else after, loss_after=after,
-                   factor_bytes=factor_bytes(opt), kfc_step_s=statistics.median(times) if times else None)
+                   factor_bytes=factor_bytes(opt))
         row["loss_decreased"] = math.isfinite(after) and after < row["loss_before"]
+        if not math.isfinite(after) or not all(map(math.isfinite, losses)):
+            raise FloatingPointError(f"non-finite loss: {losses} -> {after}")
+        row["status"] = "partial" if row["black_boxes"] else "ok"
+        stage = enter("timing")
+        times = []
+        if timing_steps:
+            for k in range(len(losses) + 1, WARMUP_STEPS + timing_steps + 1):  # the step number k of this step
+                t = time.perf_counter()
+                timed_loss = kfc_step()
+                if k > WARMUP_STEPS:
+                    times.append(time.perf_counter() - t)
+                if not math.isfinite(timed_loss):
+                    raise FloatingPointError(f"non-finite loss at KFC step {k}: {timed_loss}")
+        row["kfc_step_s"] = statistics.median(times) if times else None
         del opt
-        stage = "sgd"
         sgd = torch.optim.SGD(sgd_model.parameters(), lr=lr, momentum=0.9)
         st = []
-        for _ in range(sgd_steps):
+        for k in range(timing_steps + 1 if timing_steps else 0):
             t = time.perf_counter()
             _loss(sgd_model(x), y).backward()
             sgd.step()
             sgd.zero_grad(set_to_none=True)
-            st.append(time.perf_counter() - t)
+            if k:  # the first step allocates the momentum buffers
+                st.append(time.perf_counter() - t)
         row["sgd_step_s"] = statistics.median(st) if st else None
         if row["kfc_step_s"] and row["sgd_step_s"]:
             row["step_time_ratio"] = row["kfc_step_s"] / row["sgd_step_s"]
-        if not math.isfinite(after) or not all(map(math.isfinite, losses)):
-            raise FloatingPointError(f"non-finite loss: {losses} -> {after}")
-        row["status"] = "partial" if row["black_boxes"] else "ok"
     except Exception as e:  # noqa: BLE001 - a failure is a result, not a crash
         row["status"] = "failed"
         row["error"] = f"{stage}: {_short(e)}"
         row["trace"] = traceback.format_exc(limit=-4)
     finally:
         row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _worker(conn, name, ctor, fam, kwargs) -> None:
+    def progress(stage: str, row: dict) -> None:
+        conn.send(("progress", stage, row))
+
+    try:
+        row = run_one(name, ctor, fam, progress=progress, **kwargs)
+        conn.send(("done", None, row))
+    finally:
+        conn.close()
+
+
+def _context(*args):
+    """A fork server (children forked from a clean process that preloaded torch: a process that has already run
+    OpenMP-parallel torch ops cannot safely fork workers that use it again), or plain fork for arguments that
+    cannot be pickled (e.g. lambda constructors)."""
+    try:
+        pickle.dumps(args)
+    except Exception:  # noqa: BLE001 - anything unpicklable
+        return multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "kfc_compile.zoo"])
+    return ctx
+
+
+def run_limited(name: str, constructor=None, family: str | None = None, *, time_limit: float, **kwargs) -> dict:
+    """``run_one`` in a worker process, stopped after ``time_limit`` seconds (see the module doc)."""
+    ctx = _context(name, constructor, family)
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(send, name, constructor, family, kwargs), daemon=True)
+    t0 = time.perf_counter()
+    proc.start()
+    send.close()
+    stage, last, final = "start", None, None
+    deadline = time.monotonic() + time_limit
+    try:
+        while final is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not recv.poll(remaining):
+                break
+            try:
+                kind, new_stage, row = recv.recv()
+            except EOFError:  # the worker died without a result
+                break
+            if kind == "done":
+                final = row
+            else:
+                stage, last = new_stage, row
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        recv.close()
+    if final is not None:
+        return final
+    row = last or _empty_row(name, family or (family_of(name) if constructor is None else "classification"))
+    elapsed = time.perf_counter() - t0
+    if elapsed >= time_limit:
+        why = f"time limit: stopped after {time_limit:g} s"
+    else:
+        why = f"worker process died (exit code {proc.exitcode}; killed for memory?)"
+    if stage == "timing":  # trained with finite losses; only the step timing is missing
+        row["error"] = f"{stage}: {why} (step timing not finished)"
+    else:
+        row["status"], row["error"] = "failed", f"{stage}: {why}"
+    row["seconds"] = elapsed
     return row
 
 
@@ -295,9 +392,11 @@ def _normalise(models) -> list[tuple[str, Callable | None, str | None]]:
 
 
 def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 2, out: str | None = None, *,
-        lr: float = 0.01, damping: float = 0.1, progress: bool = True, command: str | None = None) -> list[dict]:
+        lr: float = 0.01, damping: float = 0.1, progress: bool = True, command: str | None = None,
+        timing_steps: int = 3, time_limit: float | None = None) -> list[dict]:
     """Run the zoo over ``models`` (names, ``"all"``, or ``(name, constructor[, family])``); see the module doc.
 
+    ``time_limit``: seconds per model (each model then runs in a forked worker process; None: in this process).
     With ``out`` (a directory) writes ``zoo.json`` and ``zoo.md`` there, rewritten after every model so an
     interrupted sweep keeps its rows."""
     from tqdm import tqdm
@@ -305,13 +404,19 @@ def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 2, out
     items = _normalise(models)
     header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "command": command, "steps": steps, "resolution": resolution, "batch": batch,
-              "lr": lr, "damping": damping, "n_models": len(items)}
+              "lr": lr, "damping": damping, "timing_steps": timing_steps, "time_limit": time_limit,
+              "n_models": len(items)}
     rows: list[dict] = []
+    t_start = time.perf_counter()
     bar = tqdm(items, file=sys.stderr, unit="model", disable=not progress)
     for name, ctor, fam in bar:
         bar.set_postfix_str(name)
-        row = run_one(name, ctor, fam, steps=steps, resolution=resolution, batch=batch, lr=lr,
-                      damping=damping)
+        kwargs = dict(steps=steps, resolution=resolution, batch=batch, lr=lr, damping=damping,
+                      timing_steps=timing_steps)
+        if time_limit is not None and "forkserver" in multiprocessing.get_all_start_methods():
+            row = run_limited(name, ctor, fam, time_limit=time_limit, **kwargs)
+        else:
+            row = run_one(name, ctor, fam, **kwargs)
         trace = row.pop("trace", None)
         rows.append(row)
         if progress:
@@ -321,6 +426,7 @@ def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 2, out
                        file=sys.stderr)
             if trace and os.environ.get("KFC_ZOO_TRACE"):
                 tqdm.write(trace, file=sys.stderr)
+        header["wall_s"] = round(time.perf_counter() - t_start, 1)
         if out:
             write(rows, out, header)
         gc.collect()
@@ -368,7 +474,8 @@ def totals(rows: list[dict]) -> dict:
 def render(rows: list[dict], header: dict) -> str:
     t = totals(rows)
     lines = ["# kfc-compile zoo", ""]
-    for k in ("command", "date", "machine", "steps", "resolution", "batch", "lr", "damping"):
+    for k in ("command", "date", "machine", "steps", "resolution", "batch", "lr", "damping", "timing_steps",
+              "time_limit", "wall_s"):
         if header.get(k) is not None:
             lines.append(f"* {k}: `{header[k]}`" if k == "command" else f"* {k}: {header[k]}")
     done = f"{len(rows)} of {header.get('n_models', len(rows))}"
@@ -377,7 +484,8 @@ def render(rows: list[dict], header: dict) -> str:
               f"* trained {t['trained']}, loss decreased on the fixed batch {t['loss_decreased']}",
               f"* coverage (share of trainable parameter elements under KFC): median {_pct(t['coverage_median'])}, "
               f"min {_pct(t['coverage_min'])} ({t['coverage_min_model']})",
-              f"* median KFC / SGD step-time ratio: {_num(t['ratio_median'])}", "",
+              f"* median KFC / SGD step-time ratio: {_num(t['ratio_median'])} (steady-state KFC steps: statistics "
+              "every step, the inverse refreshes every 20 steps left out; see the zoo module doc)", "",
               "| model | family | status | input | params | KFC layers | kinds | coverage | uncovered (reason: count) "
               "| loss before → after | KFC s/step | SGD s/step | ratio | factor MiB |",
               "|---|---|---|---|---:|---:|---|---:|---|---|---:|---:|---:|---:|"]

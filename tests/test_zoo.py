@@ -94,6 +94,30 @@ def test_cli_zoo(tmp_path, capsys):
     assert doc["models"][0]["status"] == "failed" and set(doc["models"][0]) == ROW_KEY_SET
 
 
+class Slow(SmallNet):
+    def forward(self, x):
+        import time
+
+        time.sleep(30)
+        return super().forward(x)
+
+
+def test_time_limit_stops_a_model_without_stopping_the_sweep(tmp_path):
+    """A model over the per-model limit runs in a worker that is killed; its row is failed with the reason and
+    keeps what was measured before (here the parameter count), and the next model still runs."""
+    rows = kc.zoo.run([("slow", Slow), ("small", SmallNet)], steps=1, resolution=8, batch=2, out=str(tmp_path),
+                      progress=False, time_limit=10, timing_steps=1)
+    slow, small = rows
+    assert slow["status"] == "failed" and "time limit" in slow["error"] and slow["error"].startswith("input")
+    assert slow["params"] == small["params"] and 10 <= slow["seconds"] < 25
+    assert set(slow) == ROW_KEY_SET
+    assert small["status"] == "ok", small["error"]
+    assert small["trained"] and small["step_time_ratio"] > 0
+    doc = json.loads((tmp_path / "zoo.json").read_text())
+    assert doc["run"]["time_limit"] == 10 and all(set(r) == ROW_KEY_SET for r in doc["models"])
+    assert "time limit" in (tmp_path / "zoo.md").read_text()
+
+
 def test_cli_zoo_bad_family(capsys):
     with pytest.raises(SystemExit):
         main(["zoo", "--family", "audio"])
