@@ -22,7 +22,9 @@ statistics (Ω/Γ accumulation in the taps, the sampled-target backward, moving 
 preconditioning, clipping ν (exact Fisher-vector products), the update, and the rest (forward + backward +
 Python), shown next to the SGD step.
 
-The compiled step (``kc.compile_step``) is not measured yet: the table says n/a.
+``--compiled`` also times ``kc.compile_step`` (the kfc backend + inductor for forward/backward, the KFC update
+eager) against SGD on ``torch.compile(model)``, each after its warm-up (compile time excluded); otherwise that
+column says n/a. ``--kfc-options`` passes extra ``kc.KFC`` arguments (e.g. a smaller ``clip_fraction``).
 
     .venv/bin/python bench/step_overhead.py                          # everything (~15 min on 2 cores)
     .venv/bin/python bench/step_overhead.py --models paper           # the paper net only
@@ -85,12 +87,16 @@ def build(case: str, seed: int = 0):
     return build_model(case, seed), build_batches(case, seed)
 
 
+KFC_OPTIONS: dict = {}  # --kfc-options: extra kc.KFC keyword arguments (default: the optimizer's defaults)
+
+
 def make_opt(kind: str, model, stats_every: int = 1, inverse_every: int = 20):
     if kind == "sgd":
         return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return kc.KFC(model, lr=LR, momentum=0.9, stats_every=stats_every, inverse_every=inverse_every)
+        return kc.KFC(model, lr=LR, momentum=0.9, stats_every=stats_every, inverse_every=inverse_every,
+                      **KFC_OPTIONS)
 
 
 class Stepper:
@@ -111,11 +117,44 @@ class Stepper:
         return time.perf_counter() - t
 
 
-def time_config(case: str, s: int, i: int, min_rounds: int, max_rounds: int, budget: float) -> dict:
+class CompiledStepper(Stepper):
+    """``kc.compile_step`` (forward/backward compiled by the kfc backend, KFC update eager) as a stepper."""
+
+    def __init__(self, step, batches):
+        super().__init__(step.model, step.optimizer, batches)
+        self.step = step
+
+    def run(self, n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            x, y = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            loss = self.step(x, y)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"non-finite loss after {self.i} steps")
+        return time.perf_counter() - t
+
+
+COMPILE_OPTIONS = {"layout_optimization": False}  # inductor's channels-last layout made CPU training slower
+
+
+def steppers(case: str, s: int, i: int, compiled: bool):
     model, batches = build(case)
     kmodel = copy.deepcopy(model)
-    sgd = Stepper(model, make_opt("sgd", model), batches)
-    kfc = Stepper(kmodel, make_opt("kfc", kmodel, s, i), batches)
+    if not compiled:
+        return Stepper(model, make_opt("sgd", model), batches), Stepper(kmodel, make_opt("kfc", kmodel, s, i), batches)
+    sgd_model = torch.compile(model, options=COMPILE_OPTIONS)
+    sgd = Stepper(sgd_model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step = kc.compile_step(kmodel, torch.nn.CrossEntropyLoss(), lr=LR, momentum=0.9, stats_every=s,
+                               inverse_every=i, backend_options=COMPILE_OPTIONS, **KFC_OPTIONS)
+    return sgd, CompiledStepper(step, batches)
+
+
+def time_config(case: str, s: int, i: int, min_rounds: int, max_rounds: int, budget: float,
+                compiled: bool = False) -> dict:
+    sgd, kfc = steppers(case, s, i, compiled)
     kfc.run(WARMUP), sgd.run(WARMUP)
     P = math.lcm(s, i)
     tk, ts = [], []
@@ -126,7 +165,7 @@ def time_config(case: str, s: int, i: int, min_rounds: int, max_rounds: int, bud
         if len(tk) >= min_rounds and time.perf_counter() - start > budget:
             break
     n = len(tk) * P
-    return {"model": case, "batch": BATCH[case], "stats_every": s, "inverse_every": i, "steps": n,
+    return {"model": case, "batch": BATCH[case], "stats_every": s, "inverse_every": i, "steps": n, "compiled": compiled,
             "kfc_ms": 1e3 * sum(tk) / n, "sgd_ms": 1e3 * sum(ts) / n, "ratio": sum(tk) / sum(ts),
             "round_ratios": [a / b for a, b in zip(tk, ts)]}
 
@@ -155,7 +194,8 @@ def memory_child(case: str, kind: str, steps: int) -> None:
 def measure_memory(case: str, steps: int = 5, threads: int | None = None) -> dict:
     out = {"model": case}
     for kind in ("sgd", "kfc"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", case, kind, str(steps)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", case, kind, str(steps),
+               "--kfc-options", json.dumps(KFC_OPTIONS)]
         if threads:
             cmd += ["--threads", str(threads)]
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -210,7 +250,8 @@ def _record_phase(state) -> str:
 PHASES = (  # (object, attribute, phase)
     ("capture", "record", _record_phase),
     ("opt", "_fisher_pass", "statistics: sampled-target backward"),
-    ("opt", "_collect_statistics", "statistics: moving averages"),
+    ("opt", "_statistics_pass", "statistics: subset forward + sampled-target backward"),
+    ("opt", "_fold", "statistics: moving averages"),
     ("opt", "_refresh_inverses", "inverses"),
     ("opt", "_natural", "preconditioning"),
     ("opt", "_fisher_quadratic", "clipping ν (Fisher-vector products)"),
@@ -234,7 +275,7 @@ def profile_config(case: str, s: int, i: int, rounds: int) -> dict:
         tk += kfc.run(P)
         ts += sgd.run(P)
     n = rounds * P
-    order = ["Ω", "Γ", "Ω+Γ", "sampled", "moving", "inverses", "precond", "clipping", "update"]
+    order = ["Ω", "Γ", "Ω+Γ", "subset", "sampled", "moving", "inverses", "precond", "clipping", "update"]
     rank = lambda ph: next((j for j, w in enumerate(order) if w in ph), len(order))  # noqa: E731
     phases = {ph: 1e3 * timer.total[ph] / n for ph in sorted(timer.total, key=rank)}
     rest = 1e3 * tk / n - sum(phases.values())
@@ -261,14 +302,22 @@ def main(argv=None) -> int:
                                                               "--min-rounds (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--compiled", action="store_true", help="also time kc.compile_step against a torch.compile'd "
+                                                           "SGD step (inductor; compile time excluded)")
     p.add_argument("--no-timing", action="store_true", help="skip the step-time ratios")
     p.add_argument("--profile", action="store_true", help="also print where KFC's step time goes")
     p.add_argument("--profile-rounds", type=int, default=1)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--kfc-options", default="{}", help="JSON dict of extra kc.KFC arguments, e.g. "
+                                                      "'{\"clip_fraction\": 0.0625}' (default: none)")
     p.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    try:
+        KFC_OPTIONS.update(json.loads(a.kfc_options))
+    except (ValueError, TypeError) as e:
+        p.error(f"--kfc-options must be a JSON object: {e}")
     if a._memory_child:
         case, kind, steps = a._memory_child
         memory_child(case, kind, int(steps))
@@ -285,8 +334,8 @@ def main(argv=None) -> int:
 
     print(f"# step_overhead: {datetime.datetime.now():%Y-%m-%d %H:%M}, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    res: dict = {"timing": [], "memory": [], "profile": [], "torch": torch.__version__,
+          f"load average {os.getloadavg()[0]:.1f}, KFC options {json.dumps(KFC_OPTIONS)}", flush=True)
+    res: dict = {"timing": [], "memory": [], "profile": [], "torch": torch.__version__, "kfc_options": KFC_OPTIONS,
                  "threads": torch.get_num_threads(), "date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}"}
     if not a.no_timing:
         rows = []
@@ -294,12 +343,19 @@ def main(argv=None) -> int:
             for s, i in configs:
                 r = time_config(c, s, i, a.min_rounds, a.max_rounds, a.budget)
                 res["timing"].append(r)
+                rc = time_config(c, s, i, a.min_rounds, a.max_rounds, a.budget, compiled=True) if a.compiled else None
+                if rc is not None:
+                    res["timing"].append(rc)
                 rows.append([c, str(BATCH[c]), f"({s}, {i})", str(r["steps"]), f"{r['sgd_ms']:.1f}",
-                             f"{r['kfc_ms']:.1f}", f"{r['ratio']:.2f}x", "n/a"])
-                print(f"  {c} ({s},{i}): {r['steps']} steps, SGD {r['sgd_ms']:.1f} ms, KFC {r['kfc_ms']:.1f} ms, "
-                      f"ratio {r['ratio']:.2f} (per window: {', '.join(f'{x:.2f}' for x in r['round_ratios'])})",
-                      file=sys.stderr, flush=True)
-        print("\nKFC step time / SGD step time (eager; compiled: not measured yet)\n")
+                             f"{r['kfc_ms']:.1f}", f"{r['ratio']:.2f}x",
+                             f"{rc['ratio']:.2f}x ({rc['kfc_ms']:.0f}/{rc['sgd_ms']:.0f} ms)" if rc else "n/a"])
+                for x in (r, rc) if rc else (r,):
+                    print(f"  {c} ({s},{i}){' compiled' if x['compiled'] else ''}: {x['steps']} steps, "
+                          f"SGD {x['sgd_ms']:.1f} ms, KFC {x['kfc_ms']:.1f} ms, ratio {x['ratio']:.2f} "
+                          f"(per window: {', '.join(f'{v:.2f}' for v in x['round_ratios'])})", file=sys.stderr,
+                          flush=True)
+        print("\nKFC step time / SGD step time (compiled: kc.compile_step / torch.compile'd SGD step, "
+              "KFC/SGD ms per step)\n")
         print(table(rows, ["model", "batch", "(stats, inv)", "steps", "SGD ms/step", "KFC ms/step",
                            "eager ratio", "compiled ratio"]))
     if not a.no_memory:
