@@ -45,7 +45,9 @@ class Use:
 def module_site(m: nn.Module) -> tuple[Site | None, str]:
     """The site of a stock conv/linear module, or None and the reason it is not supported."""
     if isinstance(m, _ConvTransposeNd):
-        return None, f"{type(m).__name__}: transposed convolution is not under KFC yet"
+        return None, (f"{type(m).__name__}: transposed convolution is not under KFC (its factors swap roles: Ω from "
+                      "the input channels, Γ from output-gradient patches, and the bias does not fit that "
+                      "Kronecker form)")
     if isinstance(m, nn.Linear):
         return linear_site(m.weight, m.bias is not None), ""
     return conv_site(m.weight, m.bias is not None, m.stride, m.padding, m.dilation, m.groups, m.padding_mode), ""
