@@ -188,3 +188,35 @@ def test_factored_damping_survives_rounding_of_a_rank_deficient_factor():
     Ainv, Ginv = factored_inverses(A, G, eta=0.1)
     assert torch.isfinite(Ainv).all() and torch.isfinite(Ginv).all()
     assert torch.linalg.eigvalsh(Ainv.double()).min() > 0  # positive definite, not a clamped mess
+
+
+@pytest.mark.parametrize("method", ["eigen", "factored"])
+def test_factored_clip_statistic_is_v_F_v_under_the_damped_curvature(method):
+    """clip_curvature='factored': ν = vᵀ F̂_γ v with v = −lr·F̂_γ⁻¹∇h, i.e. lr²·∇hᵀF̂_γ⁻¹∇h from a dense solve;
+    clipping scales the update by sqrt(C/ν); no extra forward is needed (no recorded inputs)."""
+    torch.manual_seed(3)
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    damping, wd, lr, clip = 0.05, 0.01, 0.7, 1e-4
+    opt = kc.KFC(model, lr=lr, damping=damping, weight_decay=wd, damping_method=method, fallback=None, momentum=0.0,
+                 clip=clip, clip_curvature="factored")
+    (layer,) = opt.layers
+    A, G = spd(1, layer.a_dim, gen), spd(1, layer.g_dim, gen)
+    opt.set_factors(layer.name, A, G, frozen=True)
+    layer.weight.grad = torch.randn_like(layer.weight)
+    layer.bias.grad = torch.randn_like(layer.bias)
+    g = torch.cat([layer.weight.grad + wd * layer.weight.detach(),
+                   (layer.bias.grad + wd * layer.bias.detach())[:, None]], -1)[None]
+    u = (dense_eigen if method == "eigen" else dense_factored)(A, G, g, damping + wd)
+    nu = lr ** 2 * float((u * g).sum())
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert opt.last_step["nu"] == pytest.approx(nu, rel=1e-10)
+    assert nu > clip and opt.last_step["clip_scale"] == pytest.approx((clip / nu) ** 0.5, rel=1e-10)
+    step_w = model[0].weight.detach() - before[0]
+    torch.testing.assert_close(step_w, -lr * (clip / nu) ** 0.5 * u[0, :, :5], rtol=1e-9, atol=1e-12)
+
+
+def test_clip_curvature_validation():
+    with pytest.raises(ValueError, match="clip_curvature"):
+        kc.KFC(nn.Linear(2, 2), lr=0.1, clip_curvature="kl")

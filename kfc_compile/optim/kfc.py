@@ -24,7 +24,9 @@ damped inverses / eigendecompositions (steps 1–3 and every ``inverse_every`` s
 
 * ``mode="pre"`` (KFC-pre, the paper's experiments; kfc_spec.md §6.2, KFC-S Alg. 1):
   v = −lr·F̂⁻¹∇h; ν = vᵀFv + wd·vᵀv with exact Fisher-vector products (forward-mode JVPs) on the first
-  ``clip_fraction`` of the batch; if ν > clip, v ← v·sqrt(clip/ν); p ← μp + v; θ ← θ + p; optional iterate
+  ``clip_fraction`` of the batch (or, with ``clip_curvature="factored"``, ν = vᵀF̂v under the damped
+  Kronecker-factored curvature itself, = lr²·⟨F̂⁻¹∇h, ∇h⟩: no extra pass, the kl-clip of kfac-pytorch; fallback
+  parameters then add only wd·vᵀv); if ν > clip, v ← v·sqrt(clip/ν); p ← μp + v; θ ← θ + p; optional iterate
   averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
 * ``mode="adaptive"`` (full K-FAC rescaling; kfc_spec.md §5.4–6.1): Δ = −F̂⁻¹∇h, δ = lr·(αΔ + μδ₀) with (α, μ)
   minimising the quadratic model M built from the exact mini-batch Fisher (2 JVPs) plus (damping + wd)·I;
@@ -58,6 +60,7 @@ from kfc_compile.registry import KFCInfo, KFCLayer
 from kfc_compile.transform import check_approx, transform
 
 MODES = ("pre", "adaptive")
+CLIP_CURVATURES = ("exact", "factored")
 FALLBACKS = ("sgd", "adam", None)
 _STATE_VERSION = 1
 
@@ -177,6 +180,8 @@ class KFC(torch.optim.Optimizer):
         generator: ``torch.Generator`` for the MC targets (its state is part of ``state_dict``); default: the
             global RNG (save ``torch.get_rng_state()`` yourself for bit-identical resumes).
         clip_fraction: share of the batch (its first examples) used for the exact Fisher products.
+        clip_curvature: ``"exact"`` (the paper: exact Fisher-vector products on ``clip_fraction`` of the batch) or
+            ``"factored"`` (the optimizer's own damped F̂: free, no extra forward).
         fallback_lr: learning rate of the fallback group (default: ``lr`` for SGD, 1e-3 for Adam).
         fallback_betas, fallback_eps: Adam's hyper-parameters.
         lm_interval, lm_decay, min_damping: Levenberg–Marquardt period T1, factor ω₁ and floor for λ.
@@ -188,7 +193,7 @@ class KFC(torch.optim.Optimizer):
                  fisher: str = "mc", loss="cross_entropy", approx: str = "expand", mode: str = "pre",
                  clip: float | None = 0.3, averaging: float | None = None, damping_method: str = "factored",
                  fallback: str | None = "sgd", mc_samples: int = 1, generator: torch.Generator | None = None,
-                 clip_fraction: float = 0.25, fallback_lr: float | None = None,
+                 clip_fraction: float = 0.25, clip_curvature: str = "exact", fallback_lr: float | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8):
         lr = _real("lr", lr, low=0.0)
@@ -212,6 +217,7 @@ class KFC(torch.optim.Optimizer):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self.clip_fraction = _real("clip_fraction", clip_fraction, low=0.0, high=1.0, low_open=True)
+        self.clip_curvature = _choice("clip_curvature", clip_curvature, CLIP_CURVATURES)
         if fallback_lr is not None:
             fallback_lr = _real("fallback_lr", fallback_lr, low=0.0)
         if (not isinstance(fallback_betas, (tuple, list)) or len(fallback_betas) != 2
@@ -613,9 +619,21 @@ class KFC(torch.optim.Optimizer):
         scale = None
         if self.clip is not None:
             wd = kg["weight_decay"] if kg is not None else fg["weight_decay"]
-            nu = float(self._fisher_quadratic([{p: t for p, (t, _) in v.items()}])[0, 0])
-            if wd:
-                nu += wd * sum(float(t.double().pow(2).sum()) for t, _ in v.values())
+            if self.clip_curvature == "exact":
+                nu = float(self._fisher_quadratic([{p: t for p, (t, _) in v.items()}])[0, 0])
+                if wd:
+                    nu += wd * sum(float(t.double().pow(2).sum()) for t, _ in v.values())
+            else:  # vᵀF̂v = lr²·uᵀ∇h with u = F̂⁻¹∇h (F̂ holds the damping and the weight decay)
+                nu = 0.0
+                if kg is not None:
+                    kwd = kg["weight_decay"]
+                    for p, u in nat.items():
+                        g = p.grad if p.grad is not None else torch.zeros_like(p)
+                        g = g + kwd * p.detach() if kwd else g
+                        nu += kg["lr"] ** 2 * float((u.double() * g.double()).sum())
+                if fg is not None and fg["weight_decay"]:
+                    nu += fg["weight_decay"] * sum(float(v[p][0].double().pow(2).sum()) for p in fg["params"]
+                                                   if p in v)
             info["nu"] = nu
             if nu > self.clip:
                 scale = math.sqrt(self.clip / nu)
