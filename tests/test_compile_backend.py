@@ -400,3 +400,35 @@ def test_statistics_subset_compiled_equals_eager():
         for got in (eager_opt.factors(name), opt.factors(name)):
             torch.testing.assert_close(got.A, f.A, rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(got.G, f.G, rtol=1e-12, atol=1e-14)
+
+
+def test_two_modules_of_one_class_each_get_their_own_graphs(monkeypatch):
+    """torch.compile(m, backend="kfc") without options hands dynamo the same backend function for every module;
+    dynamo would then run the first module's graphs (and taps) for the second. Each module must get its own layers
+    and statistics, equal to an eager twin's."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx",
+                        lambda gm, ex, config_patches=None: lookup_backend("aot_eager")(gm, ex))  # fast CI
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()  # noqa: E731
+    bases = [make(), make()]
+    opts = dict(lr=0.05, damping=0.01, fisher="type-2", clip=None, stats_fraction=1.0)
+    batches = _batches(2, 6, (4,), 3, torch.float64)
+    compiled, eager = [], []
+    for base in bases:
+        cm = torch.compile(copy.deepcopy(base), backend="kfc")
+        compiled.append((cm, kc.KFC(cm, **opts)))
+        em = copy.deepcopy(base)
+        eager.append((em, kc.KFC(em, **opts)))
+    for x, y in batches:  # the two compiled modules alternate, as in a training loop holding both
+        for (cm, opt), (em, eopt) in zip(compiled, eager):
+            _train(cm, opt, [(x, y)])
+            _train(em, eopt, [(x, y)])
+    for (cm, opt), (em, eopt) in zip(compiled, eager):
+        assert [layer.name for layer in opt.layers] == ["0", "2"]
+        for name in ("0", "2"):
+            torch.testing.assert_close(opt.factors(name).A, eopt.factors(name).A, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(opt.factors(name).G, eopt.factors(name).G, rtol=1e-12, atol=1e-14)
+        for pc, pe in zip(cm.parameters(), em.parameters()):
+            torch.testing.assert_close(pc, pe, rtol=1e-12, atol=1e-14)

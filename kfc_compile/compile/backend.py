@@ -178,6 +178,7 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
         raise NotImplementedError(f"KFC on a model compiled with backend {getattr(backend, '__name__', backend)!r} "
                                   "(no capture taps) is not supported: use torch.compile(model, backend='kfc'), or "
                                   "torch.compile(kc.transform(model))")
+    _separate_cache(model)
     orig = model._orig_mod
     info = _MODELS.get(orig)
     if info is not None:  # the same module compiled again
@@ -214,12 +215,44 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
     return info
 
 
+class _ModelBackend:
+    """The backend of one compiled module, under its own identity.
+
+    Dynamo keeps compiled code per code object and reuses an entry when its guards pass and the *innermost backend
+    object* is the same; with parameters as graph inputs, a second module of the same class compiled with
+    ``backend="kfc"`` would otherwise run the first module's graphs, whose taps feed the first module's registry
+    (its own registry would stay empty). Wrapping the backend per module makes dynamo compile each module's graphs
+    for it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def _backend_link(model):
+    """The last wrapper in a compiled module's callback chain (its ``_torchdynamo_orig_backend`` is the backend)."""
+    link = model.dynamo_ctx.callback
+    while hasattr(getattr(link, "_torchdynamo_orig_backend", None), "_torchdynamo_orig_backend"):
+        link = link._torchdynamo_orig_backend
+    return link
+
+
 def _innermost_backend(model):
-    """The backend a compiled module was built with (unwrapping dynamo's and torch.compile's wrappers)."""
-    fn = model.dynamo_ctx.callback
-    while hasattr(fn, "_torchdynamo_orig_backend"):
-        fn = fn._torchdynamo_orig_backend
+    """The backend a compiled module was built with (unwrapping dynamo's, torch.compile's and our wrappers)."""
+    fn = getattr(_backend_link(model), "_torchdynamo_orig_backend", None)
+    if isinstance(fn, _ModelBackend):
+        fn = fn.inner
     return getattr(fn, "compiler_fn", fn)
+
+
+def _separate_cache(model) -> None:
+    """Give this compiled module's backend its own identity (see ``_ModelBackend``); idempotent."""
+    link = _backend_link(model)
+    inner = getattr(link, "_torchdynamo_orig_backend", None)
+    if inner is not None and not isinstance(inner, _ModelBackend):
+        link._torchdynamo_orig_backend = _ModelBackend(inner)
 
 
 def _install_output_tap(model: nn.Module, state: CaptureState) -> None:
