@@ -178,7 +178,6 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
         raise NotImplementedError(f"KFC on a model compiled with backend {getattr(backend, '__name__', backend)!r} "
                                   "(no capture taps) is not supported: use torch.compile(model, backend='kfc'), or "
                                   "torch.compile(kc.transform(model))")
-    _separate_cache(model)
     orig = model._orig_mod
     info = _MODELS.get(orig)
     if info is not None:  # the same module compiled again
@@ -192,6 +191,8 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
         owner = _owner(p)
         if owner is not None and owner not in found:
             found.append(owner)
+    if not found:  # nothing compiled for this module yet: keep other modules' graphs away from it
+        _separate_cache(model)
     named = [o for o in found if not o.orphan]
     info = named[0] if named else _new_info(approx, device, orphan=False)
     info.orphan = False
@@ -248,7 +249,9 @@ def _innermost_backend(model):
 
 
 def _separate_cache(model) -> None:
-    """Give this compiled module's backend its own identity (see ``_ModelBackend``); idempotent."""
+    """Give this compiled module's backend its own identity (see ``_ModelBackend``); idempotent. Done when its
+    registry is created before any graph was compiled for it; graphs compiled earlier for its own parameters keep
+    matching (no recompile), and any later module of the class gets its own identity in turn."""
     link = _backend_link(model)
     inner = getattr(link, "_torchdynamo_orig_backend", None)
     if inner is not None and not isinstance(inner, _ModelBackend):
