@@ -1,6 +1,8 @@
 """Preconditioning against dense float64 solves (kfc_spec.md §5.1–5.2, §11.1 item 3)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -152,7 +154,7 @@ def test_fp32_cholesky_failure_is_retried_in_fp64(monkeypatch):
         return (L, torch.ones_like(info)) if M.dtype == torch.float32 else (L, info)
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
-    Ainv, Ginv = P.factored_inverses(A, G, 0.0)
+    Ainv, Ginv, _ = P.factored_inverses(A, G, 0.0)
     assert Ainv.dtype == torch.float32
     torch.testing.assert_close(Ainv[0] @ A[0], torch.eye(4), rtol=1e-4, atol=1e-4)
 
@@ -185,7 +187,7 @@ def test_factored_damping_survives_rounding_of_a_rank_deficient_factor():
     lam[0], lam[1], lam[-1] = 10.0, 5.0, -1e-6
     A = (Q @ torch.diag(lam) @ Q.T).float()[None]
     G = (1e14 * torch.eye(32)).float()[None]
-    Ainv, Ginv = factored_inverses(A, G, eta=0.1)
+    Ainv, Ginv, _ = factored_inverses(A, G, eta=0.1)
     assert torch.isfinite(Ainv).all() and torch.isfinite(Ginv).all()
     assert torch.linalg.eigvalsh(Ainv.double()).min() > 0  # positive definite, not a clamped mess
 
@@ -220,3 +222,43 @@ def test_factored_clip_statistic_is_v_F_v_under_the_damped_curvature(method):
 def test_clip_curvature_validation():
     with pytest.raises(ValueError, match="clip_curvature"):
         kc.KFC(nn.Linear(2, 2), lr=0.1, clip_curvature="kl")
+
+
+@pytest.mark.parametrize("method", ["eigen", "factored"])
+def test_silent_coordinates_restricted_inverse_matches_dense_solve(method):
+    """A conv whose 5×5 kernel mostly reads padding (1×1 input, padding 2) has silent Ω coordinates: the inverse
+    is taken on the live block only, and the update equals the dense damped solve with the full Ω (weight decay
+    makes the silent coordinates' gradient nonzero); state_dict keeps the restricted inverse."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(6, 4, 5, padding=2), nn.Flatten(), nn.Linear(4, 3)).double()
+    damping, wd = 0.05, 0.01
+    opt = kc.KFC(model, lr=0.1, damping=damping, weight_decay=wd, damping_method=method, fallback=None,
+                 stats_fraction=1.0, clip=None)
+    x, y = torch.randn(16, 6, 1, 1, dtype=torch.float64), torch.randint(0, 3, (16,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()  # statistics and inverses from the batch
+    conv = opt.layers[0]
+    inv = opt._inverse[0]
+    assert "live" in inv.tensors and inv.tensors["live"].tolist() == [c * 25 + 12 for c in range(6)] + [150]
+    A, G = (t.unsqueeze(0) for t in opt.factors(conv.name))
+    assert float(A.diagonal(dim1=-2, dim2=-1)[0, 0]) == 0.0  # a silent coordinate indeed
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    got = opt.precondition()
+    g = torch.cat([(conv.weight.grad + wd * conv.weight.detach()).reshape(1, 4, -1),
+                   (conv.bias.grad + wd * conv.bias.detach()).reshape(1, 4, 1)], -1)
+    ref = (dense_eigen if method == "eigen" else dense_factored)(A, G, g, damping + wd)
+    torch.testing.assert_close(got[conv.weight], ref[..., :150].reshape(conv.weight.shape), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got[conv.bias], ref[..., 150].reshape(conv.bias.shape), rtol=1e-9, atol=1e-12)
+    opt2 = kc.KFC(copy.deepcopy(model), lr=0.1, damping=damping, weight_decay=wd, damping_method=method,
+                  fallback=None)
+    opt2.load_state_dict(opt.state_dict())
+    assert torch.equal(opt2._inverse[0].tensors["live"], inv.tensors["live"])
+
+
+def test_silent_coordinates_without_damping_raise():
+    A = torch.eye(80, dtype=torch.float64)[None].clone()
+    A[0, :20, :20] = 0
+    G = torch.eye(3, dtype=torch.float64)[None]
+    with pytest.raises(P.SingularFactorError, match="never see a nonzero input"):
+        P.compute_inverse("factored", A, G, 0.0, 1.0, "x")
