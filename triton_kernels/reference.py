@@ -21,10 +21,18 @@ def _no_autocast(device: torch.device):
 
 
 def sym_axpby_(F: Tensor, G: Tensor, alpha: float, beta: float) -> Tensor:
-    """F <- sym(beta*F + alpha*G) in place, built from the upper triangle; beta == 0 never reads F (NaN-safe)."""
-    S = alpha * G if beta == 0 else beta * F + alpha * G
-    S = torch.triu(S) + torch.triu(S, 1).mT
-    return F.copy_(S)
+    """F <- sym(beta*F + alpha*G) in place, built from the upper triangle; beta == 0 never reads F (NaN-safe).
+
+    In place with one half-size temporary (the mirrored triangle): factors can be thousands wide."""
+    if beta == 0:
+        F.copy_(G).mul_(alpha)
+    else:
+        F.mul_(beta).add_(G, alpha=alpha)
+    d = F.shape[-1]
+    if d > 1:
+        r, c = torch.triu_indices(d, d, 1, device=F.device)
+        F[..., c, r] = F[..., r, c]
+    return F
 
 
 def syrk_update_(F: Tensor, X: Tensor, alpha: float, beta: float, ones: bool) -> Tensor:

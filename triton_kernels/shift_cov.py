@@ -69,17 +69,18 @@ def patch_cov_update_cpu(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float,
         return patch_cov_update_(F, x, geom, alpha, beta, ones)
     key = (geom, ones, F.dtype, x.dtype, F.device.type)
     choice = _chosen.get(key)
-    if choice is None:
-        results, times = {}, {}
-        for name, fn in (("im2col", reference.patch_cov_update_), ("shift", patch_cov_update_)):
-            out = F.clone()
-            t0 = time.perf_counter()
-            fn(out, x, geom, alpha, beta, ones)
-            times[name], results[name] = time.perf_counter() - t0, out
-        choice = _chosen[key] = min(times, key=times.get)
-        log.debug("patch covariance %s: im2col %.2f ms, shift %.2f ms -> %s", geom, 1e3 * times["im2col"],
-                  1e3 * times["shift"], choice)
-        return F.copy_(results[choice])
+    if choice is None:  # time both: shift into a scratch copy, im2col into F itself (one extra factor-sized buffer)
+        scratch = F.clone()
+        t0 = time.perf_counter()
+        patch_cov_update_(scratch, x, geom, alpha, beta, ones)
+        t_shift = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        reference.patch_cov_update_(F, x, geom, alpha, beta, ones)
+        t_im2col = time.perf_counter() - t0
+        choice = _chosen[key] = "shift" if t_shift < t_im2col else "im2col"
+        log.debug("patch covariance %s: im2col %.2f ms, shift %.2f ms -> %s", geom, 1e3 * t_im2col, 1e3 * t_shift,
+                  choice)
+        return F.copy_(scratch) if choice == "shift" else F
     fn = patch_cov_update_ if choice == "shift" else reference.patch_cov_update_
     return fn(F, x, geom, alpha, beta, ones)
 
@@ -183,14 +184,28 @@ def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, be
                         si.append(sn), kf.append(flat[k]), kpf.append(flat[kj])
             si, kf, kpf = torch.tensor(si), torch.tensor(kf), torch.tensor(kpf)
             blocks = sums[kf, :, si].mT  # (pairs, G, Cg, Cg)
+            same = kf == kpf  # diagonal blocks: x xᵀ from a GEMM, symmetrised so that Ω is exactly symmetric
+            blocks[same] = 0.5 * (blocks[same] + blocks[same].mT)
             W[kf, kpf] = blocks
             W[kpf, kf] = blocks.mT
             chunk = []
-        omega = W.permute(2, 3, 0, 4, 1).reshape(G, Cg * K, Cg * K)
+        D = Cg * K
+        # Ω is exactly symmetric by construction (mirrored blocks), so the update is elementwise: no symmetrising
+        # pass and no full-size temporary besides W
+        target = F[:, :D, :D]
+        if beta == 0:
+            target.copy_(W.permute(2, 3, 0, 4, 1).reshape(G, D, D)).mul_(alpha)
+        else:
+            target.mul_(beta).add_(W.permute(2, 3, 0, 4, 1).reshape(G, D, D), alpha=alpha)
+        del W
         if ones:
             real = xp[r[0]:r[0] + S[0], r[1]:r[1] + S[1], :, :, r[2]:r[2] + S[2]].sum(-1)  # (S0, S1, G, Cg, S2)
             per_cell = torch.stack([real[..., a:b].sum(-1) for a, b in zip(cells[:-1], cells[1:])], dim=2)
-            row = _box_sums(per_cell, geom, cells).permute(1, 2, 0).reshape(G, 1, Cg * K)  # patch sums
-            corner = omega.new_full((G, 1, 1), float(N * geom.T))
-            omega = torch.cat([torch.cat([omega, row.mT], dim=2), torch.cat([row, corner], dim=2)], dim=1)
-        return reference.sym_axpby_(F, omega, alpha, beta)
+            row = _box_sums(per_cell, geom, cells).permute(1, 2, 0).reshape(G, D)  # patch sums
+            corner = torch.full((G,), float(N * geom.T), dtype=F.dtype, device=F.device)
+            for part, value in ((F[:, D, :D], row), (F[:, :D, D], row), (F[:, D, D], corner)):
+                if beta == 0:
+                    part.copy_(value).mul_(alpha)
+                else:
+                    part.mul_(beta).add_(value, alpha=alpha)
+        return F

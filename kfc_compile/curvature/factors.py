@@ -122,8 +122,9 @@ class BatchStatistics:
         """Normalised (Ω, Γ), stacked per group; None if this layer saw no input or no gradient."""
         if self.A is None or self.G is None or n_examples <= 0:
             return None
-        A = self.A / n_examples
-        G = self.G / (self.g_rows if self.approx == "expand" else n_examples)
+        # in place: the accumulators are not used again (CaptureState.take drops them), and Ω can be large
+        A = self.A.div_(n_examples)
+        G = self.G.div_(self.g_rows if self.approx == "expand" else n_examples)
         return Factors(A, G)
 
 
@@ -134,11 +135,6 @@ class RunningFactors:
     A: torch.Tensor
     G: torch.Tensor
     updates: int = 0
-
-    @classmethod
-    def zeros(cls, groups: int, a_dim: int, g_dim: int, dtype: torch.dtype, device: torch.device) -> "RunningFactors":
-        return cls(torch.zeros(groups, a_dim, a_dim, dtype=dtype, device=device),
-                   torch.zeros(groups, g_dim, g_dim, dtype=dtype, device=device))
 
     def update(self, batch: Factors, decay: float) -> None:
         self.updates += 1

@@ -475,10 +475,10 @@ class KFC(torch.optim.Optimizer):
             if self._frozen[i]:
                 continue
             rf = self._running[i]
-            if rf is None:
-                rf = self._running[i] = RunningFactors.zeros(f.A.shape[0], f.A.shape[-1], f.G.shape[-1], f.A.dtype,
-                                                             f.A.device)
-            rf.update(f, self.stat_decay)
+            if rf is None:  # the first update has ε = 0: the batch factors become the average (no copy)
+                self._running[i] = RunningFactors(f.A, f.G, updates=1)
+            else:
+                rf.update(f, self.stat_decay)
             updated += 1
         return updated
 
