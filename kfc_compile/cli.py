@@ -173,10 +173,12 @@ def _add_zoo(sub) -> None:
                         "one warm-up step) whose medians give the step-time ratio; 0: no timing (default: "
                         "%(default)s)")
     p.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
-                   help="per-model wall-clock limit: each model runs in a forked worker process and one over the "
+                   help="per-model wall-clock limit: each model runs in a worker process and one over the "
                         "limit is stopped and recorded with what it measured so far (default: no limit)")
     p.add_argument("--out", default="zoo-out", metavar="DIR", help="output directory (default: %(default)s)")
-    p.add_argument("--threads", type=_nonneg_int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument("--threads", type=_nonneg_int, default=0,
+                   help="torch intra-op threads, also in the --time-limit workers (0 = torch's default; on a machine "
+                        "shared with other jobs use 1: oversubscribed OpenMP threads slow small ops by 10-50x)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_zoo)
 

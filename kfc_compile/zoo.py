@@ -306,7 +306,9 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
     return row
 
 
-def _worker(conn, name, ctor, fam, kwargs) -> None:
+def _worker(conn, name, ctor, fam, kwargs, threads: int) -> None:
+    torch.set_num_threads(threads)  # the fork server does not inherit the caller's setting
+
     def progress(stage: str, row: dict) -> None:
         conn.send(("progress", stage, row))
 
@@ -334,7 +336,8 @@ def run_limited(name: str, constructor=None, family: str | None = None, *, time_
     """``run_one`` in a worker process, stopped after ``time_limit`` seconds (see the module doc)."""
     ctx = _context(name, constructor, family)
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(send, name, constructor, family, kwargs), daemon=True)
+    proc = ctx.Process(target=_worker, args=(send, name, constructor, family, kwargs, torch.get_num_threads()),
+                       daemon=True)
     t0 = time.perf_counter()
     proc.start()
     send.close()
@@ -405,6 +408,7 @@ def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 2, out
     header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "command": command, "steps": steps, "resolution": resolution, "batch": batch,
               "lr": lr, "damping": damping, "timing_steps": timing_steps, "time_limit": time_limit,
+              "threads": torch.get_num_threads(),
               "n_models": len(items)}
     rows: list[dict] = []
     t_start = time.perf_counter()
@@ -474,8 +478,8 @@ def totals(rows: list[dict]) -> dict:
 def render(rows: list[dict], header: dict) -> str:
     t = totals(rows)
     lines = ["# kfc-compile zoo", ""]
-    for k in ("command", "date", "machine", "steps", "resolution", "batch", "lr", "damping", "timing_steps",
-              "time_limit", "wall_s"):
+    for k in ("command", "date", "machine", "threads", "steps", "resolution", "batch", "lr", "damping",
+              "timing_steps", "time_limit", "wall_s"):
         if header.get(k) is not None:
             lines.append(f"* {k}: `{header[k]}`" if k == "command" else f"* {k}: {header[k]}")
     done = f"{len(rows)} of {header.get('n_models', len(rows))}"
