@@ -23,15 +23,18 @@ def _no_autocast(device: torch.device):
 def sym_axpby_(F: Tensor, G: Tensor, alpha: float, beta: float) -> Tensor:
     """F <- sym(beta*F + alpha*G) in place, built from the upper triangle; beta == 0 never reads F (NaN-safe).
 
-    In place with one half-size temporary (the mirrored triangle): factors can be thousands wide."""
+    In place, block by block (small temporaries): factors can be thousands wide."""
     if beta == 0:
         F.copy_(G).mul_(alpha)
     else:
         F.mul_(beta).add_(G, alpha=alpha)
-    d = F.shape[-1]
-    if d > 1:
-        r, c = torch.triu_indices(d, d, 1, device=F.device)
-        F[..., c, r] = F[..., r, c]
+    d, bs = F.shape[-1], 256
+    for a in range(0, d, bs):  # block rows: the part left of the diagonal block from the columns above it
+        b = min(a + bs, d)
+        if a:
+            F[..., a:b, :a] = F[..., :a, a:b].mT
+        blk = F[..., a:b, a:b]
+        blk.copy_(torch.triu(blk) + torch.triu(blk, 1).mT)
     return F
 
 

@@ -199,7 +199,11 @@ def compute_inverse(method: str, A: torch.Tensor, G: torch.Tensor, eta: float, s
     if live is not None and eta <= 0:
         raise SingularFactorError(f"factor Ω of layer {name!r} is singular ({A.shape[-1] - live.numel()} "
                                   "coordinates never see a nonzero input); use damping > 0 or weight_decay > 0")
-    extra = {} if live is None else {"live": live}
+    extra = {}
+    if live is not None:
+        mask = torch.ones(A.shape[-1], dtype=torch.bool, device=A.device)
+        mask[live] = False
+        extra = {"live": live, "silent": mask.nonzero().squeeze(-1)}
     if method == "factored":
         Ainv, Ginv, ca = factored_inverses(A, G, eta, scale, name, live)
         if live is not None:
@@ -292,8 +296,13 @@ def apply_buckets(buckets: list[_Bucket], mats: dict[int, torch.Tensor]) -> dict
 def _apply(t: dict[str, torch.Tensor], g: torch.Tensor, eta: float) -> torch.Tensor:
     live = t.get("live")
     if live is not None:  # silent coordinates: the damped identity there, the live block's inverse elsewhere
-        out = torch.matmul(t["Ginv"], g) * t["silent_scale"] if "Ainv" in t else g / eta
-        out[..., live] = _apply({k: v for k, v in t.items() if k != "live"}, g.index_select(-1, live), eta)
+        out = torch.zeros_like(g)
+        silent = t["silent"]
+        gs = g.index_select(-1, silent)
+        if bool(gs.any()):  # their gradient is exactly 0 unless weight decay pulls on those weights
+            out[..., silent] = torch.matmul(t["Ginv"], gs) * t["silent_scale"] if "Ainv" in t else gs / eta
+        inner = {k: v for k, v in t.items() if k not in ("live", "silent", "silent_scale")}
+        out[..., live] = _apply(inner, g.index_select(-1, live), eta)
         return out
     if "Ainv" in t:
         return tk.kron_precondition(g, t["Ginv"], t["Ainv"])
