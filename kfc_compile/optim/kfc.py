@@ -638,17 +638,22 @@ class KFC(torch.optim.Optimizer):
             if nu > self.clip:
                 scale = math.sqrt(self.clip / nu)
             info["clip_scale"] = 1.0 if scale is None else scale
+        # p ← p + (μ·buf + s·v): one foreach pass per momentum value (KFC group, fallback group)
+        by_mu: dict[float, tuple[list, list, list]] = {}
         for p, (t, mu) in v.items():
             state = self.state[p]
             buf = state.get("momentum_buffer")
-            if scale is not None:
-                t = t.mul(scale)
             t = t.to(p.dtype)
             if buf is None:
-                buf = state["momentum_buffer"] = t.clone()
-            else:
-                buf.mul_(mu).add_(t)
-            p.add_(buf)
+                state["momentum_buffer"] = t.mul(scale) if scale is not None else t.clone()
+                p.add_(state["momentum_buffer"])
+                continue
+            params, bufs, ts = by_mu.setdefault(mu, ([], [], []))
+            params.append(p), bufs.append(buf), ts.append(t)
+        for mu, (params, bufs, ts) in by_mu.items():
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, ts, alpha=1.0 if scale is None else scale)
+            torch._foreach_add_(params, bufs)
 
     def _step_adaptive(self, kg, fg, nat, info, loss, closure, k) -> None:
         delta: dict[torch.Tensor, torch.Tensor] = {}
