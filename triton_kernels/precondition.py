@@ -108,6 +108,27 @@ def _cfg(I: int, D: int, nb: int, device: torch.device, interpreted: bool, key: 
     return tuning.pick("gemm", key, default, tuning.gemm_candidates, bench, interpreted)
 
 
+def _tuned_launch(kind: str, run, grad: Tensor, out: Tensor | None, alpha: float, beta: float,
+                  dtype: torch.dtype, interpreted: bool) -> Tensor:
+    """Pick the GEMM config for this shape (timing ``run`` into a scratch buffer on first use), then
+    ``run(cfg, dst, a, b)`` into ``out`` (axpby epilogue with alpha, beta) or a new tensor."""
+    nb, I, D = grad.shape
+    dst = out if out is not None else torch.empty((nb, I, D), dtype=dtype, device=grad.device)
+    a, b = (alpha, beta) if out is not None else (1.0, 0.0)
+    key = (kind, nb, I, D, dtype, str(grad.device), tuning.fp32_precision())
+    scratch = None
+
+    def trial(cfg: tuning.GemmConfig) -> None:
+        nonlocal scratch
+        if scratch is None:
+            scratch = torch.empty((nb, I, D), dtype=dst.dtype, device=grad.device)
+        run(cfg, scratch, 1.0, 0.0)
+
+    cfg = _cfg(I, D, nb, grad.device, interpreted, key, trial)
+    run(cfg, dst, a, b)
+    return dst
+
+
 def eigen_precondition(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor, damping: float,
                        out: Tensor | None, alpha: float, beta: float, dtype: torch.dtype,
                        interpreted: bool) -> Tensor:
@@ -123,20 +144,7 @@ def eigen_precondition(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Ten
         bmm(QG, T2, T13, cfg)
         bmm(T13, QA.mT, dst, cfg, EPI_AXPBY, alpha=a, beta=b)
 
-    dst = out if out is not None else torch.empty((nb, I, D), dtype=dtype, device=grad.device)
-    a, b = (alpha, beta) if out is not None else (1.0, 0.0)
-    key = ("eigen", nb, I, D, dtype, str(grad.device), tuning.fp32_precision())
-    scratch = None
-
-    def trial(cfg: tuning.GemmConfig) -> None:
-        nonlocal scratch
-        if scratch is None:
-            scratch = torch.empty((nb, I, D), dtype=dst.dtype, device=grad.device)
-        run(cfg, scratch, 1.0, 0.0)
-
-    cfg = _cfg(I, D, nb, grad.device, interpreted, key, trial)
-    run(cfg, dst, a, b)
-    return dst
+    return _tuned_launch("eigen", run, grad, out, alpha, beta, dtype, interpreted)
 
 
 def kron_precondition(grad: Tensor, Ginv: Tensor, Ainv: Tensor, out: Tensor | None, alpha: float, beta: float,
@@ -149,17 +157,4 @@ def kron_precondition(grad: Tensor, Ginv: Tensor, Ainv: Tensor, out: Tensor | No
         bmm(Ginv, grad, T1, cfg)
         bmm(T1, Ainv, dst, cfg, EPI_AXPBY, alpha=a, beta=b)
 
-    dst = out if out is not None else torch.empty((nb, I, D), dtype=dtype, device=grad.device)
-    a, b = (alpha, beta) if out is not None else (1.0, 0.0)
-    key = ("kron", nb, I, D, dtype, str(grad.device), tuning.fp32_precision())
-    scratch = None
-
-    def trial(cfg: tuning.GemmConfig) -> None:
-        nonlocal scratch
-        if scratch is None:
-            scratch = torch.empty((nb, I, D), dtype=dst.dtype, device=grad.device)
-        run(cfg, scratch, 1.0, 0.0)
-
-    cfg = _cfg(I, D, nb, grad.device, interpreted, key, trial)
-    run(cfg, dst, a, b)
-    return dst
+    return _tuned_launch("kron", run, grad, out, alpha, beta, dtype, interpreted)
