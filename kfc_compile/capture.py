@@ -67,6 +67,7 @@ class CaptureState:
         self.n_examples = 0  # batch size of the armed forward (set by drivers or the output tap)
         self.stats_examples: int | None = None  # use only the first k examples for statistics (K-FAC's τ₁)
         self.stats_fraction: float | None = None  # or the first subset_size(N, fraction) of them
+        self.ema: dict[int, tuple[torch.Tensor, float]] = {}  # layer → (running Ω, ε): average in the epilogue
         self._train_flags: tuple[bool, bool, bool] | None = None  # (inputs, grads, grads are of a batch mean)
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
         self.last_inputs: tuple = ()  # positional inputs of the last forward with grad enabled (no copy)
@@ -92,6 +93,9 @@ class CaptureState:
             dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
             stats = BatchStatistics(layer.groups, layer.a_dim, layer.g_dim, layer.bias is not None, self.approx,
                                     dtype, layer.weight.device)
+            ema = self.ema.get(layer_index)
+            if ema is not None and self.approx == "expand":
+                stats.ema = (ema[0], ema[1], (1.0 - ema[1]) / self.examples_used())
             self.stats[layer_index] = stats
         used = self.examples_used()
         if used < self.n_examples:  # leading dim is N (or N·L for inputs flattened inside the model)
@@ -174,10 +178,12 @@ class CaptureState:
             if f is not None:
                 out[i] = f
         self.stats = {}
+        self.ema = {}
         return out
 
     def reset(self) -> None:
         self.stats = {}
+        self.ema = {}
 
 
 def subset_size(n: int, fraction: float) -> int:

@@ -136,6 +136,36 @@ def test_statistics_subset_pass_leaves_batchnorm_and_rng_alone():
     assert all(opt.factors(layer.name) is not None for layer in opt.layers)
 
 
+def test_moving_average_in_the_kernel_epilogue(monkeypatch):
+    """From the second statistics step on, Ω is averaged by the statistics kernels themselves (beta = ε,
+    alpha = (1 − ε)/n into the running factor); the result is the moving average of kc.curvature's factors of the
+    subset, step by step."""
+    from kfc_compile.curvature.factors import RunningFactors
+
+    fused = []
+    update = RunningFactors.update
+    monkeypatch.setattr(RunningFactors, "update", lambda self, b, d: (fused.append(b.A is self.A), update(self, b, d)))
+    torch.manual_seed(7)
+    model = small_net(bn=False).double()
+    ref_model = copy.deepcopy(model)
+    opt = kc.KFC(model, lr=0.0, fisher="type-2", stat_decay=0.5, stats_fraction=0.5)
+    expected = {}
+    for k in range(1, 4):
+        x, y = batch(10 + k, n=8)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        for name, f in kc.curvature(ref_model, "cross_entropy", x[:4], y[:4], fisher="type-2").items():
+            old = expected.get(name)
+            eps = min(1 - 1 / k, 0.5)
+            expected[name] = f if old is None else kc.Factors(eps * old.A + (1 - eps) * f.A,
+                                                              eps * old.G + (1 - eps) * f.G)
+    assert fused and all(fused)  # steps 2 and 3, every layer
+    for name, f in expected.items():
+        torch.testing.assert_close(opt.factors(name).A, f.A, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(opt.factors(name).G, f.G, rtol=1e-12, atol=1e-12)
+
+
 def test_stats_fraction_validation():
     for bad in (0.0, -0.5, 1.5, float("nan"), True):
         with pytest.raises(ValueError, match="stats_fraction"):

@@ -55,6 +55,10 @@ class BatchStatistics:
     _a_positions: int = 0
     _g_pending: torch.Tensor | None = None  # reduce: per-example sums of g, (N, groups, g_dim)
     _a_pass_open: bool = False
+    # moving average in the epilogue (expand): (running Ω, ε, (1 − ε)/n) — the kernels then write
+    # Ω ← ε·Ω + (1 − ε)/n · Σ x̄x̄ᵀ straight into the running factor, with no accumulator and no averaging pass
+    ema: tuple[torch.Tensor, float, float] | None = None
+    a_is_average: bool = False
 
     def _new(self, d: int) -> torch.Tensor:
         return torch.empty(self.groups, d, d, dtype=self.dtype, device=self.device)
@@ -64,14 +68,23 @@ class BatchStatistics:
         ones = site.has_bias
         if self.approx == "expand":
             target_dim = site.a_dim + ones
+            alpha, beta = 1.0, 1.0
             if self.A is None:
-                self.A = self._new(self.a_dim)
-                self.A.zero_()
+                if self.ema is not None:
+                    self.A, beta, alpha = self.ema
+                    self.a_is_average = True
+                else:
+                    self.A = self._new(self.a_dim)
+                    self.A.zero_()
+            elif self.a_is_average:
+                alpha = self.ema[2]
             if target_dim == self.a_dim:
-                site.accumulate_input_cov(self.A, x, alpha=1.0, beta=1.0, ones=ones)
+                site.accumulate_input_cov(self.A, x, alpha=alpha, beta=beta, ones=ones)
             else:  # a bias-free use of a weight whose other uses have a bias: the bias coordinate is 0 here
+                if beta != 1.0:
+                    self.A.mul_(beta)
                 part = self._new(target_dim)
-                site.accumulate_input_cov(part, x, alpha=1.0, beta=0.0, ones=ones)
+                site.accumulate_input_cov(part, x, alpha=alpha, beta=0.0, ones=ones)
                 self.A[:, :target_dim, :target_dim] += part
         else:
             sums = site.input_sums(x).to(self.dtype)  # (N, groups, a_in)
@@ -122,8 +135,9 @@ class BatchStatistics:
         """Normalised (Ω, Γ), stacked per group; None if this layer saw no input or no gradient."""
         if self.A is None or self.G is None or n_examples <= 0:
             return None
-        # in place: the accumulators are not used again (CaptureState.take drops them), and Ω can be large
-        A = self.A.div_(n_examples)
+        # in place: the accumulators are not used again (CaptureState.take drops them), and Ω can be large; an Ω
+        # averaged in the epilogue is the running factor itself, already final
+        A = self.A if self.a_is_average else self.A.div_(n_examples)
         G = self.G.div_(self.g_rows if self.approx == "expand" else n_examples)
         return Factors(A, G)
 
@@ -136,10 +150,16 @@ class RunningFactors:
     G: torch.Tensor
     updates: int = 0
 
+    def next_eps(self, decay: float) -> float:
+        """ε of the next update."""
+        return min(1.0 - 1.0 / (self.updates + 1), decay)
+
     def update(self, batch: Factors, decay: float) -> None:
+        """Fold a batch in; a batch Ω that *is* this average was already folded in the kernel's epilogue."""
+        eps = self.next_eps(decay)
         self.updates += 1
-        eps = min(1.0 - 1.0 / self.updates, decay)
-        self.A.mul_(eps).add_(batch.A, alpha=1.0 - eps)
+        if batch.A is not self.A:
+            self.A.mul_(eps).add_(batch.A, alpha=1.0 - eps)
         self.G.mul_(eps).add_(batch.G, alpha=1.0 - eps)
 
     def nbytes(self) -> int:

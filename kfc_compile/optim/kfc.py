@@ -422,6 +422,7 @@ class KFC(torch.optim.Optimizer):
             self._armed = False
             return
         st.reset()
+        st.ema = self._ema_targets()
         fisher_pass = self._fisher_pass if self.fisher in ("mc", "type-2") else None
         st.arm(inputs=True, grads=self.fisher == "empirical", batch_mean=self.loss_spec.reduction == "mean",
                fisher_pass=fisher_pass)
@@ -457,6 +458,7 @@ class KFC(torch.optim.Optimizer):
         saved = st.last_inputs
         inputs = fvp.batch_subset(saved, self.stats_fraction)
         st.reset()
+        st.ema = self._ema_targets()
         try:
             with torch.enable_grad(), st.armed_forward():
                 f = fvp.forward_with_private_buffers(self.model, inputs)
@@ -468,6 +470,11 @@ class KFC(torch.optim.Optimizer):
             with st.backward_pass(inputs=i == 0, grads=True):
                 torch.autograd.grad(f, [st.slot], v, retain_graph=i + 1 < len(vs), allow_unused=True)
         return self._fold(st.take())
+
+    def _ema_targets(self) -> dict[int, tuple[torch.Tensor, float]]:
+        """Running Ω and the next ε of every collecting layer: the statistics kernels average into them directly."""
+        return {i: (rf.A, rf.next_eps(self.stat_decay)) for i, rf in enumerate(self._running)
+                if rf is not None and not self._frozen[i]}
 
     def _fold(self, batch: dict[int, Factors]) -> int:
         updated = 0
