@@ -127,9 +127,11 @@ def test_attention_trains_with_kfc():
     torch.manual_seed(0)
     model = TinyViT(False)
     x, y = _data(torch.float32)
+    # clip=None: the KL clip's forward-mode JVPs fail in torch's CPU flash attention (no forward AD), in the original
+    # nn.MultiheadAttention path as well
     opt = kc.KFC(model, lr=0.05, damping=0.1, clip=None)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "layer has no factors" warning: the attention layers got statistics
+        warnings.simplefilter("error", UserWarning)  # no "layer has no factors" warning: the attention layers got statistics
         losses = []
         for _ in range(4):
             loss = F.cross_entropy(model(x), y)

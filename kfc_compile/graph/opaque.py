@@ -35,6 +35,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -231,6 +232,8 @@ def _capturing(plan: OpaquePlan, fn, args, kwargs):
     if not (torch.is_grad_enabled() and plan.state is not None and plan.state.armed):
         return fn(*args, **kwargs)
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if first is not None and fwAD.unpack_dual(first).tangent is not None:
+        return fn(*args, **kwargs)  # a forward-mode JVP (Fisher-vector products): no statistics, original ops
     mode = _CaptureMode(plan, first.shape[0] if first is not None and first.dim() else None)
     with mode:
         out = fn(*args, **kwargs)
