@@ -493,3 +493,26 @@ def test_optimizer_protocol():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
     with pytest.raises(KeyError):
         opt.factors("nope")
+
+
+class _SDPANet(nn.Module):
+    """Self-attention through F.scaled_dot_product_attention (its fused CPU kernel has no forward-mode AD)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 3)
+
+    def forward(self, x):  # (N, L, 8)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(F.scaled_dot_product_attention(q, k, v).mean(1))
+
+
+def test_exact_clipping_through_fused_attention():
+    """ν's forward-mode JVP runs attention on the math backend, so exact-Fisher clipping works on such models."""
+    torch.manual_seed(8)
+    model = _SDPANet()
+    opt = kc.KFC(model, lr=0.1, clip=1e-6)
+    x, y = torch.randn(8, 5, 8), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.last_step["nu"] > 1e-6 and opt.last_step["clip_scale"] < 1.0

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfc_compile.capture import model_output, subset_size
 from kfc_compile.curvature.fisher import LossSpec
@@ -99,7 +100,9 @@ class FisherProducts:
 
         f = None
         outs = []
-        with torch.no_grad():
+        # the fused scaled-dot-product-attention kernels have no forward-mode AD: the math backend (composite ops)
+        # gives the same values and JVPs through attention
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             for d in named:
                 with fwAD.dual_level():
                     duals = {n: fwAD.make_dual(prim, d[n].to(prim.dtype) if n in d else torch.zeros_like(prim))
