@@ -516,3 +516,17 @@ def test_exact_clipping_through_fused_attention():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert opt.last_step["nu"] > 1e-6 and opt.last_step["clip_scale"] < 1.0
+
+
+def test_kc_curvature_uses_the_whole_batch_on_a_model_with_a_subsampling_optimizer():
+    torch.manual_seed(9)
+    model = small_net(bn=False).double()
+    twin = copy.deepcopy(model)
+    kc.KFC(model, lr=0.1, fisher="empirical", stats_fraction=0.25)  # instruments `model`, subsamples its statistics
+    x, y = batch(12, n=8)
+    got = kc.curvature(model, "cross_entropy", x, y, fisher="empirical")
+    want = kc.curvature(twin, "cross_entropy", x, y, fisher="empirical")
+    for name, f in want.items():
+        torch.testing.assert_close(got[name].A, f.A, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[name].G, f.G, rtol=1e-12, atol=1e-12)
+    assert model.kfc.state.stats_fraction == 0.25  # restored

@@ -43,14 +43,20 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
     n = args[0].shape[0]
     state = tm.kfc.state
     state.reset()
-    state.n_examples = n
-    with state.armed_forward():
-        f = model_output(tm(*args))
-    first = True
-    for v in output_gradients(spec, fisher, f, targets, mc_samples, generator):
-        with state.backward_pass(inputs=first, grads=True):
-            torch.autograd.grad(f, [state.slot], v, retain_graph=True, allow_unused=True)
-        first = False
-    batch = state.take()
+    # the whole batch, whatever subsample an optimizer on this model uses for its own statistics
+    subsample = state.stats_examples, state.stats_fraction
+    state.stats_examples = state.stats_fraction = None
+    try:
+        state.n_examples = n
+        with state.armed_forward():
+            f = model_output(tm(*args))
+        first = True
+        for v in output_gradients(spec, fisher, f, targets, mc_samples, generator):
+            with state.backward_pass(inputs=first, grads=True):
+                torch.autograd.grad(f, [state.slot], v, retain_graph=True, allow_unused=True)
+            first = False
+        batch = state.take()
+    finally:
+        state.stats_examples, state.stats_fraction = subsample
     return {layer.name: Factors(public_view(batch[i].A), public_view(batch[i].G))
             for i, layer in enumerate(tm.kfc.layers) if i in batch}
