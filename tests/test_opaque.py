@@ -89,21 +89,20 @@ def test_attention_statistics_subsample_whole_examples(batch_first):
     """With statistics on the first k examples only, the seq-first projections must drop whole examples."""
     torch.manual_seed(0)
     model = TinyViT(batch_first).double()
+    twin = copy.deepcopy(model)
     x, y = _data()
-    tm = kc.transform(model, "reduce")
-    state = tm.kfc.state
-    state.stats_examples = 2
-    try:
-        got = kc.curvature(tm, nn.CrossEntropyLoss(), x, y, fisher="empirical", approx="reduce")
-    finally:
-        state.stats_examples = None
+    # the optimizer's statistics of one step, empirical Fisher: the capture keeps the subset's rows of the user's pass
+    opt = kc.KFC(model, lr=0.0, approx="reduce", fisher="empirical", stats_fraction=2 / N - 1e-9, clip=None)
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    opt.step()
     # the factors of a batch of those two examples alone (a sum-reduced loss: each example's gradient is its own,
     # as the batch-mean loss's gradients are once rescaled by N)
-    sub = kc.curvature(model, nn.CrossEntropyLoss(reduction="sum"), x[:2], y[:2], fisher="empirical",
+    sub = kc.curvature(twin, nn.CrossEntropyLoss(reduction="sum"), x[:2], y[:2], fisher="empirical",
                        approx="reduce")
     for name in ("attn.in_proj_weight", "attn.out_proj"):
-        torch.testing.assert_close(got[name].A, sub[name].A, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(got[name].G, sub[name].G, rtol=1e-10, atol=1e-12)
+        got = opt.factors(name)
+        torch.testing.assert_close(got.A, sub[name].A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got.G, sub[name].G, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
