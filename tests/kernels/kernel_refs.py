@@ -12,6 +12,18 @@ import torch
 from torch import Tensor
 
 
+def draw_spatial(draw, ks, dil, pad, slack: int) -> list[int]:
+    """Hypothesis: input sizes per dim that fit the dilated kernel after padding, up to ``slack`` larger."""
+    from hypothesis import strategies as st
+
+    out = []
+    for i in range(len(ks)):
+        span = dil[i] * (ks[i] - 1) + 1
+        lo = max(1, span - pad[2 * i] - pad[2 * i + 1])
+        out.append(draw(st.integers(lo, lo + slack)))
+    return out
+
+
 def out_sizes(S, ks, st, pad, dil) -> list[int]:
     return [(S[i] + pad[2 * i] + pad[2 * i + 1] - dil[i] * (ks[i] - 1) - 1) // st[i] + 1 for i in range(len(S))]
 

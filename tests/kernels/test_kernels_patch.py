@@ -40,11 +40,7 @@ def conv_cases(draw):
     stride = tuple(draw(st.integers(1, 3)) for _ in range(d))
     dil = tuple(draw(st.integers(1, 2)) for _ in range(d))
     pad = tuple(draw(st.integers(0, 2)) for _ in range(2 * d))
-    S = []
-    for i in range(d):
-        span = dil[i] * (ks[i] - 1) + 1
-        lo = max(1, span - pad[2 * i] - pad[2 * i + 1])
-        S.append(draw(st.integers(lo, lo + (6 if d == 1 else 4 if d == 2 else 2))))
+    S = R.draw_spatial(draw, ks, dil, pad, (6 if d == 1 else 4 if d == 2 else 2))
     groups = draw(st.sampled_from([1, 1, 2, 3]))
     Cg = draw(st.integers(1, 3))
     depthwise = draw(st.booleans())

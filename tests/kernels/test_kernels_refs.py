@@ -44,11 +44,7 @@ def geometries(draw, max_d: int = 3):
     stride = tuple(draw(st.integers(1, 3)) for _ in range(d))
     dil = tuple(draw(st.integers(1, 2)) for _ in range(d))
     pad = tuple(draw(st.integers(0, 2)) for _ in range(2 * d))
-    S = []
-    for i in range(d):
-        span = dil[i] * (ks[i] - 1) + 1
-        lo = max(1, span - pad[2 * i] - pad[2 * i + 1])
-        S.append(draw(st.integers(lo, lo + (5 if d < 3 else 2))))
+    S = R.draw_spatial(draw, ks, dil, pad, (5 if d < 3 else 2))
     groups = draw(st.integers(1, 3))
     C = groups * draw(st.integers(1, 3))
     N = draw(st.integers(1, 3))

@@ -22,11 +22,7 @@ def stride1_cases(draw):
     ks = tuple(draw(st.integers(1, 5 if d < 3 else 3)) for _ in range(d))
     dil = tuple(draw(st.integers(1, 2)) for _ in range(d))
     pad = tuple(draw(st.integers(0, 4)) for _ in range(2 * d))
-    S = []
-    for i in range(d):
-        span = dil[i] * (ks[i] - 1) + 1
-        lo = max(1, span - pad[2 * i] - pad[2 * i + 1])
-        S.append(draw(st.integers(lo, lo + (7 if d == 1 else 5 if d == 2 else 2))))
+    S = R.draw_spatial(draw, ks, dil, pad, (7 if d == 1 else 5 if d == 2 else 2))
     groups = draw(st.sampled_from([1, 1, 2, 3]))
     Cg = 1 if draw(st.booleans()) and groups > 1 else draw(st.integers(1, 3))
     N = draw(st.integers(1, 3))
