@@ -21,7 +21,6 @@ import gc
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -98,13 +97,7 @@ def sweep_one(name: str) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, torchvision {torchvision.__version__}"
+    return f"{kc.zoo.machine()}, torchvision {torchvision.__version__}"
 
 
 def commit() -> str:

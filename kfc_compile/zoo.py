@@ -445,14 +445,17 @@ def write(rows: list[dict], out: str, header: dict | None = None) -> None:
         f.write(render(rows, header or {}))
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for run headers."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+        return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def _pct(v) -> str:
