@@ -530,3 +530,23 @@ def test_kc_curvature_uses_the_whole_batch_on_a_model_with_a_subsampling_optimiz
         torch.testing.assert_close(got[name].A, f.A, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got[name].G, f.G, rtol=1e-12, atol=1e-12)
     assert model.kfc.state.stats_fraction == 0.25  # restored
+
+
+def test_non_finite_clipping_statistic_skips_the_step():
+    """An inf in the gradient makes ν non-finite: the step is skipped with a warning instead of moving the
+    parameters by a garbage amount (the comparison ν > clip is false for NaN)."""
+    torch.manual_seed(10)
+    model = small_net(bn=False).double()
+    opt = kc.KFC(model, lr=0.1)
+    x, y = batch(13, n=8)
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0, 0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert opt.last_step.get("skipped") and not math.isfinite(opt.last_step["nu"])
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # a finite step afterwards works
+    assert not opt.last_step.get("skipped") and any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))

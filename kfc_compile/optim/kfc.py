@@ -26,7 +26,8 @@ damped inverses / eigendecompositions (steps 1–3 and every ``inverse_every`` s
   v = −lr·F̂⁻¹∇h; ν = vᵀFv + wd·vᵀv with exact Fisher-vector products (forward-mode JVPs) on the first
   ``clip_fraction`` of the batch (or, with ``clip_curvature="factored"``, ν = vᵀF̂v under the damped
   Kronecker-factored curvature itself, = lr²·⟨F̂⁻¹∇h, ∇h⟩: no extra pass, the kl-clip of kfac-pytorch; fallback
-  parameters then add only wd·vᵀv); if ν > clip, v ← v·sqrt(clip/ν); p ← μp + v; θ ← θ + p; optional iterate
+  parameters then add only wd·vᵀv); if ν > clip, v ← v·sqrt(clip/ν) (a non-finite ν skips the step, with a
+  warning); p ← μp + v; θ ← θ + p; optional iterate
   averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
 * ``mode="adaptive"`` (full K-FAC rescaling; kfc_spec.md §5.4–6.1): Δ = −F̂⁻¹∇h, δ = lr·(αΔ + μδ₀) with (α, μ)
   minimising the quadratic model M built from the exact mini-batch Fisher (2 JVPs) plus (damping + wd)·I;
@@ -642,6 +643,12 @@ class KFC(torch.optim.Optimizer):
                     nu += fg["weight_decay"] * sum(float(v[p][0].double().pow(2).sum()) for p in fg["params"]
                                                    if p in v)
             info["nu"] = nu
+            if not math.isfinite(nu):  # inf/NaN in the gradient or the model's output: no safe step size exists
+                info["skipped"] = True
+                warnings.warn(f"KFC step {info['step']} skipped: the clipping statistic ν is {nu} (the gradient "
+                              "or the model output is not finite); parameters and momentum are unchanged",
+                              RuntimeWarning, stacklevel=3)
+                return
             if nu > self.clip:
                 scale = math.sqrt(self.clip / nu)
             info["clip_scale"] = 1.0 if scale is None else scale
