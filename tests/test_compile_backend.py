@@ -141,6 +141,16 @@ def _batches(n_steps, sizes, shape, classes, dtype=torch.float32, seed=2):
     return out
 
 
+def _assert_same_training(eager_opt, opt, eager_model, compiled_model) -> None:
+    """float64 eager and compiled runs agree: every layer's factors and every parameter."""
+    for layer in eager_opt.layers:
+        fe, fc = eager_opt.factors(layer.name), opt.factors(layer.name)
+        torch.testing.assert_close(fc.A, fe.A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(fc.G, fe.G, rtol=1e-12, atol=1e-14)
+    for pe, pc in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(pc, pe, rtol=1e-12, atol=1e-14)
+
+
 def test_kfc_backend_matches_eager_transform():
     """5 KFC steps (MC Fisher, statistics every 2 steps, inverses at steps 1-3) in float64: ``torch.compile(m,
     backend="kfc")`` (inductor) against the eager ``transform`` path on a model whose attention calls
@@ -230,12 +240,7 @@ def test_graph_break_every_graph_instrumented():
     assert dict(torch._dynamo.utils.counters["graph_break"])  # the model's own break
     assert sorted(layer.name for layer in opt.layers) == ["c", "l1", "l2"]
     assert next(layer for layer in opt.layers if layer.name == "c").uses == 2
-    for layer in eager_opt.layers:
-        fe, fc = eager_opt.factors(layer.name), opt.factors(layer.name)
-        torch.testing.assert_close(fc.A, fe.A, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(fc.G, fe.G, rtol=1e-12, atol=1e-14)
-    for pe, pc in zip(eager_model.parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(pc, pe, rtol=1e-12, atol=1e-14)
+    _assert_same_training(eager_opt, opt, eager_model, compiled_model)
 
 
 def test_recompiles_bounded():
@@ -371,12 +376,7 @@ def test_compiled_transform_taps_do_not_break_graphs(backend):
     breaks = torch._dynamo.utils.counters["graph_break"]
     assert breaks and all("_armed_output_tap" in reason for reason in breaks)
     assert kb.STATS["sites"] == taps_before
-    for layer in eager_opt.layers:
-        fe, fc = eager_opt.factors(layer.name), opt.factors(layer.name)
-        torch.testing.assert_close(fc.A, fe.A, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(fc.G, fe.G, rtol=1e-12, atol=1e-14)
-    for pe, pc in zip(eager_model.parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(pc, pe, rtol=1e-12, atol=1e-14)
+    _assert_same_training(eager_opt, opt, eager_model, compiled_model)
 
 
 def test_statistics_subset_compiled_equals_eager():
