@@ -65,8 +65,7 @@ class CaptureState:
         self.slot = torch.zeros((), requires_grad=True)
         self.stats: dict[int, BatchStatistics] = {}
         self.n_examples = 0  # batch size of the armed forward (set by drivers or the output tap)
-        self.stats_examples: int | None = None  # use only the first k examples for statistics (K-FAC's τ₁)
-        self.stats_fraction: float | None = None  # or the first subset_size(N, fraction) of them
+        self.stats_fraction: float | None = None  # statistics from the first subset_size(N, fraction) examples
         self.ema: dict[int, tuple[torch.Tensor, float]] = {}  # layer → (running Ω, ε): average in the epilogue
         self._train_flags: tuple[bool, bool, bool] | None = None  # (inputs, grads, grads are of a batch mean)
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
@@ -159,8 +158,6 @@ class CaptureState:
 
     def examples_used(self) -> int:
         """How many leading examples of the batch feed the statistics."""
-        if self.stats_examples is not None:
-            return min(self.n_examples, self.stats_examples)
         if self.stats_fraction is not None:
             return subset_size(self.n_examples, self.stats_fraction)
         return self.n_examples

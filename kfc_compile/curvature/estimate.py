@@ -44,8 +44,7 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
     state = tm.kfc.state
     state.reset()
     # the whole batch, whatever subsample an optimizer on this model uses for its own statistics
-    subsample = state.stats_examples, state.stats_fraction
-    state.stats_examples = state.stats_fraction = None
+    subsample, state.stats_fraction = state.stats_fraction, None
     try:
         state.n_examples = n
         with state.armed_forward():
@@ -57,6 +56,6 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
             first = False
         batch = state.take()
     finally:
-        state.stats_examples, state.stats_fraction = subsample
+        state.stats_fraction = subsample
     return {layer.name: Factors(public_view(batch[i].A), public_view(batch[i].G))
             for i, layer in enumerate(tm.kfc.layers) if i in batch}
