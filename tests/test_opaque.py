@@ -162,17 +162,17 @@ def test_cross_attention_reported_uncovered():
 
 # -- Swin: a torch.fx.wrap'ed function receiving the projection weights ---------------------------------------------
 
-def _swin_block(v2: bool):
+def _swin_block(v2: bool, window: int, shift: int):
     from torchvision.models.swin_transformer import SwinTransformerBlock, SwinTransformerBlockV2
 
     cls = SwinTransformerBlockV2 if v2 else SwinTransformerBlock
-    return cls(dim=E, num_heads=HEADS, window_size=[2, 2], shift_size=[1, 1], mlp_ratio=2.0)
+    return cls(dim=E, num_heads=HEADS, window_size=[window, window], shift_size=[shift, shift], mlp_ratio=2.0)
 
 
 class TinySwin(nn.Module):
-    def __init__(self, v2: bool):
+    def __init__(self, v2: bool, window: int = 2, shift: int = 1):
         super().__init__()
-        self.block = _swin_block(v2)
+        self.block = _swin_block(v2, window, shift)
         self.head = nn.Linear(E, 3)
 
     def forward(self, x):  # (N, H, W, E)
@@ -196,18 +196,26 @@ class _Recorder(TorchFunctionMode):
 
 
 def _brute_swin(model, x, y, weight, approx):
-    """Ω, Γ of ``weight`` (weight block only) from the original model, per-example gradients of a summed loss."""
-    rec = _Recorder([weight])
+    """Ω, Γ of ``weight`` (weight block only) from the original model, per-example gradients of a summed loss, from
+    the rows of real tokens only: tokens the attention pads in are the rows whose qkv input is all zero (with this
+    random data no real token's is)."""
+    attn = model.block.attn
+    rec = _Recorder([attn.qkv.weight, weight])
     with rec:
         out = model(x)
     F.cross_entropy(out, y, reduction="sum").backward()
+    ((a_qkv, _),) = rec.calls[id(attn.qkv.weight)]
     ((a, o),) = rec.calls[id(weight)]
     n = x.shape[0]
-    a = a.detach().reshape(n, -1, a.shape[-1]).double()  # rows are example-major: (N, windows·tokens, in)
-    g = o.grad.reshape(n, -1, o.shape[-1]).double()
+    real = a_qkv.detach().reshape(n, -1, a_qkv.shape[-1]).ne(0).any(-1)  # (N, windows·tokens)
+    t = int(real[0].sum())
+    assert bool(real.sum(1).eq(t).all())
+    # rows are example-major: (N, windows·tokens, ·), of which the real tokens' (N, T, ·)
+    a = a.detach().reshape(n, -1, a.shape[-1]).double()[real].view(n, t, -1)
+    g = o.grad.reshape(n, -1, o.shape[-1]).double()[real].view(n, t, -1)
     if approx == "expand":
         A = torch.einsum("nti,ntj->ij", a, a) / n
-        G = torch.einsum("nti,ntj->ij", g, g) / (n * a.shape[1])
+        G = torch.einsum("nti,ntj->ij", g, g) / (n * t)
     else:
         am, gs = a.mean(1), g.sum(1)
         A, G = am.T @ am / n, gs.T @ gs / n
@@ -250,3 +258,52 @@ def test_torchvision_vit_and_swin_coverage():
         x = torch.randn(1, 3, size, size)
         with torch.no_grad():
             assert torch.equal(tm(x), model(x))
+
+
+# (window, shift, H, W): 3×5 is padded to 4×6 (shifted windows, padded tokens in masked regions of their own), 2×3
+# to one 4×4 window (no shift, padded tokens attended to by real ones, as in swin_v2_s's later stages at 32×32)
+PADDED = [(2, 1, 3, 5), (4, 2, 2, 3)]
+
+
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("window, shift, h, w", PADDED)
+def test_swin_padded_tokens_not_in_factors(v2, approx, window, shift, h, w):
+    """The factors of a Swin block whose input is padded to whole windows are those of the real tokens' rows."""
+    torch.manual_seed(0)
+    model = TinySwin(v2, window, shift).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, h, w, E, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (3,), generator=g)
+    tm = kc.transform(model, approx)
+    got = kc.curvature(tm, nn.CrossEntropyLoss(), x, y, fisher="empirical", approx=approx)
+    attn = model.block.attn
+    for name, weight in (("block.attn.qkv", attn.qkv.weight), ("block.attn.proj", attn.proj.weight)):
+        A, G = _brute_swin(model, x, y, weight, approx)
+        torch.testing.assert_close(got[name].A, A, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(got[name].G, G, rtol=1e-10, atol=1e-12, msg=name)
+    with torch.no_grad():
+        assert torch.equal(tm(x), model(x))
+
+
+def test_swin_v2_padding_kfc_step_finite():
+    """Swin V2 zeroes the key bias, so a padded token's key is exactly 0 and the cosine attention's F.normalize
+    scales its gradient by 1/eps = 1e12: in Γ, such rows gave entries ~1e20 (a singular factor in swin_v2_s)."""
+    torch.manual_seed(0)
+    model = TinySwin(True, window=4, shift=2)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 2, 3, E, generator=g)
+    y = torch.randint(0, 3, (4,), generator=g)
+    G = kc.curvature(model, nn.CrossEntropyLoss(), x, y, fisher="empirical")["block.attn.qkv"].G
+    assert torch.isfinite(G).all() and G.abs().max() < 1.0  # the real tokens' Γ is O(1e-2)
+    opt = kc.KFC(model, lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            assert torch.isfinite(loss)
+    assert torch.isfinite(F.cross_entropy(model(x), y))
+    assert torch.isfinite(opt.factors("block.attn.qkv").G).all()

@@ -21,6 +21,9 @@ On every other forward the original call runs untouched (bit-identical outputs, 
 for attention because ``F.multi_head_attention_forward`` dispatches through ``__torch_function__`` and a mode
 sees only that outermost call, not the ``linear`` calls inside it.
 
+Swin pads its feature map with zeros to a multiple of the window size; the rows of those padded tokens are kept
+out of the statistics of its projections (see ``_swin_real_rows``).
+
 What stays uncovered, with a reason: biases passed into a wrapped function (the function may compute the bias it
 actually uses, as Swin V2 does, so only the weight block is put under KFC); non-2-D parameters of such functions;
 cross-attention (query, key and value are distinct nodes: the packed weight is applied in slices); attention
@@ -31,7 +34,9 @@ layer then gets no factors: the optimizer uses its plain gradient) and a warning
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -159,13 +164,45 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _swin_real_rows(fn: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int] | None:
+    """For a call of torchvision's ``shifted_window_attention`` whose input is padded: the indices of the real
+    (not padded) tokens among an example's rows (windows · tokens, in the function's window order) and the number
+    of rows per example; None for any other call and for an input that needs no padding.
+
+    Padded tokens are not data. Their rows add nothing to the projections' weight gradients (qkv: the input row
+    is 0; proj: the output is cropped, its gradient is 0), but they would enter the factors: proj's input rows
+    are attention outputs (not 0), and qkv's gradient rows are those of the bias-only keys and values that real
+    tokens attend to; in Swin V2, whose key bias is zeroed, the key is exactly 0 and the cosine attention's
+    ``F.normalize`` scales its gradient by 1/eps = 1e12, which swamps Γ (singular factors).
+    The rows are selected from the padding geometry (pad, cyclic shift, window partition, as the function does
+    it) rather than as all-zero input rows: proj's padded rows are not zero (attention mixes values in), a real
+    token's input can be zero, and every example must keep the same rows (reduce sums positions per example).
+    """
+    swin = sys.modules.get("torchvision.models.swin_transformer")
+    if swin is None or fn is not getattr(swin, "shifted_window_attention", None):
+        return None
+    a = inspect.signature(fn).bind(*args, **kwargs).arguments
+    (h, w), (wh, ww) = a["input"].shape[1:3], a["window_size"]
+    ph, pw = h + (wh - h % wh) % wh, w + (ww - w % ww) % ww
+    if (ph, pw) == (h, w):
+        return None
+    real = torch.zeros(ph, pw, dtype=torch.bool)
+    real[:h, :w] = True
+    shift = [0 if wh >= ph else a["shift_size"][0], 0 if ww >= pw else a["shift_size"][1]]
+    if sum(shift) > 0:
+        real = torch.roll(real, shifts=(-shift[0], -shift[1]), dims=(0, 1))
+    real = real.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1)
+    return real.nonzero().squeeze(1).to(a["input"].device), real.numel()
+
+
 class _CaptureMode(TorchFunctionMode):
     """Taps the registered linear calls of one opaque call (see the module docstring)."""
 
-    def __init__(self, plan: OpaquePlan, n: int | None):
+    def __init__(self, plan: OpaquePlan, n: int | None, rows: tuple[torch.Tensor, int] | None = None):
         super().__init__()
         self.plan = plan
         self.n = n  # batch size of the call: the leading dimension of its first tensor argument
+        self.rows = rows  # (indices of the rows to record, rows per example): see _swin_real_rows
         self.weights = {id(s.weight): s for s in plan.linear}
         self.guarded = {id(s.weight): s for s in plan.sites} | {id(s.bias): s for s in plan.sites
                                                                   if s.bias is not None}
@@ -199,9 +236,10 @@ class _CaptureMode(TorchFunctionMode):
 
     def _tap(self, y: torch.Tensor, x: torch.Tensor, site: OpaqueSite) -> torch.Tensor:
         """Tap with rows grouped per example: an input with a leading dimension of N·k (Swin's windows) is seen
-        as (N, k·…, in), rows example-major, so that approx='reduce' sums positions per example."""
+        as (N, k·…, in), rows example-major, so that approx='reduce' sums positions per example. With ``rows``
+        only those rows of each example are recorded (the output is unchanged)."""
         n = self.n
-        if n is None or x.dim() < 2 or x.shape[0] == n:
+        if n is None or x.dim() < 2 or (x.shape[0] == n and self.rows is None):
             return tap(y, x, self.plan.state, site.index)
         if x.shape[0] % n:
             self.plan.disable(site, f"its input's leading dimension {x.shape[0]} is not a multiple of the batch "
@@ -209,7 +247,15 @@ class _CaptureMode(TorchFunctionMode):
             return y
         xs = x.reshape(n, -1, x.shape[-1])
         ys = y.view(n, -1, y.shape[-1])
-        return tap(ys, xs, self.plan.state, site.index).view(y.shape)
+        if self.rows is None:
+            return tap(ys, xs, self.plan.state, site.index).view(y.shape)
+        index, per_example = self.rows
+        if xs.shape[1] != per_example:
+            self.plan.disable(site, f"its input has {xs.shape[1]} rows per example, the padded window grid "
+                                    f"{per_example}")
+            return y
+        tapped = tap(ys.index_select(1, index), xs.index_select(1, index), self.plan.state, site.index)
+        return ys.index_copy(1, index, tapped).view(y.shape)
 
     def _check(self, func, values) -> None:
         if getattr(func, "__name__", "") in _METADATA:
@@ -234,7 +280,8 @@ def _capturing(plan: OpaquePlan, fn, args, kwargs):
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     if first is not None and fwAD.unpack_dual(first).tangent is not None:
         return fn(*args, **kwargs)  # a forward-mode JVP (Fisher-vector products): no statistics, original ops
-    mode = _CaptureMode(plan, first.shape[0] if first is not None and first.dim() else None)
+    mode = _CaptureMode(plan, first.shape[0] if first is not None and first.dim() else None,
+                        _swin_real_rows(fn, args, kwargs))
     with mode:
         out = fn(*args, **kwargs)
     mode.finish()
