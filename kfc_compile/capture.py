@@ -67,6 +67,7 @@ class CaptureState:
         self.n_examples = 0  # batch size of the armed forward (set by drivers or the output tap)
         self.stats_fraction: float | None = None  # statistics from the first subset_size(N, fraction) examples
         self.ema: dict[int, tuple[torch.Tensor, float]] = {}  # layer → (running Ω, ε): average in the epilogue
+        self.blocks: dict[int, tuple[int, int]] = {}  # layer → (Ω blocks, Γ blocks) of block-diagonal factors
         self._train_flags: tuple[bool, bool, bool] | None = None  # (inputs, grads, grads are of a batch mean)
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
         self.last_inputs: tuple = ()  # positional inputs of the last forward with grad enabled (no copy)
@@ -90,8 +91,9 @@ class CaptureState:
         if stats is None:
             layer = self.layers[layer_index]
             dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+            a_blocks, g_blocks = self.blocks.get(layer_index, (1, 1))
             stats = BatchStatistics(layer.groups, layer.a_dim, layer.g_dim, layer.bias is not None, self.approx,
-                                    dtype, layer.weight.device)
+                                    dtype, layer.weight.device, a_blocks=a_blocks, g_blocks=g_blocks)
             ema = self.ema.get(layer_index)
             if ema is not None and self.approx == "expand":
                 stats.ema = (ema[0], ema[1], (1.0 - ema[1]) / self.examples_used())
@@ -174,13 +176,14 @@ class CaptureState:
             f = s.factors(used)
             if f is not None:
                 out[i] = f
-        self.stats = {}
-        self.ema = {}
+        self.reset()
         return out
 
     def reset(self) -> None:
+        """Drop the accumulators and the per-pass settings of a driver (moving-average targets, blocks)."""
         self.stats = {}
         self.ema = {}
+        self.blocks = {}
 
 
 def subset_size(n: int, fraction: float) -> int:

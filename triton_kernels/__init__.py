@@ -13,7 +13,8 @@ from torch import Tensor
 
 from . import ops as _ops  # noqa: F401  (registers the kfc:: ops)
 
-__all__ = ["syrk_update_", "patch_cov_update_", "patch_sum", "eigen_precondition", "kron_precondition"]
+__all__ = ["syrk_update_", "patch_cov_update_", "patch_sum", "patch_rows", "eigen_precondition",
+           "kron_precondition"]
 
 
 def syrk_update_(F: Tensor, X: Tensor, alpha: float = 1.0, beta: float = 0.0, ones: bool = False) -> Tensor:
@@ -50,6 +51,20 @@ def patch_sum(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padd
     """
     return torch.ops.kfc.patch_sum(x, list(kernel_size), list(stride), list(padding), list(dilation), int(groups),
                                    bool(ones))
+
+
+def patch_rows(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], groups: int) -> Tensor:
+    """(groups, N·T, Dg) explicit patches (im2col), ordered like ``weight.flatten(1)``, in x's dtype.
+
+    For consumers that need the rows themselves (block-diagonal factors split the patch coordinates before the
+    products); plain torch on every device. Geometry arguments as in :func:`patch_cov_update_`.
+    """
+    from . import checks, reference
+
+    geom = checks.conv_geometry(x, kernel_size, stride, padding, dilation, groups)
+    cols = reference.im2col(x, geom)  # (N, groups, Dg, T)
+    return cols.permute(1, 0, 3, 2).reshape(geom.groups, geom.N * geom.T, geom.Dg)
 
 
 def eigen_precondition(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor, damping: float,

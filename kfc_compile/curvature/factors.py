@@ -9,7 +9,9 @@ Scaling (kfc_spec.md §2.3, design.md §3), with N examples and T positions (all
 * expand (= KFC): Ω = (1/N) Σ_{n,t} x̄ x̄ᵀ (so Ω's bias-bias entry is T), Γ = 1/(N·T) Σ_{n,t} g gᵀ;
 * reduce:        Ω = (1/N) Σ_n x̃_n x̃_nᵀ with x̃_n the mean of x̄ over positions, Γ = (1/N) Σ_n (Σ_t g)(Σ_t g)ᵀ;
 
-where g is the gradient of the *per-example* loss. Factors are stored stacked per group, ``(groups, d, d)``.
+where g is the gradient of the *per-example* loss. Factors are stored stacked per group, ``(groups, d, d)``, or,
+for a side with ``a_blocks``/``g_blocks`` > 1, as that many diagonal blocks per group (``blocks.py``): the
+rows (patches with their ones coordinate, or output gradients) are then split into blocks before the products.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 import triton_kernels as tk
+from kfc_compile.curvature import blocks as bl
 
 
 class Factors(NamedTuple):
@@ -59,9 +62,20 @@ class BatchStatistics:
     # Ω ← ε·Ω + (1 − ε)/n · Σ x̄x̄ᵀ straight into the running factor, with no accumulator and no averaging pass
     ema: tuple[torch.Tensor, float, float] | None = None
     a_is_average: bool = False
+    a_blocks: int = 1  # diagonal blocks per group of Ω / Γ (1: dense)
+    g_blocks: int = 1
 
-    def _new(self, d: int) -> torch.Tensor:
-        return torch.empty(self.groups, d, d, dtype=self.dtype, device=self.device)
+    def _new(self, d: int, k: int = 1) -> torch.Tensor:
+        b = bl.block_size(d, k)
+        return torch.empty(self.groups * k, b, b, dtype=self.dtype, device=self.device)
+
+    def _blocked_update(self, F: torch.Tensor, rows: torch.Tensor, k: int, d: int, alpha: float,
+                        beta: float) -> None:
+        """F ← beta·F + alpha·(diagonal blocks of rowsᵀrows); rows (groups, M, ≤ d), zero-padded to d."""
+        rows = rows.to(self.dtype)
+        if rows.shape[-1] < d:
+            rows = torch.nn.functional.pad(rows, (0, d - rows.shape[-1]))
+        tk.syrk_update_(F, bl.block_rows(rows, k), alpha=alpha, beta=beta)
 
     def add_input(self, site, x: torch.Tensor) -> None:
         """Add one site's input contribution to Ω (expand: outer products; reduce: per-example sums)."""
@@ -74,11 +88,16 @@ class BatchStatistics:
                     self.A, beta, alpha = self.ema
                     self.a_is_average = True
                 else:
-                    self.A = self._new(self.a_dim)
+                    self.A = self._new(self.a_dim, self.a_blocks)
                     self.A.zero_()
             elif self.a_is_average:
                 alpha = self.ema[2]
-            if target_dim == self.a_dim:
+            if self.a_blocks > 1:  # explicit patches with their ones coordinate (0 for a bias-free use)
+                rows = site.input_rows(x)
+                if ones:
+                    rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+                self._blocked_update(self.A, rows, self.a_blocks, self.a_dim, alpha, beta)
+            elif target_dim == self.a_dim:
                 site.accumulate_input_cov(self.A, x, alpha=alpha, beta=beta, ones=ones)
             else:  # a bias-free use of a weight whose other uses have a bias: the bias coordinate is 0 here
                 if beta != 1.0:
@@ -103,9 +122,12 @@ class BatchStatistics:
         self._rows += gy.numel() // (site.g_dim * site.groups)
         if self.approx == "expand":
             if self.G is None:
-                self.G = self._new(self.g_dim)
+                self.G = self._new(self.g_dim, self.g_blocks)
                 self.G.zero_()
-            tk.syrk_update_(self.G, site.output_rows(gy), alpha=scale * scale, beta=1.0)
+            if self.g_blocks > 1:
+                self._blocked_update(self.G, site.output_rows(gy), self.g_blocks, self.g_dim, scale * scale, 1.0)
+            else:
+                tk.syrk_update_(self.G, site.output_rows(gy), alpha=scale * scale, beta=1.0)
         else:
             sums = site.output_sums(gy).to(self.dtype) * scale
             self._g_pending = sums if self._g_pending is None else self._g_pending + sums
@@ -116,16 +138,16 @@ class BatchStatistics:
             if self._a_pending is not None:
                 mean = (self._a_pending / self._a_positions).transpose(0, 1)  # (groups, N, a_dim)
                 if self.A is None:
-                    self.A = self._new(self.a_dim)
+                    self.A = self._new(self.a_dim, self.a_blocks)
                     self.A.zero_()
-                tk.syrk_update_(self.A, mean, alpha=1.0, beta=1.0)
+                self._blocked_update(self.A, mean, self.a_blocks, self.a_dim, 1.0, 1.0)
                 self._a_pending, self._a_positions = None, 0
             self._a_pass_open = False
         if self._g_pending is not None:
             if self.G is None:
-                self.G = self._new(self.g_dim)
+                self.G = self._new(self.g_dim, self.g_blocks)
                 self.G.zero_()
-            tk.syrk_update_(self.G, self._g_pending.transpose(0, 1), alpha=1.0, beta=1.0)
+            self._blocked_update(self.G, self._g_pending.transpose(0, 1), self.g_blocks, self.g_dim, 1.0, 1.0)
             self._g_pending = None
         if self._rows:
             self.g_rows = self._rows

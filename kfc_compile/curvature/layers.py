@@ -110,6 +110,11 @@ class ConvSite:
             alpha=alpha, beta=beta, ones=ones,
         )
 
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(groups, N·T, a_dim): explicit patches (for block-diagonal Ω)."""
+        return tk.patch_rows(self._padded(x), self.kernel_size, self.stride, self.padding, self.dilation,
+                             self.groups)
+
     def input_sums(self, x: torch.Tensor) -> torch.Tensor:
         """(N, groups, a_dim): per-example sums of patches over output positions."""
         s = tk.patch_sum(self._padded(x), self.kernel_size, self.stride, self.padding, self.dilation, self.groups)

@@ -52,6 +52,7 @@ from numbers import Real
 import torch
 from torch import nn
 
+from kfc_compile.curvature.blocks import Layout
 from kfc_compile.curvature.factors import Factors, RunningFactors, public_view
 from kfc_compile.curvature.fisher import FISHER_TYPES, loss_spec, output_gradients
 from kfc_compile.optim import fvp
@@ -186,6 +187,9 @@ class KFC(torch.optim.Optimizer):
         fallback_lr: learning rate of the fallback group (default: ``lr`` for SGD, 1e-3 for Adam).
         fallback_betas, fallback_eps: Adam's hyper-parameters.
         lm_interval, lm_decay, min_damping: Levenberg–Marquardt period T1, factor ω₁ and floor for λ.
+        max_factor_dim: a factor (Ω or Γ, per group) wider than this is kept as ceil(d / max_factor_dim)
+            equal diagonal blocks (``curvature/blocks.py``: d·b memory, d·b² inversion instead of d², d³; e.g.
+            VGG's 25089-wide Ω); ``None``: always dense.
     """
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, damping: float = 1e-3,
@@ -196,7 +200,8 @@ class KFC(torch.optim.Optimizer):
                  fallback: str | None = "sgd", mc_samples: int = 1, generator: torch.Generator | None = None,
                  clip_fraction: float = 0.25, clip_curvature: str = "exact", fallback_lr: float | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
-                 lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8):
+                 lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
+                 max_factor_dim: int | None = 8192):
         lr = _real("lr", lr, low=0.0)
         momentum = _real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         damping = _real("damping", damping, low=0.0)
@@ -228,6 +233,7 @@ class KFC(torch.optim.Optimizer):
         self.lm_interval = _positive_int("lm_interval", lm_interval)
         self.lm_decay = _real("lm_decay", lm_decay, low=0.0, high=1.0, low_open=True, high_open=True)
         self.min_damping = _real("min_damping", min_damping, low=0.0)
+        self.max_factor_dim = None if max_factor_dim is None else _positive_int("max_factor_dim", max_factor_dim)
 
         tm, owner, route = resolve_model(model, self.approx)
         info: KFCInfo = tm.kfc
@@ -278,6 +284,7 @@ class KFC(torch.optim.Optimizer):
         self._init_done = True
 
         self._step_count = 0
+        self._layouts = [self._layout_of(layer) for layer in self.layers]
         self._running: list[RunningFactors | None] = [None] * len(self.layers)
         self._frozen = [False] * len(self.layers)
         self._stale: set[int] = set()
@@ -325,6 +332,7 @@ class KFC(torch.optim.Optimizer):
         self._stale = {moved[i] for i in self._stale if i in moved}
         self._buckets = None
         self.layers = new
+        self._layouts = [self._layout_of(layer) for layer in new]
         kfc_params = [p for layer in new for p in (layer.weight, layer.bias) if p is not None]
         covered = {id(p) for p in kfc_params}
         kg = self._kfc_group()
@@ -338,6 +346,9 @@ class KFC(torch.optim.Optimizer):
             names = {id(p): n for n, p in self.model._orig_mod.named_parameters()}
             self.fallback_names = [names.get(id(p), "?") for p in fg["params"]]
 
+    def _layout_of(self, layer: KFCLayer) -> Layout:
+        return Layout.of(layer.groups, layer.a_dim, layer.g_dim, self.max_factor_dim)
+
     def _layer_index(self, name: str) -> int:
         self._sync_layers()
         for i, layer in enumerate(self.layers):
@@ -347,16 +358,19 @@ class KFC(torch.optim.Optimizer):
 
     def factors(self, name: str) -> Factors | None:
         """Current moving averages (Ω, Γ) of a layer (2-D, or stacked per group); None before any statistics."""
-        rf = self._running[self._layer_index(name)]
+        i = self._layer_index(name)
+        rf = self._running[i]
         if rf is None:
             return None
-        return Factors(public_view(rf.A).clone(), public_view(rf.G).clone())
+        A, G = self._layouts[i].to_dense(rf.A, rf.G) if self._layouts[i].blocked else (rf.A, rf.G)
+        return Factors(public_view(A).clone(), public_view(G).clone())
 
     def set_factors(self, name: str, A: torch.Tensor, G: torch.Tensor, frozen: bool = False) -> None:
         """Replace a layer's factors (e.g. an estimate on the full data set before training, KFC-S Alg. 1).
 
         Later statistics keep averaging into them unless ``frozen``, which stops collecting for this layer.
-        The inverses are recomputed at the next step.
+        The inverses are recomputed at the next step. A layer with block-diagonal factors (``max_factor_dim``)
+        keeps only the diagonal blocks of the given dense factors.
         """
         i = self._layer_index(name)
         layer = self.layers[i]
@@ -371,6 +385,8 @@ class KFC(torch.optim.Optimizer):
                 raise ValueError(f"{what} for layer {name!r} must have shape {shape} (or 2-D when ungrouped), "
                                  f"got {tuple(t.shape)}")
             out.append(t.detach().to(dtype=dtype, device=layer.weight.device).clone())
+        if self._layouts[i].blocked:
+            out = list(self._layouts[i].to_blocks(*out))
         self._running[i] = RunningFactors(out[0], out[1], updates=1)
         self._frozen[i] = bool(frozen)
         self._stale.add(i)
@@ -423,7 +439,7 @@ class KFC(torch.optim.Optimizer):
             self._armed = False
             return
         st.reset()
-        st.ema = self._ema_targets()
+        st.ema, st.blocks = self._ema_targets(), self._block_targets()
         fisher_pass = self._fisher_pass if self.fisher in ("mc", "type-2") else None
         st.arm(inputs=True, grads=self.fisher == "empirical", batch_mean=self.loss_spec.reduction == "mean",
                fisher_pass=fisher_pass)
@@ -459,7 +475,7 @@ class KFC(torch.optim.Optimizer):
         saved = st.last_inputs
         inputs = fvp.batch_subset(saved, self.stats_fraction)
         st.reset()
-        st.ema = self._ema_targets()
+        st.ema, st.blocks = self._ema_targets(), self._block_targets()
         try:
             with torch.enable_grad(), st.armed_forward():
                 f = fvp.forward_with_private_buffers(self.model, inputs)
@@ -476,6 +492,10 @@ class KFC(torch.optim.Optimizer):
         """Running Ω and the next ε of every collecting layer: the statistics kernels average into them directly."""
         return {i: (rf.A, rf.next_eps(self.stat_decay)) for i, rf in enumerate(self._running)
                 if rf is not None and not self._frozen[i]}
+
+    def _block_targets(self) -> dict[int, tuple[int, int]]:
+        """(Ω blocks, Γ blocks) of every layer with block-diagonal factors."""
+        return {i: (lay.a_blocks, lay.g_blocks) for i, lay in enumerate(self._layouts) if lay.blocked}
 
     def _fold(self, batch: dict[int, Factors]) -> int:
         updated = 0
@@ -502,7 +522,8 @@ class KFC(torch.optim.Optimizer):
             name = self.layers[i].name
             inv = self._inverse.get(i)
             if due or inv is None or i in self._stale:
-                self._inverse[i] = compute_inverse(self.damping_method, rf.A, rf.G, eta, self._scale, name)
+                self._inverse[i] = compute_inverse(self.damping_method, rf.A, rf.G, eta, self._scale, name,
+                                                   self._layouts[i])
                 changed = True
             elif inv.eta != eta or inv.scale != self._scale:
                 self._inverse[i] = rescale_inverse(inv, eta, self._scale, rf.A, rf.G, name)
@@ -797,6 +818,12 @@ class KFC(torch.optim.Optimizer):
         if kfc["damping_method"] != self.damping_method:
             raise ValueError(f"state_dict was saved with damping_method={kfc['damping_method']!r}, "
                              f"this optimizer uses {self.damping_method!r}")
+        for layout, entry in zip(self._layouts, kfc["layers"]):
+            fac = entry["factors"]
+            if fac is not None and (tuple(fac["A"].shape), tuple(fac["G"].shape)) != layout.shapes():
+                raise ValueError(f"state_dict factors of layer {entry['name']!r} have shapes "
+                                 f"{(tuple(fac['A'].shape), tuple(fac['G'].shape))}, this optimizer stores "
+                                 f"{layout.shapes()} (saved with another max_factor_dim?)")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfc"})
         self._step_count = int(kfc["step"])
         self._scale = float(kfc["scale"])
