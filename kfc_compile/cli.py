@@ -137,6 +137,8 @@ def _family_list(s: str) -> tuple[str, ...]:
 
 
 def _add_zoo(sub) -> None:
+    from kfc_compile.zoo import MAX_FACTOR_DIM
+
     p = sub.add_parser(
         "zoo", help="transform + a few KFC steps on every torchvision model (or a list); zoo.md + zoo.json",
         description="For each model (random init, weights=None, nothing downloaded): find an input size it "
@@ -156,6 +158,9 @@ def _add_zoo(sub) -> None:
     p.add_argument("--batch", type=_positive_int, default=2, help="synthetic batch size (default: %(default)s)")
     p.add_argument("--lr", type=_positive_float, default=0.01, help="KFC and SGD learning rate (default: %(default)s)")
     p.add_argument("--damping", type=_positive_float, default=0.1, help="KFC damping (default: %(default)s)")
+    p.add_argument("--max-factor-dim", type=_nonneg_int, default=MAX_FACTOR_DIM, metavar="D",
+                   help="kc.KFC's max_factor_dim: factors wider than D are kept as diagonal blocks of at most D (fast "
+                        "inverses of wide layers on a CPU); 0: always dense (default: %(default)s)")
     p.add_argument("--timing-steps", type=_nonneg_int, default=3,
                    help="steady-state KFC steps (after the optimizer's 3 inverse warm-up steps) and SGD steps (after "
                         "one warm-up step) whose medians give the step-time ratio; 0: no timing (default: "
@@ -185,7 +190,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     command = "kfc-compile " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["zoo"] else None
     rows = zoo.run(names, steps=args.steps, resolution=args.resolution, batch=args.batch, out=args.out,
                    lr=args.lr, damping=args.damping, progress=not args.no_progress, command=command,
-                   timing_steps=args.timing_steps, time_limit=args.time_limit)
+                   timing_steps=args.timing_steps, time_limit=args.time_limit,
+                   max_factor_dim=args.max_factor_dim or None)
     t = zoo.totals(rows)
     print(f"{t['models']} models: ok {t['ok']}, partial {t['partial']}, failed {t['failed']}; "
           f"wrote {args.out}/zoo.md and {args.out}/zoo.json")

@@ -8,7 +8,8 @@ initialisation on synthetic data:
 1. builds it and finds the smallest input it accepts (``resolution`` first, then larger; per-model minimums);
 2. transforms it (``kc.transform``): traced fully, or partially (black boxes), or failed;
 3. runs ``steps`` KFC steps (``kc.KFC``, cross-entropy on the main output; per-pixel for segmentation) on one
-   fixed synthetic batch (the loss before and after them is recorded), then keeps stepping for the timing:
+   fixed synthetic batch (the loss before and after them is recorded: training mode, the same RNG seed for both,
+   so dropout and stochastic depth draw the same masks), then keeps stepping for the timing:
    ``kfc_step_s`` is the median of ``timing_steps`` *steady-state* KFC steps, i.e. steps after the optimizer's
    warm-up (it recomputes every inverse at steps 1–3; statistics are taken at every step, inverses are then
    refreshed every 20 steps, which the median leaves out), and ``sgd_step_s`` the median of as many SGD
@@ -63,6 +64,9 @@ MIN_RES = {
 VIDEO_FRAMES = {"mvit_v1_b": 16, "mvit_v2_s": 16, "s3d": 16}
 DETECTION_RES = (128, 224, 320)
 WARMUP_STEPS = 3  # kc.KFC recomputes every inverse at steps 1-3: step-time medians start after them
+# KFC's max_factor_dim in the sweep: factors wider than this are block-diagonal, so that the inverses of wide
+# layers (VGG's 25089-wide Ω, ViT-L's 4096-wide MLP factors) take seconds, not minutes, on a CPU
+MAX_FACTOR_DIM = 1024
 
 
 def family_of(name: str) -> str:
@@ -92,10 +96,11 @@ def model_names(families: Iterable[str] = ("classification",)) -> list[str]:
 
 def resolutions(name: str, family: str = "classification", requested: int | None = None) -> tuple[int, ...]:
     """Input sizes to try for a model, smallest first."""
-    if name.startswith("vit_"):
-        res: tuple[int, ...] = (224,)  # ViT checks the image size it was built for
-    elif family == "detection":
-        res = DETECTION_RES
+    if name.startswith("vit_"):  # built for one image size (see build): a multiple of the patch size
+        patch = int(name.rsplit("_", 1)[1])
+        return (224 if requested is None else patch * math.ceil(requested / patch),)
+    if family == "detection":
+        res: tuple[int, ...] = DETECTION_RES
     elif family == "video":
         res = (224,) if name.startswith("mvit") else (32, 64, 112)
     else:
@@ -105,11 +110,15 @@ def resolutions(name: str, family: str = "classification", requested: int | None
     return res
 
 
-def build(name: str) -> nn.Module:
-    """A torchvision model by name, ``weights=None`` (nothing is downloaded), plain-tensor outputs where possible."""
+def build(name: str, resolution: int | None = None) -> nn.Module:
+    """A torchvision model by name, ``weights=None`` (nothing is downloaded), plain-tensor outputs where possible.
+
+    ``resolution``: the input size for models built for one size (ViT's ``image_size``; see :func:`resolutions`)."""
     import torchvision
 
     kwargs: dict = {"weights": None}
+    if name.startswith("vit_") and resolution is not None:
+        kwargs["image_size"] = resolution
     fam = family_of(name)
     if name in ("inception_v3", "googlenet"):
         kwargs["aux_logits"] = False  # keeps the output a plain tensor in train mode too
@@ -191,6 +200,14 @@ def _loss(out, y) -> torch.Tensor:
     return nn.functional.cross_entropy(first_output(out), y)
 
 
+def _fixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The training-mode loss on the fixed batch with a fixed RNG state, so that dropout / stochastic depth draw
+    the same masks before and after the training steps (the comparison is then not noise)."""
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(1234)
+        return float(_loss(model(x), y))
+
+
 def _targets(out, family: str, gen) -> torch.Tensor:
     f = first_output(out)
     if family == "segmentation":  # (B, C, H, W) -> per-pixel classes
@@ -200,9 +217,11 @@ def _targets(out, family: str, gen) -> torch.Tensor:
 
 def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, family: str | None = None, *,
             steps: int = 2, resolution: int | None = None, batch: int = 2, lr: float = 0.01,
-            damping: float = 0.1, timing_steps: int = 3, progress: Callable[[str, dict], None] | None = None) -> dict:
+            damping: float = 0.1, timing_steps: int = 3, max_factor_dim: int | None = MAX_FACTOR_DIM,
+            progress: Callable[[str, dict], None] | None = None) -> dict:
     """One report row (see :data:`ROW_KEYS`); never raises for a model's own failure. ``progress(stage, row)`` is
-    called with a copy of the row as each stage starts (the time-limited worker reports through it)."""
+    called with a copy of the row as each stage starts (the time-limited worker reports through it).
+    ``max_factor_dim`` is passed to ``kc.KFC`` (block-diagonal factors above it; None: dense)."""
     import kfc_compile as kc
 
     family = family or (family_of(name) if constructor is None else "classification")
@@ -218,13 +237,14 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
     try:
         torch.manual_seed(0)
         stage = enter("build")
-        model = constructor() if constructor is not None else build(name)
+        res_list = resolutions(name, family, resolution)
+        model = constructor() if constructor is not None else build(name, res_list[0])
         if not isinstance(model, nn.Module):
             raise TypeError(f"constructor returned {type(model).__name__}, not an nn.Module")
         row["params"] = sum(p.numel() for p in model.parameters())
         row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         stage = enter("input")
-        x, out0 = _probe(model, name, family, resolutions(name, family, resolution), batch)
+        x, out0 = _probe(model, name, family, res_list, batch)
         row["input_shape"] = list(x.shape)
         stage = enter("transform")
         with warnings.catch_warnings():
@@ -255,7 +275,8 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # the whole (tiny) batch for the exact Fisher products: train-mode BatchNorm needs > 1 example
-            opt = kc.KFC(model, lr=lr, damping=damping, loss="cross_entropy", clip_fraction=1.0)
+            opt = kc.KFC(model, lr=lr, damping=damping, loss="cross_entropy", clip_fraction=1.0,
+                         max_factor_dim=max_factor_dim)
 
         def kfc_step() -> float:
             loss = _loss(model(x), y)
@@ -264,11 +285,10 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
             opt.zero_grad(set_to_none=True)
             return float(loss.detach())
 
+        before = _fixed_loss(model, x, y)
         losses = [kfc_step() for _ in range(steps)]
-        with torch.no_grad():
-            after = float(_loss(model(x), y))
-        row.update(trained=True, steps=steps, loss_before=losses[0] if losses else after, loss_after=after,
-                   factor_bytes=factor_bytes(opt))
+        after = _fixed_loss(model, x, y)
+        row.update(trained=True, steps=steps, loss_before=before, loss_after=after, factor_bytes=factor_bytes(opt))
         row["loss_decreased"] = math.isfinite(after) and after < row["loss_before"]
         if not math.isfinite(after) or not all(map(math.isfinite, losses)):
             raise FloatingPointError(f"non-finite loss: {losses} -> {after}")
@@ -396,7 +416,8 @@ def _normalise(models) -> list[tuple[str, Callable | None, str | None]]:
 
 def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 2, out: str | None = None, *,
         lr: float = 0.01, damping: float = 0.1, progress: bool = True, command: str | None = None,
-        timing_steps: int = 3, time_limit: float | None = None) -> list[dict]:
+        timing_steps: int = 3, time_limit: float | None = None,
+        max_factor_dim: int | None = MAX_FACTOR_DIM) -> list[dict]:
     """Run the zoo over ``models`` (names, ``"all"``, or ``(name, constructor[, family])``); see the module doc.
 
     ``time_limit``: seconds per model (each model then runs in a forked worker process; None: in this process).
@@ -407,7 +428,8 @@ def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 2, out
     items = _normalise(models)
     header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "command": command, "steps": steps, "resolution": resolution, "batch": batch,
-              "lr": lr, "damping": damping, "timing_steps": timing_steps, "time_limit": time_limit,
+              "lr": lr, "damping": damping, "max_factor_dim": max_factor_dim, "timing_steps": timing_steps,
+              "time_limit": time_limit,
               "threads": torch.get_num_threads(),
               "n_models": len(items)}
     rows: list[dict] = []
@@ -416,7 +438,7 @@ def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 2, out
     for name, ctor, fam in bar:
         bar.set_postfix_str(name)
         kwargs = dict(steps=steps, resolution=resolution, batch=batch, lr=lr, damping=damping,
-                      timing_steps=timing_steps)
+                      timing_steps=timing_steps, max_factor_dim=max_factor_dim)
         if time_limit is not None and "forkserver" in multiprocessing.get_all_start_methods():
             row = run_limited(name, ctor, fam, time_limit=time_limit, **kwargs)
         else:
@@ -482,7 +504,7 @@ def render(rows: list[dict], header: dict) -> str:
     t = totals(rows)
     lines = ["# kfc-compile zoo", ""]
     for k in ("command", "date", "machine", "threads", "steps", "resolution", "batch", "lr", "damping",
-              "timing_steps", "time_limit", "wall_s"):
+              "max_factor_dim", "timing_steps", "time_limit", "wall_s"):
         if header.get(k) is not None:
             lines.append(f"* {k}: `{header[k]}`" if k == "command" else f"* {k}: {header[k]}")
     done = f"{len(rows)} of {header.get('n_models', len(rows))}"

@@ -57,7 +57,7 @@ def test_ci_subset_trains(ci_rows):
         r = by[name]
         assert r["status"] == "ok", r["error"]
         assert r["trained"] and r["steps"] == 2
-        assert math.isfinite(r["loss_before"]) and math.isfinite(r["loss_after"])
+        assert math.isfinite(r["loss_before"]) and math.isfinite(r["loss_after"]) and r["loss_decreased"]
         assert r["coverage"] > 0.9 and r["kfc_layers"] > 0 and sum(r["layers_by_kind"].values()) == r["kfc_layers"]
         assert r["factor_bytes"] > 0 and r["kfc_step_s"] > 0 and r["sgd_step_s"] > 0 and r["step_time_ratio"] > 0
     assert by["small"]["layers_by_kind"] == {"conv2d": 1, "linear": 1}
@@ -121,3 +121,12 @@ def test_time_limit_stops_a_model_without_stopping_the_sweep(tmp_path):
 def test_cli_zoo_bad_family(capsys):
     with pytest.raises(SystemExit):
         main(["zoo", "--family", "audio"])
+
+
+def test_vit_is_built_for_the_requested_resolution():
+    """ViT fixes its image size at construction: the sweep builds it for the smallest multiple of the patch size
+    at or above the requested resolution (224, the published size, when none is requested)."""
+    assert kc.zoo.resolutions("vit_b_16", requested=32) == (32,)
+    assert kc.zoo.resolutions("vit_h_14", requested=32) == (42,)
+    assert kc.zoo.resolutions("vit_l_32") == (224,)
+    assert kc.zoo.resolutions("resnet18", requested=32) == (32, 64, 128, 224)
