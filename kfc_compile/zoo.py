@@ -5,7 +5,8 @@
 ``(name, constructor, family)`` triples (e.g. timm constructors), and for each model, with random
 initialisation on synthetic data:
 
-1. builds it and finds the smallest input it accepts (``resolution`` first, then larger; per-model minimums);
+1. builds it and finds the smallest input it accepts (``resolution`` first, then larger; per-model minimums;
+   ViT is built for ``resolution``; the video models that need 16 frames of 224×224 run one clip, ``MAX_BATCH``);
 2. transforms it (``kc.transform``): traced fully, or partially (black boxes), or failed;
 3. runs ``steps`` KFC steps (``kc.KFC``, cross-entropy on the main output; per-pixel for segmentation) on one
    fixed synthetic batch (the loss before and after them is recorded: training mode, the same RNG seed for both,
@@ -62,6 +63,9 @@ MIN_RES = {
     "maxvit_t": (224,),  # window partitioning needs multiples of 7 * 32
 }
 VIDEO_FRAMES = {"mvit_v1_b": 16, "mvit_v2_s": 16, "s3d": 16}
+# models whose smallest input is 16 frames of 224×224 (MViT's fixed positional grid, S3D's final 2×7×7 average
+# pool) run with one clip: ~70 GFLOPs per clip forward
+MAX_BATCH = {"mvit_v1_b": 1, "mvit_v2_s": 1, "s3d": 1}
 DETECTION_RES = (128, 224, 320)
 WARMUP_STEPS = 3  # kc.KFC recomputes every inverse at steps 1-3: step-time medians start after them
 # KFC's max_factor_dim in the sweep: factors wider than this are block-diagonal, so that the inverses of wide
@@ -102,7 +106,7 @@ def resolutions(name: str, family: str = "classification", requested: int | None
     if family == "detection":
         res: tuple[int, ...] = DETECTION_RES
     elif family == "video":
-        res = (224,) if name.startswith("mvit") else (32, 64, 112)
+        res = (224,) if name in MAX_BATCH else (32, 64, 112)
     else:
         res = MIN_RES.get(name, DEFAULT_RES)
     if requested is not None:
@@ -244,7 +248,7 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
         row["params"] = sum(p.numel() for p in model.parameters())
         row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         stage = enter("input")
-        x, out0 = _probe(model, name, family, res_list, batch)
+        x, out0 = _probe(model, name, family, res_list, min(batch, MAX_BATCH.get(name, batch)))
         row["input_shape"] = list(x.shape)
         stage = enter("transform")
         with warnings.catch_warnings():
