@@ -23,13 +23,13 @@ def _num(v, fmt=".3g") -> str:
 
 
 def summary_table(groups: list[tuple[str, list[dict], dict]]) -> str:
-    lines = ["| models | run | ok | partial | failed | trained (finite loss) | coverage median | coverage min | "
-             "median KFC/SGD step time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| models | run | ok | partial | failed | trained (finite loss) | loss decreased | coverage median | "
+             "coverage min | median KFC/SGD step time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, rows, header in groups:
         t = zoo.totals(rows)
         lines.append(f"| {label} | {len(rows)} of {header.get('n_models', len(rows))} | {t['ok']} | {t['partial']} | "
-                     f"{t['failed']} | {t['trained']} | {_pct(t['coverage_median'])} | {_pct(t['coverage_min'])} "
+                     f"{t['failed']} | {t['trained']} | {t['loss_decreased']} | {_pct(t['coverage_median'])} | {_pct(t['coverage_min'])} "
                      f"({t['coverage_min_model']}) | {_num(t['ratio_median'])} |")
     return "\n".join(lines)
 
