@@ -357,7 +357,8 @@ class KFC(torch.optim.Optimizer):
         raise KeyError(f"no KFC layer named {name!r}; layers: {[l.name for l in self.layers]}")
 
     def factors(self, name: str) -> Factors | None:
-        """Current moving averages (Ω, Γ) of a layer (2-D, or stacked per group); None before any statistics."""
+        """Current moving averages (Ω, Γ) of a layer (2-D, or stacked per group; with ``max_factor_dim`` blocks, the
+        dense block-diagonal matrices they stand for); None before any statistics."""
         i = self._layer_index(name)
         rf = self._running[i]
         if rf is None:
