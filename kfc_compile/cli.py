@@ -142,7 +142,7 @@ def _add_zoo(sub) -> None:
     p = sub.add_parser(
         "zoo", help="transform + a few KFC steps on every torchvision model (or a list); zoo.md + zoo.json",
         description="For each model (random init, weights=None, nothing downloaded): find an input size it "
-                    "accepts, transform it, run --steps KFC steps and as many SGD steps on a copy on one synthetic "
+                    "accepts, transform it, run --steps KFC steps on one synthetic "
                     "batch, time steady-state KFC steps against SGD steps, and record tracing (ok / partial with black boxes / failed), layers by kind, "
                     "coverage, uncovered parameters by reason, loss before/after, step-time ratio and factor "
                     "memory. Detection models are transformed and reported only. A failing model never stops "

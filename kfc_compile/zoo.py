@@ -14,7 +14,8 @@ initialisation on synthetic data:
    ``kfc_step_s`` is the median of ``timing_steps`` *steady-state* KFC steps, i.e. steps after the optimizer's
    warm-up (it recomputes every inverse at steps 1–3; statistics are taken at every step, inverses are then
    refreshed every 20 steps, which the median leaves out), and ``sgd_step_s`` the median of as many SGD
-   (momentum 0.9) steps on a copy after one warm-up step, in the same process: ``step_time_ratio`` is their ratio;
+   (momentum 0.9) steps on a fresh build of the model (same seed) after one warm-up step, in the same process:
+   ``step_time_ratio`` is their ratio;
 4. records matched layers by kind, coverage, uncovered parameters by reason, the loss before and after, the
    step-time ratio and the bytes held by the optimizer's factors (moving averages and inverses).
 
@@ -28,7 +29,6 @@ the rows and, with ``out``, writes ``zoo.json`` (``{"schema_version": 1, "models
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import gc
 import json
@@ -275,7 +275,6 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
         gen = torch.Generator().manual_seed(2)
         y = _targets(out0, family, gen)
         model.train()
-        sgd_model = copy.deepcopy(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # the whole (tiny) batch for the exact Fisher products: train-mode BatchNorm needs > 1 example
@@ -308,10 +307,18 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
                 if not math.isfinite(timed_loss):
                     raise FloatingPointError(f"non-finite loss at KFC step {k}: {timed_loss}")
         row["kfc_step_s"] = statistics.median(times) if times else None
-        del opt
+        if not timing_steps:
+            return row
+        # the SGD model is built afresh (same seed, same initial weights) once the KFC model and its optimizer
+        # are gone: a copy held from the start would double the peak memory of the largest models
+        del opt, model, info
+        gc.collect()
+        torch.manual_seed(0)
+        sgd_model = constructor() if constructor is not None else build(name, res_list[0])
+        sgd_model.train()
         sgd = torch.optim.SGD(sgd_model.parameters(), lr=lr, momentum=0.9)
         st = []
-        for k in range(timing_steps + 1 if timing_steps else 0):
+        for k in range(timing_steps + 1):
             t = time.perf_counter()
             _loss(sgd_model(x), y).backward()
             sgd.step()
