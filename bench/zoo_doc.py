@@ -1,9 +1,12 @@
 """Build docs/zoo.md from the ``zoo.json`` files of ``kfc-compile zoo`` runs (one per family group).
 
-    .venv/bin/python bench/zoo_doc.py /tmp/zoo-cls/zoo.json /tmp/zoo-other/zoo.json --out docs/zoo.md
+    .venv/bin/python bench/zoo_doc.py /tmp/zoo-cls/zoo.json /tmp/zoo-other/zoo.json --out docs/zoo.md \
+        [--rerun /tmp/zoo-one/zoo.json]
 
 Writes the totals of every run and of all runs together, each run's command, date, machine and wall time, and
 each run's per-model table (``kc.zoo.render``); prints the summary table for README.md's "Model zoo" section.
+``--rerun`` files hold single models run again on their own (e.g. after a failure caused by the machine): each of
+their rows replaces the row of the same name in the runs, and the document lists them with their command.
 """
 from __future__ import annotations
 
@@ -39,15 +42,24 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="zoo.json files")
     ap.add_argument("--out", default="docs/zoo.md")
     ap.add_argument("--note", default="", help="a paragraph added under the title")
+    ap.add_argument("--rerun", nargs="*", default=[], help="zoo.json files whose rows replace same-name rows")
     args = ap.parse_args(argv)
+    reruns: dict[str, tuple[dict, dict]] = {}
+    for path in args.rerun:
+        with open(path) as f:
+            doc = json.load(f)
+        reruns.update({r["name"]: (r, doc.get("run", {})) for r in doc["models"]})
     groups = []
     for path in args.runs:
         with open(path) as f:
             doc = json.load(f)
-        rows, header = doc["models"], doc.get("run", {})
+        rows, header = [reruns.get(r["name"], (r, None))[0] for r in doc["models"]], doc.get("run", {})
         fams = sorted({r["family"] for r in rows}, key=zoo.FAMILIES.index)
         groups.append((", ".join(fams), rows, header))
     all_rows = [r for _, rows, _ in groups for r in rows]
+    unknown = set(reruns) - {r["name"] for r in all_rows}
+    if unknown:
+        ap.error(f"--rerun models not in any run: {sorted(unknown)}")
     table = summary_table(groups + ([("all", all_rows, {"n_models": sum(h.get("n_models", len(r))
                                                                           for _, r, h in groups)})]
                                     if len(groups) > 1 else []))
@@ -62,6 +74,12 @@ def main(argv=None) -> int:
               "finished (the row keeps what was measured, e.g. coverage). A model stopped by the limit during the "
               "step timing keeps its status and has no ratio. Detection models are transformed and reported only.",
               ""]
+    if reruns:
+        lines += ["## Re-runs", "", "These rows replace the rows of the same models in the runs below (and in the "
+                  "totals):", ""]
+        for name, (row, header) in reruns.items():
+            lines.append(f"* `{name}`: {row['status']}, {header.get('date', '')}, `{header.get('command', '')}`")
+        lines.append("")
     for label, rows, header in groups:
         body = zoo.render(rows, header).split("\n", 2)[2]  # drop render's title
         lines += [f"## Run: {label}", "", body.replace("\n## ", "\n### ")]
