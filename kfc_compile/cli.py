@@ -155,8 +155,12 @@ def _add_zoo(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=2, help="KFC steps per model (default: %(default)s)")
     p.add_argument("--resolution", type=_positive_int, default=32,
                    help="smallest input size to try; models with a larger minimum use theirs (default: %(default)s)")
-    p.add_argument("--batch", type=_positive_int, default=2, help="synthetic batch size (default: %(default)s)")
-    p.add_argument("--lr", type=_positive_float, default=0.01, help="KFC and SGD learning rate (default: %(default)s)")
+    p.add_argument("--batch", type=_positive_int, default=8,
+                   help="synthetic batch size; below ~4, train-mode BatchNorm on the 1x1 maps of a 32x32 input "
+                        "normalises over 2 values (a near sign function: loss changes are noise) "
+                        "(default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=0.003,
+                   help="KFC and SGD learning rate (default: %(default)s)")
     p.add_argument("--damping", type=_positive_float, default=0.1, help="KFC damping (default: %(default)s)")
     p.add_argument("--max-factor-dim", type=_nonneg_int, default=MAX_FACTOR_DIM, metavar="D",
                    help="kc.KFC's max_factor_dim: factors wider than D are kept as diagonal blocks of at most D (fast "

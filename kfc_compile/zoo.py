@@ -1,6 +1,6 @@
 """``kc.zoo``: transform and train a collection of models with KFC, one report row per model.
 
-``run(models, steps=2, resolution=32, batch=2, out=DIR)`` takes torchvision model names (``"resnet18"``,
+``run(models, steps=2, resolution=32, batch=8, out=DIR)`` takes torchvision model names (``"resnet18"``,
 ``"all"``, or families through :func:`model_names`), ``(name, constructor)`` pairs or
 ``(name, constructor, family)`` triples (e.g. timm constructors), and for each model, with random
 initialisation on synthetic data:
@@ -9,8 +9,9 @@ initialisation on synthetic data:
    ViT is built for ``resolution``; the video models that need 16 frames of 224×224 run one clip, ``MAX_BATCH``);
 2. transforms it (``kc.transform``): traced fully, or partially (black boxes), or failed;
 3. runs ``steps`` KFC steps (``kc.KFC``, cross-entropy on the main output; per-pixel for segmentation) on one
-   fixed synthetic batch (the loss before and after them is recorded: training mode, the same RNG seed for both,
-   so dropout and stochastic depth draw the same masks), then keeps stepping for the timing:
+   fixed synthetic batch (training mode; every forward reseeds the RNG, so dropout and stochastic depth draw the
+   same masks in each step and in the losses recorded before and after the steps), then keeps stepping for the
+   timing:
    ``kfc_step_s`` is the median of ``timing_steps`` *steady-state* KFC steps, i.e. steps after the optimizer's
    warm-up (it recomputes every inverse at steps 1–3; statistics are taken at every step, inverses are then
    refreshed every 20 steps, which the median leaves out), and ``sgd_step_s`` the median of as many SGD
@@ -204,12 +205,16 @@ def _loss(out, y) -> torch.Tensor:
     return nn.functional.cross_entropy(first_output(out), y)
 
 
-def _fixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The training-mode loss on the fixed batch with a fixed RNG state, so that dropout / stochastic depth draw
-    the same masks before and after the training steps (the comparison is then not noise)."""
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(1234)
-        return float(_loss(model(x), y))
+MASK_SEED = 1234
+
+
+def _fixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training-mode loss on the fixed batch with the RNG seeded by MASK_SEED: dropout and stochastic depth draw
+    the same masks in every training step and in the evaluations before and after them, so the steps optimise one
+    deterministic function and the comparison is not mask noise."""
+    with torch.random.fork_rng():
+        torch.manual_seed(MASK_SEED)
+        return _loss(model(x), y)
 
 
 def _targets(out, family: str, gen) -> torch.Tensor:
@@ -220,7 +225,7 @@ def _targets(out, family: str, gen) -> torch.Tensor:
 
 
 def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, family: str | None = None, *,
-            steps: int = 2, resolution: int | None = None, batch: int = 2, lr: float = 0.01,
+            steps: int = 2, resolution: int | None = None, batch: int = 8, lr: float = 0.003,
             damping: float = 0.1, timing_steps: int = 3, max_factor_dim: int | None = MAX_FACTOR_DIM,
             progress: Callable[[str, dict], None] | None = None) -> dict:
     """One report row (see :data:`ROW_KEYS`); never raises for a model's own failure. ``progress(stage, row)`` is
@@ -282,15 +287,17 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
                          max_factor_dim=max_factor_dim)
 
         def kfc_step() -> float:
-            loss = _loss(model(x), y)
+            loss = _fixed_loss(model, x, y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return float(loss.detach())
 
-        before = _fixed_loss(model, x, y)
+        with torch.no_grad():
+            before = float(_fixed_loss(model, x, y))
         losses = [kfc_step() for _ in range(steps)]
-        after = _fixed_loss(model, x, y)
+        with torch.no_grad():
+            after = float(_fixed_loss(model, x, y))
         row.update(trained=True, steps=steps, loss_before=before, loss_after=after, factor_bytes=factor_bytes(opt))
         row["loss_decreased"] = math.isfinite(after) and after < row["loss_before"]
         if not math.isfinite(after) or not all(map(math.isfinite, losses)):
@@ -425,8 +432,8 @@ def _normalise(models) -> list[tuple[str, Callable | None, str | None]]:
     return out
 
 
-def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 2, out: str | None = None, *,
-        lr: float = 0.01, damping: float = 0.1, progress: bool = True, command: str | None = None,
+def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 8, out: str | None = None, *,
+        lr: float = 0.003, damping: float = 0.1, progress: bool = True, command: str | None = None,
         timing_steps: int = 3, time_limit: float | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM) -> list[dict]:
     """Run the zoo over ``models`` (names, ``"all"``, or ``(name, constructor[, family])``); see the module doc.

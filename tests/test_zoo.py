@@ -46,7 +46,7 @@ def ci_rows(tmp_path_factory):
     rows = kc.zoo.run([("squeezenet1_1", lambda: torchvision.models.squeezenet1_1(num_classes=10)),
                        ("broken_ctor", broken_constructor), ("small", SmallNet), ("broken_forward", ForwardRaises),
                        ("mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(num_classes=10))],
-                      steps=2, resolution=16, batch=2, out=str(out), progress=False)
+                      steps=2, resolution=16, batch=8, out=str(out), progress=False)
     return out, rows
 
 
