@@ -550,3 +550,27 @@ def test_non_finite_clipping_statistic_skips_the_step():
     F.cross_entropy(model(x), y).backward()
     opt.step()  # a finite step afterwards works
     assert not opt.last_step.get("skipped") and any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_non_finite_factors_restart_instead_of_failing():
+    """A statistics pass that overflows (inf in a factor) must not end training with a 'singular factor' error:
+    the layer's moving averages restart from the next statistics step (with a warning naming it), the other layers
+    and the parameters stay finite, and the layer is preconditioned again from the next refresh."""
+    torch.manual_seed(11)
+    model = small_net(bn=False).double()
+    opt = kc.KFC(model, lr=0.05)
+    x, y = batch(14, n=8)
+    name = opt.layers[1].name
+    A = torch.eye(opt.layers[1].a_dim, dtype=torch.float64).expand(2, -1, -1).clone()
+    A[0, 0, 0] = float("inf")
+    opt.set_factors(name, A, torch.eye(opt.layers[1].g_dim, dtype=torch.float64).expand(2, -1, -1))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match=f"KFC layer '{name}'.*not finite"):
+        opt.step()
+    assert opt.factors(name) is None and all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(opt.factors(layer.name) is not None for layer in opt.layers if layer.name != name)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # fresh statistics: finite factors, an inverse at step 2
+    f = opt.factors(name)
+    assert f is not None and bool(torch.isfinite(f.A).all()) and 1 in opt._inverse

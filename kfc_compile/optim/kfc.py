@@ -514,7 +514,11 @@ class KFC(torch.optim.Optimizer):
     # -- inverses -------------------------------------------------------------------------------------------------
     def _refresh_inverses(self, k: int | None, eta: float) -> None:
         """Recompute the inverses when due at step k (steps 1–3 and every inverse_every steps), for layers whose
-        factors are new or were replaced, and rescale them when (η, scale) changed; k=None: only the latter."""
+        factors are new or were replaced, and rescale them when (η, scale) changed; k=None: only the latter.
+
+        Factors with non-finite entries (an overflowing statistics pass: e.g. train-mode BatchNorm over a tiny
+        statistics subset) are not inverted: their moving averages restart at the next statistics step, the layer
+        keeps its last inverse, and a RuntimeWarning names it."""
         due = k is not None and (k <= 3 or k % self.inverse_every == 0)
         changed = False
         for i, rf in enumerate(self._running):
@@ -522,7 +526,16 @@ class KFC(torch.optim.Optimizer):
                 continue
             name = self.layers[i].name
             inv = self._inverse.get(i)
-            if due or inv is None or i in self._stale:
+            recompute = due or inv is None or i in self._stale
+            if (recompute or inv.eta != eta or inv.scale != self._scale) and not (
+                    bool(torch.isfinite(rf.A).all()) and bool(torch.isfinite(rf.G).all())):
+                self._running[i] = None
+                warnings.warn(f"KFC layer {name!r}: its factors are not finite (inf/NaN in the statistics pass); "
+                              "their moving averages restart at the next statistics step and the layer keeps its "
+                              "last inverse" + ("" if inv is not None else " (none yet: unpreconditioned)"),
+                              RuntimeWarning, stacklevel=4)
+                continue
+            if recompute:
                 self._inverse[i] = compute_inverse(self.damping_method, rf.A, rf.G, eta, self._scale, name,
                                                    self._layouts[i])
                 changed = True
