@@ -71,8 +71,8 @@ class BatchStatistics:
 
     def _blocked_update(self, F: torch.Tensor, rows: torch.Tensor, k: int, d: int, alpha: float,
                         beta: float) -> None:
-        """F ← beta·F + alpha·(diagonal blocks of rowsᵀrows); rows (groups, M, ≤ d), zero-padded to d."""
-        rows = rows.to(self.dtype)
+        """F ← beta·F + alpha·(diagonal blocks of rowsᵀrows); rows (groups, M, ≤ d) of any float dtype (the
+        kernel upcasts), zero-padded to d; one block (k = 1) is the plain syrk update."""
         if rows.shape[-1] < d:
             rows = torch.nn.functional.pad(rows, (0, d - rows.shape[-1]))
         tk.syrk_update_(F, bl.block_rows(rows, k), alpha=alpha, beta=beta)
@@ -124,10 +124,7 @@ class BatchStatistics:
             if self.G is None:
                 self.G = self._new(self.g_dim, self.g_blocks)
                 self.G.zero_()
-            if self.g_blocks > 1:
-                self._blocked_update(self.G, site.output_rows(gy), self.g_blocks, self.g_dim, scale * scale, 1.0)
-            else:
-                tk.syrk_update_(self.G, site.output_rows(gy), alpha=scale * scale, beta=1.0)
+            self._blocked_update(self.G, site.output_rows(gy), self.g_blocks, self.g_dim, scale * scale, 1.0)
         else:
             sums = site.output_sums(gy).to(self.dtype) * scale
             self._g_pending = sums if self._g_pending is None else self._g_pending + sums
