@@ -20,7 +20,6 @@ What is measured:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

@@ -5,8 +5,8 @@ backend would have run it (and also while torch.compile traces with fake tensors
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

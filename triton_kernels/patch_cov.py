@@ -27,7 +27,8 @@ _INT32_MAX = 2**31 - 1
 def _patch_cols(offs_d, c_base, Dg, sxc, sx0, sx1, sx2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
                 DL0: tl.constexpr, DL1: tl.constexpr, DL2: tl.constexpr, NDIM: tl.constexpr):
     """Column part of the virtual im2col matrix (loop invariant): column d = (channel c, kernel offset q), in
-    ``weight.flatten(1)`` order. Returns (address offset, per-dim input offset q*dilation, column mask)."""
+    ``weight.flatten(1)`` order. Returns (address offset, per-dim input offset q*dilation, column mask).
+    """
     c = offs_d // (K0 * K1 * K2)
     q = offs_d - c * (K0 * K1 * K2)
     q0 = q // (K1 * K2)

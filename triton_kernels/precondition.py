@@ -111,7 +111,8 @@ def _cfg(I: int, D: int, nb: int, device: torch.device, interpreted: bool, key: 
 def _tuned_launch(kind: str, run, grad: Tensor, out: Tensor | None, alpha: float, beta: float,
                   dtype: torch.dtype, interpreted: bool) -> Tensor:
     """Pick the GEMM config for this shape (timing ``run`` into a scratch buffer on first use), then
-    ``run(cfg, dst, a, b)`` into ``out`` (axpby epilogue with alpha, beta) or a new tensor."""
+    ``run(cfg, dst, a, b)`` into ``out`` (axpby epilogue with alpha, beta) or a new tensor.
+    """
     nb, I, D = grad.shape
     dst = out if out is not None else torch.empty((nb, I, D), dtype=dtype, device=grad.device)
     a, b = (alpha, beta) if out is not None else (1.0, 0.0)

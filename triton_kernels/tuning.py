@@ -13,8 +13,8 @@ import contextvars
 import logging
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -103,7 +103,8 @@ def sym_default(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, devi
 
 def sym_candidates(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, device: torch.device) -> list[SymConfig]:
     """A small sweep for the autotuner / gpu_check: three tile shapes with the heuristic split (and twice it when
-    that needs no new compile). Kept short because every tile shape is a new compile."""
+    that needs no new compile). Kept short because every tile shape is a new compile.
+    """
     out = []
     # fp32 128x128 tiles with 64-row chunks need 256 KiB of shared memory at 3 stages (over an H100's 227 KiB)
     shapes = [(64, 32, 4), (64, 64, 4), (128, 32, 8)]

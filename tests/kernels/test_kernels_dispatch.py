@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernel_refs as R
 import triton_kernels as tk
 from triton_kernels import dispatch, reference
+
+import kernel_refs as R
 
 
 def test_modes_choose_backend(use):
@@ -170,7 +171,8 @@ def test_statistics_ignore_autocast(backend):
 def test_kernels_use_only_triton_builtins():
     """Kernels must not call triton.language helpers that are themselves @jit functions (tl.zeros, tl.cdiv, tl.sum,
     ...): those are built when triton is imported, so if anything imported triton before TRITON_INTERPRET=1 was set
-    they are compiler-only and the interpreter cannot call them from our kernels."""
+    they are compiler-only and the interpreter cannot call them from our kernels.
+    """
     import inspect
     import re
 

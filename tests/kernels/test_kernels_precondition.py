@@ -6,9 +6,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernel_refs as R
 import triton_kernels as tk
 from triton_kernels import tuning
+
+import kernel_refs as R
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
@@ -59,7 +60,7 @@ def test_kron_grid(backend, B, I, D, fdtype):
 @pytest.mark.parametrize("odtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (-0.1, 1.0), (0.5, 0.9)])
 def test_fused_out_epilogue(backend, odtype, alpha, beta):
-    """out <- beta*out + alpha*U in place (a momentum buffer or a bf16 parameter); beta=0 ignores NaN."""
+    """``out`` <- beta*out + alpha*U in place (a momentum buffer or a bf16 parameter); beta=0 ignores NaN."""
     grad, QG, lG, QA, lA = eig_inputs(3, 18, 21)
     _, Gi, Ai = kron_inputs(3, 18, 21)
     for fn, ref in ((lambda o: tk.eigen_precondition(grad, QG, lG, QA, lA, 0.05, out=o, alpha=alpha, beta=beta),

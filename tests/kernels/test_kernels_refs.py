@@ -9,8 +9,9 @@ import torch.nn.functional as tF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernel_refs as R
 from triton_kernels import checks, reference
+
+import kernel_refs as R
 
 # (x shape, kernel, stride, padding (lo, hi per dim), dilation, groups)
 GEOMS = [
