@@ -402,10 +402,10 @@ def timing() -> None:
         shapes = [(1, 9, 28), (4, 5, 19)]
     if ARGS.quick:
         shapes = shapes[1:2] + shapes[3:4]
+    lr, dmp = 0.1, 1e-3
     for B, I, D in shapes:
         g, QG, lG, QA, lA = eig_inputs(B, I, D)
         pt, pr = rnd(B, I, D), rnd(B, I, D)
-        lr, dmp = 0.1, 1e-3
 
         def run_torch(g=g, QG=QG, lG=lG, QA=QA, lA=lA, pr=pr):
             U = QG @ ((QG.mT @ g @ QA) / (lG[:, :, None] * lA[:, None, :] + dmp)) @ QA.mT
