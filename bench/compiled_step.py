@@ -255,7 +255,8 @@ def run_check(device: torch.device, steps: int = 6) -> dict:
     fac = {layer.name: (rel(comp.optimizer.factors(layer.name).A, eager.optimizer.factors(layer.name).A),
                         rel(comp.optimizer.factors(layer.name).G, eager.optimizer.factors(layer.name).G))
            for layer in eager.optimizer.layers}
-    par = max(rel(pc, pe) for pe, pc in zip(eager.model.parameters(), comp.model._orig_mod.parameters()))
+    par = max(rel(pc, pe) for pe, pc in zip(eager.model.parameters(), comp.model._orig_mod.parameters(),
+                                            strict=True))
     res = {"device": str(device), "kernels": os.environ.get("KFC_KERNELS", "auto"), "factor_rel": fac,
            "param_rel": par, "kfc_graphs": comp.compiles, "seconds": time.perf_counter() - t}
     print(json.dumps(res), flush=True)

@@ -166,7 +166,7 @@ def profile(data, steps: int = 40) -> None:
         c2 = time.process_time()
         opt.step()
         c3 = time.process_time()
-        for key, v in zip(parts, (c1 - c0, c2 - c1, c3 - c2)):
+        for key, v in zip(parts, (c1 - c0, c2 - c1, c3 - c2), strict=True):
             parts[key] += v
         c0 = time.process_time()
         sgd.zero_grad()

@@ -174,7 +174,7 @@ def time_config(case: str, s: int, i: int, min_rounds: int, max_rounds: int, bud
     n = len(tk) * P
     return {"model": case, "batch": BATCH[case], "stats_every": s, "inverse_every": i, "steps": n, "compiled": compiled,
             "kfc_ms": 1e3 * sum(tk) / n, "sgd_ms": 1e3 * sum(ts) / n, "ratio": sum(tk) / sum(ts),
-            "round_ratios": [a / b for a, b in zip(tk, ts)]}
+            "round_ratios": [a / b for a, b in zip(tk, ts, strict=True)]}
 
 
 # -- memory (one subprocess per model and optimizer) ---------------------------------------------------------------

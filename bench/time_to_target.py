@@ -79,14 +79,14 @@ def plot(results: dict, path: str) -> None:
 
     tasks = list(results)
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
-    for row, task in zip(axes, tasks):
+    for row, task in zip(axes, tasks, strict=True):
         res = results[task]
         for o, d in res["optimizers"].items():
             for i, r in enumerate(d["best_runs"]):
                 lab = f"{LABELS[o]} (lr {d['lr']:g})" if i == 0 else None
                 row[0].plot(r["steps"], r["train_loss"], color=COLORS.get(o), lw=1.2, alpha=0.8, label=lab)
                 row[1].plot(r["seconds"], r["train_loss"], color=COLORS.get(o), lw=1.2, alpha=0.8, label=lab)
-        for ax, xl in zip(row, ("steps", "seconds (training only)")):
+        for ax, xl in zip(row, ("steps", "seconds (training only)"), strict=True):
             ax.axhline(res["target"], color="k", ls="--", lw=0.8)
             ax.set_yscale("log"), ax.set_xlabel(xl), ax.set_ylabel("training loss")
             ax.grid(True, which="both", alpha=0.3)
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
             out = train_lockstep(load_task(t), "convnet", specs, steps=r["steps"], batch_size=r["batch_size"],
                                  target=r["target"], eval_every=r["eval_every"], seed=s, stop_at_target=True,
                                  kfc_options=kfc_options)
-            for (o, _), run in zip(specs, out):
+            for (o, _), run in zip(specs, out, strict=True):
                 timed[(t, o, s)] = run
     for t in tasks:
         res = results[t]
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             lr = picked[t][o]
             summ = {lr_: summarize(rs) for lr_, rs in by_lr.items()}
             best = [timed[(t, o, s)] for s in seeds]
-            mismatch = [(g.seed, g.steps_to_target, b.steps_to_target) for g, b in zip(by_lr[lr], best)
+            mismatch = [(g.seed, g.steps_to_target, b.steps_to_target) for g, b in zip(by_lr[lr], best, strict=True)
                         if g.steps_to_target != b.steps_to_target]
             if mismatch:
                 print(f"  note: {t} {o}: lockstep steps differ from the grid run (seed, grid, lockstep): {mismatch}")

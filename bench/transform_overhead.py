@@ -104,7 +104,7 @@ def bench_case(name: str, reps: int, warmup: int, device: torch.device) -> dict:
         for v in order:
             times[v].append(step(v))
     med = {v: statistics.median(t) for v, t in times.items()}
-    ratio = {v: statistics.median(a / b for a, b in zip(times[v], times["original"])) for v in VARIANTS[1:]}
+    ratio = {v: statistics.median(a / b for a, b in zip(times[v], times["original"], strict=True)) for v in VARIANTS[1:]}
     return {"model": name, "batch": batch, "layers": len(tm.kfc.layers), "reps": reps,
             "median_ms": {v: 1000 * t for v, t in med.items()}, "ratio": ratio}
 

@@ -227,8 +227,8 @@ def patch_sum(x: Tensor, geom: ConvGeometry, ones: bool, dtype: torch.dtype, int
     out = torch.empty((geom.N, geom.groups, Dp), dtype=dtype, device=x.device)
     if geom.N == 0:
         return out
-    forced = tuning._OVERRIDE.get().get("patch_sum")
-    block_d, block_t, warps = forced if forced is not None else ((16, 32, 1) if interpreted else (64, 32, 4))
+    default = (16, 32, 1) if interpreted else (64, 32, 4)  # (BLOCK_D, BLOCK_T, num_warps); never autotuned
+    block_d, block_t, warps = tuning.pick("patch_sum", (), default, list, None, interpreted)
     rt, ce = _geom_args(x, geom)
     grid = (geom.N, geom.groups, triton.cdiv(Dp, block_d))
     if geom.N > 2**31 - 1 or geom.groups > _MAX_GRID or grid[2] > _MAX_GRID:

@@ -174,7 +174,7 @@ def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, be
             if n + 1 < len(groups) and sum(len(g[1]) for g in chunk) + len(groups[n + 1][1]) <= cap:
                 continue
             parts = []
-            for a, b in zip(cells[:-1], cells[1:]):
+            for a, b in itertools.pairwise(cells):
                 here = window(0, 0, range(1), a, b)[:, :, :, 0]  # (S0, S1, G, Cg, cell·N)
                 parts.append(torch.cat([torch.matmul(window(j01[0], j01[1], j2, a, b).flatten(3, 4), here.mT)
                                         for j01, j2 in chunk], dim=3))  # (S0, S1, G, shifts·Cg, Cg)
@@ -183,7 +183,7 @@ def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, be
             si, kf, kpf = [], [], []
             for sn, j in enumerate((j01 + (j2,) for j01, rng in chunk for j2 in rng)):
                 for k in offsets:
-                    kj = tuple(u + v for u, v in zip(k, j))
+                    kj = tuple(u + v for u, v in zip(k, j, strict=True))
                     if kj in flat:
                         si.append(sn), kf.append(flat[k]), kpf.append(flat[kj])
             si, kf, kpf = torch.tensor(si), torch.tensor(kf), torch.tensor(kpf)
@@ -204,7 +204,7 @@ def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, be
         del W
         if ones:
             real = xp[r[0]:r[0] + S[0], r[1]:r[1] + S[1], :, :, r[2]:r[2] + S[2]].sum(-1)  # (S0, S1, G, Cg, S2)
-            per_cell = torch.stack([real[..., a:b].sum(-1) for a, b in zip(cells[:-1], cells[1:])], dim=2)
+            per_cell = torch.stack([real[..., a:b].sum(-1) for a, b in itertools.pairwise(cells)], dim=2)
             row = _box_sums(per_cell, geom, cells).permute(1, 2, 0).reshape(G, D)  # patch sums
             corner = torch.full((G,), float(N * geom.T), dtype=F.dtype, device=F.device)
             for part, value in ((F[:, D, :D], row), (F[:, :D, D], row), (F[:, D, D], corner)):

@@ -13,8 +13,9 @@ import contextvars
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -46,7 +47,9 @@ class GemmConfig:
     num_stages: int = 3
 
 
-_OVERRIDE: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar("kfc_triton_override", default={})
+# read-only default: ``override`` sets a fresh mapping, nothing mutates one in place
+_OVERRIDE: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
+    "kfc_triton_override", default=MappingProxyType({}))
 _CACHE: dict[tuple, object] = {}
 
 

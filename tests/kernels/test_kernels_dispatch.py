@@ -143,7 +143,7 @@ def test_compile_fullgraph_no_break(use, mode):
     r_comp = torch.compile(_step, backend="aot_eager", fullgraph=True)(*compiled)
     torch._dynamo.reset()
     assert torch.allclose(r_eager, r_comp, rtol=1e-5)
-    for a, b in zip(eager, compiled):        # the in-place updates were written back
+    for a, b in zip(eager, compiled, strict=True):        # the in-place updates were written back
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
