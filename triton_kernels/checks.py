@@ -175,12 +175,12 @@ def _batched(name: str, t: Tensor, rank: int, unbatched: bool) -> Tensor:
     return t.unsqueeze(0) if unbatched else t
 
 
-def check_out(out: Tensor | None, grad: Tensor, unbatched: bool, B: int, I: int, D: int) -> Tensor | None:
+def check_out(out: Tensor | None, grad: Tensor, unbatched: bool, B: int, DG: int, D: int) -> Tensor | None:
     if out is None:
         return None
     check_floating("out", out)
     check_same_device(out=out, grad=grad)
-    want = (I, D) if unbatched else (B, I, D)
+    want = (DG, D) if unbatched else (B, DG, D)
     if tuple(out.shape) != want:
         _fail(f"out has shape {tuple(out.shape)}, expected {want} (the shape of grad)")
     return out.unsqueeze(0) if unbatched else out
@@ -198,13 +198,13 @@ def check_eigen(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor,
     g = grad.unsqueeze(0) if ub else grad
     QG3, lG2 = _batched("QG", QG, 3, ub), _batched("lG", lG, 2, ub)
     QA3, lA2 = _batched("QA", QA, 3, ub), _batched("lA", lA, 2, ub)
-    B, I, D = g.shape
-    for n, t, orig, want in (("QG", QG3, QG, (B, I, I)), ("lG", lG2, lG, (B, I)), ("QA", QA3, QA, (B, D, D)),
+    B, DG, D = g.shape
+    for n, t, orig, want in (("QG", QG3, QG, (B, DG, DG)), ("lG", lG2, lG, (B, DG)), ("QA", QA3, QA, (B, D, D)),
                              ("lA", lA2, lA, (B, D))):
         if tuple(t.shape) != want:
             _fail(f"{n} has shape {tuple(orig.shape)}, expected {want[1:] if ub else want} for grad of shape "
                   f"{tuple(grad.shape)}")
-    return ub, g, QG3, lG2, QA3, lA2, check_out(out, grad, ub, B, I, D)
+    return ub, g, QG3, lG2, QA3, lA2, check_out(out, grad, ub, B, DG, D)
 
 
 def check_kron(grad: Tensor, Ginv: Tensor, Ainv: Tensor,
@@ -218,12 +218,12 @@ def check_kron(grad: Tensor, Ginv: Tensor, Ainv: Tensor,
     ub = grad.dim() == 2
     g = grad.unsqueeze(0) if ub else grad
     G3, A3 = _batched("Ginv", Ginv, 3, ub), _batched("Ainv", Ainv, 3, ub)
-    B, I, D = g.shape
-    for n, t, orig, want in (("Ginv", G3, Ginv, (B, I, I)), ("Ainv", A3, Ainv, (B, D, D))):
+    B, DG, D = g.shape
+    for n, t, orig, want in (("Ginv", G3, Ginv, (B, DG, DG)), ("Ainv", A3, Ainv, (B, D, D))):
         if tuple(t.shape) != want:
             _fail(f"{n} has shape {tuple(orig.shape)}, expected {want[1:] if ub else want} for grad of shape "
                   f"{tuple(grad.shape)}")
-    return ub, g, G3, A3, check_out(out, grad, ub, B, I, D)
+    return ub, g, G3, A3, check_out(out, grad, ub, B, DG, D)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:

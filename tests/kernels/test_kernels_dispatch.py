@@ -125,10 +125,10 @@ def _step(F, G, x, rows, grad, QG, lG, QA, lA, out):
 
 def _step_args():
     torch.manual_seed(0)
-    I, D = 5, 19
+    DG, D = 5, 19
     return (R.random_sym((1, 19, 19), torch.float32), R.random_sym((5, 5), torch.float32), torch.randn(2, 2, 4, 4),
-            torch.randn(7, 5), torch.randn(I, D), torch.eye(I), torch.rand(I), torch.eye(D), torch.rand(D),
-            torch.randn(I, D))
+            torch.randn(7, 5), torch.randn(DG, D), torch.eye(DG), torch.rand(DG), torch.eye(D), torch.rand(D),
+            torch.randn(DG, D))
 
 
 @pytest.mark.parametrize("mode", ["torch", "triton"])
