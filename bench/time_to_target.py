@@ -7,8 +7,9 @@ evaluation of the training loss (on the whole training set, every ``eval_every``
 ≤ the target. The learning rate is picked by (seeds that missed the target, mean steps to target). The picked
 configurations are then run again per seed *in lockstep* (``eval_every`` steps of each optimizer in turn, so that
 all see the same machine load on a shared CPU) and the table gives their steps and seconds to target as
-mean ± standard deviation and [min, max] over the seeds, and the test accuracy at the target. Ratios compare KFC-pre with the best baseline (lowest mean) separately for steps and
-for seconds. Seconds cover the optimizer's construction (KFC instruments the model) and the training steps.
+mean ± standard deviation and [min, max] over the seeds, and the test accuracy at the target. Ratios compare
+KFC-pre with the best baseline (lowest mean) separately for steps and for seconds. Seconds cover the optimizer's
+construction (KFC instruments the model) and the training steps.
 
     .venv/bin/python bench/time_to_target.py                                  # digits + MNIST-1D, 3 seeds
     .venv/bin/python bench/time_to_target.py --tasks mnist1d --seeds 0 --json out/ttt.json
@@ -186,8 +187,8 @@ def main(argv=None) -> int:
                 "lr": lr, "summary": sm, "grid": {str(k): v for k, v in summ.items()},
                 "best_runs": [{"seed": r.seed, "steps": r.steps, "seconds": r.seconds, "train_loss": r.train_loss,
                                "diverged": r.diverged} for r in best]}
-            rows.append([LABELS[o], f"{lr:g}", f"{len(seeds) - sm['missed']}/{len(seeds)}", fmt_stat(sm["steps"], ".0f"),
-                         fmt_stat(sm["seconds"], ".2f"),
+            rows.append([LABELS[o], f"{lr:g}", f"{len(seeds) - sm['missed']}/{len(seeds)}",
+                         fmt_stat(sm["steps"], ".0f"), fmt_stat(sm["seconds"], ".2f"),
                          fmt_stat(None if sm["test_acc"] is None else {k: 100 * v for k, v in sm["test_acc"].items()},
                                   ".1f")])
         print(f"\n{t}: convnet, batch {res['batch_size']}, target training loss {res['target']:g}, budget "
