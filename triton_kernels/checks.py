@@ -20,6 +20,7 @@ def _fail(msg: str) -> None:
 
 
 def check_floating(name: str, t: Tensor, allowed: tuple[torch.dtype, ...] = INPUT_DTYPES) -> None:
+    """Raise ``ValueError`` unless ``t`` is a tensor with one of the ``allowed`` dtypes."""
     if not isinstance(t, Tensor):
         _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in allowed:
@@ -27,6 +28,7 @@ def check_floating(name: str, t: Tensor, allowed: tuple[torch.dtype, ...] = INPU
 
 
 def check_same_device(**tensors: Tensor) -> None:
+    """Raise ``ValueError`` unless all ``tensors`` (named by keyword, for the message) share one device."""
     devs = {name: t.device for name, t in tensors.items()}
     if len(set(devs.values())) > 1:
         _fail("all tensors must be on the same device, got " + ", ".join(f"{k}={v}" for k, v in devs.items()))
@@ -80,21 +82,26 @@ class ConvGeometry:
 
     @property
     def Cg(self) -> int:
+        """Input channels per group."""
         return self.C // self.groups
 
     @property
     def K(self) -> int:
+        """Kernel offsets (the kernel's volume)."""
         return self.kernel[0] * self.kernel[1] * self.kernel[2]
 
     @property
     def T(self) -> int:
+        """Output locations per example."""
         return self.out[0] * self.out[1] * self.out[2]
 
     @property
     def Dg(self) -> int:
+        """Patch length per group: channels per group x kernel offsets."""
         return self.Cg * self.K
 
     def dp(self, ones: bool) -> int:
+        """Factor width per group: the patch length, plus one for the homogeneous coordinate when ``ones``."""
         return self.Dg + int(bool(ones))
 
 
@@ -176,6 +183,7 @@ def _batched(name: str, t: Tensor, rank: int, unbatched: bool) -> Tensor:
 
 
 def check_out(out: Tensor | None, grad: Tensor, unbatched: bool, B: int, DG: int, D: int) -> Tensor | None:
+    """Validate a preconditioner's ``out`` (grad's shape, a float dtype, grad's device); return its batched view."""
     if out is None:
         return None
     check_floating("out", out)

@@ -110,8 +110,10 @@ def _cfg(DG: int, D: int, nb: int, device: torch.device, interpreted: bool, key:
 
 def _tuned_launch(kind: str, run, grad: Tensor, out: Tensor | None, alpha: float, beta: float,
                   dtype: torch.dtype, interpreted: bool) -> Tensor:
-    """Pick the GEMM config for this shape (timing ``run`` into a scratch buffer on first use), then
-    ``run(cfg, dst, a, b)`` into ``out`` (axpby epilogue with alpha, beta) or a new tensor.
+    """Pick the GEMM config for this shape, then ``run(cfg, dst, a, b)`` into ``out`` or a new tensor.
+
+    Autotuning times ``run`` into a scratch buffer on first use; into ``out`` it runs the axpby epilogue with
+    alpha, beta.
     """
     nb, DG, D = grad.shape
     dst = out if out is not None else torch.empty((nb, DG, D), dtype=dtype, device=grad.device)

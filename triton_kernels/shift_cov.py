@@ -40,8 +40,10 @@ def _shifts(kernel: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 def eligible(geom: ConvGeometry) -> bool:
-    """Stride 1, a kernel with more than one offset, and a rough cost model not hopelessly against the shifts
-    (the batched products and cell sums run several times slower per multiply-add than one big GEMM).
+    """Whether the shifted-product method may run for this geometry.
+
+    Stride 1, a kernel with more than one offset, and a rough cost model not hopelessly against the shifts (the
+    batched products and cell sums run several times slower per multiply-add than one big GEMM).
     """
     if any(s != 1 for s in geom.stride) or geom.K == 1:
         return False
@@ -51,8 +53,9 @@ def eligible(geom: ConvGeometry) -> bool:
 
 
 def method() -> str:
-    """``KFC_PATCH_COV`` (read at every call): ``auto`` (default; measure both once per geometry), ``im2col``
-    (always the reference) or ``shift``.
+    """The patch covariance method ``KFC_PATCH_COV`` asks for (read at every call).
+
+    ``auto`` (default; measure both once per geometry), ``im2col`` (always the reference) or ``shift``.
     """
     m = os.environ.get("KFC_PATCH_COV", "auto").strip().lower() or "auto"
     if m not in METHODS:
@@ -61,9 +64,11 @@ def method() -> str:
 
 
 def patch_cov_update_cpu(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, beta: float, ones: bool) -> Tensor:
-    """The torch backend of ``kfc::patch_cov_update``: the shifted-product method where it is faster, else the
-    im2col reference. ``auto`` times both on the first call of each geometry (like cudnn's benchmark mode) and
-    keeps the faster; both give the same factor up to rounding.
+    """The torch backend of ``kfc::patch_cov_update``.
+
+    The shifted-product method where it is faster, else the im2col reference. ``auto`` times both on the first
+    call of each geometry (like cudnn's benchmark mode) and keeps the faster; both give the same factor up to
+    rounding.
     """
     m = method()
     if m == "im2col" or not eligible(geom):

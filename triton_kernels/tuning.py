@@ -105,8 +105,10 @@ def sym_default(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, devi
 
 
 def sym_candidates(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, device: torch.device) -> list[SymConfig]:
-    """A small sweep for the autotuner / gpu_check: three tile shapes with the heuristic split (and twice it when
-    that needs no new compile). Kept short because every tile shape is a new compile.
+    """A small sweep of symmetric-kernel configs for the autotuner and ``bench/gpu_check.py``.
+
+    Three tile shapes with the heuristic split (and twice it when that needs no new compile). Kept short because
+    every tile shape is a new compile.
     """
     out = []
     # fp32 128x128 tiles with 64-row chunks need 256 KiB of shared memory at 3 stages (over an H100's 227 KiB)
@@ -122,6 +124,7 @@ def sym_candidates(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, d
 
 
 def gemm_default(M: int, N: int, K: int, batch: int, device: torch.device, interpreted: bool) -> GemmConfig:
+    """Heuristic tile config for the batched (M, K) @ (K, N) GEMM of the preconditioners."""
     if interpreted:
         return GemmConfig(block_m=32, block_n=32, block_k=16, group_m=2, num_warps=1, num_stages=1)
     if M * N >= 256 * 1024:
@@ -130,11 +133,13 @@ def gemm_default(M: int, N: int, K: int, batch: int, device: torch.device, inter
 
 
 def gemm_candidates() -> list[GemmConfig]:
+    """The GEMM configs the autotuner times besides the default."""
     return [GemmConfig(64, 64, 32, 8, 4, 3), GemmConfig(128, 64, 32, 8, 4, 3), GemmConfig(128, 128, 32, 8, 8, 3),
             GemmConfig(32, 64, 32, 8, 4, 4)]
 
 
 def autotune_enabled() -> bool:
+    """Whether ``KFC_TRITON_AUTOTUNE`` asks for autotuning (read at every call)."""
     return os.environ.get("KFC_TRITON_AUTOTUNE", "0") not in ("", "0", "false", "False")
 
 
@@ -171,4 +176,5 @@ def tuned_configs() -> dict[tuple, object]:
 
 
 def clear_tuned() -> None:
+    """Forget the autotuner's choices (the next launch of each shape is timed again)."""
     _CACHE.clear()

@@ -169,9 +169,10 @@ def test_statistics_ignore_autocast(backend):
 
 
 def test_kernels_use_only_triton_builtins():
-    """Kernels must not call triton.language helpers that are themselves @jit functions (tl.zeros, tl.cdiv, tl.sum,
-    ...): those are built when triton is imported, so if anything imported triton before TRITON_INTERPRET=1 was set
-    they are compiler-only and the interpreter cannot call them from our kernels.
+    """Kernels call no triton.language helper that is itself a @jit function (tl.zeros, tl.cdiv, tl.sum, ...).
+
+    Those are built when triton is imported, so if anything imported triton before TRITON_INTERPRET=1 was set they
+    are compiler-only and the interpreter cannot call them from our kernels.
     """
     import inspect
     import re
