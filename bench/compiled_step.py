@@ -151,7 +151,8 @@ def run_timing(args) -> dict:
     res = {
         "model": args.model, "batch": args.batch, "size": args.size, "rounds": args.rounds, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
         "loadavg": os.getloadavg(), "clip": not args.no_clip, "clock": "process CPU" if args.cpu_time else "wall",
         "median_ms": med, "inverse_ms": inv_ms, "inverse_ms_each": inverse,
         "warmup_ms": {n: [1e3 * t for t in v] for n, v in warm.items()},
@@ -180,8 +181,9 @@ def run_timing(args) -> dict:
 
 
 def print_timing(res: dict) -> None:
-    print(f"\n{res['model']}, batch {res['batch']}, {res['size']}x{res['size']}, {res['device_name']}, torch {res['torch']}, "
-          f"{res['threads']} threads, load average {res['loadavg'][0]:.1f}, {res['rounds']} rounds, {res['clock']} time")
+    print(f"\n{res['model']}, batch {res['batch']}, {res['size']}x{res['size']}, {res['device_name']}, "
+          f"torch {res['torch']}, {res['threads']} threads, load average {res['loadavg'][0]:.1f}, "
+          f"{res['rounds']} rounds, {res['clock']} time")
     print("| stepper | plain step ms | statistics step ms | forward+backward ms (capture off) | plain / compiled SGD "
           "| stats / compiled SGD |")
     print("|---|---|---|---|---|---|")
@@ -255,7 +257,8 @@ def run_check(device: torch.device, steps: int = 6) -> dict:
     fac = {layer.name: (rel(comp.optimizer.factors(layer.name).A, eager.optimizer.factors(layer.name).A),
                         rel(comp.optimizer.factors(layer.name).G, eager.optimizer.factors(layer.name).G))
            for layer in eager.optimizer.layers}
-    par = max(rel(pc, pe) for pe, pc in zip(eager.model.parameters(), comp.model._orig_mod.parameters()))
+    par = max(rel(pc, pe) for pe, pc in zip(eager.model.parameters(), comp.model._orig_mod.parameters(),
+                                            strict=True))
     res = {"device": str(device), "kernels": os.environ.get("KFC_KERNELS", "auto"), "factor_rel": fac,
            "param_rel": par, "kfc_graphs": comp.compiles, "seconds": time.perf_counter() - t}
     print(json.dumps(res), flush=True)

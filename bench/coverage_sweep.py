@@ -129,8 +129,8 @@ def render(records: list[dict], command: str, header: dict) -> str:
         "* equal outputs: `max |transformed - original| <= 1e-5 * max(1, max |original|)`; "
         "column *exact* says whether they are bitwise identical",
         "* coverage: share of trainable parameter elements under KFC (`tm.kfc.coverage`); the rest "
-        "(norms, embeddings, class tokens, position biases, biases passed into opaque functions, ...) goes to the fallback "
-        "optimizer; attention projections count as covered (tapped inside the attention call)",
+        "(norms, embeddings, class tokens, position biases, biases passed into opaque functions, ...) goes to the "
+        "fallback optimizer; attention projections count as covered (tapped inside the attention call)",
         "* seconds: `kc.transform` wall time (2 CPU cores shared with other work, so indicative only)",
         "",
         "## Totals",
@@ -158,7 +158,8 @@ def render(records: list[dict], command: str, header: dict) -> str:
         exact = ("yes" if r.get("exact") else "no") if "exact" in r else ""
         bb = str(r.get("black_boxes", ""))
         if r.get("black_box_names"):
-            bb += " (" + ", ".join(f"`{n}`" for n in r["black_box_names"][:3]) + (", ..." if len(r["black_box_names"]) > 3 else "") + ")"
+            names = r["black_box_names"]
+            bb += " (" + ", ".join(f"`{n}`" for n in names[:3]) + (", ..." if len(names) > 3 else "") + ")"
         top = f"{r['top_uncovered'][0]} ({100 * r['top_uncovered'][1]:.2f}%)" if r.get("top_uncovered") else ""
         lines.append(f"| {r['model']} | {r.get('status')} | {exact} | {res} | {r.get('params', 0):,} | "
                      f"{r.get('layers', '')} | {cov} | {top} | {bb} | {diff} | {secs} |")

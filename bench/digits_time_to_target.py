@@ -166,7 +166,7 @@ def profile(data, steps: int = 40) -> None:
         c2 = time.process_time()
         opt.step()
         c3 = time.process_time()
-        for key, v in zip(parts, (c1 - c0, c2 - c1, c3 - c2)):
+        for key, v in zip(parts, (c1 - c0, c2 - c1, c3 - c2), strict=True):
             parts[key] += v
         c0 = time.process_time()
         sgd.zero_grad()
@@ -174,8 +174,8 @@ def profile(data, steps: int = 40) -> None:
         sgd.step()
         sgd_total += time.process_time() - c0
     total = sum(parts.values())
-    print(f"\nCPU ms per step over {steps} steps ({torch.get_num_threads()} threads): KFC-pre {1e3 * total / steps:.2f}, "
-          f"SGD {1e3 * sgd_total / steps:.2f}, ratio {total / sgd_total:.2f}")
+    print(f"\nCPU ms per step over {steps} steps ({torch.get_num_threads()} threads): "
+          f"KFC-pre {1e3 * total / steps:.2f}, SGD {1e3 * sgd_total / steps:.2f}, ratio {total / sgd_total:.2f}")
     print("| part of a KFC-pre step | CPU ms/step |\n|---|---:|")
     for key, v in parts.items():
         print(f"| {key} | {1e3 * v / steps:.2f} |")

@@ -20,7 +20,6 @@ What is measured:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -164,10 +163,10 @@ def ref_eigen(g, QG, lG, QA, lA, d) -> torch.Tensor:
     return QG @ ((QG.mT @ g @ QA) / (lG.double()[..., :, None] * lA.double()[..., None, :] + d)) @ QA.mT
 
 
-def eig_inputs(B, I, D):
-    QG = torch.linalg.qr(torch.randn(B, I, I, device=DEV, dtype=torch.float64))[0].float()
+def eig_inputs(B, DG, D):
+    QG = torch.linalg.qr(torch.randn(B, DG, DG, device=DEV, dtype=torch.float64))[0].float()
     QA = torch.linalg.qr(torch.randn(B, D, D, device=DEV, dtype=torch.float64))[0].float()
-    return rnd(B, I, D), QG, torch.rand(B, I, device=DEV), QA, torch.rand(B, D, device=DEV)
+    return rnd(B, DG, D), QG, torch.rand(B, DG, device=DEV), QA, torch.rand(B, D, device=DEV)
 
 
 def bench(fn) -> float:
@@ -266,13 +265,13 @@ def correctness() -> None:
     row(f"patch split=7 EMA (deterministic: {'yes' if det else 'NO'})", f"x={tuple(x.shape)} CL", "tf32x3",
         rel_err(outs[0], want) if det else float("inf"), 1e-5, symmetric(outs[0]))
 
-    I, Dd = (13, 21) if DRY else (37, 101)
-    g, QG, lG, QA, lA = eig_inputs(1, I, Dd)
+    DG, Dd = (13, 21) if DRY else (37, 101)
+    g, QG, lG, QA, lA = eig_inputs(1, DG, Dd)
     want = ref_eigen(g, QG, lG, QA, lA, 1e-3)
     for prec, tol in (("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 5e-2)):
         with precision(prec):
             U = tk.eigen_precondition(g[0], QG[0], lG[0], QA[0], lA[0], 1e-3)
-        row("eigen precondition", f"I={I} D={Dd}", prec, rel_err(U, want[0]), tol)
+        row("eigen precondition", f"I={DG} D={Dd}", prec, rel_err(U, want[0]), tol)
     Bb, Ib, Db = (3, 5, 19) if DRY else (5, 16, 73)
     g, QG, lG, QA, lA = eig_inputs(Bb, Ib, Db)
     want = ref_eigen(g, QG, lG, QA, lA, 0.01)
@@ -403,10 +402,10 @@ def timing() -> None:
         shapes = [(1, 9, 28), (4, 5, 19)]
     if ARGS.quick:
         shapes = shapes[1:2] + shapes[3:4]
-    for B, I, D in shapes:
-        g, QG, lG, QA, lA = eig_inputs(B, I, D)
-        pt, pr = rnd(B, I, D), rnd(B, I, D)
-        lr, dmp = 0.1, 1e-3
+    lr, dmp = 0.1, 1e-3
+    for B, DG, D in shapes:
+        g, QG, lG, QA, lA = eig_inputs(B, DG, D)
+        pt, pr = rnd(B, DG, D), rnd(B, DG, D)
 
         def run_torch(g=g, QG=QG, lG=lG, QA=QA, lA=lA, pr=pr):
             U = QG @ ((QG.mT @ g @ QA) / (lG[:, :, None] * lA[:, None, :] + dmp)) @ QA.mT
@@ -414,16 +413,16 @@ def timing() -> None:
 
         def err(g=g, QG=QG, lG=lG, QA=QA, lA=lA):
             return rel_err(tk.eigen_precondition(g, QG, lG, QA, lA, dmp), ref_eigen(g, QG, lG, QA, lA, dmp))
-        timed(t, "eigen precondition, fused p -= lr U", f"B={B} I={I} D={D}",
+        timed(t, "eigen precondition, fused p -= lr U", f"B={B} I={DG} D={D}",
               lambda g=g, QG=QG, lG=lG, QA=QA, lA=lA, pt=pt: tk.eigen_precondition(g, QG, lG, QA, lA, dmp, out=pt,
                                                                                   alpha=-lr, beta=1.0),
-              run_torch, 4.0 * B * I * D * (I + D), err)
-    for B, I, D in shapes[:3] if not DRY else shapes[:1]:
-        g, QG, _, QA, _ = eig_inputs(B, I, D)
-        pt, pr = rnd(B, I, D), rnd(B, I, D)
-        timed(t, "kron precondition, fused p -= lr U", f"B={B} I={I} D={D}",
+              run_torch, 4.0 * B * DG * D * (DG + D), err)
+    for B, DG, D in shapes[:3] if not DRY else shapes[:1]:
+        g, QG, _, QA, _ = eig_inputs(B, DG, D)
+        pt, pr = rnd(B, DG, D), rnd(B, DG, D)
+        timed(t, "kron precondition, fused p -= lr U", f"B={B} I={DG} D={D}",
               lambda g=g, QG=QG, QA=QA, pt=pt: tk.kron_precondition(g, QG, QA, out=pt, alpha=-0.1, beta=1.0),
-              lambda g=g, QG=QG, QA=QA, pr=pr: pr.add_(QG @ g @ QA, alpha=-0.1), 2.0 * B * I * D * (I + D),
+              lambda g=g, QG=QG, QA=QA, pr=pr: pr.add_(QG @ g @ QA, alpha=-0.1), 2.0 * B * DG * D * (DG + D),
               lambda g=g, QG=QG, QA=QA: rel_err(tk.kron_precondition(g, QG, QA),
                                                 QG.double() @ g.double() @ QA.double()))
 

@@ -174,7 +174,7 @@ def time_config(case: str, s: int, i: int, min_rounds: int, max_rounds: int, bud
     n = len(tk) * P
     return {"model": case, "batch": BATCH[case], "stats_every": s, "inverse_every": i, "steps": n, "compiled": compiled,
             "kfc_ms": 1e3 * sum(tk) / n, "sgd_ms": 1e3 * sum(ts) / n, "ratio": sum(tk) / sum(ts),
-            "round_ratios": [a / b for a, b in zip(tk, ts)]}
+            "round_ratios": [a / b for a, b in zip(tk, ts, strict=True)]}
 
 
 # -- memory (one subprocess per model and optimizer) ---------------------------------------------------------------
@@ -292,6 +292,10 @@ def profile_config(case: str, s: int, i: int, rounds: int) -> dict:
 
 # -- output -----------------------------------------------------------------------------------------------------
 
+def _mib(kb: float) -> str:
+    return f"{kb / 1024:.0f}"
+
+
 def table(rows: list[list[str]], head: list[str]) -> str:
     w = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(head)]
     fmt = lambda r: "| " + " | ".join(c.ljust(w[j]) for j, c in enumerate(r)) + " |"  # noqa: E731
@@ -375,9 +379,9 @@ def main(argv=None) -> int:
         for c in cases:
             m = measure_memory(c, threads=a.threads)
             res["memory"].append(m)
-            mb = lambda kb: f"{kb / 1024:.0f}"  # noqa: E731
-            rows.append([c, mb(m["sgd"]["peak_kb"] - m["sgd"]["base_kb"]), mb(m["kfc"]["peak_kb"] - m["kfc"]["base_kb"]),
-                         f"{m['delta_ratio']:.2f}x", mb(m["sgd"]["peak_kb"]), mb(m["kfc"]["peak_kb"]),
+            rows.append([c, _mib(m["sgd"]["peak_kb"] - m["sgd"]["base_kb"]),
+                         _mib(m["kfc"]["peak_kb"] - m["kfc"]["base_kb"]),
+                         f"{m['delta_ratio']:.2f}x", _mib(m["sgd"]["peak_kb"]), _mib(m["kfc"]["peak_kb"]),
                          f"{m['raw_ratio']:.2f}x"])
         print("\nPeak memory (separate processes; MB of RSS above the process before the model was built)\n")
         print(table(rows, ["model", "SGD peak rise", "KFC peak rise", "ratio", "SGD peak RSS", "KFC peak RSS",

@@ -7,8 +7,9 @@ evaluation of the training loss (on the whole training set, every ``eval_every``
 ≤ the target. The learning rate is picked by (seeds that missed the target, mean steps to target). The picked
 configurations are then run again per seed *in lockstep* (``eval_every`` steps of each optimizer in turn, so that
 all see the same machine load on a shared CPU) and the table gives their steps and seconds to target as
-mean ± standard deviation and [min, max] over the seeds, and the test accuracy at the target. Ratios compare KFC-pre with the best baseline (lowest mean) separately for steps and
-for seconds. Seconds cover the optimizer's construction (KFC instruments the model) and the training steps.
+mean ± standard deviation and [min, max] over the seeds, and the test accuracy at the target. Ratios compare
+KFC-pre with the best baseline (lowest mean) separately for steps and for seconds. Seconds cover the optimizer's
+construction (KFC instruments the model) and the training steps.
 
     .venv/bin/python bench/time_to_target.py                                  # digits + MNIST-1D, 3 seeds
     .venv/bin/python bench/time_to_target.py --tasks mnist1d --seeds 0 --json out/ttt.json
@@ -79,14 +80,14 @@ def plot(results: dict, path: str) -> None:
 
     tasks = list(results)
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
-    for row, task in zip(axes, tasks):
+    for row, task in zip(axes, tasks, strict=True):
         res = results[task]
         for o, d in res["optimizers"].items():
             for i, r in enumerate(d["best_runs"]):
                 lab = f"{LABELS[o]} (lr {d['lr']:g})" if i == 0 else None
                 row[0].plot(r["steps"], r["train_loss"], color=COLORS.get(o), lw=1.2, alpha=0.8, label=lab)
                 row[1].plot(r["seconds"], r["train_loss"], color=COLORS.get(o), lw=1.2, alpha=0.8, label=lab)
-        for ax, xl in zip(row, ("steps", "seconds (training only)")):
+        for ax, xl in zip(row, ("steps", "seconds (training only)"), strict=True):
             ax.axhline(res["target"], color="k", ls="--", lw=0.8)
             ax.set_yscale("log"), ax.set_xlabel(xl), ax.set_ylabel("training loss")
             ax.grid(True, which="both", alpha=0.3)
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
             out = train_lockstep(load_task(t), "convnet", specs, steps=r["steps"], batch_size=r["batch_size"],
                                  target=r["target"], eval_every=r["eval_every"], seed=s, stop_at_target=True,
                                  kfc_options=kfc_options)
-            for (o, _), run in zip(specs, out):
+            for (o, _), run in zip(specs, out, strict=True):
                 timed[(t, o, s)] = run
     for t in tasks:
         res = results[t]
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
             lr = picked[t][o]
             summ = {lr_: summarize(rs) for lr_, rs in by_lr.items()}
             best = [timed[(t, o, s)] for s in seeds]
-            mismatch = [(g.seed, g.steps_to_target, b.steps_to_target) for g, b in zip(by_lr[lr], best)
+            mismatch = [(g.seed, g.steps_to_target, b.steps_to_target) for g, b in zip(by_lr[lr], best, strict=True)
                         if g.steps_to_target != b.steps_to_target]
             if mismatch:
                 print(f"  note: {t} {o}: lockstep steps differ from the grid run (seed, grid, lockstep): {mismatch}")
@@ -186,8 +187,8 @@ def main(argv=None) -> int:
                 "lr": lr, "summary": sm, "grid": {str(k): v for k, v in summ.items()},
                 "best_runs": [{"seed": r.seed, "steps": r.steps, "seconds": r.seconds, "train_loss": r.train_loss,
                                "diverged": r.diverged} for r in best]}
-            rows.append([LABELS[o], f"{lr:g}", f"{len(seeds) - sm['missed']}/{len(seeds)}", fmt_stat(sm["steps"], ".0f"),
-                         fmt_stat(sm["seconds"], ".2f"),
+            rows.append([LABELS[o], f"{lr:g}", f"{len(seeds) - sm['missed']}/{len(seeds)}",
+                         fmt_stat(sm["steps"], ".0f"), fmt_stat(sm["seconds"], ".2f"),
                          fmt_stat(None if sm["test_acc"] is None else {k: 100 * v for k, v in sm["test_acc"].items()},
                                   ".1f")])
         print(f"\n{t}: convnet, batch {res['batch_size']}, target training loss {res['target']:g}, budget "

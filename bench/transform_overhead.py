@@ -104,7 +104,8 @@ def bench_case(name: str, reps: int, warmup: int, device: torch.device) -> dict:
         for v in order:
             times[v].append(step(v))
     med = {v: statistics.median(t) for v, t in times.items()}
-    ratio = {v: statistics.median(a / b for a, b in zip(times[v], times["original"])) for v in VARIANTS[1:]}
+    ratio = {v: statistics.median(a / b for a, b in zip(times[v], times["original"], strict=True))
+             for v in VARIANTS[1:]}
     return {"model": name, "batch": batch, "layers": len(tm.kfc.layers), "reps": reps,
             "median_ms": {v: 1000 * t for v, t in med.items()}, "ratio": ratio}
 
@@ -132,12 +133,12 @@ def table(run: dict) -> list[str]:
 
 def write_doc(path: str, runs: list[dict]) -> None:
     body = [SECTION, "",
-            "Forward + backward of one training step (train mode, `CrossEntropyLoss`, fresh `.grad`), the original model "
-            "vs `kc.transform(model)` with capture off (taps present, not armed: every ordinary step) and with capture "
-            "on (taps armed as `kc.curvature` arms them; the training backward records Ω and empirical Γ for every "
-            "layer, then `take()`; for information). The three variants are timed round-robin in one process with a "
-            "rotating order; times are medians over the repetitions and ratios are medians of per-repetition ratios. "
-            "Produced by `bench/transform_overhead.py` (see its docstring for the models).", ""]
+            "Forward + backward of one training step (train mode, `CrossEntropyLoss`, fresh `.grad`), the original "
+            "model vs `kc.transform(model)` with capture off (taps present, not armed: every ordinary step) and with "
+            "capture on (taps armed as `kc.curvature` arms them; the training backward records Ω and empirical Γ for "
+            "every layer, then `take()`; for information). The three variants are timed round-robin in one process "
+            "with a rotating order; times are medians over the repetitions and ratios are medians of per-repetition "
+            "ratios. Produced by `bench/transform_overhead.py` (see its docstring for the models).", ""]
     for run in runs:
         body += table(run) + [""]
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"

@@ -31,7 +31,7 @@ def run(cap: int | None, d_in: int, d_out: int, batch: int, steps: int) -> dict:
         opt = kc.KFC(model, lr=1e-3, damping=1e-2, fisher="empirical", stats_fraction=1.0, clip=None,
                      max_factor_dim=cap)
     times = []
-    for k in range(1, steps + 1):
+    for _ in range(steps):
         t = time.process_time()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
@@ -61,9 +61,9 @@ def main() -> None:
     for cap in caps:
         r = run(cap, a.d_in, a.d_out, a.batch, a.steps)
         base = base or (r if cap is None else None)
-        rel = (lambda k: f"{r[k] / base[k]:.3f}") if base else (lambda k: "n/a")
+        rel = {k: f"{r[k] / base[k]:.3f}" if base else "n/a" for k in ("first", "steady", "bytes")}
         print(f"| {cap or 'dense'} | {r['first']:.2f} | {r['steady']:.3f} | {r['bytes'] / 2**20:.0f} | "
-              f"{rel('first')} | {rel('steady')} | {rel('bytes')} |", flush=True)
+              f"{rel['first']} | {rel['steady']} | {rel['bytes']} |", flush=True)
 
 
 if __name__ == "__main__":

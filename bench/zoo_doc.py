@@ -32,8 +32,8 @@ def summary_table(groups: list[tuple[str, list[dict], dict]]) -> str:
     for label, rows, header in groups:
         t = zoo.totals(rows)
         lines.append(f"| {label} | {len(rows)} of {header.get('n_models', len(rows))} | {t['ok']} | {t['partial']} | "
-                     f"{t['failed']} | {t['trained']} | {t['loss_decreased']} | {_pct(t['coverage_median'])} | {_pct(t['coverage_min'])} "
-                     f"({t['coverage_min_model']}) | {_num(t['ratio_median'])} |")
+                     f"{t['failed']} | {t['trained']} | {t['loss_decreased']} | {_pct(t['coverage_median'])} | "
+                     f"{_pct(t['coverage_min'])} ({t['coverage_min_model']}) | {_num(t['ratio_median'])} |")
     return "\n".join(lines)
 
 

@@ -32,12 +32,12 @@ x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
 # 1. the backend in a plain loop: layers are registered as dynamo compiles the graph
 model = torch.compile(net(), backend="kfc")
 opt = kc.KFC(model, lr=1e-3, stats_every=2, inverse_every=10)
-for step in range(1, 11):
+for _ in range(10):
     loss = F.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
     opt.zero_grad()
-print(f"backend: loss {loss.item():.4f} after 10 steps; KFC layers {[l.name for l in opt.layers]}; "
+print(f"backend: loss {loss.item():.4f} after 10 steps; KFC layers {[layer.name for layer in opt.layers]}; "
       f"fallback (SGD) {opt.fallback_names}")
 
 # 2. the whole step in one call

@@ -6,7 +6,7 @@ or its torch reference, chosen per call by ``dispatch.backend`` from the tensors
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -5,8 +5,8 @@ backend would have run it (and also while torch.compile traces with fake tensors
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ def _fail(msg: str) -> None:
 
 
 def check_floating(name: str, t: Tensor, allowed: tuple[torch.dtype, ...] = INPUT_DTYPES) -> None:
+    """Raise ``ValueError`` unless ``t`` is a tensor with one of the ``allowed`` dtypes."""
     if not isinstance(t, Tensor):
         _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in allowed:
@@ -27,6 +28,7 @@ def check_floating(name: str, t: Tensor, allowed: tuple[torch.dtype, ...] = INPU
 
 
 def check_same_device(**tensors: Tensor) -> None:
+    """Raise ``ValueError`` unless all ``tensors`` (named by keyword, for the message) share one device."""
     devs = {name: t.device for name, t in tensors.items()}
     if len(set(devs.values())) > 1:
         _fail("all tensors must be on the same device, got " + ", ".join(f"{k}={v}" for k, v in devs.items()))
@@ -80,21 +82,26 @@ class ConvGeometry:
 
     @property
     def Cg(self) -> int:
+        """Input channels per group."""
         return self.C // self.groups
 
     @property
     def K(self) -> int:
+        """Kernel offsets (the kernel's volume)."""
         return self.kernel[0] * self.kernel[1] * self.kernel[2]
 
     @property
     def T(self) -> int:
+        """Output locations per example."""
         return self.out[0] * self.out[1] * self.out[2]
 
     @property
     def Dg(self) -> int:
+        """Patch length per group: channels per group x kernel offsets."""
         return self.Cg * self.K
 
     def dp(self, ones: bool) -> int:
+        """Factor width per group: the patch length, plus one for the homogeneous coordinate when ``ones``."""
         return self.Dg + int(bool(ones))
 
 
@@ -175,12 +182,13 @@ def _batched(name: str, t: Tensor, rank: int, unbatched: bool) -> Tensor:
     return t.unsqueeze(0) if unbatched else t
 
 
-def check_out(out: Tensor | None, grad: Tensor, unbatched: bool, B: int, I: int, D: int) -> Tensor | None:
+def check_out(out: Tensor | None, grad: Tensor, unbatched: bool, B: int, DG: int, D: int) -> Tensor | None:
+    """Validate a preconditioner's ``out`` (grad's shape, a float dtype, grad's device); return its batched view."""
     if out is None:
         return None
     check_floating("out", out)
     check_same_device(out=out, grad=grad)
-    want = (I, D) if unbatched else (B, I, D)
+    want = (DG, D) if unbatched else (B, DG, D)
     if tuple(out.shape) != want:
         _fail(f"out has shape {tuple(out.shape)}, expected {want} (the shape of grad)")
     return out.unsqueeze(0) if unbatched else out
@@ -198,13 +206,13 @@ def check_eigen(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor,
     g = grad.unsqueeze(0) if ub else grad
     QG3, lG2 = _batched("QG", QG, 3, ub), _batched("lG", lG, 2, ub)
     QA3, lA2 = _batched("QA", QA, 3, ub), _batched("lA", lA, 2, ub)
-    B, I, D = g.shape
-    for n, t, orig, want in (("QG", QG3, QG, (B, I, I)), ("lG", lG2, lG, (B, I)), ("QA", QA3, QA, (B, D, D)),
+    B, DG, D = g.shape
+    for n, t, orig, want in (("QG", QG3, QG, (B, DG, DG)), ("lG", lG2, lG, (B, DG)), ("QA", QA3, QA, (B, D, D)),
                              ("lA", lA2, lA, (B, D))):
         if tuple(t.shape) != want:
             _fail(f"{n} has shape {tuple(orig.shape)}, expected {want[1:] if ub else want} for grad of shape "
                   f"{tuple(grad.shape)}")
-    return ub, g, QG3, lG2, QA3, lA2, check_out(out, grad, ub, B, I, D)
+    return ub, g, QG3, lG2, QA3, lA2, check_out(out, grad, ub, B, DG, D)
 
 
 def check_kron(grad: Tensor, Ginv: Tensor, Ainv: Tensor,
@@ -218,12 +226,12 @@ def check_kron(grad: Tensor, Ginv: Tensor, Ainv: Tensor,
     ub = grad.dim() == 2
     g = grad.unsqueeze(0) if ub else grad
     G3, A3 = _batched("Ginv", Ginv, 3, ub), _batched("Ainv", Ainv, 3, ub)
-    B, I, D = g.shape
-    for n, t, orig, want in (("Ginv", G3, Ginv, (B, I, I)), ("Ainv", A3, Ainv, (B, D, D))):
+    B, DG, D = g.shape
+    for n, t, orig, want in (("Ginv", G3, Ginv, (B, DG, DG)), ("Ainv", A3, Ainv, (B, D, D))):
         if tuple(t.shape) != want:
             _fail(f"{n} has shape {tuple(orig.shape)}, expected {want[1:] if ub else want} for grad of shape "
                   f"{tuple(grad.shape)}")
-    return ub, g, G3, A3, check_out(out, grad, ub, B, I, D)
+    return ub, g, G3, A3, check_out(out, grad, ub, B, DG, D)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:

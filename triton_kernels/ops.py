@@ -7,7 +7,7 @@ handles the writes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -117,7 +117,7 @@ def _(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor, damping: flo
 @torch.library.custom_op("kfc::eigen_precondition_out", mutates_args=("out",))
 def eigen_precondition_out(out: Tensor, grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Tensor,
                            damping: float, alpha: float, beta: float) -> None:
-    """out <- beta*out + alpha*U for the eigenbasis update U (fused epilogue)."""
+    """``out`` <- beta*out + alpha*U for the eigenbasis update U (fused epilogue)."""
     _eigen(grad, QG, lG, QA, lA, damping, out, alpha, beta)
 
 
@@ -152,7 +152,7 @@ def _(grad: Tensor, Ginv: Tensor, Ainv: Tensor) -> Tensor:
 
 @torch.library.custom_op("kfc::kron_precondition_out", mutates_args=("out",))
 def kron_precondition_out(out: Tensor, grad: Tensor, Ginv: Tensor, Ainv: Tensor, alpha: float, beta: float) -> None:
-    """out <- beta*out + alpha*Ginv grad Ainv (fused epilogue)."""
+    """``out`` <- beta*out + alpha*Ginv grad Ainv (fused epilogue)."""
     _kron(grad, Ginv, Ainv, out, alpha, beta)
 
 

@@ -1,5 +1,6 @@
-"""Triton implicit-im2col kernels for conv layers: the patch second moment (KFC's Omega) and the patch sum
-(KFAC-reduce's input statistic).
+"""Triton implicit-im2col kernels for conv layers: the patch second moment and the patch sum.
+
+The second moment is KFC's Omega, the sum KFAC-reduce's input statistic.
 
 Patches are never materialised: a row m of the virtual im2col matrix is an (example, output location) pair, a
 column d a (channel, kernel offset) pair in ``weight.flatten(1)`` order, and the kernels compute input addresses
@@ -26,8 +27,11 @@ _INT32_MAX = 2**31 - 1
 @triton.jit
 def _patch_cols(offs_d, c_base, Dg, sxc, sx0, sx1, sx2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
                 DL0: tl.constexpr, DL1: tl.constexpr, DL2: tl.constexpr, NDIM: tl.constexpr):
-    """Column part of the virtual im2col matrix (loop invariant): column d = (channel c, kernel offset q), in
-    ``weight.flatten(1)`` order. Returns (address offset, per-dim input offset q*dilation, column mask)."""
+    """Column part of the virtual im2col matrix (loop invariant).
+
+    Column d = (channel c, kernel offset q), in ``weight.flatten(1)`` order. Returns (address offset, per-dim
+    input offset q*dilation, column mask).
+    """
     c = offs_d // (K0 * K1 * K2)
     q = offs_d - c * (K0 * K1 * K2)
     q0 = q // (K1 * K2)
@@ -226,8 +230,8 @@ def patch_sum(x: Tensor, geom: ConvGeometry, ones: bool, dtype: torch.dtype, int
     out = torch.empty((geom.N, geom.groups, Dp), dtype=dtype, device=x.device)
     if geom.N == 0:
         return out
-    forced = tuning._OVERRIDE.get().get("patch_sum")
-    block_d, block_t, warps = forced if forced is not None else ((16, 32, 1) if interpreted else (64, 32, 4))
+    default = (16, 32, 1) if interpreted else (64, 32, 4)  # (BLOCK_D, BLOCK_T, num_warps); never autotuned
+    block_d, block_t, warps = tuning.pick("patch_sum", (), default, list, None, interpreted)
     rt, ce = _geom_args(x, geom)
     grid = (geom.N, geom.groups, triton.cdiv(Dp, block_d))
     if geom.N > 2**31 - 1 or geom.groups > _MAX_GRID or grid[2] > _MAX_GRID:

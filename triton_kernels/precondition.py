@@ -99,8 +99,8 @@ def bmm(A: Tensor, Bm: Tensor, C: Tensor, cfg: tuning.GemmConfig, epi: int = EPI
                           num_stages=cfg.num_stages)
 
 
-def _cfg(I: int, D: int, nb: int, device: torch.device, interpreted: bool, key: tuple, run) -> tuning.GemmConfig:
-    default = tuning.gemm_default(I, D, max(I, D), nb, device, interpreted)
+def _cfg(DG: int, D: int, nb: int, device: torch.device, interpreted: bool, key: tuple, run) -> tuning.GemmConfig:
+    default = tuning.gemm_default(DG, D, max(DG, D), nb, device, interpreted)
 
     def bench(cfg: tuning.GemmConfig) -> float:
         return triton.testing.do_bench(lambda: run(cfg))
@@ -110,21 +110,24 @@ def _cfg(I: int, D: int, nb: int, device: torch.device, interpreted: bool, key: 
 
 def _tuned_launch(kind: str, run, grad: Tensor, out: Tensor | None, alpha: float, beta: float,
                   dtype: torch.dtype, interpreted: bool) -> Tensor:
-    """Pick the GEMM config for this shape (timing ``run`` into a scratch buffer on first use), then
-    ``run(cfg, dst, a, b)`` into ``out`` (axpby epilogue with alpha, beta) or a new tensor."""
-    nb, I, D = grad.shape
-    dst = out if out is not None else torch.empty((nb, I, D), dtype=dtype, device=grad.device)
+    """Pick the GEMM config for this shape, then ``run(cfg, dst, a, b)`` into ``out`` or a new tensor.
+
+    Autotuning times ``run`` into a scratch buffer on first use; into ``out`` it runs the axpby epilogue with
+    alpha, beta.
+    """
+    nb, DG, D = grad.shape
+    dst = out if out is not None else torch.empty((nb, DG, D), dtype=dtype, device=grad.device)
     a, b = (alpha, beta) if out is not None else (1.0, 0.0)
-    key = (kind, nb, I, D, dtype, str(grad.device), tuning.fp32_precision())
+    key = (kind, nb, DG, D, dtype, str(grad.device), tuning.fp32_precision())
     scratch = None
 
     def trial(cfg: tuning.GemmConfig) -> None:
         nonlocal scratch
         if scratch is None:
-            scratch = torch.empty((nb, I, D), dtype=dst.dtype, device=grad.device)
+            scratch = torch.empty((nb, DG, D), dtype=dst.dtype, device=grad.device)
         run(cfg, scratch, 1.0, 0.0)
 
-    cfg = _cfg(I, D, nb, grad.device, interpreted, key, trial)
+    cfg = _cfg(DG, D, nb, grad.device, interpreted, key, trial)
     run(cfg, dst, a, b)
     return dst
 
@@ -133,9 +136,9 @@ def eigen_precondition(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Ten
                        out: Tensor | None, alpha: float, beta: float, dtype: torch.dtype,
                        interpreted: bool) -> Tensor:
     """Triton path on validated batched views; returns U (new, ``dtype``) or ``out`` after the axpby epilogue."""
-    nb, I, D = grad.shape
+    nb, DG, D = grad.shape
     lG, lA = lG.contiguous(), lA.contiguous()          # the epilogue indexes eigenvalues with unit stride
-    T13 = torch.empty((nb, I, D), dtype=dtype, device=grad.device)   # QG^T grad, later QG T2
+    T13 = torch.empty((nb, DG, D), dtype=dtype, device=grad.device)   # QG^T grad, later QG T2
     T2 = torch.empty_like(T13)
 
     def run(cfg: tuning.GemmConfig, dst: Tensor, a: float, b: float) -> None:
@@ -150,8 +153,8 @@ def eigen_precondition(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Ten
 def kron_precondition(grad: Tensor, Ginv: Tensor, Ainv: Tensor, out: Tensor | None, alpha: float, beta: float,
                       dtype: torch.dtype, interpreted: bool) -> Tensor:
     """Triton path on validated batched views: Ginv grad Ainv, optionally accumulated into ``out``."""
-    nb, I, D = grad.shape
-    T1 = torch.empty((nb, I, D), dtype=dtype, device=grad.device)
+    nb, DG, D = grad.shape
+    T1 = torch.empty((nb, DG, D), dtype=dtype, device=grad.device)
 
     def run(cfg: tuning.GemmConfig, dst: Tensor, a: float, b: float) -> None:
         bmm(Ginv, grad, T1, cfg)

@@ -23,7 +23,8 @@ def _no_autocast(device: torch.device):
 def sym_axpby_(F: Tensor, G: Tensor, alpha: float, beta: float) -> Tensor:
     """F <- sym(beta*F + alpha*G) in place, built from the upper triangle; beta == 0 never reads F (NaN-safe).
 
-    In place, block by block (small temporaries): factors can be thousands wide."""
+    In place, block by block (small temporaries): factors can be thousands wide.
+    """
     if beta == 0:
         F.copy_(G).mul_(alpha)
     else:

@@ -40,8 +40,11 @@ def _shifts(kernel: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 def eligible(geom: ConvGeometry) -> bool:
-    """Stride 1, a kernel with more than one offset, and a rough cost model not hopelessly against the shifts
-    (the batched products and cell sums run several times slower per multiply-add than one big GEMM)."""
+    """Whether the shifted-product method may run for this geometry.
+
+    Stride 1, a kernel with more than one offset, and a rough cost model not hopelessly against the shifts (the
+    batched products and cell sums run several times slower per multiply-add than one big GEMM).
+    """
     if any(s != 1 for s in geom.stride) or geom.K == 1:
         return False
     n_shift = len(_shifts(geom.kernel))
@@ -50,8 +53,10 @@ def eligible(geom: ConvGeometry) -> bool:
 
 
 def method() -> str:
-    """``KFC_PATCH_COV`` (read at every call): ``auto`` (default; measure both once per geometry), ``im2col``
-    (always the reference) or ``shift``."""
+    """The patch covariance method ``KFC_PATCH_COV`` asks for (read at every call).
+
+    ``auto`` (default; measure both once per geometry), ``im2col`` (always the reference) or ``shift``.
+    """
     m = os.environ.get("KFC_PATCH_COV", "auto").strip().lower() or "auto"
     if m not in METHODS:
         raise ValueError(f"KFC_PATCH_COV={m!r} is not one of {METHODS}")
@@ -59,9 +64,12 @@ def method() -> str:
 
 
 def patch_cov_update_cpu(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, beta: float, ones: bool) -> Tensor:
-    """The torch backend of ``kfc::patch_cov_update``: the shifted-product method where it is faster, else the
-    im2col reference. ``auto`` times both on the first call of each geometry (like cudnn's benchmark mode) and
-    keeps the faster; both give the same factor up to rounding."""
+    """The torch backend of ``kfc::patch_cov_update``.
+
+    The shifted-product method where it is faster, else the im2col reference. ``auto`` times both on the first
+    call of each geometry (like cudnn's benchmark mode) and keeps the faster; both give the same factor up to
+    rounding.
+    """
     m = method()
     if m == "im2col" or not eligible(geom):
         return reference.patch_cov_update_(F, x, geom, alpha, beta, ones)
@@ -100,7 +108,8 @@ def _box_sums(t: Tensor, geom: ConvGeometry, cells2: list[int]) -> Tensor:
     """Sums of ``t`` (S0, S1, cells of dim 2, *rest) over the window box of every kernel offset: (K, *rest).
 
     Per dim one small GEMM with a 0/1 matrix gives the prefix sums at the window edges (edge 0 is a zero row),
-    then each box is up to 2^3 signed corners of that grid."""
+    then each box is up to 2^3 signed corners of that grid.
+    """
     rest = t.shape[3:]
     sizes = [geom.spatial[0], geom.spatial[1], len(cells2) - 1]
     corners, n_edges = [], []  # per dim: (index of each offset's lower edge or None if 0, of its upper edge)
@@ -152,7 +161,7 @@ def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, be
         st = xp.stride()
 
         def window(j0: int, j1: int, j2: range, a: int, b: int) -> Tensor:
-            """x at q + shift for q in the cell [a, b) of dim 2 and every j2: (S0, S1, G, len(j2), Cg, cell·N)."""
+            """``x`` at q + shift for q in the cell [a, b) of dim 2 and every j2: (S0, S1, G, len(j2), Cg, cell·N)."""
             base = ((r[0] + j0 * dil[0]) * st[0] + (r[1] + j1 * dil[1]) * st[1]
                     + (r[2] + j2.start * dil[2] + a) * st[4])
             return xp.as_strided((S[0], S[1], G, len(j2), Cg, (b - a) * N),
@@ -170,7 +179,7 @@ def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, be
             if n + 1 < len(groups) and sum(len(g[1]) for g in chunk) + len(groups[n + 1][1]) <= cap:
                 continue
             parts = []
-            for a, b in zip(cells[:-1], cells[1:]):
+            for a, b in itertools.pairwise(cells):
                 here = window(0, 0, range(1), a, b)[:, :, :, 0]  # (S0, S1, G, Cg, cell·N)
                 parts.append(torch.cat([torch.matmul(window(j01[0], j01[1], j2, a, b).flatten(3, 4), here.mT)
                                         for j01, j2 in chunk], dim=3))  # (S0, S1, G, shifts·Cg, Cg)
@@ -179,7 +188,7 @@ def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, be
             si, kf, kpf = [], [], []
             for sn, j in enumerate((j01 + (j2,) for j01, rng in chunk for j2 in rng)):
                 for k in offsets:
-                    kj = tuple(u + v for u, v in zip(k, j))
+                    kj = tuple(u + v for u, v in zip(k, j, strict=True))
                     if kj in flat:
                         si.append(sn), kf.append(flat[k]), kpf.append(flat[kj])
             si, kf, kpf = torch.tensor(si), torch.tensor(kf), torch.tensor(kpf)
@@ -200,7 +209,7 @@ def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, be
         del W
         if ones:
             real = xp[r[0]:r[0] + S[0], r[1]:r[1] + S[1], :, :, r[2]:r[2] + S[2]].sum(-1)  # (S0, S1, G, Cg, S2)
-            per_cell = torch.stack([real[..., a:b].sum(-1) for a, b in zip(cells[:-1], cells[1:])], dim=2)
+            per_cell = torch.stack([real[..., a:b].sum(-1) for a, b in itertools.pairwise(cells)], dim=2)
             row = _box_sums(per_cell, geom, cells).permute(1, 2, 0).reshape(G, D)  # patch sums
             corner = torch.full((G,), float(N * geom.T), dtype=F.dtype, device=F.device)
             for part, value in ((F[:, D, :D], row), (F[:, :D, D], row), (F[:, D, D], corner)):

@@ -1,5 +1,6 @@
-"""Shared pieces of the symmetric kernels (syrk, patch covariance): upper-tile enumeration, the mirrored
-alpha/beta epilogue, and the deterministic split-reduction finaliser.
+"""Shared pieces of the symmetric kernels (syrk, patch covariance).
+
+Upper-tile enumeration, the mirrored alpha/beta epilogue, and the deterministic split-reduction finaliser.
 
 Exact symmetry: each element (r, c) with r <= c is owned by exactly one upper tile, which computes it once and
 writes it to both (r, c) and (c, r). ``beta*F`` reads only the upper triangle of the old factor (the lower one is
@@ -73,6 +74,7 @@ FINALIZE_MAX_BLOCK = 64
 
 
 def n_upper_tiles(Dp: int, block: int) -> int:
+    """Number of ``block``-sized tiles on and above the diagonal of a (Dp, Dp) matrix."""
     n = triton.cdiv(Dp, block)
     return n * (n + 1) // 2
 

@@ -13,8 +13,9 @@ import contextvars
 import logging
 import math
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from types import MappingProxyType
 
 import torch
 
@@ -46,7 +47,9 @@ class GemmConfig:
     num_stages: int = 3
 
 
-_OVERRIDE: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar("kfc_triton_override", default={})
+# read-only default: ``override`` sets a fresh mapping, nothing mutates one in place
+_OVERRIDE: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
+    "kfc_triton_override", default=MappingProxyType({}))
 _CACHE: dict[tuple, object] = {}
 
 
@@ -102,8 +105,11 @@ def sym_default(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, devi
 
 
 def sym_candidates(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, device: torch.device) -> list[SymConfig]:
-    """A small sweep for the autotuner / gpu_check: three tile shapes with the heuristic split (and twice it when
-    that needs no new compile). Kept short because every tile shape is a new compile."""
+    """A small sweep of symmetric-kernel configs for the autotuner and ``bench/gpu_check.py``.
+
+    Three tile shapes with the heuristic split (and twice it when that needs no new compile). Kept short because
+    every tile shape is a new compile.
+    """
     out = []
     # fp32 128x128 tiles with 64-row chunks need 256 KiB of shared memory at 3 stages (over an H100's 227 KiB)
     shapes = [(64, 32, 4), (64, 64, 4), (128, 32, 8)]
@@ -118,6 +124,7 @@ def sym_candidates(kind: str, Dp: int, M: int, batch: int, dtype: torch.dtype, d
 
 
 def gemm_default(M: int, N: int, K: int, batch: int, device: torch.device, interpreted: bool) -> GemmConfig:
+    """Heuristic tile config for the batched (M, K) @ (K, N) GEMM of the preconditioners."""
     if interpreted:
         return GemmConfig(block_m=32, block_n=32, block_k=16, group_m=2, num_warps=1, num_stages=1)
     if M * N >= 256 * 1024:
@@ -126,11 +133,13 @@ def gemm_default(M: int, N: int, K: int, batch: int, device: torch.device, inter
 
 
 def gemm_candidates() -> list[GemmConfig]:
+    """The GEMM configs the autotuner times besides the default."""
     return [GemmConfig(64, 64, 32, 8, 4, 3), GemmConfig(128, 64, 32, 8, 4, 3), GemmConfig(128, 128, 32, 8, 8, 3),
             GemmConfig(32, 64, 32, 8, 4, 4)]
 
 
 def autotune_enabled() -> bool:
+    """Whether ``KFC_TRITON_AUTOTUNE`` asks for autotuning (read at every call)."""
     return os.environ.get("KFC_TRITON_AUTOTUNE", "0") not in ("", "0", "false", "False")
 
 
@@ -167,4 +176,5 @@ def tuned_configs() -> dict[tuple, object]:
 
 
 def clear_tuned() -> None:
+    """Forget the autotuner's choices (the next launch of each shape is timed again)."""
     _CACHE.clear()

@@ -106,7 +106,7 @@ def kron(grad: Tensor, Ginv: Tensor, Ainv: Tensor) -> Tensor:
 
 
 def rel_err(got: Tensor, ref: Tensor) -> float:
-    """max |got - ref| / max |ref| (0 for an all-zero ref matched exactly)."""
+    """Max |got - ref| / max |ref| (0 for an all-zero ref matched exactly)."""
     diff = (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
     scale = ref.double().abs().max().item() if ref.numel() else 0.0
     return diff / scale if scale > 0 else diff

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernel_refs as R
 import triton_kernels as tk
 from triton_kernels import dispatch, reference
+
+import kernel_refs as R
 
 
 def test_modes_choose_backend(use):
@@ -124,10 +125,10 @@ def _step(F, G, x, rows, grad, QG, lG, QA, lA, out):
 
 def _step_args():
     torch.manual_seed(0)
-    I, D = 5, 19
+    DG, D = 5, 19
     return (R.random_sym((1, 19, 19), torch.float32), R.random_sym((5, 5), torch.float32), torch.randn(2, 2, 4, 4),
-            torch.randn(7, 5), torch.randn(I, D), torch.eye(I), torch.rand(I), torch.eye(D), torch.rand(D),
-            torch.randn(I, D))
+            torch.randn(7, 5), torch.randn(DG, D), torch.eye(DG), torch.rand(DG), torch.eye(D), torch.rand(D),
+            torch.randn(DG, D))
 
 
 @pytest.mark.parametrize("mode", ["torch", "triton"])
@@ -142,7 +143,7 @@ def test_compile_fullgraph_no_break(use, mode):
     r_comp = torch.compile(_step, backend="aot_eager", fullgraph=True)(*compiled)
     torch._dynamo.reset()
     assert torch.allclose(r_eager, r_comp, rtol=1e-5)
-    for a, b in zip(eager, compiled):        # the in-place updates were written back
+    for a, b in zip(eager, compiled, strict=True):        # the in-place updates were written back
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -168,9 +169,11 @@ def test_statistics_ignore_autocast(backend):
 
 
 def test_kernels_use_only_triton_builtins():
-    """Kernels must not call triton.language helpers that are themselves @jit functions (tl.zeros, tl.cdiv, tl.sum,
-    ...): those are built when triton is imported, so if anything imported triton before TRITON_INTERPRET=1 was set
-    they are compiler-only and the interpreter cannot call them from our kernels."""
+    """Kernels call no triton.language helper that is itself a @jit function (tl.zeros, tl.cdiv, tl.sum, ...).
+
+    Those are built when triton is imported, so if anything imported triton before TRITON_INTERPRET=1 was set they
+    are compiler-only and the interpreter cannot call them from our kernels.
+    """
     import inspect
     import re
 

@@ -8,9 +8,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import kernel_refs as R
 import triton_kernels as tk
 from triton_kernels import tuning
+
+import kernel_refs as R
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
@@ -18,7 +19,7 @@ LAYOUTS = ["contiguous", "channels_last", "permuted"]
 
 
 def make_input(shape, dtype, layout: str, seed: int = 0) -> torch.Tensor:
-    """x of logical shape (N, C, *S) in a given memory layout (values drawn in fp32, then cast)."""
+    """``x`` of logical shape (N, C, *S) in a given memory layout (values drawn in fp32, then cast)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(dtype)
     d = len(shape) - 2

@@ -6,40 +6,41 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernel_refs as R
 import triton_kernels as tk
 from triton_kernels import tuning
+
+import kernel_refs as R
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
 
 
-def eig_inputs(B, I, D, dtype=torch.float32, seed=0):
+def eig_inputs(B, DG, D, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = () if B is None else (B,)
-    QG = torch.linalg.qr(torch.randn(*shape, I, I, generator=g, dtype=torch.float64))[0].to(dtype)
+    QG = torch.linalg.qr(torch.randn(*shape, DG, DG, generator=g, dtype=torch.float64))[0].to(dtype)
     QA = torch.linalg.qr(torch.randn(*shape, D, D, generator=g, dtype=torch.float64))[0].to(dtype)
-    lG = torch.rand(*shape, I, generator=g, dtype=torch.float64).to(dtype)
+    lG = torch.rand(*shape, DG, generator=g, dtype=torch.float64).to(dtype)
     lA = torch.rand(*shape, D, generator=g, dtype=torch.float64).to(dtype)
-    grad = torch.randn(*shape, I, D, generator=g)
+    grad = torch.randn(*shape, DG, D, generator=g)
     return grad, QG, lG, QA, lA
 
 
-def kron_inputs(B, I, D, dtype=torch.float32, seed=0):
+def kron_inputs(B, DG, D, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = () if B is None else (B,)
-    Gi = torch.randn(*shape, I, I, generator=g, dtype=torch.float64)
+    Gi = torch.randn(*shape, DG, DG, generator=g, dtype=torch.float64)
     Ai = torch.randn(*shape, D, D, generator=g, dtype=torch.float64)
-    Gi, Ai = (Gi @ Gi.mT / I).to(dtype), (Ai @ Ai.mT / D).to(dtype)
-    return torch.randn(*shape, I, D, generator=g), Gi, Ai
+    Gi, Ai = (Gi @ Gi.mT / DG).to(dtype), (Ai @ Ai.mT / D).to(dtype)
+    return torch.randn(*shape, DG, D, generator=g), Gi, Ai
 
 
 @settings(max_examples=10, **SETTINGS)
-@given(B=st.sampled_from([None, 1, 3]), I=st.integers(1, 40), D=st.integers(1, 40),
+@given(B=st.sampled_from([None, 1, 3]), DG=st.integers(1, 40), D=st.integers(1, 40),
        damping=st.sampled_from([1e-3, 0.1, 1.0]), gdtype=st.sampled_from([torch.float32, torch.bfloat16]),
        fdtype=st.sampled_from([torch.float32, torch.float64]))
-def test_eigen_grid(backend, B, I, D, damping, gdtype, fdtype):
-    grad, QG, lG, QA, lA = eig_inputs(B, I, D, fdtype)
+def test_eigen_grid(backend, B, DG, D, damping, gdtype, fdtype):
+    grad, QG, lG, QA, lA = eig_inputs(B, DG, D, fdtype)
     grad = grad.to(gdtype)
     U = tk.eigen_precondition(grad, QG, lG, QA, lA, damping)
     assert U.shape == grad.shape and U.dtype == fdtype
@@ -47,10 +48,10 @@ def test_eigen_grid(backend, B, I, D, damping, gdtype, fdtype):
 
 
 @settings(max_examples=12, **SETTINGS)
-@given(B=st.sampled_from([None, 1, 3]), I=st.integers(1, 40), D=st.integers(1, 40),
+@given(B=st.sampled_from([None, 1, 3]), DG=st.integers(1, 40), D=st.integers(1, 40),
        fdtype=st.sampled_from([torch.float32, torch.float64]))
-def test_kron_grid(backend, B, I, D, fdtype):
-    grad, Gi, Ai = kron_inputs(B, I, D, fdtype)
+def test_kron_grid(backend, B, DG, D, fdtype):
+    grad, Gi, Ai = kron_inputs(B, DG, D, fdtype)
     U = tk.kron_precondition(grad, Gi, Ai)
     assert U.shape == grad.shape and U.dtype == fdtype
     assert R.rel_err(U, R.kron(grad, Gi, Ai)) < (1e-11 if fdtype == torch.float64 else 2e-5)
@@ -59,7 +60,7 @@ def test_kron_grid(backend, B, I, D, fdtype):
 @pytest.mark.parametrize("odtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (-0.1, 1.0), (0.5, 0.9)])
 def test_fused_out_epilogue(backend, odtype, alpha, beta):
-    """out <- beta*out + alpha*U in place (a momentum buffer or a bf16 parameter); beta=0 ignores NaN."""
+    """``out`` <- beta*out + alpha*U in place (a momentum buffer or a bf16 parameter); beta=0 ignores NaN."""
     grad, QG, lG, QA, lA = eig_inputs(3, 18, 21)
     _, Gi, Ai = kron_inputs(3, 18, 21)
     for fn, ref in ((lambda o: tk.eigen_precondition(grad, QG, lG, QA, lA, 0.05, out=o, alpha=alpha, beta=beta),

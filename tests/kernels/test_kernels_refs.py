@@ -9,8 +9,9 @@ import torch.nn.functional as tF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernel_refs as R
 from triton_kernels import checks, reference
+
+import kernel_refs as R
 
 # (x shape, kernel, stride, padding (lo, hi per dim), dilation, groups)
 GEOMS = [
@@ -79,21 +80,21 @@ def test_syrk_helper_matches_outer_product_loop():
 def test_preconditioner_helpers_match_kronecker_solve():
     """U = (G (x) A + damping I)^-1 vec(grad) with G = QG diag(lG) QG^T (row-major vec), and the kron form."""
     torch.manual_seed(0)
-    I, D, damping = 4, 5, 0.3
-    QG = torch.linalg.qr(torch.randn(I, I, dtype=torch.float64))[0]
+    DG, D, damping = 4, 5, 0.3
+    QG = torch.linalg.qr(torch.randn(DG, DG, dtype=torch.float64))[0]
     QA = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64))[0]
-    lG, lA = torch.rand(I, dtype=torch.float64), torch.rand(D, dtype=torch.float64)
+    lG, lA = torch.rand(DG, dtype=torch.float64), torch.rand(D, dtype=torch.float64)
     G, A = QG @ torch.diag(lG) @ QG.T, QA @ torch.diag(lA) @ QA.T
-    grad = torch.randn(I, D, dtype=torch.float64)
-    solve = torch.linalg.solve(torch.kron(G, A) + damping * torch.eye(I * D, dtype=torch.float64), grad.reshape(-1))
-    assert torch.allclose(R.eigen(grad, QG, lG, QA, lA, damping), solve.reshape(I, D), rtol=1e-10, atol=1e-12)
-    Gi, Ai = torch.linalg.inv(G + torch.eye(I)), torch.linalg.inv(A + torch.eye(D))
-    want = (torch.kron(Gi, Ai) @ grad.reshape(-1)).reshape(I, D)
+    grad = torch.randn(DG, D, dtype=torch.float64)
+    solve = torch.linalg.solve(torch.kron(G, A) + damping * torch.eye(DG * D, dtype=torch.float64), grad.reshape(-1))
+    assert torch.allclose(R.eigen(grad, QG, lG, QA, lA, damping), solve.reshape(DG, D), rtol=1e-10, atol=1e-12)
+    Gi, Ai = torch.linalg.inv(G + torch.eye(DG)), torch.linalg.inv(A + torch.eye(D))
+    want = (torch.kron(Gi, Ai) @ grad.reshape(-1)).reshape(DG, D)
     assert torch.allclose(R.kron(grad, Gi, Ai), want, rtol=1e-10, atol=1e-12)
     # and the library's references agree with the helpers
     ref = reference.eigen_precondition(grad[None], QG[None], lG[None], QA[None], lA[None], damping, None, 1.0, 0.0,
                                        torch.float64)[0]
-    assert torch.allclose(ref, solve.reshape(I, D), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(ref, solve.reshape(DG, D), rtol=1e-10, atol=1e-12)
     ref = reference.kron_precondition(grad[None], Gi[None], Ai[None], None, 1.0, 0.0, torch.float64)[0]
     assert torch.allclose(ref, want, rtol=1e-10, atol=1e-12)
 
