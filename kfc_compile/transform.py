@@ -6,7 +6,7 @@ import warnings
 
 from torch import nn
 
-from kfc_compile.graph.rewrite import Instrumenter
+from kfc_compile.frontend.fx.rewrite import Instrumenter
 
 log = logging.getLogger(__name__)
 

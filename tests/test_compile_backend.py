@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfc_compile as kc
-from kfc_compile.compile import backend as kb
-from kfc_compile.compile.mha import self_attention
+from kfc_compile.frontend.dynamo import backend as kb
+from kfc_compile.runtime.attention import self_attention
 
 AOT_EAGER = {"inner": "aot_eager"}
 
@@ -39,7 +39,7 @@ def test_entry_point_in_fresh_interpreter():
             "assert 'kfc' in torch._dynamo.list_backends()\n"
             "from torch._dynamo.backends.registry import lookup_backend\n"
             "fn = lookup_backend('kfc')\n"
-            "assert fn.__module__ == 'kfc_compile.compile.backend', fn.__module__\n"
+            "assert fn.__module__ == 'kfc_compile.frontend.dynamo.backend', fn.__module__\n"
             "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env, timeout=120)

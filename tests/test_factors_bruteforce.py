@@ -384,7 +384,7 @@ def test_gradient_consistency(reduction):
     scale = 1.0 if reduction == "sum" else float(K)  # mean: ℓ_n = (1/K) Σ_k φ_k
     assert len(seen) == 4
     for i, xi, gy in seen:
-        layer_index, site = state.sites[i]
+        layer_index, site = state.sites[i].layer, state.sites[i].site
         layer = tm.kfc.layers[layer_index]
         P = _library_patches(site, xi)
         if site.has_bias:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 import kfc_compile as kc
 from kfc_compile.registry import KFCLayer
+from kfc_compile.runtime import record
 
 
 def run(model, x, seed=0):
@@ -312,3 +314,14 @@ def test_tuple_of_inputs():
     xb = torch.cat([x, torch.ones(3, 1, dtype=torch.float64)], 1)
     torch.testing.assert_close(f["a"].A, xb.T @ xb / 3)
     assert f["b"].A.shape == (5, 5)
+
+
+def test_record_keys_are_freed_with_the_model():
+    """Every site gets a kfc::record key; a transformed model that is gone gives its keys back."""
+    gc.collect()
+    before = record.live_keys()
+    tm = kc.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)))
+    assert record.live_keys() == before + len(tm.kfc.state.sites) == before + 2
+    del tm
+    gc.collect()
+    assert record.live_keys() == before

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kfc_compile.capture import model_output
+from kfc_compile.runtime.taps import model_output
 from kfc_compile.curvature.factors import Factors, public_view
 from kfc_compile.curvature.fisher import check_fisher, loss_spec, output_gradients
 from kfc_compile.registry import KFCInfo

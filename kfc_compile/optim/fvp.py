@@ -20,7 +20,8 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kfc_compile.capture import model_output, subset_size
+from kfc_compile.runtime.state import subset_size
+from kfc_compile.runtime.taps import model_output
 from kfc_compile.curvature.fisher import LossSpec
 
 

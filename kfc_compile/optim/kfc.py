@@ -132,7 +132,7 @@ def resolve_model(model, approx: str) -> tuple[nn.Module, nn.Module, bool]:
     if _is_dynamo_module(model):
         if isinstance(getattr(model._orig_mod, "kfc", None), KFCInfo):  # torch.compile(kc.transform(m))
             return resolve_model(model._orig_mod, approx)
-        from kfc_compile.compile.backend import registry_for  # torch.compile(m, backend="kfc"): live registry
+        from kfc_compile.frontend.dynamo.backend import registry_for  # torch.compile(m, backend="kfc"): live registry
 
         registry_for(model, approx)
         return model, model._orig_mod, False

@@ -10,16 +10,18 @@ statistics steps and plain steps run the same compiled graph.
 
 Graph nodes may only hold importable module-level functions and ints, hence the table: ``key`` → (state, site
 index in that state). A key can be re-pointed (``retarget``) when a registry is merged into another one. The table
-holds states weakly (a dead model's statistics are simply not recorded), so it never keeps a model alive.
+holds states weakly (a dead model's statistics are simply not recorded), so it never keeps a model alive, and a
+state's keys are freed with it.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 
 import torch
 
-__all__ = ["new_site", "retarget", "site_ref", "tap"]
+__all__ = ["live_keys", "new_site", "retarget", "site_ref", "tap"]
 
 
 class _SiteRef:
@@ -35,32 +37,51 @@ class _SiteRef:
         return self._state()
 
 
-_SITES: list[_SiteRef] = []
+_SITES: dict[int, _SiteRef] = {}
+_NEXT = itertools.count()
 _LOCK = threading.Lock()
 
 
-def new_site(state, index: int, seq_first: bool = False) -> int:
-    """A key for site ``index`` of ``state`` (a ``CaptureState``). ``seq_first``: the site sees (sequence, batch,
-    ...) tensors (attention's projections); they are handed to the state batch-first."""
+def _release(key: int) -> None:
+    """Drop a key whose state is gone (a key re-pointed to a live state stays)."""
     with _LOCK:
-        _SITES.append(_SiteRef(state, index, seq_first))
-        return len(_SITES) - 1
+        ref = _SITES.get(key)
+        if ref is not None and ref.state is None:
+            del _SITES[key]
+
+
+def new_site(state, index: int, seq_first: bool = False) -> int:
+    """A key for site ``index`` of ``state`` (a ``CaptureState``), freed when the state is. ``seq_first``: the site
+    sees (sequence, batch, ...) tensors (attention's projections); they are handed to the state batch-first."""
+    with _LOCK:
+        key = next(_NEXT)
+        _SITES[key] = _SiteRef(state, index, seq_first)
+    weakref.finalize(state, _release, key)
+    return key
 
 
 def site_ref(key: int) -> _SiteRef:
+    """The (state, site index) a key points to."""
     return _SITES[key]
 
 
 def retarget(key: int, state, index: int) -> None:
+    """Point ``key`` at site ``index`` of another state (registries merged); it is then freed with that state."""
     ref = _SITES[key]
     ref._state, ref.index = weakref.ref(state), index
+    weakref.finalize(state, _release, key)
+
+
+def live_keys() -> int:
+    """Keys currently allocated (tests: keys of dead models are freed)."""
+    return len(_SITES)
 
 
 @torch.library.custom_op("kfc::record", mutates_args=())
 def record(x: torch.Tensor, gy: torch.Tensor, key: int) -> None:
     """Hand (layer input, output gradient) of one call site to its capture state (no-op unless capturing)."""
-    ref = _SITES[key]
-    state = ref.state
+    ref = _SITES.get(key)  # None: the model is gone (a compiled graph outliving it records nothing)
+    state = ref.state if ref is not None else None
     if state is not None:
         if ref.seq_first:
             x, gy = x.transpose(0, 1), gy.transpose(0, 1)

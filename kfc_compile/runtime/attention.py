@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kfc_compile.compile.ops import tap
+from kfc_compile.runtime.record import tap
 
 MHA_TARGET = F.multi_head_attention_forward
 MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)

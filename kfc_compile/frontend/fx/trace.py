@@ -24,6 +24,11 @@ _STOCK_FORWARDS = {
 }
 
 
+def qualified(prefix: str, name: str) -> str:
+    """``prefix.name`` for a submodule path (either part may be empty)."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
 def is_layer_module(m: nn.Module) -> bool:
     """A linear or conv module whose forward is the stock one (so its call is exactly one F.linear/F.conv)."""
     return (isinstance(m, (nn.Linear, _ConvNd)) and type(m).forward in _STOCK_FORWARDS

@@ -8,17 +8,20 @@ original model, which is never modified.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections import defaultdict
 
 import torch.fx as fx
 from torch import nn
 
-from kfc_compile.capture import CaptureState, OutputTap, Tap, output_tap, tap
-from kfc_compile.graph import opaque
-from kfc_compile.graph.match import OpaqueMatch, SiteMatch, Use, leaf_reason, module_site, scan_graph
-from kfc_compile.graph.trace import is_layer_module, trace_with_fallback
-from kfc_compile.registry import BlackBox, KFCInfo, KFCLayer, Uncovered
+from kfc_compile.frontend.fx import plans
+from kfc_compile.frontend.fx.scan import OpaqueMatch, Use, scan_graph
+from kfc_compile.frontend.fx.trace import is_layer_module, qualified, trace_with_fallback
+from kfc_compile.registry import BlackBox, KFCInfo, KFCLayer
+from kfc_compile.runtime import opaque
+from kfc_compile.runtime.state import CaptureState, SiteEntry
+from kfc_compile.runtime.taps import OutputTap, Tap, output_tap, tap
+from kfc_compile.sites import coverage
+from kfc_compile.sites.kinds import Candidate, module_site
 
 _TAPPED_CLASSES: dict[type, type] = {}
 
@@ -40,17 +43,13 @@ def _shallow_copy(m: nn.Module) -> nn.Module:
     return new
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
 class Instrumenter:
     """One pass over a model: collects sites and parameter uses, inserts taps, then decides the layers."""
 
     def __init__(self, model: nn.Module, approx: str):
         self.model = model
         self.state = CaptureState([], [], approx)
-        self.matches: list[SiteMatch] = []
+        self.matches: list[Candidate] = []
         self.site_taps: list[tuple[object, object]] = []  # (graph module or swapped module, tap node or None)
         self.uses: list[Use] = []
         self.black_boxes: list[BlackBox] = []
@@ -67,7 +66,7 @@ class Instrumenter:
                 self.black_boxes.append(BlackBox(prefix or "<root>", boxes[0].reason))
             return self._instrument_opaque(module, prefix)
         opaque = {b.name for b in boxes}
-        self.black_boxes += [BlackBox(_join(prefix, b.name), b.reason) for b in boxes]
+        self.black_boxes += [BlackBox(qualified(prefix, b.name), b.reason) for b in boxes]
         sites, uses, opaque_calls = scan_graph(gm, f"{prefix}." if prefix else "", opaque)
         self.uses += uses
         for match in sites:
@@ -77,7 +76,7 @@ class Instrumenter:
         for name in opaque:
             parent_name, _, child = name.rpartition(".")
             parent = gm.get_submodule(parent_name) if parent_name else gm
-            setattr(parent, child, self.instrument(module.get_submodule(name), _join(prefix, name)))
+            setattr(parent, child, self.instrument(module.get_submodule(name), qualified(prefix, name)))
         gm.recompile()
         for name, sub in gm.named_modules():  # fx makes fresh containers; keep the original train/eval flags
             try:
@@ -86,7 +85,7 @@ class Instrumenter:
                 sub.training = gm.training  # a tap added here: follow its graph module
         return gm
 
-    def _add_graph_tap(self, gm: fx.GraphModule, match: SiteMatch) -> None:
+    def _add_graph_tap(self, gm: fx.GraphModule, match: Candidate) -> None:
         index = len(self.matches)
         self.matches.append(match)
         tap_name = f"_kfc_tap_{index}"
@@ -119,7 +118,7 @@ class Instrumenter:
             owner = gm
         for site in plan.sites:
             site.index = len(self.matches)
-            self.matches.append(opaque.site_match(site))
+            self.matches.append(plans.candidate(site))
         self.plans.append(plan)
         self.site_taps += [(owner, None)] * len(plan.sites)
 
@@ -128,14 +127,14 @@ class Instrumenter:
             return self._swap_layer(module, prefix)
         new = _shallow_copy(module)
         if isinstance(module, nn.MultiheadAttention):
-            self.uses += [Use(p, leaf_reason(module, prefix)) for p in module.parameters()]
+            self.uses += [Use(p, coverage.leaf_reason(module, prefix)) for p in module.parameters()]
             return new
         for p in module._parameters.values():
             if p is not None:
                 self.uses.append(Use(p, f"used inside the untraceable forward of '{prefix or '<root>'}'"))
         for name, child in module._modules.items():
             if child is not None:
-                new._modules[name] = self.instrument(child, _join(prefix, name))
+                new._modules[name] = self.instrument(child, qualified(prefix, name))
         return new
 
     def _swap_layer(self, module: nn.Module, prefix: str) -> nn.Module:
@@ -147,7 +146,7 @@ class Instrumenter:
         new.__class__ = _tapped_class(type(module))
         index = len(self.matches)
         new._kfc_state, new._kfc_site = self.state, index
-        self.matches.append(SiteMatch(None, None, module.weight, module.bias, site, prefix))
+        self.matches.append(Candidate(module.weight, module.bias, site, prefix))
         self.site_taps.append((new, None))
         return new
 
@@ -157,36 +156,25 @@ class Instrumenter:
         other_uses: dict[int, list[str]] = defaultdict(list)
         for use in self.uses:
             other_uses[id(use.param)].append(use.reason)
-        by_weight: dict[int, list[int]] = defaultdict(list)
-        for i, m in enumerate(self.matches):
-            by_weight[id(m.weight)].append(i)
 
+        def other_use(p: nn.Parameter) -> str | None:
+            return next(iter(other_uses.get(id(p), [])), None)
+
+        index = {id(m): i for i, m in enumerate(self.matches)}
         layers: list[KFCLayer] = []
         site_layer: list[int | None] = [None] * len(self.matches)
         rejected: dict[int, str] = {}
-        for indices in by_weight.values():
-            matches = [self.matches[i] for i in indices]
-            weight = matches[0].weight
-            if not weight.requires_grad:
+        for cands in coverage.group_by_weight(self.matches):
+            if not cands[0].weight.requires_grad:
                 continue
-            reason = self._reject_reason(matches, other_uses)
+            reason = coverage.reject_reason(cands, other_use)
             if reason:
-                rejected[id(weight)] = reason
-                for m in matches:
-                    if m.bias is not None:
-                        rejected[id(m.bias)] = reason
+                for p in (cands[0].weight, *(c.bias for c in cands if c.bias is not None)):
+                    rejected[id(p)] = reason
                 continue
-            bias = next((m.bias for m in matches if m.bias is not None and m.bias.requires_grad), None)
-            for i, m in zip(indices, matches):
-                if m.site.has_bias and (m.bias is None or not m.bias.requires_grad):
-                    m.site = dataclasses.replace(m.site, has_bias=False)  # computed or frozen bias: W block only
-                site_layer[i] = len(layers)
-            site = matches[0].site
-            layers.append(KFCLayer(
-                name=self._layer_name(matches[0]), kind=site.kind, weight=weight, bias=bias,
-                a_dim=site.a_dim + (bias is not None), g_dim=site.g_dim, groups=site.groups, uses=len(matches),
-                sites=[m.site for m in matches],
-            ))
+            for c in cands:
+                site_layer[index[id(c)]] = len(layers)
+            layers.append(coverage.new_layer(coverage.layer_name(cands[0], self.names), cands))
 
         for i, (owner, tap_node) in enumerate(self.site_taps):
             if site_layer[i] is None and tap_node is not None:
@@ -198,24 +186,12 @@ class Instrumenter:
             if isinstance(owner, fx.GraphModule):
                 owner.recompile()
         self.state.layers = layers
-        self.state.sites = [(site_layer[i], m.site) for i, m in enumerate(self.matches)]
+        self.state.sites = [SiteEntry(site_layer[i], m.site) for i, m in enumerate(self.matches)]
         for plan in self.plans:
             plan.bind(self.state)
-
-        covered = {id(layer.weight) for layer in layers} | {id(layer.bias) for layer in layers if layer.bias is not None}
-        uncovered, frozen, total, seen = [], [], 0, set()
-        for name, p in self.model.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if not p.requires_grad:
-                frozen.append(name)
-                continue
-            total += p.numel()
-            if id(p) in covered:
-                continue
-            reason = rejected.get(id(p)) or next(iter(other_uses.get(id(p), [])), None)
-            uncovered.append(Uncovered(name, tuple(p.shape), reason or "not used by any traced call"))
+        uncovered, frozen, total = coverage.account(
+            self.model.named_parameters(), layers,
+            lambda p: rejected.get(id(p)) or other_use(p) or "not used by any traced call")
         return root, KFCInfo(self.state.approx, layers, uncovered, self.black_boxes, frozen, self.state, total)
 
     def _add_output_tap(self, root: nn.Module) -> nn.Module:
@@ -236,26 +212,3 @@ class Instrumenter:
 
         root.__class__ = type(f"KFC{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
         return root
-
-    def _layer_name(self, match: SiteMatch) -> str:
-        if match.module_name is not None:
-            return match.module_name
-        name = self.names.get(id(match.weight), "<unnamed>")
-        return name[: -len(".weight")] if name.endswith(".weight") else name
-
-    @staticmethod
-    def _reject_reason(matches: list[SiteMatch], other_uses: dict[int, list[str]]) -> str:
-        weight = matches[0].weight
-        if other_uses.get(id(weight)):
-            return f"weight also {other_uses[id(weight)][0]}"
-        biases = {id(m.bias) for m in matches if m.bias is not None}
-        if len(biases) > 1:
-            return "weight shared by calls with different bias parameters"
-        for m in matches:
-            if m.bias is not None and other_uses.get(id(m.bias)):
-                return f"bias also {other_uses[id(m.bias)][0]}"
-        first = matches[0].site
-        if any((m.site.kind, m.site.a_dim, m.site.g_dim, m.site.groups) != (first.kind, first.a_dim, first.g_dim, first.groups)
-               for m in matches):
-            return "weight shared by calls of different kinds or geometries"
-        return ""

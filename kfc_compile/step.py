@@ -25,8 +25,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kfc_compile.capture import model_output
 from kfc_compile.curvature.fisher import LOSSES
+from kfc_compile.frontend.dynamo.backend import kfc_backend
+from kfc_compile.optim import KFC
+from kfc_compile.runtime.taps import model_output
 
 
 class CompiledStep:
@@ -84,8 +86,6 @@ def compile_step(model: nn.Module, loss_fn, *, compile: bool = True, dynamic: bo
     ``transform`` + ``KFC`` step with the same numerics (for comparison and debugging). ``dynamic`` and
     ``backend_options`` go to ``torch.compile`` (e.g. ``{"inner": "aot_eager"}``, inductor options, ...).
     """
-    from kfc_compile.optim import KFC
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile_step expects an nn.Module, got {type(model).__name__}")
     if "lr" not in kfc_options:
@@ -93,8 +93,6 @@ def compile_step(model: nn.Module, loss_fn, *, compile: bool = True, dynamic: bo
     kfc_options.setdefault("loss", loss_fn)
     loss = _loss_callable(loss_fn)
     if compile:
-        from kfc_compile.compile.backend import kfc_backend
-
         runner = torch.compile(model, backend=kfc_backend, dynamic=dynamic, options=backend_options)
     else:
         runner = model

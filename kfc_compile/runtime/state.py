@@ -1,48 +1,39 @@
-"""The capture tap: an identity node after each conv/linear call that feeds the factor statistics.
+"""``CaptureState``: the mode switch and per-step accumulators shared by all capture taps of one model.
 
-When statistics are not due (the normal case) the tap returns its input untouched: no autograd node, no saved
-tensor, no work. When armed, an ``autograd.Function`` keeps a reference to the layer input (which the layer
-already saved for its weight gradient, so no extra memory) and, in the backward, hands (input, grad_output) to
-``CaptureState.record``. Ω is computed from the saved input in the backward (compiler_notes.md §2), so the
-forward graph carries no statistics work.
-
-The tap returns its input marked dirty rather than a view, so in-place ops after a layer (``ReLU(inplace=True)``)
-keep working. A shared scalar *slot* feeds every armed tap, so ``torch.autograd.grad(output, slot)`` runs a
-backward that reaches every tap but computes no weight gradients: that is the Fisher pass that only feeds Γ.
+The taps (``taps.py`` in eager graphs, the ``kfc::record`` op in compiled ones) hand every armed call's (layer input,
+output gradient) to ``CaptureState.record``; the state routes it to the layer's batch statistics
+(``curvature/statistics``) according to the capture flags of the backward pass being run. Drivers (``kc.curvature``,
+the optimizer's curvature estimator) arm it, run passes, and take the normalised factors.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from kfc_compile.compile import ops as compile_ops
 from kfc_compile.curvature.factors import BatchStatistics, Factors
 from kfc_compile.registry import KFCLayer
+from kfc_compile.runtime import record as record_op
+from kfc_compile.sites.geometry import Site
 
 
-class _Tap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, x, slot, state, site_index):  # noqa: D401 - autograd signature
-        ctx.save_for_backward(x)
-        ctx.state, ctx.site_index = state, site_index
-        ctx.mark_dirty(y)
-        return y
+@dataclass
+class SiteEntry:
+    """One call site known to a capture state: the index of its layer in ``state.layers`` (None: its weight is
+    not under KFC, the site records nothing) and its geometry."""
 
-    @staticmethod
-    def backward(ctx, gy):
-        (x,) = ctx.saved_tensors
-        ctx.state.record(ctx.site_index, x, gy)
-        return gy, None, torch.zeros((), dtype=ctx.state.slot.dtype, device=gy.device), None, None
+    layer: int | None
+    site: Site
 
 
 class CaptureState:
     """Mode switch and per-step accumulators shared by all taps of one transformed model.
 
-    ``sites[i] = (layer_index, site)``; layer_index is None for a site whose weight could not be put under KFC.
+    ``sites[i]`` is a :class:`SiteEntry`; the taps refer to sites by index (eager taps) or by the
+    ``kfc::record`` key allocated for each site (compiled taps; keys are freed when the state is).
 
     Two ways to drive it:
 
@@ -54,7 +45,7 @@ class CaptureState:
       while the graph is still alive. The driver calls ``end_pass()`` and ``take(n)`` afterwards.
     """
 
-    def __init__(self, layers: list[KFCLayer], sites: list[tuple[int | None, object]], approx: str):
+    def __init__(self, layers: list[KFCLayer], sites: list[SiteEntry], approx: str):
         self.layers = layers
         self.sites = sites
         self.approx = approx
@@ -73,18 +64,19 @@ class CaptureState:
         self.last_inputs: tuple = ()  # positional inputs of the last forward with grad enabled (no copy)
 
     @property
-    def sites(self) -> list:
+    def sites(self) -> list[SiteEntry]:
         return self._sites
 
     @sites.setter
-    def sites(self, sites: list) -> None:
+    def sites(self, sites: list[SiteEntry]) -> None:
         self._sites = sites
         # keys of the compile-clean taps (kfc::record), allocated here, outside any traced code
-        self.compile_keys = [compile_ops.new_site(self, i) for i in range(len(sites))]
+        self.compile_keys = [record_op.new_site(self, i) for i in range(len(sites))]
 
     # -- called by the taps --------------------------------------------------------------------------------------
     def record(self, site_index: int, x: torch.Tensor, gy: torch.Tensor) -> None:
-        layer_index, site = self.sites[site_index]
+        entry = self.sites[site_index]
+        layer_index, site = entry.layer, entry.site
         if layer_index is None or not (self.capture_input or self.capture_grad):
             return
         stats = self.stats.get(layer_index)
@@ -190,104 +182,3 @@ def subset_size(n: int, fraction: float) -> int:
     """Examples in a leading subset of a batch of n: ceil(fraction·n), but at least 2 when n allows (train-mode
     BatchNorm needs more than one example)."""
     return max(min(2, n), min(n, math.ceil(fraction * n)))
-
-
-def tap(y: torch.Tensor, x: torch.Tensor, state: CaptureState, site_index: int) -> torch.Tensor:
-    """Identity on ``y``; when the state is armed, records (x, grad of y) in the backward."""
-    if not torch.is_grad_enabled() or not y.requires_grad:
-        return y
-    if torch.compiler.is_compiling():
-        # Inside a dynamo graph the tap is always there and its backward calls the opaque kfc::record op, which
-        # reads the capture flags at run time (compile/ops.py): no guard on ``armed``, no graph break, one graph
-        # for statistics and plain steps. (A Python backward would run ``record`` once, at trace time.)
-        return compile_ops.tap(y, x, state.slot, state.compile_keys[site_index])
-    if not state.armed:
-        return y
-    return _Tap.apply(y, x, state.slot, state, site_index)
-
-
-class Tap(nn.Module):
-    """The graph node inserted after a conv/linear call (``call_module`` of this module)."""
-
-    def __init__(self, state: CaptureState, site_index: int):
-        super().__init__()
-        self.state = state
-        self.site_index = site_index
-
-    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return tap(y, x, self.state, self.site_index)
-
-    def extra_repr(self) -> str:
-        return f"site={self.site_index}"
-
-
-class _OutputTap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, f, slot, state):  # noqa: D401 - autograd signature
-        ctx.state = state
-        ctx.save_for_backward(f)
-        ctx.mark_dirty(f)
-        return f
-
-    @staticmethod
-    def backward(ctx, grad):
-        state = ctx.state
-        fisher_pass = state.fisher_pass
-        if fisher_pass is not None:
-            # f is this node's own output (marked dirty), so the Fisher pass re-enters here: pass through then.
-            (f,) = ctx.saved_tensors
-            train_flags = (state.capture_input, state.capture_grad, state.grad_scale)
-            state.fisher_pass = None
-            try:
-                with torch.enable_grad():
-                    fisher_pass(f)
-            finally:
-                state.fisher_pass = fisher_pass
-                state.set_capture(*train_flags)
-        return grad, torch.zeros((), dtype=state.slot.dtype, device=grad.device), None
-
-
-def model_output(out) -> torch.Tensor:
-    """The tensor the loss is computed from: the output itself, or the first tensor of a tuple/list/dict."""
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise TypeError(f"cannot find the model output tensor in a {type(out).__name__}")
-
-
-def output_tap(out, state: CaptureState, inputs: tuple = ()):
-    """Applied to the model's output. Keeps a reference to the forward's inputs (for Fisher-vector products on
-    the batch), and on an armed step of a plain loop records the batch size and runs the Fisher pass at the start
-    of the training backward (see ``CaptureState``)."""
-    if not torch.is_grad_enabled():
-        return out
-    state.last_inputs = inputs
-    if not state.armed:
-        return out
-    return _armed_output_tap(out, state)
-
-
-@torch.compiler.disable
-def _armed_output_tap(out, state: CaptureState):
-    f = model_output(out)
-    state.on_output(f.shape[0])
-    if state.fisher_pass is None or not f.requires_grad:
-        return out
-    tapped = _OutputTap.apply(f, state.slot, state)
-    if isinstance(out, torch.Tensor):
-        return tapped
-    return out  # f was marked dirty in place: the container already holds the tapped tensor
-
-
-class OutputTap(nn.Module):
-    """The graph node inserted before the model's output (``call_module`` of this module)."""
-
-    def __init__(self, state: CaptureState):
-        super().__init__()
-        self.state = state
-
-    def forward(self, out, *inputs):
-        return output_tap(out, self.state, inputs)

@@ -1,4 +1,4 @@
-"""Linear layers inside opaque calls: ``nn.MultiheadAttention`` leaves and fx-wrapped functions.
+"""Linear layers inside opaque calls, at run time: ``nn.MultiheadAttention`` leaves and fx-wrapped functions.
 
 Some calls stay opaque in the traced graph even though they hold linear layers:
 
@@ -8,13 +8,14 @@ Some calls stay opaque in the traced graph even though they hold linear layers:
   ``call_function`` node that receives weights (``self.qkv.weight``, ``self.proj.weight``) as arguments.
 
 Without a probe run, sites are created at transform time from the parameters' shapes (what a linear call with
-that weight must look like) and the call is replaced by a wrapper. On an armed forward (statistics due, grad
+that weight must look like; ``frontend/fx/plans.py`` builds the ``OpaquePlan``) and the call is replaced by a
+wrapper (this module). On an armed forward (statistics due, grad
 enabled) the wrapper runs the original call under a ``TorchFunctionMode`` that
 
 * taps every ``F.linear`` whose weight *is* one of the registered parameters (the ordinary capture tap, rows
   example-major as everywhere in the fx path), and
 * replaces ``F.multi_head_attention_forward`` of a registered self-attention by the decomposition of
-  ``compile/mha.py`` (the same one the ``kfc`` backend uses), whose two projection taps see sequence-first
+  ``runtime/attention.py`` (the same one the ``kfc`` backend uses), whose two projection taps see sequence-first
   tensors and are registered ``seq_first`` so that the statistics get them batch-first.
 
 On every other forward the original call runs untouched (bit-identical outputs, no overhead). A mode is needed
@@ -41,14 +42,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from kfc_compile.capture import tap
-from kfc_compile.compile import mha, ops
-from kfc_compile.curvature.layers import linear_site
+from kfc_compile.runtime import attention as mha
+from kfc_compile.runtime import record as ops
+from kfc_compile.runtime.taps import tap
 
 # ops that only read a tensor's metadata: not a "use" of a registered weight
 _METADATA = {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "element_size", "nelement",
@@ -56,15 +56,6 @@ _METADATA = {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "data
 _MHA_ARGS = ("query", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "dropout_p",
              "out_proj_weight", "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
              "average_attn_weights")
-
-
-def is_opaque_function(target) -> bool:
-    """A ``call_function`` target that is user or library Python code kept whole by the tracer (``torch.fx.wrap``),
-    as opposed to a torch op whose semantics are known."""
-    if not inspect.isfunction(target):
-        return False
-    module = getattr(target, "__module__", "") or ""
-    return not (module == "torch" or module.startswith("torch.") or module in ("operator", "builtins", "math"))
 
 
 @dataclass
@@ -105,63 +96,9 @@ class OpaquePlan:
 
     def disable(self, site: OpaqueSite, why: str) -> None:
         """Stop recording a site whose weight turned out to be used in a way KFC cannot account for."""
-        _, s = self.state.sites[site.index]
-        self.state.sites[site.index] = (None, s)
+        self.state.sites[site.index].layer = None
         self.warn(f"disable{site.index}", f"no statistics for the weight of {self.name!r} with shape "
                                           f"{tuple(site.weight.shape)}: {why}; its layer gets no factors")
-
-
-def mha_plan(m: nn.MultiheadAttention, qual: str, node: fx.Node) -> tuple[OpaquePlan | None, str]:
-    """The plan for a ``nn.MultiheadAttention`` leaf call, or None and why its projections stay uncovered."""
-    cls = type(m).__name__
-    names = ("query", "key", "value")
-    qkv = [node.args[i] if len(node.args) > i else node.kwargs.get(n) for i, n in enumerate(names)]
-    if not (qkv[0] is qkv[1] is qkv[2]):
-        return None, (f"{cls} '{qual}': cross-attention (distinct query/key/value) applies the packed projection "
-                      "in slices; not under KFC")
-    causal = node.args[7] if len(node.args) > 7 else node.kwargs.get("is_causal", False)
-    if causal is not False:
-        return None, f"{cls} '{qual}': is_causal attention is not decomposed; not under KFC"
-    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
-        return None, f"{cls} '{qual}': separate q/k/v projection weights are not under KFC"
-    if m.bias_k is not None or m.add_zero_attn:
-        return None, f"{cls} '{qual}': attention with bias_k/bias_v or add_zero_attn is not under KFC"
-    plan = OpaquePlan(qual, mha=(OpaqueSite(m.in_proj_weight, m.in_proj_bias, None),
-                                 OpaqueSite(m.out_proj.weight, m.out_proj.bias, _join(qual, "out_proj"))))
-    return plan, ""
-
-
-def function_plan(name: str, params: list[tuple[str, nn.Parameter, bool]]) -> tuple[OpaquePlan, dict[int, str]]:
-    """The plan for an opaque function receiving ``params`` (qualified name, parameter, whether it is the weight of
-    an ``nn.Linear`` module). A trainable 2-D parameter that is a Linear module's weight, or whose name ends in
-    ``weight``, is tapped as the weight of ``F.linear`` calls (weight block only); the reasons for the others."""
-    plan = OpaquePlan(name)
-    reasons: dict[int, str] = {}
-    seen: set[int] = set()
-    for qual, p, linear_weight in params:
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.dim() == 2 and p.requires_grad and (linear_weight or qual.rpartition(".")[2].endswith("weight")):
-            plan.linear.append(OpaqueSite(p, None, None))
-        elif p.dim() == 1:
-            reasons[id(p)] = (f"passed into {name} (inside an opaque call only the weights of F.linear calls are "
-                              "under KFC; the bias it applies may be computed)")
-        else:
-            reasons[id(p)] = f"passed into {name} (not a linear weight; inside it only F.linear weights are tapped)"
-    return plan, reasons
-
-
-def site_match(site: OpaqueSite):
-    """The ``SiteMatch`` of an opaque site (no graph node: the tap is added at run time)."""
-    from kfc_compile.graph.match import SiteMatch
-
-    return SiteMatch(None, None, site.weight, site.bias, linear_site(site.weight, site.bias is not None),
-                     site.module_name)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def _swin_real_rows(fn: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int] | None:
@@ -268,7 +205,7 @@ class _CaptureMode(TorchFunctionMode):
 
     def finish(self) -> None:
         for site in self.plan.sites:
-            if site.index not in self.seen and self.plan.state.sites[site.index][0] is not None:
+            if site.index not in self.seen and self.plan.state.sites[site.index].layer is not None:
                 self.plan.warn(f"unseen{site.index}", f"the weight of {self.plan.name!r} with shape "
                                                       f"{tuple(site.weight.shape)} was not used by a linear call "
                                                       "during an armed forward: no statistics for it")

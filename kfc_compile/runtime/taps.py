@@ -1,0 +1,135 @@
+"""The capture tap: an identity node after each conv/linear call that feeds the factor statistics.
+
+When statistics are not due (the normal case) the tap returns its input untouched: no autograd node, no saved
+tensor, no work. When armed, an ``autograd.Function`` keeps a reference to the layer input (which the layer
+already saved for its weight gradient, so no extra memory) and, in the backward, hands (input, grad_output) to
+``CaptureState.record``. Ω is computed from the saved input in the backward (docs/architecture.md, Compiler facts), so the
+forward graph carries no statistics work.
+
+The tap returns its input marked dirty rather than a view, so in-place ops after a layer (``ReLU(inplace=True)``)
+keep working. A shared scalar *slot* feeds every armed tap, so ``torch.autograd.grad(output, slot)`` runs a
+backward that reaches every tap but computes no weight gradients: that is the Fisher pass that only feeds Γ.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kfc_compile.runtime import record as record_op
+from kfc_compile.runtime.state import CaptureState
+
+
+class _Tap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, x, slot, state, site_index):  # noqa: D401 - autograd signature
+        ctx.save_for_backward(x)
+        ctx.state, ctx.site_index = state, site_index
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (x,) = ctx.saved_tensors
+        ctx.state.record(ctx.site_index, x, gy)
+        return gy, None, torch.zeros((), dtype=ctx.state.slot.dtype, device=gy.device), None, None
+
+
+def tap(y: torch.Tensor, x: torch.Tensor, state: CaptureState, site_index: int) -> torch.Tensor:
+    """Identity on ``y``; when the state is armed, records (x, grad of y) in the backward."""
+    if not torch.is_grad_enabled() or not y.requires_grad:
+        return y
+    if torch.compiler.is_compiling():
+        # Inside a dynamo graph the tap is always there and its backward calls the opaque kfc::record op, which
+        # reads the capture flags at run time (``record.py``): no guard on ``armed``, no graph break, one graph
+        # for statistics and plain steps. (A Python backward would run ``record`` once, at trace time.)
+        return record_op.tap(y, x, state.slot, state.compile_keys[site_index])
+    if not state.armed:
+        return y
+    return _Tap.apply(y, x, state.slot, state, site_index)
+
+
+class Tap(nn.Module):
+    """The graph node inserted after a conv/linear call (``call_module`` of this module)."""
+
+    def __init__(self, state: CaptureState, site_index: int):
+        super().__init__()
+        self.state = state
+        self.site_index = site_index
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return tap(y, x, self.state, self.site_index)
+
+    def extra_repr(self) -> str:
+        return f"site={self.site_index}"
+
+
+class _OutputTap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, f, slot, state):  # noqa: D401 - autograd signature
+        ctx.state = state
+        ctx.save_for_backward(f)
+        ctx.mark_dirty(f)
+        return f
+
+    @staticmethod
+    def backward(ctx, grad):
+        state = ctx.state
+        fisher_pass = state.fisher_pass
+        if fisher_pass is not None:
+            # f is this node's own output (marked dirty), so the Fisher pass re-enters here: pass through then.
+            (f,) = ctx.saved_tensors
+            train_flags = (state.capture_input, state.capture_grad, state.grad_scale)
+            state.fisher_pass = None
+            try:
+                with torch.enable_grad():
+                    fisher_pass(f)
+            finally:
+                state.fisher_pass = fisher_pass
+                state.set_capture(*train_flags)
+        return grad, torch.zeros((), dtype=state.slot.dtype, device=grad.device), None
+
+
+def model_output(out) -> torch.Tensor:
+    """The tensor the loss is computed from: the output itself, or the first tensor of a tuple/list/dict."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"cannot find the model output tensor in a {type(out).__name__}")
+
+
+def output_tap(out, state: CaptureState, inputs: tuple = ()):
+    """Applied to the model's output. Keeps a reference to the forward's inputs (for Fisher-vector products on
+    the batch), and on an armed step of a plain loop records the batch size and runs the Fisher pass at the start
+    of the training backward (see ``CaptureState``)."""
+    if not torch.is_grad_enabled():
+        return out
+    state.last_inputs = inputs
+    if not state.armed:
+        return out
+    return _armed_output_tap(out, state)
+
+
+@torch.compiler.disable
+def _armed_output_tap(out, state: CaptureState):
+    f = model_output(out)
+    state.on_output(f.shape[0])
+    if state.fisher_pass is None or not f.requires_grad:
+        return out
+    tapped = _OutputTap.apply(f, state.slot, state)
+    if isinstance(out, torch.Tensor):
+        return tapped
+    return out  # f was marked dirty in place: the container already holds the tapped tensor
+
+
+class OutputTap(nn.Module):
+    """The graph node inserted before the model's output (``call_module`` of this module)."""
+
+    def __init__(self, state: CaptureState):
+        super().__init__()
+        self.state = state
+
+    def forward(self, out, *inputs):
+        return output_tap(out, self.state, inputs)
