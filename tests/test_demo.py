@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kfc_compile as kc
-from kfc_compile.demo import DemoError, RunResult, build_model, load_task, paper_cifar_net, run_demo
+from kfc_compile.tools.demo import DemoError, RunResult, build_model, load_task, paper_cifar_net, run_demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +38,7 @@ def test_mnist1d_is_generated_locally_and_keeps_global_rng(monkeypatch):
         raise AssertionError("mnist1d tried to download")
 
     monkeypatch.setattr(requests, "get", no_network)
-    from kfc_compile.demo import data
+    from kfc_compile.tools.demo import data
 
     np.random.seed(123), random.seed(123)
     np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
