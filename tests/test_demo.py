@@ -56,7 +56,7 @@ def test_models_fit_their_tasks(task, shape, name):
 
 
 def test_paper_net_factor_sizes():
-    """kfc_spec.md §10.1: Ω is 76 / 801 / 801 / 1025 wide, Γ 32 / 32 / 64 / 10."""
+    """docs/algorithm.md §10.1: Ω is 76 / 801 / 801 / 1025 wide, Γ 32 / 32 / 64 / 10."""
     tm = kc.transform(paper_cifar_net())
     dims = [(layer.a_dim, layer.g_dim) for layer in tm.kfc.layers]
     assert dims == [(76, 32), (801, 32), (801, 64), (1025, 10)]
