@@ -36,8 +36,9 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import kfc_compile as kc  # noqa: E402
 
-# Model construction, input sizes and the main output are shared with ``kfc-compile zoo`` (kfc_compile/zoo.py).
-from kfc_compile.zoo import build, first_output, resolutions  # noqa: E402
+# Model construction, input sizes and the main output are shared with ``kfc-compile zoo`` (kfc_compile/tools/zoo/).
+from kfc_compile.tools.zoo import build, first_output, resolutions  # noqa: E402
+from kfc_compile.tools.zoo import machine as zoo_machine  # noqa: E402
 
 BATCH = 2
 RTOL = 1e-5
@@ -97,7 +98,7 @@ def sweep_one(name: str) -> dict:
 
 
 def machine() -> str:
-    return f"{kc.zoo.machine()}, torchvision {torchvision.__version__}"
+    return f"{zoo_machine()}, torchvision {torchvision.__version__}"
 
 
 def commit() -> str:

@@ -3,7 +3,7 @@
 
 Models (synthetic inputs, 10 classes, cross-entropy):
 
-* ``paper``: the KFC paper's CIFAR-10 net (``kfc_compile.demo.models.paper_cifar_net``), batch 128, 3×32×32;
+* ``paper``: the KFC paper's CIFAR-10 net (``kfc_compile.tools.demo.models.paper_cifar_net``), batch 128, 3×32×32;
 * ``resnet18-b32`` / ``resnet18-b128``: torchvision's resnet18 (``num_classes=10``), 32×32, batch 32 / 128.
 
 For each (stats_every, inverse_every) in ``--configs`` (default 1:1, 1:20, 10:100) a KFC model and an SGD model
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import kfc_compile as kc  # noqa: E402
-from kfc_compile.demo.models import paper_cifar_net  # noqa: E402
+from kfc_compile.tools.demo.models import build_model as demo_model, paper_cifar_net  # noqa: E402
 
 CASES = {"paper": 128, "resnet18-b32": 32, "resnet18-b128": 128}  # the default set: model -> batch
 EXTRA = {"digits": 128, "mnist1d": 128}  # the demo's convnets (--models digits,mnist1d): explain time to target
@@ -70,8 +70,6 @@ def build_model(case: str, seed: int = 0):
 
         return resnet18(num_classes=10)
     if case in SHAPES:
-        from kfc_compile.demo.models import build_model as demo_model
-
         return demo_model("convnet", case, SHAPES[case], 10)
     raise SystemExit(f"unknown model {case!r}: expected one of {', '.join(BATCH)}")
 

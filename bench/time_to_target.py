@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from kfc_compile.demo import load_task, train_lockstep, train_run  # noqa: E402
-from kfc_compile.demo.plot import COLORS  # noqa: E402
-from kfc_compile.demo.train import KFC_OPTIONS, LABELS, OPTIMIZERS  # noqa: E402
+from kfc_compile.tools.demo import load_task, train_lockstep, train_run  # noqa: E402
+from kfc_compile.tools.demo.plot import COLORS  # noqa: E402
+from kfc_compile.tools.demo.train import KFC_OPTIONS, LABELS, OPTIMIZERS  # noqa: E402
 
 # (budget in steps, batch size, target training loss, eval_every)
 SETTINGS = {"digits": (300, 128, 1e-3, 5), "mnist1d": (800, 128, 0.1, 10)}

@@ -37,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import kfc_compile as kc  # noqa: E402
+from kfc_compile.tools.zoo import cpu_name  # noqa: E402
 
 VARIANTS = ("original", "capture off", "capture on")
 SECTION = "## Transform overhead"
@@ -113,7 +114,7 @@ def bench_case(name: str, reps: int, warmup: int, device: torch.device) -> dict:
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{kc.zoo.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def table(run: dict) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import kfc_compile as kc
-from kfc_compile.zoo import factor_bytes, machine
+from kfc_compile.tools.zoo import factor_bytes, machine
 
 
 def run(cap: int | None, d_in: int, d_out: int, batch: int, steps: int) -> dict:

@@ -4,7 +4,7 @@
         [--rerun /tmp/zoo-one/zoo.json]
 
 Writes the totals of every run and of all runs together, each run's command, date, machine and wall time, and
-each run's per-model table (``kc.zoo.render``); prints the summary table for README.md's "Model zoo" section.
+each run's per-model table (``zoo.render``); prints the summary table for README.md's "Model zoo" section.
 ``--rerun`` files hold single models run again on their own (e.g. after a failure caused by the machine): each of
 their rows replaces the row of the same name in the runs, and the document lists them with their command.
 """
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from kfc_compile import zoo
+from kfc_compile.tools import zoo
 
 
 def _pct(v) -> str:

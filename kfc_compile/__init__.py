@@ -9,8 +9,7 @@ from kfc_compile.curvature.factors import Factors
 from kfc_compile.optim import KFC, SingularFactorError
 from kfc_compile.report import report
 from kfc_compile.transform import InvalidModelError, transform
-from kfc_compile import zoo  # noqa: E402  (kc.zoo.run)
 
 __all__ = ["KFC", "Factors", "InvalidModelError", "SingularFactorError", "compile_step", "curvature", "report",
-           "transform", "zoo"]
+           "transform"]
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kfc_compile.cli import build_parser, main
+from kfc_compile.tools.cli import build_parser, main
 
 TINY = ["demo", "--steps", "4", "--tune-steps", "2", "--lr-sgd", "0.3,0.1", "--lr-adam", "0.01", "--lr-kfc",
         "0.003", "--target", "1.5", "--no-progress"]

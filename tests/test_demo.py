@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kfc_compile as kc
-from kfc_compile.demo import DemoError, RunResult, build_model, load_task, paper_cifar_net, run_demo
+from kfc_compile.tools.demo import DemoError, RunResult, build_model, load_task, paper_cifar_net, run_demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +38,7 @@ def test_mnist1d_is_generated_locally_and_keeps_global_rng(monkeypatch):
         raise AssertionError("mnist1d tried to download")
 
     monkeypatch.setattr(requests, "get", no_network)
-    from kfc_compile.demo import data
+    from kfc_compile.tools.demo import data
 
     np.random.seed(123), random.seed(123)
     np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
@@ -56,7 +56,7 @@ def test_models_fit_their_tasks(task, shape, name):
 
 
 def test_paper_net_factor_sizes():
-    """kfc_spec.md §10.1: Ω is 76 / 801 / 801 / 1025 wide, Γ 32 / 32 / 64 / 10."""
+    """docs/algorithm.md §10.1: Ω is 76 / 801 / 801 / 1025 wide, Γ 32 / 32 / 64 / 10."""
     tm = kc.transform(paper_cifar_net())
     dims = [(layer.a_dim, layer.g_dim) for layer in tm.kfc.layers]
     assert dims == [(76, 32), (801, 32), (801, 64), (1025, 10)]

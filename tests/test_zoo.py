@@ -1,4 +1,4 @@
-"""``kfc-compile zoo`` / ``kc.zoo.run``: a small CI subset, broken models reported without stopping the sweep, and
+"""``kfc-compile zoo`` / ``zoo.run``: a small CI subset, broken models reported without stopping the sweep, and
 the JSON schema."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torchvision
 from torch import nn
 
-import kfc_compile as kc
-from kfc_compile.cli import main
-from kfc_compile.zoo import ROW_KEYS, SCHEMA_VERSION
+from kfc_compile.tools import zoo
+from kfc_compile.tools.cli import main
+from kfc_compile.tools.zoo import ROW_KEYS, SCHEMA_VERSION
 
 ROW_KEY_SET = {"name", "family", "status", "error", "trained", "input_shape", "params", "trainable_params",
                "kfc_layers", "layers_by_kind", "coverage", "black_boxes", "uncovered", "loss_before", "loss_after",
@@ -43,7 +43,7 @@ def ci_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo")
     # torchvision models through (name, constructor) pairs with 10 classes: keeps the 1000-class Γ inverses out of
     # the CI time (by name, "squeezenet1_1" works the same with 1000 classes)
-    rows = kc.zoo.run([("squeezenet1_1", lambda: torchvision.models.squeezenet1_1(num_classes=10)),
+    rows = zoo.run([("squeezenet1_1", lambda: torchvision.models.squeezenet1_1(num_classes=10)),
                        ("broken_ctor", broken_constructor), ("small", SmallNet), ("broken_forward", ForwardRaises),
                        ("mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(num_classes=10))],
                       steps=2, resolution=16, batch=8, out=str(out), progress=False)
@@ -105,7 +105,7 @@ class Slow(SmallNet):
 def test_time_limit_stops_a_model_without_stopping_the_sweep(tmp_path):
     """A model over the per-model limit runs in a worker that is killed; its row is failed with the reason and
     keeps what was measured before (here the parameter count), and the next model still runs."""
-    rows = kc.zoo.run([("slow", Slow), ("small", SmallNet)], steps=1, resolution=8, batch=2, out=str(tmp_path),
+    rows = zoo.run([("slow", Slow), ("small", SmallNet)], steps=1, resolution=8, batch=2, out=str(tmp_path),
                       progress=False, time_limit=10, timing_steps=1)
     slow, small = rows
     assert slow["status"] == "failed" and "time limit" in slow["error"] and slow["error"].startswith("input")
@@ -126,7 +126,7 @@ def test_cli_zoo_bad_family(capsys):
 def test_vit_is_built_for_the_requested_resolution():
     """ViT fixes its image size at construction: the sweep builds it for the smallest multiple of the patch size
     at or above the requested resolution (224, the published size, when none is requested)."""
-    assert kc.zoo.resolutions("vit_b_16", requested=32) == (32,)
-    assert kc.zoo.resolutions("vit_h_14", requested=32) == (42,)
-    assert kc.zoo.resolutions("vit_l_32") == (224,)
-    assert kc.zoo.resolutions("resnet18", requested=32) == (32, 64, 128, 224)
+    assert zoo.resolutions("vit_b_16", requested=32) == (32,)
+    assert zoo.resolutions("vit_h_14", requested=32) == (42,)
+    assert zoo.resolutions("vit_l_32") == (224,)
+    assert zoo.resolutions("resnet18", requested=32) == (32, 64, 128, 224)

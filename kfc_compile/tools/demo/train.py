@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfc_compile.demo.data import Dataset, DemoError
-from kfc_compile.demo.models import build_model
+import kfc_compile as kc
+from kfc_compile.tools.demo.data import Dataset, DemoError
+from kfc_compile.tools.demo.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,6 @@ def make_optimizer(name: str, model: nn.Module, lr: float, kfc_options: dict | N
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
     if name == "kfc":
-        import kfc_compile as kc
-
-        if not hasattr(kc, "KFC"):
-            raise DemoError("kfc_compile.KFC is not available in this build")
         return kc.KFC(model, lr=lr, **{"momentum": 0.9, **(kfc_options or {})})
     raise DemoError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
 

@@ -1,4 +1,9 @@
-"""The ``kfc-compile`` command. Subcommands: ``demo`` (more, e.g. ``zoo``, register in ``build_parser``)."""
+"""The ``kfc-compile`` command. Subcommands: ``demo`` and ``zoo`` (register more in ``build_parser``).
+
+The tools are imported at module level: running this module imports the ``kfc_compile`` package (and so torch)
+first anyway, and the tools add little on top (torchvision, matplotlib and the demo's datasets are imported only
+when a command uses them), so ``kfc-compile --help`` costs what ``import kfc_compile`` costs.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +11,14 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+
+import torch
+
+from kfc_compile.tools import zoo
+from kfc_compile.tools.demo import run_demo
+from kfc_compile.tools.demo.data import TASKS, DemoError
+from kfc_compile.tools.demo.models import MODELS
+from kfc_compile.tools.demo.train import GRIDS, KFC_OPTIONS, OPTIMIZERS, TASK_SETTINGS
 
 PROG = "kfc-compile"
 
@@ -36,8 +49,6 @@ def _lr_list(s: str) -> tuple[float, ...]:
 
 
 def _optimizer_list(s: str) -> tuple[str, ...]:
-    from kfc_compile.demo.train import OPTIMIZERS
-
     names = tuple(p for p in s.replace(" ", "").split(",") if p)
     bad = [n for n in names if n not in OPTIMIZERS]
     if bad or not names:
@@ -46,10 +57,6 @@ def _optimizer_list(s: str) -> tuple[str, ...]:
 
 
 def _add_demo(sub) -> None:
-    from kfc_compile.demo.data import TASKS
-    from kfc_compile.demo.models import MODELS
-    from kfc_compile.demo.train import GRIDS, KFC_OPTIONS, TASK_SETTINGS
-
     defaults = ", ".join(f"{t}: {s.steps} steps, target {s.target:g}" for t, s in TASK_SETTINGS.items())
     p = sub.add_parser(
         "demo", help="KFC-pre vs tuned SGD+momentum and Adam on a small task; table + demo.png",
@@ -91,8 +98,6 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
     threads = args.threads if args.threads is not None else (1 if args.task in ("digits", "mnist1d") else 0)
     before = torch.get_num_threads()
     if threads:
@@ -104,8 +109,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kfc_compile.demo import run_demo
-
     grids = {o: getattr(args, f"lr_{o}") for o in ("kfc", "sgd", "adam") if getattr(args, f"lr_{o}")}
     kfc_options = {k: v for k, v in (("stats_every", args.stats_every), ("inverse_every", args.inverse_every))
                    if v is not None}
@@ -127,24 +130,20 @@ def _name_list(s: str) -> tuple[str, ...]:
 
 
 def _family_list(s: str) -> tuple[str, ...]:
-    from kfc_compile.zoo import FAMILIES
-
     names = tuple(p for p in s.replace(" ", "").split(",") if p)
-    bad = [n for n in names if n not in FAMILIES]
+    bad = [n for n in names if n not in zoo.FAMILIES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(FAMILIES)}, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(zoo.FAMILIES)}, got {s!r}")
     return names
 
 
 def _add_zoo(sub) -> None:
-    from kfc_compile.zoo import MAX_FACTOR_DIM
-
     p = sub.add_parser(
         "zoo", help="transform + a few KFC steps on every torchvision model (or a list); zoo.md + zoo.json",
         description="For each model (random init, weights=None, nothing downloaded): find an input size it "
-                    "accepts, transform it, run --steps KFC steps on one synthetic "
-                    "batch, time steady-state KFC steps against SGD steps, and record tracing (ok / partial with black boxes / failed), layers by kind, "
-                    "coverage, uncovered parameters by reason, loss before/after, step-time ratio and factor "
+                    "accepts, transform it, run --steps KFC steps on one synthetic batch, time steady-state KFC "
+                    "steps against SGD steps, and record tracing (ok / partial with black boxes / failed), layers "
+                    "by kind, coverage, uncovered parameters by reason, loss before/after, step-time ratio and factor "
                     "memory. Detection models are transformed and reported only. A failing model never stops "
                     "the sweep. Writes zoo.md and zoo.json to --out after every model.")
     p.add_argument("--models", type=_name_list, metavar="all|NAME,...",
@@ -162,7 +161,7 @@ def _add_zoo(sub) -> None:
     p.add_argument("--lr", type=_positive_float, default=0.003,
                    help="KFC and SGD learning rate (default: %(default)s)")
     p.add_argument("--damping", type=_positive_float, default=0.1, help="KFC damping (default: %(default)s)")
-    p.add_argument("--max-factor-dim", type=_nonneg_int, default=MAX_FACTOR_DIM, metavar="D",
+    p.add_argument("--max-factor-dim", type=_nonneg_int, default=zoo.MAX_FACTOR_DIM, metavar="D",
                    help="kc.KFC's max_factor_dim: factors wider than D are kept as diagonal blocks of at most D (fast "
                         "inverses of wide layers on a CPU); 0: always dense (default: %(default)s)")
     p.add_argument("--timing-steps", type=_nonneg_int, default=3,
@@ -181,10 +180,6 @@ def _add_zoo(sub) -> None:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    import torch
-
-    from kfc_compile import zoo
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.models and args.models != ("all",):
@@ -219,8 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     # torch's own forward-mode AD (KFC's clipping) scripts its decompositions on first use and warns about it
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-    from kfc_compile.demo.data import DemoError
-
     try:
         return args.func(args)
     except DemoError as e:

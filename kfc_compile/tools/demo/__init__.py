@@ -7,22 +7,21 @@ against seconds.
 """
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kfc_compile.demo.data import INPUT_SHAPES, TASKS, Dataset, DemoError, load_task
-from kfc_compile.demo.models import DEFAULT_MODEL, MODELS, build_model, check_forward, paper_cifar_net
-from kfc_compile.demo.plot import plot_curves
-from kfc_compile.demo.train import (GRIDS, KFC_OPTIONS, LABELS, OPTIMIZERS, TASK_SETTINGS, RunResult, TaskSettings,
-                                    make_optimizer, train_lockstep, train_run, tune_lr)
+from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from kfc_compile.tools.demo.data import INPUT_SHAPES, TASKS, Dataset, DemoError, load_task
+from kfc_compile.tools.demo.models import DEFAULT_MODEL, MODELS, build_model, check_forward, paper_cifar_net
+from kfc_compile.tools.demo.plot import plot_curves
+from kfc_compile.tools.demo.train import (GRIDS, KFC_OPTIONS, LABELS, OPTIMIZERS, TASK_SETTINGS, RunResult,
+                                          TaskSettings, make_optimizer, train_lockstep, train_run, tune_lr)
 
-__all__ = ["DemoError", "DemoResult", "GRIDS", "MODELS", "OPTIMIZERS", "RunResult", "TASKS", "TASK_SETTINGS",
-           "load_task", "build_model", "make_optimizer", "paper_cifar_net", "run_demo", "train_lockstep", "train_run",
-           "tune_lr"]
+__all__ = ["Dataset", "DemoError", "DemoResult", "GRIDS", "MODELS", "OPTIMIZERS", "RunResult", "TASKS",
+           "TASK_SETTINGS", "TaskSettings", "load_task", "build_model", "make_optimizer", "paper_cifar_net", "run_demo",
+           "train_lockstep", "train_run", "tune_lr"]
 
 
 def _fmt(v, spec: str) -> str:
@@ -120,8 +119,6 @@ def run_demo(task: str = "digits", model: str = "auto", *, steps: int | None = N
     build_model(model_name, task, INPUT_SHAPES[task], 10)  # bad model/task pairs fail before loading data
     ds = load_task(task, data_dir)
     check_forward(build_model(model_name, task, ds.input_shape, ds.num_classes), ds.input_shape)
-
-    from tqdm.auto import tqdm
 
     total = sum((len(g) * tune_steps if len(g) > 1 else 0) + steps for g in grids.values())
     common = dict(batch_size=batch_size, target=target, eval_every=eval_every, seed=seed, kfc_options=kfc_options)
