@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kfc_compile.capture import model_output
-from kfc_compile.curvature.fisher import LOSSES
+from kfc_compile.curvature.losses import LOSSES
 
 
 class CompiledStep:

@@ -6,7 +6,7 @@ from torch import nn
 
 from kfc_compile.capture import model_output
 from kfc_compile.curvature.factors import Factors, public_view
-from kfc_compile.curvature.fisher import check_fisher, loss_spec, output_gradients
+from kfc_compile.curvature.losses import check_fisher, loss_spec, output_gradients
 from kfc_compile.registry import KFCInfo
 from kfc_compile.transform import check_approx, transform
 
