@@ -65,7 +65,7 @@ def test_class_dim_last_twin_trains_the_same():
             f = model(x)
             nn.functional.cross_entropy(f if first else f.transpose(1, 2), y).backward()
             opt.step()
-    for (n, a), (_, b) in zip(models[False].named_parameters(), models[True].named_parameters()):
+    for (n, a), (_, b) in zip(models[False].named_parameters(), models[True].named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=n)
 
 
@@ -123,7 +123,7 @@ def test_samples_have_the_target_shape_and_follow_the_generator(spec, f, y):
 
 
 def test_class_dim_moves_with_the_logits():
-    """sample / term_grad / columns of CrossEntropy(class_dim=-1) on (B, T, V) are those of the default on the
+    """The sample / term_grad / columns of CrossEntropy(class_dim=-1) on (B, T, V) are those of the default on the
     (B, V, T) transpose, transposed back."""
     g = torch.Generator().manual_seed(5)
     f = torch.randn(B, T, V, dtype=torch.float64, generator=g)

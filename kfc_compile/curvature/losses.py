@@ -57,7 +57,7 @@ class Loss(ABC):
         return f.numel() // n if n else 1
 
     def term_weight(self, f: torch.Tensor) -> float:
-        """c in ℓ_n = c·Σ_k φ_k."""
+        """The term weight c in ℓ_n = c·Σ_k φ_k: 1/K for a mean, 1 for a sum."""
         return 1.0 / self.terms_per_example(f) if self.reduction == "mean" else 1.0
 
     def per_example_scale(self, n_examples: int) -> float:
@@ -112,8 +112,10 @@ class CrossEntropy(Loss):
 
     @classmethod
     def from_module(cls, loss: nn.Module) -> Loss:
+        """Also rejects class weights and label smoothing (not the model's likelihood)."""
         spec = super().from_module(loss)
         if loss.weight is not None or loss.label_smoothing != 0.0:
+
             raise ValueError("CrossEntropyLoss with class weights or label smoothing is not supported")
         return spec
 
@@ -136,18 +138,22 @@ class CrossEntropy(Loss):
         return t.movedim(-1, self._dim(like))
 
     def terms_per_example(self, f: torch.Tensor) -> int:
+        """One term per position: the output elements of an example over its number of classes."""
         k = super().terms_per_example(f)
         return k // f.shape[self._dim(f)] if f.dim() > 1 else k
 
     def batch_loss(self, f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``nn.CrossEntropyLoss`` with the class dim moved to 1."""
         return F.cross_entropy(f.movedim(self._dim(f), 1) if f.dim() > 1 else f, targets, reduction=self.reduction)
 
     def sample(self, f: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Class indices drawn from the softmax (in fp32), shaped like ``f`` without its class dim."""
         p = torch.softmax(self._class_last(f.detach()).float(), dim=-1)
         flat = p.reshape(-1, p.shape[-1])
         return torch.multinomial(flat, 1, generator=generator).reshape(p.shape[:-1])
 
     def term_grad(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """softmax(f) − onehot(y) along the class dim."""
         fl = self._class_last(f)
         g = torch.softmax(fl, dim=-1) - F.one_hot(y, fl.shape[-1]).to(f.dtype)
         return self._class_back(g, f)
@@ -200,15 +206,17 @@ class MSE(_Elementwise):
     reduction: str = "mean"
 
     def sample(self, f: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """y ~ N(f, 1/2): φ = (f − y)² has Hessian 2, and E[∇φ∇φᵀ] = 4·Var(y) = 2."""
+        """Targets y ~ N(f, 1/2): φ = (f − y)² has Hessian 2, and E[∇φ∇φᵀ] = 4·Var(y) = 2."""
         f = f.detach()
         noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
         return f + math.sqrt(0.5) * noise
 
     def term_grad(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """2·(f − y)."""
         return 2.0 * (f - y)
 
     def hessian_diagonal(self, f: torch.Tensor) -> torch.Tensor:
+        """2 everywhere."""
         return torch.full_like(f, 2.0)
 
     def _inner_sum(self, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -225,18 +233,22 @@ class BCEWithLogits(_Elementwise):
 
     @classmethod
     def from_module(cls, loss: nn.Module) -> Loss:
+        """Also rejects weight and pos_weight (not the model's likelihood)."""
         spec = super().from_module(loss)
         if loss.weight is not None or loss.pos_weight is not None:
             raise ValueError("BCEWithLogitsLoss with weight or pos_weight is not supported")
         return spec
 
     def sample(self, f: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Bernoulli(σ(f)) targets."""
         return torch.bernoulli(torch.sigmoid(f.detach()), generator=generator)
 
     def term_grad(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """σ(f) − y."""
         return torch.sigmoid(f) - y
 
     def hessian_diagonal(self, f: torch.Tensor) -> torch.Tensor:
+        """σ(f)·(1 − σ(f))."""
         s = torch.sigmoid(f)
         return s * (1 - s)
 

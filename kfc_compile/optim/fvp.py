@@ -10,8 +10,8 @@ directions (2 JVPs for the 4 scalars of §6.1).
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.autograd.forward_ad as fwAD
+from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
