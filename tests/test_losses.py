@@ -69,6 +69,20 @@ def test_class_dim_last_twin_trains_the_same():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=n)
 
 
+def test_class_dim_last_loss_drives_compile_step():
+    """An instance is also the training loss: the eager compile_step with CrossEntropy(class_dim=-1) takes the
+    steps of its (B, V, T) twin with nn.CrossEntropyLoss."""
+    x, y = token_data()
+    models = (TokenLogits(False), TokenLogits(True))
+    steps = (kc.compile_step(models[0], kc.CrossEntropy(class_dim=-1), compile=False, lr=0.1, fisher="type-2"),
+             kc.compile_step(models[1], nn.CrossEntropyLoss(), compile=False, lr=0.1, fisher="type-2"))
+    for _ in range(2):
+        losses = [step(x, y) for step in steps]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 # -- every class method against autograd on the batch loss ---------------------------------------------------------
 
 def _cases():
@@ -95,6 +109,7 @@ def test_methods_match_autograd_on_batch_loss(spec, f, y):
     c = spec.term_weight(f)
     grad = jacrev(lambda t: spec.batch_loss(t, y))(f) * s
     torch.testing.assert_close(c * spec.term_grad(f, y), grad, rtol=1e-12, atol=1e-14)
+    assert torch.equal(spec(f, y), spec.batch_loss(f, y))
     H = hessian(lambda t: spec.batch_loss(t, y))(f).reshape(f.numel(), f.numel()) * s
     V = torch.stack([v.reshape(n, -1) for v in spec.hessian_sqrt_columns(f, c)])  # every v covers all examples
     per_example = torch.einsum("vna,vnb->nab", V, V)

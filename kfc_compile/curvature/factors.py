@@ -48,4 +48,5 @@ class RunningFactors:
         self.G.mul_(eps).add_(batch.G, alpha=1.0 - eps)
 
     def nbytes(self) -> int:
+        """Bytes held by the two running factors."""
         return self.A.numel() * self.A.element_size() + self.G.numel() * self.G.element_size()

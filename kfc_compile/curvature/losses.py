@@ -68,6 +68,10 @@ class Loss(ABC):
         """The batch loss, as the torch loss module computes it."""
         return self.module(reduction=self.reduction)(f, targets)
 
+    def __call__(self, f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """:meth:`batch_loss`, so that an instance can serve as the training loss (e.g. ``compile_step``'s)."""
+        return self.batch_loss(f, targets)
+
     @abstractmethod
     def sample(self, f: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Targets drawn from the model's predictive distribution at the output ``f``."""
