@@ -6,10 +6,11 @@ Public API (design.md §2): ``transform``, ``report``, ``curvature``, ``KFC``, `
 from kfc_compile.step import compile_step
 from kfc_compile.curvature.estimate import curvature
 from kfc_compile.curvature.factors import Factors
+from kfc_compile.curvature.losses import MSE, BCEWithLogits, CrossEntropy
 from kfc_compile.optim import KFC, SingularFactorError
 from kfc_compile.report import report
 from kfc_compile.transform import InvalidModelError, transform
 
-__all__ = ["KFC", "Factors", "InvalidModelError", "SingularFactorError", "compile_step", "curvature", "report",
-           "transform"]
+__all__ = ["BCEWithLogits", "CrossEntropy", "Factors", "InvalidModelError", "KFC", "MSE", "SingularFactorError",
+           "compile_step", "curvature", "report", "transform"]
 __version__ = "0.1.0"

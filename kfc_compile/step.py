@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kfc_compile.curvature.fisher import LOSSES
+from kfc_compile.curvature.losses import LOSSES
 from kfc_compile.frontend.dynamo.backend import kfc_backend
 from kfc_compile.optim import KFC
 from kfc_compile.runtime.taps import model_output

@@ -6,21 +6,13 @@ import warnings
 
 from torch import nn
 
+from kfc_compile.curvature.statistics import check_approx
 from kfc_compile.frontend.fx.rewrite import Instrumenter
 
 log = logging.getLogger(__name__)
 
-APPROXIMATIONS = ("expand", "reduce")
-
-
 class InvalidModelError(TypeError, ValueError):
     """The object given as a model is not an ``nn.Module``."""
-
-
-def check_approx(approx: str) -> str:
-    if approx not in APPROXIMATIONS:
-        raise ValueError(f"unknown approx {approx!r}: expected one of {APPROXIMATIONS}")
-    return approx
 
 
 def transform(model: nn.Module, approx: str = "expand") -> nn.Module:

@@ -11,8 +11,9 @@ from torch import nn
 
 import kfc_compile as kc
 from kfc_compile.curvature import blocks as bl
+from kfc_compile.curvature import inverses as P
 from kfc_compile.curvature.blocks import Layout
-from kfc_compile.optim import precondition as P
+from kfc_compile.curvature.precondition import apply_buckets, build_buckets, grad_matrix, split_matrix
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -108,7 +109,7 @@ def test_blocked_inverse_equals_dense_block_diagonal_solve(method, eta, scale, g
     torch.testing.assert_close(got, _dense_update(method, Ad, Gd, M, eta, scale), rtol=1e-9, atol=1e-11)
     # the same through a bucket, and after a round trip through state()
     again = P.LayerInverse.from_state(inv.state(), torch.device("cpu"))
-    out = P.apply_buckets(P.build_buckets({0: again}), {0: M})[0]
+    out = apply_buckets(build_buckets({0: again}), {0: M})[0]
     torch.testing.assert_close(out, got, rtol=1e-12, atol=1e-14)
 
 
@@ -118,7 +119,7 @@ def test_blocked_undamped_singular_block_raises():
     lay = Layout.of(1, 10, 3, 4)
     A, G = lay.to_blocks(spd(1, 10, gen, rank=3), spd(1, 3, gen))
     for method in P.DAMPING_METHODS:
-        with pytest.raises(P.SingularFactorError, match="layer 'fc'"):
+        with pytest.raises(kc.SingularFactorError, match="layer 'fc'"):
             P.compute_inverse(method, A, G, 0.0, 1.0, "fc", lay)
 
 
@@ -176,9 +177,9 @@ def test_optimizer_update_uses_the_block_diagonal_curvature(method):
         f = reported[layer.name]
         A = f.A if f.A.dim() == 3 else f.A[None]
         G = f.G if f.G.dim() == 3 else f.G[None]
-        M = P.grad_matrix(layer)
+        M = grad_matrix(layer)
         want = _dense_update(method, A, G, M, 0.05, 1.0)
-        dW, db = P.split_matrix(layer, want)
+        dW, db = split_matrix(layer, want)
         torch.testing.assert_close(nat[layer.weight], dW, rtol=1e-8, atol=1e-10)
         if db is not None:
             torch.testing.assert_close(nat[layer.bias], db, rtol=1e-8, atol=1e-10)

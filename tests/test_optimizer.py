@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfc_compile as kc
-from kfc_compile.curvature.fisher import loss_spec
+from kfc_compile.curvature.losses import CrossEntropy, loss_spec
 from kfc_compile.optim import fvp
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -236,7 +236,7 @@ def dense_fisher(model, x, spec):
     J = vmap(jacrev(f), in_dims=(None, 0))(params, x)
     Jf = torch.cat([J[n].reshape(x.shape[0], -1, params[n].numel()) for n in names], -1)  # (N, K, P)
     out = vmap(lambda xi: f(params, xi))(x)
-    if spec.kind == "cross_entropy":
+    if isinstance(spec, CrossEntropy):
         p = torch.softmax(out, -1)
         H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     else:

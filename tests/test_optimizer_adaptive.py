@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import kfc_compile as kc
-from kfc_compile.curvature.fisher import loss_spec
+from kfc_compile.curvature.losses import loss_spec
 from kfc_compile.optim import fvp
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")

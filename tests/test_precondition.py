@@ -1,4 +1,4 @@
-"""Preconditioning against dense float64 solves (kfc_spec.md §5.1–5.2, §11.1 item 3)."""
+"""Preconditioning against dense float64 solves (docs/algorithm.md §5.1–5.2, §11.1 item 3)."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import kfc_compile as kc
-from kfc_compile.optim import precondition as P
+from kfc_compile.curvature import inverses as P
+from kfc_compile.curvature.decompositions import eigendecompose, factored_inverses
+from kfc_compile.curvature.precondition import apply_buckets, build_buckets
 
 
 def spd(groups, d, gen, rank=None):
@@ -93,7 +95,7 @@ def test_optimizer_precondition_matches_dense_solve(label, make, method):
 
 
 def test_pi_damping_invariant_to_factor_rescaling():
-    """kfc_spec §5.1: with the trace-norm π, (cΩ, Γ/c) gives the same damped product."""
+    """docs/algorithm.md §5.1: with the trace-norm π, (cΩ, Γ/c) gives the same damped product."""
     gen = torch.Generator().manual_seed(3)
     A, G = spd(1, 5, gen), spd(1, 4, gen)
     g = torch.randn(1, 4, 5, dtype=torch.float64, generator=gen)
@@ -109,10 +111,10 @@ def test_buckets_batch_same_shapes_and_match_per_layer_calls():
     for i, (groups, a, gd) in enumerate(shapes):
         invs[i] = P.compute_inverse("eigen", spd(groups, a, gen), spd(groups, gd, gen), 0.2, 1.0 + i, f"l{i}")
         mats[i] = torch.randn(groups, gd, a, dtype=torch.float64, generator=gen)
-    buckets = P.build_buckets(invs)
+    buckets = build_buckets(invs)
     assert sorted(len(b.members) for b in buckets) == [1, 3]
-    full = P.apply_buckets(buckets, mats)
-    partial = P.apply_buckets(buckets, {i: m for i, m in mats.items() if i != 1})
+    full = apply_buckets(buckets, mats)
+    partial = apply_buckets(buckets, {i: m for i, m in mats.items() if i != 1})
     for i in mats:
         ref = P.precondition_layer(invs[i], mats[i])
         torch.testing.assert_close(full[i], ref, rtol=1e-12, atol=1e-13)
@@ -130,7 +132,7 @@ def test_kernels_are_the_entry_point(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     A, G, g = spd(2, 3, gen), spd(2, 2, gen), torch.randn(2, 2, 3, dtype=torch.float64, generator=gen)
     for method in ("eigen", "factored"):
-        P.apply_buckets(P.build_buckets({0: P.compute_inverse(method, A, G, 0.1, 1.0, "x")}), {0: g})
+        apply_buckets(build_buckets({0: P.compute_inverse(method, A, G, 0.1, 1.0, "x")}), {0: g})
     assert calls == ["eigen_precondition", "kron_precondition"]
 
 
@@ -154,7 +156,7 @@ def test_fp32_cholesky_failure_is_retried_in_fp64(monkeypatch):
         return (L, torch.ones_like(info)) if M.dtype == torch.float32 else (L, info)
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
-    Ainv, Ginv, _ = P.factored_inverses(A, G, 0.0)
+    Ainv, Ginv, _ = factored_inverses(A, G, 0.0)
     assert Ainv.dtype == torch.float32
     torch.testing.assert_close(Ainv[0] @ A[0], torch.eye(4), rtol=1e-4, atol=1e-4)
 
@@ -170,7 +172,7 @@ def test_fp32_eigh_failure_is_retried_in_fp64(monkeypatch):
         return real(M, *a, **k)
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
-    QA, lA, QG, lG = P.eigendecompose(A, G)
+    QA, lA, QG, lG = eigendecompose(A, G)
     assert QA.dtype == torch.float32
     torch.testing.assert_close(QA @ torch.diag_embed(lA) @ QA.mT, A, rtol=1e-4, atol=1e-4)
 
@@ -178,8 +180,6 @@ def test_fp32_eigh_failure_is_retried_in_fp64(monkeypatch):
 def test_factored_damping_survives_rounding_of_a_rank_deficient_factor():
     """A rank-deficient fp32 Ω whose rounding left a -1e-6 eigenvalue, beside a Γ of trace ~1e14: π then gives Ω
     almost none of η (π√η ≈ 1e-8), so without a rounding floor Cholesky fails even in fp64 (seen on mnasnet)."""
-    from kfc_compile.optim.precondition import factored_inverses
-
     torch.manual_seed(0)
     d = 72
     Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
@@ -239,7 +239,7 @@ def test_silent_coordinates_restricted_inverse_matches_dense_solve(method):
     opt.step()  # statistics and inverses from the batch
     conv = opt.layers[0]
     inv = opt._inverse[0]
-    assert "live" in inv.tensors and inv.tensors["live"].tolist() == [c * 25 + 12 for c in range(6)] + [150]
+    assert inv.live is not None and inv.live.tolist() == [c * 25 + 12 for c in range(6)] + [150]
     A, G = (t.unsqueeze(0) for t in opt.factors(conv.name))
     assert float(A.diagonal(dim1=-2, dim2=-1)[0, 0]) == 0.0  # a silent coordinate indeed
     model.zero_grad()
@@ -253,12 +253,12 @@ def test_silent_coordinates_restricted_inverse_matches_dense_solve(method):
     opt2 = kc.KFC(copy.deepcopy(model), lr=0.1, damping=damping, weight_decay=wd, damping_method=method,
                   fallback=None)
     opt2.load_state_dict(opt.state_dict())
-    assert torch.equal(opt2._inverse[0].tensors["live"], inv.tensors["live"])
+    assert torch.equal(opt2._inverse[0].live, inv.live)
 
 
 def test_silent_coordinates_without_damping_raise():
     A = torch.eye(80, dtype=torch.float64)[None].clone()
     A[0, :20, :20] = 0
     G = torch.eye(3, dtype=torch.float64)[None]
-    with pytest.raises(P.SingularFactorError, match="never see a nonzero input"):
+    with pytest.raises(kc.SingularFactorError, match="never see a nonzero input"):
         P.compute_inverse("factored", A, G, 0.0, 1.0, "x")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import checks, reference
 from . import ops as _ops  # noqa: F401  (registers the kfc:: ops)
 
 __all__ = ["syrk_update_", "patch_cov_update_", "patch_sum", "patch_rows", "eigen_precondition",
@@ -60,8 +61,6 @@ def patch_rows(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], pad
     For consumers that need the rows themselves (block-diagonal factors split the patch coordinates before the
     products); plain torch on every device. Geometry arguments as in :func:`patch_cov_update_`.
     """
-    from . import checks, reference
-
     geom = checks.conv_geometry(x, kernel_size, stride, padding, dilation, groups)
     cols = reference.im2col(x, geom)  # (N, groups, Dg, T)
     return cols.permute(1, 0, 3, 2).reshape(geom.groups, geom.N * geom.T, geom.Dg)

@@ -6,9 +6,10 @@ from torch import nn
 
 from kfc_compile.runtime.taps import model_output
 from kfc_compile.curvature.factors import Factors, public_view
-from kfc_compile.curvature.fisher import check_fisher, loss_spec, output_gradients
+from kfc_compile.curvature.losses import check_fisher, loss_spec, output_gradients
 from kfc_compile.registry import KFCInfo
-from kfc_compile.transform import check_approx, transform
+from kfc_compile.curvature.statistics import check_approx
+from kfc_compile.transform import transform
 
 
 def transformed(model: nn.Module, approx: str) -> nn.Module:

@@ -1,6 +1,6 @@
-"""The KFC optimizer (``KFC``) and its pieces: preconditioning (``precondition``) and exact Fisher products
-(``fvp``)."""
+"""The KFC optimizer (``KFC``) and its exact Fisher products (``fvp``); the inverses and the preconditioning live
+in ``kfc_compile.curvature`` (``inverses``, ``precondition``)."""
+from kfc_compile.curvature.decompositions import SingularFactorError
 from kfc_compile.optim.kfc import KFC
-from kfc_compile.optim.precondition import SingularFactorError
 
 __all__ = ["KFC", "SingularFactorError"]

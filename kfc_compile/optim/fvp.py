@@ -2,49 +2,22 @@
 
 For directions u, w in parameter space, ``uᵀ F w = mean_n (J_n u)ᵀ H_n (J_n w)`` where J_n is the Jacobian of
 example n's model output and H_n the Hessian of its per-example loss ℓ_n w.r.t. that output (the output-space
-Fisher, exact for these exponential-family losses):
-
-* cross-entropy: ``c·(diag(p) − p pᵀ)`` per loss term (class dim 1),
-* MSE: ``2c·I``,
-* BCE with logits: ``c·σ(1−σ)`` elementwise,
-
-with ``c`` the per-example term weight (``LossSpec.term_weight``). F is the Fisher of the per-example loss averaged
-over examples, i.e. the curvature of a batch-mean objective; ``scale`` (N for a sum objective) multiplies it.
-One JVP per direction gives all inner products among the directions (2 JVPs for the 4 scalars of §6.1).
+Fisher, exact for these exponential-family losses: ``Loss.fisher_inner`` in ``curvature/losses.py``).
+F is the Fisher of the per-example loss averaged over examples, i.e. the curvature of a batch-mean objective;
+``scale`` (N for a sum objective) multiplies it. One JVP per direction gives all inner products among the
+directions (2 JVPs for the 4 scalars of §6.1).
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.autograd.forward_ad as fwAD
+from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kfc_compile.curvature.losses import Loss
 from kfc_compile.runtime.state import subset_size
 from kfc_compile.runtime.taps import model_output
-from kfc_compile.curvature.fisher import LossSpec
-
-
-def output_fisher_inner(spec: LossSpec, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """mean over examples of ``uₙᵀ Hₙ wₙ`` (a 0-d tensor, at least fp32) for output directions u, w (f's shape)."""
-    dt = torch.promote_types(f.dtype, torch.float32)
-    f, u, w = f.detach().to(dt), u.to(dt), w.to(dt)
-    n = f.shape[0]
-    c = spec.term_weight(f)
-    if spec.kind == "cross_entropy":
-        # Σ_c p_c (u_c − ū)(w_c − w̄) with ū = Σ_c p_c u_c: = uᵀ(diag p − p pᵀ)w without the cancellation of
-        # Σ p u w − (Σ p u)(Σ p w), which loses everything in fp32 once ‖u‖ is large
-        cls_dim = 1 if f.dim() > 1 else 0
-        p = torch.softmax(f, dim=cls_dim)
-        uc = u - (p * u).sum(cls_dim, keepdim=True)
-        wc = uc if w is u else w - (p * w).sum(cls_dim, keepdim=True)
-        total = (p * uc * wc).sum()
-    elif spec.kind == "mse":
-        total = 2.0 * (u * w).sum()
-    else:
-        s = torch.sigmoid(f)
-        total = (s * (1 - s) * u * w).sum()
-    return total * (c / max(n, 1))
 
 
 def batch_subset(inputs: tuple, fraction: float) -> tuple:
@@ -75,7 +48,7 @@ class FisherProducts:
     """JVPs of a (transformed) model's output w.r.t. its parameters, buffers copied so that BatchNorm running
     statistics are not touched by these extra forwards."""
 
-    def __init__(self, model: nn.Module, spec: LossSpec):
+    def __init__(self, model: nn.Module, spec: Loss):
         self.model = model
         self.spec = spec
         self.names: dict[int, str] = {}
@@ -117,13 +90,13 @@ class FisherProducts:
         return f, outs
 
 
-def gram(spec: LossSpec, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
     """Matrix of ``scale·(J u_i)ᵀ H (J u_j)`` over the given JVPs (fp64, symmetric)."""
     k = len(jvps)
     C = torch.zeros(k, k, dtype=torch.float64)
     for i in range(k):
         for j in range(i, k):
-            C[i, j] = C[j, i] = float(output_fisher_inner(spec, f, jvps[i], jvps[j])) * scale
+            C[i, j] = C[j, i] = float(spec.fisher_inner(f, jvps[i], jvps[j])) * scale
     return C
 
 

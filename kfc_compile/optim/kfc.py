@@ -54,10 +54,10 @@ from torch import nn
 
 from kfc_compile.curvature.blocks import Layout
 from kfc_compile.curvature.factors import Factors, RunningFactors, public_view
-from kfc_compile.curvature.fisher import FISHER_TYPES, loss_spec, output_gradients
+from kfc_compile.curvature.inverses import DAMPING_METHODS, LayerInverse, compute_inverse, rescale_inverse
+from kfc_compile.curvature.losses import FISHER_TYPES, loss_spec, output_gradients
+from kfc_compile.curvature.precondition import apply_buckets, build_buckets, grad_matrix, split_matrix
 from kfc_compile.optim import fvp
-from kfc_compile.optim.precondition import (DAMPING_METHODS, LayerInverse, apply_buckets, build_buckets,
-                                            compute_inverse, grad_matrix, rescale_inverse, split_matrix)
 from kfc_compile.registry import KFCInfo, KFCLayer
 from kfc_compile.transform import check_approx, transform
 

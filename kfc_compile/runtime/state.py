@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kfc_compile.curvature.factors import BatchStatistics, Factors
+from kfc_compile.curvature.factors import Factors
+from kfc_compile.curvature.statistics import BatchStatistics, new_statistics
 from kfc_compile.registry import KFCLayer
 from kfc_compile.runtime import record as record_op
 from kfc_compile.sites.geometry import Site
@@ -84,11 +85,11 @@ class CaptureState:
             layer = self.layers[layer_index]
             dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
             a_blocks, g_blocks = self.blocks.get(layer_index, (1, 1))
-            stats = BatchStatistics(layer.groups, layer.a_dim, layer.g_dim, layer.bias is not None, self.approx,
-                                    dtype, layer.weight.device, a_blocks=a_blocks, g_blocks=g_blocks)
+            stats = new_statistics(self.approx, layer.groups, layer.a_dim, layer.g_dim, layer.bias is not None,
+                                   dtype, layer.weight.device, a_blocks=a_blocks, g_blocks=g_blocks)
             ema = self.ema.get(layer_index)
-            if ema is not None and self.approx == "expand":
-                stats.ema = (ema[0], ema[1], (1.0 - ema[1]) / self.examples_used())
+            if ema is not None and stats.averages_in_epilogue:
+                stats.average_into(ema[0], ema[1], self.examples_used())
             self.stats[layer_index] = stats
         used = self.examples_used()
         if used < self.n_examples:  # leading dim is N (or N·L for inputs flattened inside the model)

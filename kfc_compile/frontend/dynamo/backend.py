@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from kfc_compile.curvature.statistics import check_approx
 from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo, new_info, own, owner, registry_for_graph
 from kfc_compile.frontend.dynamo.scan import GraphScan, source_guess
 from kfc_compile.runtime import attention as mha
@@ -37,7 +38,6 @@ from kfc_compile.runtime import record as ops
 from kfc_compile.runtime.state import CaptureState, SiteEntry
 from kfc_compile.runtime.taps import output_tap
 from kfc_compile.sites import coverage
-from kfc_compile.transform import check_approx
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,168 @@
+"""The linear algebra behind the inverse kinds (``inverses.py``): damped Cholesky inverses with the trace-norm π
+split, eigendecompositions, the singularity test without damping, and silent Ω coordinates.
+
+Everything works on factors stacked per group or per block, ``(B, d, d)``, in the factors' dtype (fp32, fp64 for
+fp64 models); a failed fp32 Cholesky / eigh is retried in fp64.
+
+Without damping (η = 0) the inverses are exact, so a singular factor raises :class:`SingularFactorError`. Cholesky
+and eigh of a numerically singular matrix often *succeed* through rounding, so singularity is decided by the
+eigenvalues (:func:`check_nonsingular`): a matrix M of size d, stored in a dtype with machine epsilon eps, is
+singular when ``λ_min(M) ≤ d · eps · λ_max(M)`` (the rank criterion of ``numpy.linalg.matrix_rank``): below that
+the smallest eigenvalue is indistinguishable from the rounding errors of M itself. Each matrix of a stack (each
+group, each diagonal block) is tested on its own.
+"""
+from __future__ import annotations
+
+import torch
+
+from kfc_compile.curvature import blocks as bl
+from kfc_compile.curvature.blocks import Layout
+
+SILENT_SHARE = 0.1  # restrict to the live block when at least this share of Ω's coordinates is silent
+SILENT_MIN_DIM = 64  # ... and Ω is at least this wide (below, the gathers cost more than they save)
+
+
+class SingularFactorError(RuntimeError):
+    """An undamped (damping = weight_decay = 0) factor is singular, so its exact inverse does not exist."""
+
+
+def pi_split(ta: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
+    """π per group (trace norm) from the mean diagonals tr Ω / dim Ω and tr Γ / dim Γ: sqrt(ta / tg); 1 where
+    a trace is not positive."""
+    ok = (ta > 0) & (tg > 0)
+    return torch.where(ok, (ta / torch.where(ok, tg, torch.ones_like(tg))).clamp_min(0).sqrt(), torch.ones_like(ta))
+
+
+def _rounding_floor(M: torch.Tensor) -> torch.Tensor:
+    """dim·eps·(mean eigenvalue) per group: the least damping that keeps a PSD factor stored in M's dtype
+    positive definite despite rounding. It matters only when π puts a vanishing share of η on a factor whose
+    scale is far from the other's (e.g. Γ's trace 1e14, Ω's 1e2): without it Cholesky fails on a rank-deficient
+    Ω whose rounding errors are below π√η."""
+    trace = torch.diagonal(M, dim1=-2, dim2=-1).sum(-1).clamp_min(0)
+    return (trace * torch.finfo(M.dtype).eps)[:, None, None]
+
+
+def check_nonsingular(lam: torch.Tensor, what: str) -> None:
+    """Raise :class:`SingularFactorError` if some matrix with eigenvalues ``lam`` (``(B, d)``) is singular, i.e.
+    ``λ_min ≤ d · eps · λ_max`` with eps the machine epsilon of ``lam``'s dtype (see the module docstring)."""
+    tol = lam.amax(-1) * lam.shape[-1] * torch.finfo(lam.dtype).eps
+    if bool((lam.amin(-1) <= tol).any()):
+        raise SingularFactorError(f"{what} is singular (smallest eigenvalue at most dim·eps·largest); use "
+                                  "damping > 0 or weight_decay > 0")
+
+
+def _eigvalsh(M: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of symmetric matrices in M's dtype; an fp32 failure is retried in fp64."""
+    try:
+        lam = torch.linalg.eigvalsh(M)
+        if bool(torch.isfinite(lam).all()):
+            return lam
+    except torch.linalg.LinAlgError:
+        if M.dtype == torch.float64:
+            raise
+    return torch.linalg.eigvalsh(M.double()).to(M.dtype)
+
+
+def _spd_inverse(M: torch.Tensor, what: str) -> torch.Tensor:
+    """Inverse of a batch of SPD matrices by Cholesky; fp32 failures are retried in fp64."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if not bool((info == 0).all()):
+        if M.dtype != torch.float64:
+            L64, info = torch.linalg.cholesky_ex(M.double())
+            if bool((info == 0).all()):
+                return torch.cholesky_inverse(L64).to(M.dtype)
+        raise SingularFactorError(
+            f"{what} is singular (not positive definite even in float64); use damping > 0 or weight_decay > 0")
+    return torch.cholesky_inverse(L)
+
+
+def factored_inverses(A: torch.Tensor, G: torch.Tensor, eta: float, scale: float = 1.0, name: str = "?",
+                      live: torch.Tensor | None = None,
+                      layout: Layout | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Ω_d⁻¹, Γ_d⁻¹, Ω-side damping c) with Ω_d = scale·Ω + c I, c = π√η, Γ_d = Γ + √η/π I (KFC Eqs. 20–22).
+
+    Args:
+        A: Ω stacked per group, or per block with a blocked ``layout``.
+        G: Γ, stacked likewise.
+        eta: total identity weight (damping + weight decay); with η = 0 the exact inverses, and a singular
+            factor (see :func:`check_nonsingular`) raises :class:`SingularFactorError`.
+        scale: curvature scale applied to Ω before damping.
+        name: the layer's name, for error messages.
+        live: coordinates of Ω to invert (the others are silent: zero rows, so Ω_d is c there); π uses all of Ω.
+        layout: blocked storage; one π per group, from the traces of all its blocks.
+
+    Returns:
+        The inverses, stacked like the inputs, and c per stacked Ω matrix ``(B, 1, 1)``.
+    """
+    A = A * scale if scale != 1.0 else A
+    lay = layout or Layout(A.shape[0], A.shape[-1], G.shape[-1])
+    if eta > 0:
+        s = eta ** 0.5
+        pi = pi_split(bl.group_traces(A, lay.groups) / lay.a_dim, bl.group_traces(G, lay.groups) / lay.g_dim)
+        ca = torch.maximum((pi * s).repeat_interleave(lay.a_blocks)[:, None, None], _rounding_floor(A))
+        cg = torch.maximum((s / pi).repeat_interleave(lay.g_blocks)[:, None, None], _rounding_floor(G))
+    else:
+        ca = torch.zeros(A.shape[0], 1, 1, dtype=A.dtype, device=A.device)
+        cg = torch.zeros(G.shape[0], 1, 1, dtype=G.dtype, device=G.device)
+    if live is not None:
+        A = A.index_select(-1, live).index_select(-2, live)
+    Ad = bl.pad_identity_(A + ca * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device), lay.a_blocks, lay.a_dim)
+    Gd = bl.pad_identity_(G + cg * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device), lay.g_blocks, lay.g_dim)
+    what_a, what_g = f"factor Ω of layer {name!r}", f"factor Γ of layer {name!r}"
+    if eta <= 0:
+        check_nonsingular(_eigvalsh(Ad), what_a)
+        check_nonsingular(_eigvalsh(Gd), what_g)
+    return _spd_inverse(Ad, what_a), _spd_inverse(Gd, what_g), ca
+
+
+def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        lam, Q = torch.linalg.eigh(M)
+        if bool(torch.isfinite(lam).all()) and bool(torch.isfinite(Q).all()):
+            return lam, Q
+    except torch.linalg.LinAlgError:
+        if M.dtype == torch.float64:
+            raise
+    lam, Q = torch.linalg.eigh(M.double())
+    return lam.to(M.dtype), Q.to(M.dtype)
+
+
+def eigendecompose(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(QA, lA, QG, lG) of the symmetric factors, eigenvalues clamped at 0 (the factors are PSD)."""
+    lA, QA = _eigh(A)
+    lG, QG = _eigh(G)
+    return QA, lA.clamp_min(0), QG, lG.clamp_min(0)
+
+
+def check_eigen_invertible(lA: torch.Tensor, lG: torch.Tensor, name: str) -> None:
+    """With η = 0 the exact damping needs every eigenvalue product to be positive: both factors nonsingular."""
+    check_nonsingular(lA, f"factor Ω of layer {name!r}")
+    check_nonsingular(lG, f"factor Γ of layer {name!r}")
+
+
+def live_coordinates(A: torch.Tensor) -> torch.Tensor | None:
+    """Indices of Ω's coordinates with a positive diagonal in some group, or None when too few are silent (less
+    than ``SILENT_SHARE`` of them, or Ω narrower than ``SILENT_MIN_DIM``) or none is live."""
+    d = A.shape[-1]
+    if d < SILENT_MIN_DIM:
+        return None
+    live = (torch.diagonal(A, dim1=-2, dim2=-1) > 0).any(0)
+    n = int(live.sum())
+    if n > (1.0 - SILENT_SHARE) * d or n == 0:
+        return None
+    return live.nonzero().squeeze(-1)
+
+
+def silent_split(A: torch.Tensor, eta: float, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(live, silent) coordinate indices of Ω when the inverse is restricted to its live block (see
+    :func:`live_coordinates`), else (None, None). Silent coordinates make Ω singular: without damping they raise
+    :class:`SingularFactorError`."""
+    live = live_coordinates(A)
+    if live is None:
+        return None, None
+    if eta <= 0:
+        raise SingularFactorError(f"factor Ω of layer {name!r} is singular ({A.shape[-1] - live.numel()} "
+                                  "coordinates never see a nonzero input); use damping > 0 or weight_decay > 0")
+    mask = torch.ones(A.shape[-1], dtype=torch.bool, device=A.device)
+    mask[live] = False
+    return live, mask.nonzero().squeeze(-1)

@@ -1,0 +1,231 @@
+"""Batch statistics: the raw sums of one statistics step for one layer, one class per approximation.
+
+A statistics object accumulates over one statistics step (all sites of a layer, all backward passes of the Fisher
+estimator) and normalises the sums into :class:`~kfc_compile.curvature.factors.Factors`. Scaling
+(docs/algorithm.md §2.3, docs/architecture.md), with N examples and T positions (all uses of the weight together):
+
+* expand (= KFC, :class:`ExpandStatistics`): Ω = (1/N) Σ_{n,t} x̄ x̄ᵀ (so Ω's bias-bias entry is T),
+  Γ = 1/(N·T) Σ_{n,t} g gᵀ;
+* reduce (:class:`ReduceStatistics`): Ω = (1/N) Σ_n x̃_n x̃_nᵀ with x̃_n the mean of x̄ over positions,
+  Γ = (1/N) Σ_n (Σ_t g)(Σ_t g)ᵀ;
+
+where g is the gradient of the *per-example* loss. Factors are stored stacked per group, ``(groups, d, d)``, or,
+for a side with ``a_blocks``/``g_blocks`` > 1, as that many diagonal blocks per group (``blocks.py``): the
+rows (patches with their ones coordinate, or output gradients) are then split into blocks before the products.
+
+:data:`STATISTICS` maps the public approximation strings to the classes; :func:`new_statistics` is the factory.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+import triton_kernels as tk
+from kfc_compile.curvature import blocks as bl
+from kfc_compile.curvature.factors import Factors
+
+
+@dataclass
+class BatchStatistics(ABC):
+    """Raw sums of one statistics step for one layer (see the module docstring for the normalisation)."""
+
+    approx: ClassVar[str]  # the public approximation string
+    averages_in_epilogue: ClassVar[bool] = False  # whether average_into() is available (see ExpandStatistics)
+
+    groups: int
+    a_dim: int  # Ω size per group, bias coordinate included
+    g_dim: int
+    has_bias: bool
+    dtype: torch.dtype
+    device: torch.device
+    a_blocks: int = 1  # diagonal blocks per group of Ω / Γ (1: dense)
+    g_blocks: int = 1
+    A: torch.Tensor | None = None
+    G: torch.Tensor | None = None
+    g_rows: int = 0  # N·T of the last completed Γ pass
+    _rows: int = 0  # rows seen in the current pass
+
+    @abstractmethod
+    def add_input(self, site, x: torch.Tensor) -> None:
+        """Add one site's input contribution to Ω."""
+
+    @abstractmethod
+    def _add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
+        """Add one site's output-gradient contribution to Γ (see :meth:`add_output_grad`)."""
+
+    @abstractmethod
+    def _g_count(self, n_examples: int) -> int:
+        """What Γ's sums are divided by."""
+
+    def average_into(self, running: torch.Tensor, eps: float, n_examples: int) -> None:
+        """Write Ω ← ε·Ω + (1 − ε)/n · (this step's sums) straight into the running factor ``running``, inside the
+        kernels' epilogue; only kinds with :attr:`averages_in_epilogue` can."""
+        raise TypeError(f"{self.approx} statistics cannot average Ω in the kernel epilogue")
+
+    def add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
+        """Add one site's output-gradient contribution to Γ; ``scale`` maps the backward's gradient to the
+        per-example loss's gradient (e.g. N for a batch-mean loss)."""
+        self._rows += gy.numel() // (site.g_dim * site.groups)
+        self._add_output_grad(site, gy, scale)
+
+    def end_pass(self) -> None:
+        """Close one backward pass."""
+        if self._rows:
+            self.g_rows = self._rows
+            self._rows = 0
+
+    def factors(self, n_examples: int) -> Factors | None:
+        """Normalised (Ω, Γ), stacked per group; None if this layer saw no input or no gradient.
+
+        In place: the accumulators are not used again (``CaptureState.take`` drops them), and Ω can be large.
+        """
+        if self.A is None or self.G is None or n_examples <= 0:
+            return None
+        return Factors(self._final_a(n_examples), self.G.div_(self._g_count(n_examples)))
+
+    def _final_a(self, n_examples: int) -> torch.Tensor:
+        return self.A.div_(n_examples)
+
+    def _new(self, d: int, k: int = 1) -> torch.Tensor:
+        b = bl.block_size(d, k)
+        return torch.empty(self.groups * k, b, b, dtype=self.dtype, device=self.device)
+
+    def _blocked_update(self, F: torch.Tensor, rows: torch.Tensor, k: int, d: int, alpha: float,
+                        beta: float) -> None:
+        """F ← beta·F + alpha·(diagonal blocks of rowsᵀrows); rows (groups, M, ≤ d) of any float dtype (the
+        kernel upcasts), zero-padded to d; one block (k = 1) is the plain syrk update."""
+        if rows.shape[-1] < d:
+            rows = torch.nn.functional.pad(rows, (0, d - rows.shape[-1]))
+        tk.syrk_update_(F, bl.block_rows(rows, k), alpha=alpha, beta=beta)
+
+
+@dataclass
+class ExpandStatistics(BatchStatistics):
+    """KFAC-expand: every position is an example (outer products of the inputs and output gradients)."""
+
+    approx: ClassVar[str] = "expand"
+    averages_in_epilogue: ClassVar[bool] = True
+
+    # moving average in the epilogue: (running Ω, ε, (1 − ε)/n) — the kernels then write
+    # Ω ← ε·Ω + (1 − ε)/n · Σ x̄x̄ᵀ straight into the running factor, with no accumulator and no averaging pass
+    ema: tuple[torch.Tensor, float, float] | None = None
+    a_is_average: bool = False
+
+    def average_into(self, running: torch.Tensor, eps: float, n_examples: int) -> None:
+        """Average Ω into ``running`` in the kernels' epilogue (set before the first input arrives)."""
+        self.ema = (running, eps, (1.0 - eps) / n_examples)
+
+    def add_input(self, site, x: torch.Tensor) -> None:
+        """Outer products of the site's input rows (with their ones coordinate for a bias)."""
+        ones = site.has_bias
+        target_dim = site.a_dim + ones
+        alpha, beta = 1.0, 1.0
+        if self.A is None:
+            if self.ema is not None:
+                self.A, beta, alpha = self.ema
+                self.a_is_average = True
+            else:
+                self.A = self._new(self.a_dim, self.a_blocks).zero_()
+        elif self.a_is_average:
+            alpha = self.ema[2]
+        if self.a_blocks > 1:  # explicit patches with their ones coordinate (0 for a bias-free use)
+            rows = site.input_rows(x)
+            if ones:
+                rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+            self._blocked_update(self.A, rows, self.a_blocks, self.a_dim, alpha, beta)
+        elif target_dim == self.a_dim:
+            site.accumulate_input_cov(self.A, x, alpha=alpha, beta=beta, ones=ones)
+        else:  # a bias-free use of a weight whose other uses have a bias: the bias coordinate is 0 here
+            if beta != 1.0:
+                self.A.mul_(beta)
+            part = self._new(target_dim)
+            site.accumulate_input_cov(part, x, alpha=alpha, beta=0.0, ones=ones)
+            self.A[:, :target_dim, :target_dim] += part
+
+    def _add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
+        if self.G is None:
+            self.G = self._new(self.g_dim, self.g_blocks).zero_()
+        self._blocked_update(self.G, site.output_rows(gy), self.g_blocks, self.g_dim, scale * scale, 1.0)
+
+    def _g_count(self, n_examples: int) -> int:
+        return self.g_rows
+
+    def _final_a(self, n_examples: int) -> torch.Tensor:
+        # an Ω averaged in the epilogue is the running factor itself, already final
+        return self.A if self.a_is_average else super()._final_a(n_examples)
+
+
+@dataclass
+class ReduceStatistics(BatchStatistics):
+    """KFAC-reduce: per-example sums over positions first (inputs averaged, gradients summed), then outer
+    products when the backward pass closes."""
+
+    approx: ClassVar[str] = "reduce"
+
+    _a_pending: torch.Tensor | None = None  # per-example sums, (N, groups, a_dim)
+    _a_positions: int = 0
+    _g_pending: torch.Tensor | None = None  # per-example sums of g, (N, groups, g_dim)
+
+    def add_input(self, site, x: torch.Tensor) -> None:
+        """Per-example sums of the site's inputs (the ones coordinate counts the positions)."""
+        sums = site.input_sums(x).to(self.dtype)  # (N, groups, a_in)
+        t = site.positions(x)
+        pad = self.a_dim - sums.shape[-1]
+        if pad:
+            extra = sums.new_full((*sums.shape[:-1], pad), float(t) if site.has_bias else 0.0)
+            sums = torch.cat([sums, extra], dim=-1)
+        self._a_pending = sums if self._a_pending is None else self._a_pending + sums
+        self._a_positions += t
+
+    def _add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
+        sums = site.output_sums(gy).to(self.dtype) * scale
+        self._g_pending = sums if self._g_pending is None else self._g_pending + sums
+
+    def end_pass(self) -> None:
+        """Close one backward pass: flush the per-example sums into outer products."""
+        if self._a_pending is not None:
+            mean = (self._a_pending / self._a_positions).transpose(0, 1)  # (groups, N, a_dim)
+            if self.A is None:
+                self.A = self._new(self.a_dim, self.a_blocks).zero_()
+            self._blocked_update(self.A, mean, self.a_blocks, self.a_dim, 1.0, 1.0)
+            self._a_pending, self._a_positions = None, 0
+        if self._g_pending is not None:
+            if self.G is None:
+                self.G = self._new(self.g_dim, self.g_blocks).zero_()
+            self._blocked_update(self.G, self._g_pending.transpose(0, 1), self.g_blocks, self.g_dim, 1.0, 1.0)
+            self._g_pending = None
+        super().end_pass()
+
+    def _g_count(self, n_examples: int) -> int:
+        return n_examples
+
+
+STATISTICS: dict[str, type[BatchStatistics]] = {k.approx: k for k in (ExpandStatistics, ReduceStatistics)}
+
+
+def check_approx(approx: str) -> str:
+    """``approx`` if it names a statistics kind ("expand", "reduce"), else a ValueError listing them."""
+    if approx not in STATISTICS:
+        raise ValueError(f"unknown approx {approx!r}: expected one of {tuple(STATISTICS)}")
+    return approx
+
+
+def new_statistics(approx: str, groups: int, a_dim: int, g_dim: int, has_bias: bool, dtype: torch.dtype,
+                   device: torch.device, a_blocks: int = 1, g_blocks: int = 1) -> BatchStatistics:
+    """Empty statistics of approximation ``approx`` (a key of :data:`STATISTICS`) for one layer.
+
+    Args:
+        approx: ``"expand"`` or ``"reduce"``.
+        groups: groups of the layer (factors are stacked per group).
+        a_dim: Ω size per group, bias coordinate included.
+        g_dim: Γ size per group.
+        has_bias: whether the layer has a bias (the ones coordinate of Ω).
+        dtype: accumulation dtype (fp32, fp64 for fp64 layers).
+        device: where the sums live.
+        a_blocks: diagonal blocks per group of Ω (1: dense).
+        g_blocks: diagonal blocks per group of Γ (1: dense).
+    """
+    return STATISTICS[check_approx(approx)](groups, a_dim, g_dim, has_bias, dtype, device, a_blocks=a_blocks, g_blocks=g_blocks)
