@@ -3,11 +3,11 @@
 Public API (design.md §2): ``transform``, ``report``, ``curvature``, ``KFC``, ``compile_step``; ``Factors`` is the
 (Ω, Γ) record. ``torch.compile(model, backend="kfc")`` is registered through an entry point.
 """
-from kfc_compile.step import compile_step
 from kfc_compile.curvature.estimate import curvature
 from kfc_compile.curvature.factors import Factors
 from kfc_compile.optim import KFC, SingularFactorError
 from kfc_compile.report import report
+from kfc_compile.step import compile_step
 from kfc_compile.transform import InvalidModelError, transform
 
 __all__ = ["KFC", "Factors", "InvalidModelError", "SingularFactorError", "compile_step", "curvature", "report",

@@ -14,7 +14,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def report(model: nn.Module) -> str:
     """Layers under KFC (kind, Ω and Γ sizes, groups, uses), uncovered parameters with reasons, black boxes,
-    and the share of trainable parameter elements covered."""
+    and the share of trainable parameter elements covered.
+    """
     info = getattr(model, "kfc", None)
     if not isinstance(info, KFCInfo):
         raise ValueError("report expects a model returned by kfc_compile.transform (it has no .kfc registry)")

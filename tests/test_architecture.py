@@ -1,6 +1,7 @@
 """The package structure holds: the import graph of ``kfc_compile`` and ``triton_kernels`` has no cycle, internal
 imports are at module level (none hidden in functions to dodge a cycle), the core never imports the tools, and no
-module grows past the size at which it stops holding one concept."""
+module grows past the size at which it stops holding one concept.
+"""
 from __future__ import annotations
 
 import ast
@@ -90,7 +91,7 @@ def test_core_never_imports_tools():
 
 
 def test_lower_layers_do_not_import_upper_ones():
-    """sites and runtime sit below both front ends; front ends below the optimizer; kernels below everything."""
+    """Sites and runtime sit below both front ends; front ends below the optimizer; kernels below everything."""
     rules = {
         "kfc_compile.sites": ("kfc_compile.frontend", "kfc_compile.runtime", "kfc_compile.optim"),
         "kfc_compile.runtime": ("kfc_compile.frontend", "kfc_compile.optim"),

@@ -87,7 +87,8 @@ E, HEADS = 8, 2
 
 def _explicit_attention(t: torch.Tensor, mha: nn.MultiheadAttention, batch_first: bool = False) -> torch.Tensor:
     """The same self-attention as ``mha(t, t, t, need_weights=False)`` written with F.linear calls that
-    ``kc.transform`` can see (t: (N, L, E)). ``batch_first``: the projections see (N, L, ·) tensors."""
+    ``kc.transform`` can see (t: (N, L, E)). ``batch_first``: the projections see (N, L, ·) tensors.
+    """
     if batch_first:
         N, L, _ = t.shape
         qkv = F.linear(t, mha.in_proj_weight, mha.in_proj_bias)
@@ -156,7 +157,8 @@ def test_kfc_backend_matches_eager_transform():
     backend="kfc")`` (inductor) against the eager ``transform`` path on a model whose attention calls
     ``F.multi_head_attention_forward``. The eager twin spells the attention out with ``F.linear`` (transform
     cannot see inside nn.MultiheadAttention), so both precondition the same 5 layers, packed in_proj included.
-    Tolerance: 1e-10 relative on every factor and parameter (inductor reorders float64 reductions)."""
+    Tolerance: 1e-10 relative on every factor and parameter (inductor reorders float64 reductions).
+    """
     torch.manual_seed(0)
     base = ConvAttentionNet().double()
     eager_model = copy.deepcopy(base)
@@ -191,7 +193,8 @@ def test_kfc_backend_matches_eager_transform():
 
 def test_kfc_backend_attention_statistics_are_batch_first():
     """approx="reduce" groups positions by example, so the attention projections (which see sequence-first
-    tensors) must reach the statistics batch-first: compare with an eager twin whose projections are batch-first."""
+    tensors) must reach the statistics batch-first: compare with an eager twin whose projections are batch-first.
+    """
     torch.manual_seed(0)
     base = ConvAttentionNet().double()
     eager_model = copy.deepcopy(base)
@@ -245,7 +248,8 @@ def test_graph_break_every_graph_instrumented():
 
 def test_recompiles_bounded():
     """20 steps with a new lr every step (a scheduler), statistics every 3 steps and a smaller last batch:
-    the first graph serves both kinds of step, the partial batch adds one dynamic-shape graph, nothing else."""
+    the first graph serves both kinds of step, the partial batch adds one dynamic-shape graph, nothing else.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
     cm = torch.compile(model, backend="kfc", options=AOT_EAGER)
@@ -358,7 +362,8 @@ def test_compiled_transform_taps_do_not_break_graphs(backend):
     """``torch.compile(kc.transform(m))`` (any backend): inside dynamo the capture taps call kfc::record, so they
     neither break the graph nor guard on the capture flags; only the armed output tap (the Fisher pass needs an
     eager autograd node on the model output) breaks, at the very end, on statistics steps. The kfc backend sees
-    those taps and adds none of its own."""
+    those taps and adds none of its own.
+    """
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, stride=2),
                          nn.Flatten(), nn.Linear(4 * 9, 5)).double()
@@ -382,7 +387,8 @@ def test_compiled_transform_taps_do_not_break_graphs(backend):
 def test_statistics_subset_compiled_equals_eager():
     """stats_fraction < 1: the eager optimizer runs a separate forward of the subset, the kfc-backend model keeps
     the capture in the user's pass and uses the subset's rows; for a model without cross-example coupling and the
-    deterministic type-2 Fisher both give the factors of the first examples."""
+    deterministic type-2 Fisher both give the factors of the first examples.
+    """
     torch.manual_seed(0)
     base = BrokenNet().double()
     eager_model, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
@@ -405,7 +411,8 @@ def test_statistics_subset_compiled_equals_eager():
 def test_two_modules_of_one_class_each_get_their_own_graphs(monkeypatch):
     """torch.compile(m, backend="kfc") without options hands dynamo the same backend function for every module;
     dynamo would then run the first module's graphs (and taps) for the second. Each module must get its own layers
-    and statistics, equal to an eager twin's."""
+    and statistics, equal to an eager twin's.
+    """
     from torch._dynamo.backends.registry import lookup_backend
 
     monkeypatch.setattr("torch._inductor.compile_fx.compile_fx",

@@ -27,7 +27,8 @@ def test_compile_step_matches_eager_step():
     """6 steps of KFC-pre with the optimizer's defaults (MC Fisher, exact-Fisher clipping, momentum), statistics
     every 2 steps, inverses at steps 1-3 and 6, a grouped conv and BN (fallback SGD), float32, inductor. Same MC
     generator seed on both sides. Tolerance: 2e-5 relative on factors, 1e-5 absolute on parameters (float32
-    reassociation in inductor's kernels, amplified a little by the inverses)."""
+    reassociation in inductor's kernels, amplified a little by the inverses).
+    """
     torch.manual_seed(0)
     base = _net()
     opts = dict(lr=0.02, damping=0.01, stats_every=2, inverse_every=6, stats_fraction=1.0)

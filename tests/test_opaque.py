@@ -198,7 +198,8 @@ class _Recorder(TorchFunctionMode):
 def _brute_swin(model, x, y, weight, approx):
     """Ω, Γ of ``weight`` (weight block only) from the original model, per-example gradients of a summed loss, from
     the rows of real tokens only: tokens the attention pads in are the rows whose qkv input is all zero (with this
-    random data no real token's is)."""
+    random data no real token's is).
+    """
     attn = model.block.attn
     rec = _Recorder([attn.qkv.weight, weight])
     with rec:
@@ -288,7 +289,8 @@ def test_swin_padded_tokens_not_in_factors(v2, approx, window, shift, h, w):
 
 def test_swin_v2_padding_kfc_step_finite():
     """Swin V2 zeroes the key bias, so a padded token's key is exactly 0 and the cosine attention's F.normalize
-    scales its gradient by 1/eps = 1e12: in Γ, such rows gave entries ~1e20 (a singular factor in swin_v2_s)."""
+    scales its gradient by 1/eps = 1e12: in Γ, such rows gave entries ~1e20 (a singular factor in swin_v2_s).
+    """
     torch.manual_seed(0)
     model = TinySwin(True, window=4, shift=2)
     g = torch.Generator().manual_seed(5)

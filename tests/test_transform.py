@@ -90,7 +90,7 @@ def test_resnet18_train_mode_and_armed_taps():
 
 
 def test_r3d_18_conv3d_subclasses_are_found():
-    """torchvision's Conv3DSimple / Conv3DNoTemporal subclass nn.Conv3d: all 20 convs + fc must be layers."""
+    """Torchvision's Conv3DSimple / Conv3DNoTemporal subclass nn.Conv3d: all 20 convs + fc must be layers."""
     from torchvision.models.video import r3d_18
 
     torch.manual_seed(0)

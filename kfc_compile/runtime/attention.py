@@ -65,7 +65,8 @@ def self_attention(query, embed_dim_to_check, num_heads, in_proj_weight, in_proj
                    out_proj_weight, out_proj_bias, training, key_padding_mask, need_weights, attn_mask,
                    average_attn_weights, slot, in_key, out_key):
     """``F.multi_head_attention_forward(query, query, query, ...)`` for the supported case, with a capture tap
-    after each projection whose key is >= 0."""
+    after each projection whose key is >= 0.
+    """
     tgt_len, bsz, embed_dim = query.shape
     heads = num_heads
     head_dim = embed_dim // heads

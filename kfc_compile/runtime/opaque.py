@@ -71,7 +71,8 @@ class OpaqueSite:
 @dataclass(eq=False)
 class OpaquePlan:
     """What the wrapper of one opaque call taps. ``mha``: (in-projection, out-projection) sites of a
-    self-attention, else None; ``linear``: weights tapped in ``F.linear`` calls."""
+    self-attention, else None; ``linear``: weights tapped in ``F.linear`` calls.
+    """
 
     name: str  # for messages: the module's qualified name or the function's name
     linear: list[OpaqueSite] = field(default_factory=list)
@@ -174,7 +175,8 @@ class _CaptureMode(TorchFunctionMode):
     def _tap(self, y: torch.Tensor, x: torch.Tensor, site: OpaqueSite) -> torch.Tensor:
         """Tap with rows grouped per example: an input with a leading dimension of N·k (Swin's windows) is seen
         as (N, k·…, in), rows example-major, so that approx='reduce' sums positions per example. With ``rows``
-        only those rows of each example are recorded (the output is unchanged)."""
+        only those rows of each example are recorded (the output is unchanged).
+        """
         n = self.n
         if n is None or x.dim() < 2 or (x.shape[0] == n and self.rows is None):
             return tap(y, x, self.plan.state, site.index)

@@ -23,7 +23,8 @@ from kfc_compile.sites.geometry import Site
 @dataclass
 class SiteEntry:
     """One call site known to a capture state: the index of its layer in ``state.layers`` (None: its weight is
-    not under KFC, the site records nothing) and its geometry."""
+    not under KFC, the site records nothing) and its geometry.
+    """
 
     layer: int | None
     site: Site
@@ -139,7 +140,8 @@ class CaptureState:
     def arm(self, *, inputs: bool, grads: bool, batch_mean: bool,
             fisher_pass: Callable[[torch.Tensor], None] | None = None) -> None:
         """Arm the taps for the next forward; its training backward records Ω inputs and/or Γ gradients
-        (``batch_mean``: the training loss is a batch mean, so its gradients are scaled by N)."""
+        (``batch_mean``: the training loss is a batch mean, so its gradients are scaled by N).
+        """
         self.armed = True
         self._train_flags = (inputs, grads, batch_mean)
         self.fisher_pass = fisher_pass
@@ -159,7 +161,8 @@ class CaptureState:
     def take(self, n_examples: int | None = None) -> dict[int, Factors]:
         """Normalised factors of the step just recorded (layer index → Factors); resets the accumulators.
 
-        ``n_examples`` defaults to the armed forward's batch size; a statistics subsample is accounted for."""
+        ``n_examples`` defaults to the armed forward's batch size; a statistics subsample is accounted for.
+        """
         if n_examples is not None:
             self.n_examples = n_examples
         used = self.examples_used()
@@ -180,5 +183,6 @@ class CaptureState:
 
 def subset_size(n: int, fraction: float) -> int:
     """Examples in a leading subset of a batch of n: ceil(fraction·n), but at least 2 when n allows (train-mode
-    BatchNorm needs more than one example)."""
+    BatchNorm needs more than one example).
+    """
     return max(min(2, n), min(n, math.ceil(fraction * n)))

@@ -87,7 +87,8 @@ class GraphScan:
 
     def _tapped_already(self, node: fx.Node) -> bool:
         """The call's output feeds a capture tap traced from a ``kc.transform``ed model (an autograd function whose
-        backward calls kfc::record): that model's own registry records it."""
+        backward calls kfc::record): that model's own registry records it.
+        """
         for user in node.users:
             if "autograd_function_apply" not in str(user.target):
                 continue

@@ -16,8 +16,19 @@ from tqdm.auto import tqdm
 from kfc_compile.tools.demo.data import INPUT_SHAPES, TASKS, Dataset, DemoError, load_task
 from kfc_compile.tools.demo.models import DEFAULT_MODEL, MODELS, build_model, check_forward, paper_cifar_net
 from kfc_compile.tools.demo.plot import plot_curves
-from kfc_compile.tools.demo.train import (GRIDS, KFC_OPTIONS, LABELS, OPTIMIZERS, TASK_SETTINGS, RunResult,
-                                          TaskSettings, make_optimizer, train_lockstep, train_run, tune_lr)
+from kfc_compile.tools.demo.train import (
+    GRIDS,
+    KFC_OPTIONS,
+    LABELS,
+    OPTIMIZERS,
+    TASK_SETTINGS,
+    RunResult,
+    TaskSettings,
+    make_optimizer,
+    train_lockstep,
+    train_run,
+    tune_lr,
+)
 
 __all__ = ["Dataset", "DemoError", "DemoResult", "GRIDS", "MODELS", "OPTIMIZERS", "RunResult", "TASKS",
            "TASK_SETTINGS", "TaskSettings", "load_task", "build_model", "make_optimizer", "paper_cifar_net", "run_demo",

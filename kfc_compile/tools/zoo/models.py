@@ -42,7 +42,8 @@ def family_of(name: str) -> str:
 
 def resolve_family(name: str, constructor: Callable[[], nn.Module] | None, family: str | None) -> str:
     """The family a sweep item runs as: the given one, else the torchvision family of a named model, else
-    'classification' for a user constructor."""
+    'classification' for a user constructor.
+    """
     return family or (family_of(name) if constructor is None else "classification")
 
 
@@ -79,7 +80,8 @@ def resolutions(name: str, family: str = "classification", requested: int | None
 def build(name: str, resolution: int | None = None) -> nn.Module:
     """A torchvision model by name, ``weights=None`` (nothing is downloaded), plain-tensor outputs where possible.
 
-    ``resolution``: the input size for models built for one size (ViT's ``image_size``; see :func:`resolutions`)."""
+    ``resolution``: the input size for models built for one size (ViT's ``image_size``; see :func:`resolutions`).
+    """
     import torchvision
 
     kwargs: dict = {"weights": None}

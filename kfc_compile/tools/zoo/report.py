@@ -48,7 +48,8 @@ def num(v: float | None, fmt: str = ".3g") -> str:
 
 def totals(rows: list[dict]) -> dict:
     """Counts by status, coverage median / minimum (and its model), the median step-time ratio, and how many models
-    trained and decreased their loss."""
+    trained and decreased their loss.
+    """
     covs = [r["coverage"] for r in rows if r["coverage"] is not None]
     ratios = [r["step_time_ratio"] for r in rows if r["step_time_ratio"] is not None]
     return {"models": len(rows), **{s: sum(r["status"] == s for r in rows) for s in ("ok", "partial", "failed")},
