@@ -1,6 +1,6 @@
 """kfc_compile: KFC / K-FAC natural-gradient training for any PyTorch model, as a graph pass.
 
-Public API (design.md §2): ``transform``, ``report``, ``curvature``, ``KFC``, ``compile_step``; ``Factors`` is the
+Public API (docs/architecture.md): ``transform``, ``report``, ``curvature``, ``KFC``, ``compile_step``; ``Factors`` is the
 (Ω, Γ) record. ``torch.compile(model, backend="kfc")`` is registered through an entry point.
 """
 from kfc_compile.curvature.estimate import curvature
