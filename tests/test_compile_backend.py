@@ -148,7 +148,7 @@ def _assert_same_training(eager_opt, opt, eager_model, compiled_model) -> None:
         fe, fc = eager_opt.factors(layer.name), opt.factors(layer.name)
         torch.testing.assert_close(fc.A, fe.A, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(fc.G, fe.G, rtol=1e-12, atol=1e-14)
-    for pe, pc in zip(eager_model.parameters(), compiled_model.parameters()):
+    for pe, pc in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(pc, pe, rtol=1e-12, atol=1e-14)
 
 
@@ -184,7 +184,7 @@ def test_kfc_backend_matches_eager_transform():
         torch.testing.assert_close(fc.G, fe.G, rtol=1e-10, atol=1e-12 * fe.G.abs().max().item())
     moved = False
     for (name, pe), (_, pc), (_, p0) in zip(eager_model.named_parameters(), compiled_model.named_parameters(),
-                                            base.named_parameters()):
+                                            base.named_parameters(), strict=True):
         torch.testing.assert_close(pc, pe, rtol=1e-10, atol=1e-12, msg=name)
         moved |= not torch.equal(pe, p0)
     assert moved
@@ -429,13 +429,13 @@ def test_two_modules_of_one_class_each_get_their_own_graphs(monkeypatch):
         em = copy.deepcopy(base)
         eager.append((em, kc.KFC(em, **opts)))
     for x, y in batches:  # the two compiled modules alternate, as in a training loop holding both
-        for (cm, opt), (em, eopt) in zip(compiled, eager):
+        for (cm, opt), (em, eopt) in zip(compiled, eager, strict=True):
             _train(cm, opt, [(x, y)])
             _train(em, eopt, [(x, y)])
-    for (cm, opt), (em, eopt) in zip(compiled, eager):
+    for (cm, opt), (em, eopt) in zip(compiled, eager, strict=True):
         assert [layer.name for layer in opt.layers] == ["0", "2"]
         for name in ("0", "2"):
             torch.testing.assert_close(opt.factors(name).A, eopt.factors(name).A, rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(opt.factors(name).G, eopt.factors(name).G, rtol=1e-12, atol=1e-14)
-        for pc, pe in zip(cm.parameters(), em.parameters()):
+        for pc, pe in zip(cm.parameters(), em.parameters(), strict=True):
             torch.testing.assert_close(pc, pe, rtol=1e-12, atol=1e-14)

@@ -51,7 +51,7 @@ def test_compile_step_matches_eager_step():
         fe, fc = eager.optimizer.factors(layer.name), step.optimizer.factors(layer.name)
         for a, b in ((fc.A, fe.A), (fc.G, fe.G)):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * b.abs().max().item())
-    for (name, pe), pc in zip(eager.model.named_parameters(), step.model._orig_mod.parameters()):
+    for (name, pe), pc in zip(eager.model.named_parameters(), step.model._orig_mod.parameters(), strict=True):
         torch.testing.assert_close(pc, pe, rtol=1e-5, atol=1e-5, msg=name)
     assert "nu" in step.optimizer.last_step  # clipping ran (its JVPs use the eager module)
 

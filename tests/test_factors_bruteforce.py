@@ -47,7 +47,7 @@ def _pads(padding, kernel, dilation) -> list[tuple[int, int]]:
         return [(0, 0)] * d
     if padding == "same":
         out = []
-        for k, dl in zip(kernel, dilation):
+        for k, dl in zip(kernel, dilation, strict=True):
             total = dl * (k - 1)
             out.append((total // 2, total - total // 2))
         return out
@@ -61,7 +61,7 @@ def brute_conv_patches(x: np.ndarray, kernel, stride, padding, dilation, groups,
     cg = C // groups
     pads = _pads(padding, kernel, dilation)
     out = [(s + lo + hi - dl * (k - 1) - 1) // st + 1
-           for s, (lo, hi), k, dl, st in zip(S, pads, kernel, dilation, stride)]
+           for s, (lo, hi), k, dl, st in zip(S, pads, kernel, dilation, stride, strict=True)]
     positions = list(itertools.product(*[range(o) for o in out]))
     offsets = list(itertools.product(*[range(k) for k in kernel]))
     P = np.zeros((N, groups, len(positions), cg * len(offsets)))
@@ -150,7 +150,7 @@ def conv_geometries(draw):
     pad_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
     stride = (1,) * d if pad_kind == "same" else tuple(draw(st.integers(1, 2)) for _ in range(d))
     extra = {1: 4, 2: 3, 3: 2}[d]
-    spatial = tuple(dl * (k - 1) + 1 + draw(st.integers(0, extra)) for k, dl in zip(kernel, dilation))
+    spatial = tuple(dl * (k - 1) + 1 + draw(st.integers(0, extra)) for k, dl in zip(kernel, dilation, strict=True))
     if pad_kind == "int":
         padding = draw(st.integers(0, 2))
     elif pad_kind == "tuple":
@@ -159,7 +159,7 @@ def conv_geometries(draw):
         padding = pad_kind
     if mode != "zeros":  # reflect needs pad < size; keep all non-zero modes inside one wrap
         pads = _pads(padding, kernel, dilation)
-        spatial = tuple(max(s, max(lo, hi) + 1) for s, (lo, hi) in zip(spatial, pads))
+        spatial = tuple(max(s, max(lo, hi) + 1) for s, (lo, hi) in zip(spatial, pads, strict=True))
     depthwise = draw(st.booleans())
     groups = draw(st.integers(1, 3))
     cin = groups if depthwise else groups * draw(st.integers(1, 2))
@@ -250,7 +250,7 @@ def test_bias_row_and_beta_counts():
     offsets = list(itertools.product(range(-1, 2), repeat=2))
 
     def beta(d1, d2):
-        return math.prod(T - max(a, b, 0) + min(a, b, 0) for T, a, b in zip((T1, T2), d1, d2))
+        return math.prod(T - max(a, b, 0) + min(a, b, 0) for T, a, b in zip((T1, T2), d1, d2, strict=True))
 
     expected = torch.tensor([[beta(a, b) for b in offsets] for a in offsets], dtype=torch.float64)
     torch.testing.assert_close(f.A[:9, :9], expected)

@@ -101,7 +101,7 @@ def run(make_opt, steps=5, seed=0, on_step=lambda opt: None):
     errs = []
     for k in range(steps):
         X, Y = data(k)
-        for m, o in zip((net, tw), opts):
+        for m, o in zip((net, tw), opts, strict=True):
             o.zero_grad()
             F.mse_loss(m(X), Y).backward()
             o.step()

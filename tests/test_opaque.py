@@ -118,7 +118,7 @@ def test_attention_outputs_and_gradients_unchanged(batch_first):
         out = tm(x)
     torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 

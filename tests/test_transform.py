@@ -230,7 +230,7 @@ def test_layer_fields():
     fields = [(l.name, l.kind, l.a_dim, l.g_dim, l.groups, l.uses) for l in tm.kfc.layers]
     assert fields == [("0", "conv2d", 2 * 9 + 1, 3, 2, 1), ("2", "conv2d", 2, 1, 6, 1),
                       ("4", "linear", 12, 5, 1, 1), ("5", "linear", 6, 2, 1, 1)]
-    for layer, i in zip(tm.kfc.layers, (0, 2, 4, 5)):
+    for layer, i in zip(tm.kfc.layers, (0, 2, 4, 5), strict=True):
         assert isinstance(layer, KFCLayer)
         assert layer.weight is model[i].weight
         assert layer.bias is model[i].bias

@@ -98,7 +98,7 @@ class ConvSite:
         spatial = self._padded(x).shape[2:]
         return tuple(
             (s + self.padding[2 * i] + self.padding[2 * i + 1] - self.dilation[i] * (k - 1) - 1) // self.stride[i] + 1
-            for i, (s, k) in enumerate(zip(spatial, self.kernel_size))
+            for i, (s, k) in enumerate(zip(spatial, self.kernel_size, strict=True))
         )
 
     def positions(self, x: torch.Tensor) -> int:
@@ -167,7 +167,7 @@ def conv_site(weight: torch.Tensor, has_bias: bool, stride, padding, dilation, g
             if any(s != 1 for s in stride):
                 raise ValueError("padding='same' requires stride 1")
             pads = []
-            for k, dil in zip(kernel, dilation):
+            for k, dil in zip(kernel, dilation, strict=True):
                 total = dil * (k - 1)
                 pads += [total // 2, total - total // 2]
             pads = tuple(pads)

@@ -43,7 +43,7 @@ class GraphScan:
         self.param_of: dict[fx.Node, nn.Parameter] = {}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) == len(example_inputs):
-            for node, value in zip(placeholders, example_inputs):
+            for node, value in zip(placeholders, example_inputs, strict=True):
                 if isinstance(value, nn.Parameter):
                     self.param_of[node] = value
         for node in gm.graph.nodes:  # graphs with get_attr parameters (nn modules not inlined)

@@ -145,7 +145,7 @@ def run_demo(task: str = "digits", model: str = "auto", *, steps: int | None = N
         # the final runs go in lockstep (eval_every steps of each in turn): the same machine load for all
         bar.set_description("final runs " + ", ".join(f"{LABELS[o]} lr={lr:g}" for o, lr in lrs.items()))
         finals = train_lockstep(ds, model_name, list(lrs.items()), steps=steps, bar=bar, **common)
-        runs = dict(zip(lrs, finals))
+        runs = dict(zip(lrs, finals, strict=True))
     res = DemoResult(task, model_name, steps, batch_size, target, seed, runs, tuning)
     if out:
         curves = [(o, f"{r.label} (lr {r.lr:g})", r.steps, r.seconds, r.train_loss) for o, r in runs.items()]
