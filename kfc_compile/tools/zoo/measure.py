@@ -98,6 +98,15 @@ def _fixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
         return _loss(model(x), y)
 
 
+def _kfc_step(model: nn.Module, opt: kc.KFC, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One KFC step on the fixed batch; returns the loss before the step."""
+    loss = _fixed_loss(model, x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def _targets(out, family: str, gen) -> torch.Tensor:
     f = first_output(out)
     if family == "segmentation":  # (B, C, H, W) -> per-pixel classes
@@ -166,16 +175,9 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
             opt = kc.KFC(model, lr=lr, damping=damping, loss="cross_entropy", clip_fraction=1.0,
                          max_factor_dim=max_factor_dim)
 
-        def kfc_step() -> float:
-            loss = _fixed_loss(model, x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return float(loss.detach())
-
         with torch.no_grad():
             before = float(_fixed_loss(model, x, y))
-        losses = [kfc_step() for _ in range(steps)]
+        losses = [_kfc_step(model, opt, x, y) for _ in range(steps)]
         with torch.no_grad():
             after = float(_fixed_loss(model, x, y))
         row.update(trained=True, steps=steps, loss_before=before, loss_after=after, factor_bytes=factor_bytes(opt))
@@ -188,7 +190,7 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
         if timing_steps:
             for k in range(len(losses) + 1, WARMUP_STEPS + timing_steps + 1):  # the step number k of this step
                 t = time.perf_counter()
-                timed_loss = kfc_step()
+                timed_loss = _kfc_step(model, opt, x, y)
                 if k > WARMUP_STEPS:
                     times.append(time.perf_counter() - t)
                 if not math.isfinite(timed_loss):
