@@ -1,7 +1,7 @@
 """kfc_compile: KFC / K-FAC natural-gradient training for any PyTorch model, as a graph pass.
 
-Public API (docs/architecture.md): ``transform``, ``report``, ``curvature``, ``KFC``, ``compile_step``; ``Factors`` is the
-(Ω, Γ) record. ``torch.compile(model, backend="kfc")`` is registered through an entry point.
+Public API (docs/architecture.md): ``transform``, ``report``, ``curvature``, ``KFC``, ``compile_step``; ``Factors``
+is the (Ω, Γ) record. ``torch.compile(model, backend="kfc")`` is registered through an entry point.
 """
 from kfc_compile.curvature.estimate import curvature
 from kfc_compile.curvature.factors import Factors

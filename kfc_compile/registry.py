@@ -71,4 +71,4 @@ class KFCInfo:
         for layer in self.layers:
             if layer.name == name:
                 return layer
-        raise KeyError(f"no KFC layer named {name!r}; layers: {[l.name for l in self.layers]}")
+        raise KeyError(f"no KFC layer named {name!r}; layers: {[layer.name for layer in self.layers]}")

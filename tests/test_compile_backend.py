@@ -256,7 +256,7 @@ def test_recompiles_bounded():
     opt = kc.KFC(cm, lr=0.1, damping=0.1, stats_every=3, inverse_every=5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
     lrs = set()
-    for i, (x, y) in enumerate(_batches(20, [8] * 19 + [5], (3, 6, 6), 3)):
+    for x, y in _batches(20, [8] * 19 + [5], (3, 6, 6), 3):
         F.cross_entropy(cm(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -401,7 +401,7 @@ def test_statistics_subset_compiled_equals_eager():
     _train(cm, opt, batches)
     x, y = batches[0]
     ref = kc.curvature(copy.deepcopy(base), "cross_entropy", x[:2], y[:2], fisher="type-2")  # ceil(0.4·5) = 2
-    assert sorted(ref) == sorted(layer.name for layer in eager_opt.layers) == sorted(l.name for l in opt.layers)
+    assert sorted(ref) == sorted(layer.name for layer in eager_opt.layers) == sorted(layer.name for layer in opt.layers)
     for name, f in ref.items():
         for got in (eager_opt.factors(name), opt.factors(name)):
             torch.testing.assert_close(got.A, f.A, rtol=1e-12, atol=1e-14)

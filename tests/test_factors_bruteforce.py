@@ -297,7 +297,7 @@ def test_shared_weights_sum_uses_as_positions(approx):
     x = torch.randn(2, 2, 4, 6, dtype=torch.float64)
     y = torch.randn_like(model(x))
     tm = kc.transform(model, approx=approx)
-    assert {(l.name, l.uses) for l in tm.kfc.layers} == {("conv", 2), ("lin", 2)}
+    assert {(layer.name, layer.uses) for layer in tm.kfc.layers} == {("conv", 2), ("lin", 2)}
     f = kc.curvature(tm, nn.MSELoss(reduction="sum"), x, y, fisher="empirical", approx=approx)
 
     g_conv = output_grads(model, model.conv, x, y)
@@ -373,7 +373,7 @@ def test_gradient_consistency(reduction):
     x = torch.randn(3, 4, 5, 3, dtype=torch.float64)
     y = torch.randn_like(model(x))
     tm = kc.transform(model)
-    assert [l.name for l in tm.kfc.layers] == ["c1", "c2", "c3", "fc"]
+    assert [layer.name for layer in tm.kfc.layers] == ["c1", "c2", "c3", "fc"]
     state = tm.kfc.state
     seen = []
     record = state.record

@@ -66,7 +66,8 @@ class Depthwise3d(nn.Module):
         self.head = nn.Linear(6, 5)
 
     def forward(self, x):
-        return self.head(torch.relu(self.c2(torch.relu(self.c1(x.unsqueeze(2).expand(-1, -1, 2, -1, -1))))).mean((2, 3, 4)))
+        h = torch.relu(self.c1(x.unsqueeze(2).expand(-1, -1, 2, -1, -1)))
+        return self.head(torch.relu(self.c2(h)).mean((2, 3, 4)))
 
 
 CASES = {
@@ -81,7 +82,8 @@ CASES = {
 
 
 def _layers(info) -> list[tuple]:
-    return sorted((l.name, l.kind, l.a_dim, l.g_dim, l.groups, l.uses, l.bias is not None) for l in info.layers)
+    return sorted((layer.name, layer.kind, layer.a_dim, layer.g_dim, layer.groups, layer.uses, layer.bias is not None)
+                  for layer in info.layers)
 
 
 def _build(name: str) -> nn.Module:

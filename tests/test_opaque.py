@@ -130,7 +130,8 @@ def test_attention_trains_with_kfc():
     # nn.MultiheadAttention path as well
     opt = kc.KFC(model, lr=0.05, damping=0.1, clip=None)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no "layer has no factors" warning: the attention layers got statistics
+        # no "layer has no factors" warning: the attention layers got statistics
+        warnings.simplefilter("error", UserWarning)
         losses = []
         for _ in range(4):
             loss = F.cross_entropy(model(x), y)

@@ -3,8 +3,8 @@
 When statistics are not due (the normal case) the tap returns its input untouched: no autograd node, no saved
 tensor, no work. When armed, an ``autograd.Function`` keeps a reference to the layer input (which the layer
 already saved for its weight gradient, so no extra memory) and, in the backward, hands (input, grad_output) to
-``CaptureState.record``. Ω is computed from the saved input in the backward (docs/architecture.md, Compiler facts), so the
-forward graph carries no statistics work.
+``CaptureState.record``. Ω is computed from the saved input in the backward (docs/architecture.md, Compiler facts), so
+the forward graph carries no statistics work.
 
 The tap returns its input marked dirty rather than a view, so in-place ops after a layer (``ReLU(inplace=True)``)
 keep working. A shared scalar *slot* feeds every armed tap, so ``torch.autograd.grad(output, slot)`` runs a

@@ -210,7 +210,8 @@ def _decide(info: CompiledKFCInfo, scan: GraphScan) -> dict[int, int]:
     return keys
 
 
-def _rewrite(gm: fx.GraphModule, scan: GraphScan, keys: dict[int, int], slot: nn.Parameter) -> tuple[fx.GraphModule, int]:
+def _rewrite(gm: fx.GraphModule, scan: GraphScan, keys: dict[int, int],
+             slot: nn.Parameter) -> tuple[fx.GraphModule, int]:
     graph = gm.graph
     taps = 0
     if not keys:
@@ -226,7 +227,7 @@ def _rewrite(gm: fx.GraphModule, scan: GraphScan, keys: dict[int, int], slot: nn
         node = c.node
         with graph.inserting_after(node):
             tapped = graph.call_function(ops.tap, (node, c.input_node, slot_node, keys[id(c)]))
-        node.replace_all_uses_with(tapped, delete_user_cb=lambda user: user is not tapped)
+        node.replace_all_uses_with(tapped, delete_user_cb=lambda user, tapped=tapped: user is not tapped)
         taps += 1
     for node, (a, c_in, c_out) in scan.mha_calls.items():
         k_in, k_out = keys.get(id(c_in), -1), keys.get(id(c_out), -1)

@@ -109,7 +109,8 @@ class GraphScan:
         example = q.meta.get("example_value") if isinstance(q, fx.Node) else None
         reason = mha.unsupported_reason(a, example.dim() if example is not None else None)
         w_in, w_out = self.param(a["in_proj_weight"]), self.param(a["out_proj_weight"])
-        if not reason and (w_in is None or w_out is None or any(_is_node(v) for v in (a["num_heads"], a["embed_dim_to_check"]))):
+        if not reason and (w_in is None or w_out is None
+                           or any(_is_node(v) for v in (a["num_heads"], a["embed_dim_to_check"]))):
             reason = "attention projections that are not parameters"
         if reason:
             self.mha_reasons[node] = f"{reason}: not decomposed by the kfc backend"
