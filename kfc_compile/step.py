@@ -50,6 +50,10 @@ class CompiledStep:
         return info.graphs if info is not None else 0
 
     def __call__(self, inputs, targets) -> torch.Tensor:
+        """One training step: forward, loss, backward and ``optimizer.step``; returns the loss, detached.
+
+        ``inputs`` is the model's input, or a tuple of its positional inputs.
+        """
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         opt = self.optimizer
 

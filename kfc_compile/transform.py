@@ -18,6 +18,7 @@ class InvalidModelError(TypeError, ValueError):
 
 
 def check_approx(approx: str) -> str:
+    """Return ``approx`` if it names a statistics approximation (``expand``, ``reduce``), else raise ValueError."""
     if approx not in APPROXIMATIONS:
         raise ValueError(f"unknown approx {approx!r}: expected one of {APPROXIMATIONS}")
     return approx

@@ -83,14 +83,17 @@ class OpaquePlan:
 
     @property
     def sites(self) -> list[OpaqueSite]:
+        """The plan's sites: the attention's (in, out) projections first, then the ``F.linear`` calls."""
         return list(self.mha or ()) + self.linear
 
     def bind(self, state) -> None:
+        """Attach the plan to the capture ``state``; an attention plan also allocates its ``kfc::record`` keys."""
         self.state = state
         if self.mha is not None:  # kfc::record keys that hand (L, N, ·) tensors to the statistics batch-first
             self._keys = tuple(ops.new_site(state, s.index, seq_first=True) for s in self.mha)
 
     def warn(self, key: str, message: str) -> None:
+        """Warn once per ``key`` for this plan, so that a training loop does not repeat the message every step."""
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"kfc: {message}", stacklevel=4)
@@ -248,9 +251,11 @@ class OpaqueCall(nn.Module):
         self.plan = plan
 
     def forward(self, *args, **kwargs):
+        """Run the wrapped function, capturing the plan's sites when statistics are due (see :func:`call`)."""
         return call(self.plan, self.fn, args, kwargs)
 
     def extra_repr(self) -> str:
+        """The wrapped function's name and the indices of its sites, for ``print(model)``."""
         return f"{getattr(self.fn, '__name__', self.fn)}, sites={[s.index for s in self.plan.sites]}"
 
 

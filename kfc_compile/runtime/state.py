@@ -66,6 +66,7 @@ class CaptureState:
 
     @property
     def sites(self) -> list[SiteEntry]:
+        """The call sites, by index; assigning them allocates each site's ``kfc::record`` key."""
         return self._sites
 
     @sites.setter
@@ -76,6 +77,11 @@ class CaptureState:
 
     # -- called by the taps --------------------------------------------------------------------------------------
     def record(self, site_index: int, x: torch.Tensor, gy: torch.Tensor) -> None:
+        """Route one armed call's (layer input, output gradient) to its layer's batch statistics.
+
+        The capture flags of the running backward say what is recorded (Ω inputs, Γ gradients); a site whose weight is
+        not under KFC records nothing, and with ``stats_fraction`` only the leading examples count.
+        """
         entry = self.sites[site_index]
         layer_index, site = entry.layer, entry.site
         if layer_index is None or not (self.capture_input or self.capture_grad):
@@ -130,9 +136,11 @@ class CaptureState:
             self.end_pass()
 
     def set_capture(self, inputs: bool, grads: bool, grad_scale: float = 1.0) -> None:
+        """Set what backward passes record: Ω inputs, Γ gradients (scaled by ``grad_scale``), both or neither."""
         self.capture_input, self.capture_grad, self.grad_scale = inputs, grads, grad_scale
 
     def end_pass(self) -> None:
+        """Close one backward pass in every layer's statistics (KFAC-reduce flushes its per-example sums)."""
         for s in self.stats.values():
             s.end_pass()
 
@@ -147,6 +155,7 @@ class CaptureState:
         self.fisher_pass = fisher_pass
 
     def disarm(self) -> None:
+        """Undo :meth:`arm`: later forwards get inert taps and backward passes record nothing."""
         self.armed = False
         self._train_flags = None
         self.fisher_pass = None

@@ -57,9 +57,11 @@ class Tap(nn.Module):
         self.site_index = site_index
 
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer output ``y``, tapped with the layer input ``x`` when statistics are due (see :func:`tap`)."""
         return tap(y, x, self.state, self.site_index)
 
     def extra_repr(self) -> str:
+        """The index of the tapped site, for ``print(model)``."""
         return f"site={self.site_index}"
 
 
@@ -133,4 +135,5 @@ class OutputTap(nn.Module):
         self.state = state
 
     def forward(self, out, *inputs):
+        """The model output, tapped (see :func:`output_tap`); ``inputs`` are the forward's positional inputs."""
         return output_tap(out, self.state, inputs)

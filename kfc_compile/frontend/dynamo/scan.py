@@ -58,7 +58,7 @@ class GraphScan:
         self.other_uses: dict[int, str] = {}  # id(param) -> reason
         self.mha_reasons: dict[fx.Node, str] = {}
 
-    def param(self, v) -> nn.Parameter | None:
+    def _param(self, v) -> nn.Parameter | None:
         return self.param_of.get(v) if isinstance(v, fx.Node) else None
 
     def scan(self) -> None:
@@ -67,7 +67,7 @@ class GraphScan:
         for node in self.gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            cand = match_call(node.target, node.args, node.kwargs, self.param, _is_node)
+            cand = match_call(node.target, node.args, node.kwargs, self._param, _is_node)
             if cand is not None:
                 cand.node = node
                 if not self._tapped_already(node):
@@ -108,14 +108,14 @@ class GraphScan:
         q = a["query"]
         example = q.meta.get("example_value") if isinstance(q, fx.Node) else None
         reason = mha.unsupported_reason(a, example.dim() if example is not None else None)
-        w_in, w_out = self.param(a["in_proj_weight"]), self.param(a["out_proj_weight"])
+        w_in, w_out = self._param(a["in_proj_weight"]), self._param(a["out_proj_weight"])
         if not reason and (w_in is None or w_out is None
                            or any(_is_node(v) for v in (a["num_heads"], a["embed_dim_to_check"]))):
             reason = "attention projections that are not parameters"
         if reason:
             self.mha_reasons[node] = f"{reason}: not decomposed by the kfc backend"
             return
-        b_in, b_out = self.param(a["in_proj_bias"]), self.param(a["out_proj_bias"])
+        b_in, b_out = self._param(a["in_proj_bias"]), self._param(a["out_proj_bias"])
         c_in = Candidate(w_in, b_in, linear_site(w_in, a["in_proj_bias"] is not None), node=node, role="mha_in")
         c_out = Candidate(w_out, b_out, linear_site(w_out, a["out_proj_bias"] is not None), node=node, role="mha_out")
         self.candidates += [c_in, c_out]

@@ -41,6 +41,8 @@ def _fmt(v, spec: str) -> str:
 
 @dataclass
 class DemoResult:
+    """What :func:`run_demo` returns: the final run per optimizer, the tuning runs, and the plot's path (or None)."""
+
     task: str
     model: str
     steps: int
@@ -66,6 +68,7 @@ class DemoResult:
         return out
 
     def table(self) -> str:
+        """A text table of the final runs, with KFC-pre's speed-up against the best of the others."""
         head = (f"{self.task} / {self.model}: batch {self.batch_size}, {self.steps} steps, seed {self.seed}, "
                 f"target training loss {self.target:g}")
         cols = ("optimizer", "lr", "steps to target", "seconds to target", "final train loss", "test acc")

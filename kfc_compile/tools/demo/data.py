@@ -40,6 +40,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example (no batch dim)."""
         return tuple(self.x_train.shape[1:])
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ def conv1d_net(in_channels: int, num_classes: int, length: int, width: int = 32)
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 128) -> nn.Sequential:
+    """A ReLU MLP with two hidden layers of width ``hidden`` on flattened inputs."""
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(),
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
@@ -85,5 +86,6 @@ def build_model(name: str, task: str, input_shape: tuple[int, ...], num_classes:
 
 
 def check_forward(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Run ``model`` on two zero examples of ``input_shape``, so that a model unfit for the data fails early."""
     with torch.no_grad():
         model(torch.zeros(2, *input_shape))

@@ -35,6 +35,8 @@ EVAL_EXAMPLES = 4096  # training examples used for the training-loss curve (all 
 
 @dataclass(frozen=True)
 class TaskSettings:
+    """A task's demo defaults: training steps, batch size, target training loss, steps between evaluations."""
+
     steps: int
     batch_size: int
     target: float  # training loss
@@ -64,10 +66,12 @@ class RunResult:
 
     @property
     def label(self) -> str:
+        """The optimizer's display name (``LABELS``)."""
         return LABELS.get(self.optimizer, self.optimizer)
 
     @property
     def final_loss(self) -> float:
+        """The last training loss; inf when the run diverged or recorded none."""
         return self.train_loss[-1] if self.train_loss and not self.diverged else math.inf
 
     def _hit(self) -> int | None:
@@ -78,11 +82,13 @@ class RunResult:
 
     @property
     def steps_to_target(self) -> int | None:
+        """The first evaluated step at which the training loss reached the target; None if it never did."""
         i = self._hit()
         return None if i is None else self.steps[i]
 
     @property
     def seconds_to_target(self) -> float | None:
+        """Training seconds until the training loss reached the target; None if it never did."""
         i = self._hit()
         return None if i is None else self.seconds[i]
 
