@@ -13,8 +13,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def report(model: nn.Module) -> str:
-    """Layers under KFC (kind, Ω and Γ sizes, groups, uses), uncovered parameters with reasons, black boxes,
-    and the share of trainable parameter elements covered.
+    """A text report of what ``kc.transform`` found in ``model``.
+
+    Layers under KFC (kind, Ω and Γ sizes, groups, uses), uncovered parameters with reasons, black boxes, and the
+    share of trainable parameter elements covered.
     """
     info = getattr(model, "kfc", None)
     if not isinstance(info, KFCInfo):

@@ -32,9 +32,10 @@ from kfc_compile.runtime.taps import model_output
 
 
 class CompiledStep:
-    """``step(inputs, targets) -> loss`` (a detached 0-d tensor). ``step.model`` is the module that runs the
-    forward (the compiled wrapper, or the model itself with ``compile=False``); ``step.optimizer`` the ``KFC``
-    optimizer.
+    """``step(inputs, targets) -> loss`` (a detached 0-d tensor).
+
+    ``step.model`` is the module that runs the forward (the compiled wrapper, or the model itself with
+    ``compile=False``); ``step.optimizer`` the ``KFC`` optimizer.
     """
 
     def __init__(self, model: nn.Module, optimizer, loss_fn, compiled: bool):

@@ -1,6 +1,8 @@
-"""The package structure holds: the import graph of ``kfc_compile`` and ``triton_kernels`` has no cycle, internal
-imports are at module level (none hidden in functions to dodge a cycle), the core never imports the tools, and no
-module grows past the size at which it stops holding one concept.
+"""The package structure holds.
+
+The import graph of ``kfc_compile`` and ``triton_kernels`` has no cycle, internal imports are at module level (none
+hidden in functions to dodge a cycle), the core never imports the tools, and no module grows past the size at which
+it stops holding one concept.
 """
 from __future__ import annotations
 

@@ -239,8 +239,10 @@ def test_functional_conv_matches_brute_force(approx):
 
 
 def test_bias_row_and_beta_counts():
-    """Stride 1, pad R: Ω's bias-bias entry is T, the bias row is Σ_t a, and with a = 1 everywhere the
-    weight block holds the overlap counts β(δ, δ') of kfc_spec §2.2.
+    """Stride 1, pad R: Ω's bias entries, and with a = 1 everywhere the overlap counts in its weight block.
+
+    Ω's bias-bias entry is T, the bias row is Σ_t a, and with a = 1 everywhere the weight block holds the overlap
+    counts β(δ, δ') of docs/algorithm.md §2.2.
     """
     T1 = T2 = 5
     conv = nn.Conv2d(1, 1, 3, padding=1).double()
@@ -336,8 +338,9 @@ def test_shared_weights_sum_uses_as_positions(approx):
 # weight-gradient consistency (kfc_spec §11.1.1)
 
 def _library_patches(site, x: torch.Tensor) -> torch.Tensor:
-    """(groups, N·T, Dg) rows of the site's input, in the library's own geometry (its site object and the
-    triton_kernels reference im2col).
+    """(groups, N·T, Dg) rows of the site's input, in the library's own geometry.
+
+    The rows come from its site object and the triton_kernels reference im2col.
     """
     if site.kind == "linear":
         return site.input_rows(x)

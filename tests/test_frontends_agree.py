@@ -1,7 +1,9 @@
-"""The two front ends recognise layers through one site-kind table, so they must agree: the same table-driven cases
-(module, functional and shared calls, grouped convs, weights with other uses) run through the fx pass
-(``kc.transform`` / eager ``kc.KFC``) and the dynamo backend (``torch.compile(backend="kfc")``), and give identical
-layer lists, identical uncovered parameters, and equal factors after one statistics step (float64).
+"""The two front ends recognise layers through one site-kind table, so they must agree.
+
+The same table-driven cases (module, functional and shared calls, grouped convs, weights with other uses) run
+through the fx pass (``kc.transform`` / eager ``kc.KFC``) and the dynamo backend (``torch.compile(backend="kfc")``),
+and give identical layer lists, identical uncovered parameters, and equal factors after one statistics step
+(float64).
 """
 from __future__ import annotations
 

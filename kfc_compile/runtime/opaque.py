@@ -70,8 +70,10 @@ class OpaqueSite:
 
 @dataclass(eq=False)
 class OpaquePlan:
-    """What the wrapper of one opaque call taps. ``mha``: (in-projection, out-projection) sites of a
-    self-attention, else None; ``linear``: weights tapped in ``F.linear`` calls.
+    """What the wrapper of one opaque call taps.
+
+    ``mha``: (in-projection, out-projection) sites of a self-attention, else None; ``linear``: weights tapped in
+    ``F.linear`` calls.
     """
 
     name: str  # for messages: the module's qualified name or the function's name
@@ -106,9 +108,11 @@ class OpaquePlan:
 
 
 def _swin_real_rows(fn: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int] | None:
-    """For a call of torchvision's ``shifted_window_attention`` whose input is padded: the indices of the real
-    (not padded) tokens among an example's rows (windows · tokens, in the function's window order) and the number
-    of rows per example; None for any other call and for an input that needs no padding.
+    """For a padded ``shifted_window_attention`` call: the real tokens' row indices and the rows per example.
+
+    For a call of torchvision's ``shifted_window_attention`` whose input is padded: the indices of the real (not
+    padded) tokens among an example's rows (windows · tokens, in the function's window order) and the number of
+    rows per example; None for any other call and for an input that needs no padding.
 
     Padded tokens are not data. Their rows add nothing to the projections' weight gradients (qkv: the input row
     is 0; proj: the output is cropped, its gradient is 0), but they would enter the factors: proj's input rows
@@ -176,9 +180,10 @@ class _CaptureMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _tap(self, y: torch.Tensor, x: torch.Tensor, site: OpaqueSite) -> torch.Tensor:
-        """Tap with rows grouped per example: an input with a leading dimension of N·k (Swin's windows) is seen
-        as (N, k·…, in), rows example-major, so that approx='reduce' sums positions per example. With ``rows``
-        only those rows of each example are recorded (the output is unchanged).
+        """Tap with rows grouped per example, so that approx='reduce' sums positions per example.
+
+        An input with a leading dimension of N·k (Swin's windows) is seen as (N, k·…, in), rows example-major. With
+        ``rows`` only those rows of each example are recorded (the output is unchanged).
         """
         n = self.n
         if n is None or x.dim() < 2 or (x.shape[0] == n and self.rows is None):

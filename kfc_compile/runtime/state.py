@@ -22,8 +22,9 @@ from kfc_compile.sites.geometry import Site
 
 @dataclass
 class SiteEntry:
-    """One call site known to a capture state: the index of its layer in ``state.layers`` (None: its weight is
-    not under KFC, the site records nothing) and its geometry.
+    """One call site known to a capture state: the index of its layer in ``state.layers``, and its geometry.
+
+    ``layer`` is None when the site's weight is not under KFC: the site records nothing.
     """
 
     layer: int | None
@@ -147,8 +148,9 @@ class CaptureState:
     # -- plain-loop driving --------------------------------------------------------------------------------------
     def arm(self, *, inputs: bool, grads: bool, batch_mean: bool,
             fisher_pass: Callable[[torch.Tensor], None] | None = None) -> None:
-        """Arm the taps for the next forward; its training backward records Ω inputs and/or Γ gradients
-        (``batch_mean``: the training loss is a batch mean, so its gradients are scaled by N).
+        """Arm the taps for the next forward; its training backward records Ω inputs and/or Γ gradients.
+
+        ``batch_mean``: the training loss is a batch mean, so its gradients are scaled by N.
         """
         self.armed = True
         self._train_flags = (inputs, grads, batch_mean)
@@ -191,7 +193,8 @@ class CaptureState:
 
 
 def subset_size(n: int, fraction: float) -> int:
-    """Examples in a leading subset of a batch of n: ceil(fraction·n), but at least 2 when n allows (train-mode
-    BatchNorm needs more than one example).
+    """Examples in a leading subset of a batch of n: ceil(fraction·n), but at least 2 when n allows.
+
+    Train-mode BatchNorm needs more than one example.
     """
     return max(min(2, n), min(n, math.ceil(fraction * n)))

@@ -103,9 +103,11 @@ def model_output(out) -> torch.Tensor:
 
 
 def output_tap(out, state: CaptureState, inputs: tuple = ()):
-    """Applied to the model's output. Keeps a reference to the forward's inputs (for Fisher-vector products on
-    the batch), and on an armed step of a plain loop records the batch size and runs the Fisher pass at the start
-    of the training backward (see ``CaptureState``).
+    """Applied to the model's output: keeps the forward's inputs, and starts the Fisher pass on armed steps.
+
+    Keeps a reference to the forward's inputs (for Fisher-vector products on the batch), and on an armed step of a
+    plain loop records the batch size and runs the Fisher pass at the start of the training backward (see
+    ``CaptureState``).
     """
     if not torch.is_grad_enabled():
         return out

@@ -63,8 +63,10 @@ class SiteKind:
 
     def match(self, target, args: tuple, kwargs: dict, param_of: ParamOf,
               is_graph_value: Callable[[Any], bool]) -> Candidate | None:
-        """The candidate for a call of ``target``, or None when it is not a layer call KFC can take (weight not a
-        parameter, input not a graph value, geometry not static, a weight of the wrong rank).
+        """The candidate for a call of ``target``, or None when it is not a layer call KFC can take.
+
+        Not a layer call KFC can take: weight not a parameter, input not a graph value, geometry not static, a weight
+        of the wrong rank.
         """
         raise NotImplementedError
 

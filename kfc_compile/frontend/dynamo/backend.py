@@ -146,9 +146,10 @@ def _innermost_backend(model):
 
 
 def _separate_cache(model) -> None:
-    """Give this compiled module's backend its own identity (see ``_ModelBackend``); idempotent. Done when its
-    registry is created before any graph was compiled for it; graphs compiled earlier for its own parameters keep
-    matching (no recompile), and any later module of the class gets its own identity in turn.
+    """Give this compiled module's backend its own identity (see ``_ModelBackend``); idempotent.
+
+    Done when its registry is created before any graph was compiled for it; graphs compiled earlier for its own
+    parameters keep matching (no recompile), and any later module of the class gets its own identity in turn.
     """
     link = _backend_link(model)
     inner = getattr(link, "_torchdynamo_orig_backend", None)
@@ -169,8 +170,9 @@ def _install_output_tap(model: nn.Module, state: CaptureState) -> None:
 
 
 def _decide(info: CompiledKFCInfo, scan: GraphScan) -> dict[int, int]:
-    """Register the graph's sites into ``info`` (rules: ``sites/coverage.py``); returns id(candidate) -> record key
-    for the taps to insert.
+    """Register the graph's sites into ``info`` (rules: ``sites/coverage.py``).
+
+    Returns id(candidate) -> record key for the taps to insert.
     """
     weights = {id(c.weight) for c in scan.candidates}
     biases = {id(c.bias) for c in scan.candidates if c.bias is not None}

@@ -1,5 +1,7 @@
-"""Scanning one dynamo graph: layer candidates (through the shared site-kind table), self-attention calls whose
-projections can be tapped (``runtime/attention.py``), and every other use of a parameter with a reason.
+"""Scanning one dynamo graph: layer candidates, tappable self-attention calls, and every other parameter use.
+
+Layer candidates come through the shared site-kind table; self-attention calls are those whose projections can be
+tapped (``runtime/attention.py``); every other use of a parameter is kept with a reason.
 
 In a dynamo graph parameters are placeholders whose example inputs *are* the parameters (or ``get_attr`` nodes when
 modules were not inlined); ``nn.Linear``/``nn.Conv*``/``F.*`` calls all appear as ``torch._C._nn.linear`` /
@@ -86,8 +88,9 @@ class GraphScan:
                 self.other_uses.setdefault(id(p), reason)
 
     def _tapped_already(self, node: fx.Node) -> bool:
-        """The call's output feeds a capture tap traced from a ``kc.transform``ed model (an autograd function whose
-        backward calls kfc::record): that model's own registry records it.
+        """The call's output feeds a capture tap traced from a ``kc.transform``ed model.
+
+        That tap is an autograd function whose backward calls kfc::record: that model's own registry records it.
         """
         for user in node.users:
             if "autograd_function_apply" not in str(user.target):

@@ -71,8 +71,10 @@ def _reason(e: Exception) -> str:
 
 
 def trace_with_fallback(module: nn.Module) -> tuple[fx.GraphModule | None, list[BlackBox]]:
-    """Trace ``module``; submodules that fail become opaque leaves. Returns (None, [root reason]) if the root's
-    own forward is untraceable. Black-box names are relative to ``module``.
+    """Trace ``module``; submodules that fail become opaque leaves.
+
+    Returns (None, [root reason]) if the root's own forward is untraceable. Black-box names are relative to
+    ``module``.
     """
     opaque: dict[str, str] = {}
     while True:

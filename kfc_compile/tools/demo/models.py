@@ -13,9 +13,10 @@ DEFAULT_MODEL = {"digits": "convnet", "mnist1d": "convnet", "cifar10": "paper"}
 
 
 def paper_cifar_net(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
-    """cuda-convnet's "18 % in 20 minutes" CIFAR-10 net as used in the KFC paper (docs/algorithm.md §10.1), without
-    the response normalisation layers: conv 5×5 32 → ReLU → maxpool 3/2 → conv 5×5 32 → ReLU → avgpool 3/2 →
-    conv 5×5 64 → ReLU → avgpool 3/2 → linear. Pools round up (cuda-convnet), so 32×32 → 16 → 8 → 4 and the
+    """cuda-convnet's "18 % in 20 minutes" CIFAR-10 net as used in the KFC paper (docs/algorithm.md §10.1).
+
+    Without the response normalisation layers: conv 5×5 32 → ReLU → maxpool 3/2 → conv 5×5 32 → ReLU → avgpool
+    3/2 → conv 5×5 64 → ReLU → avgpool 3/2 → linear. Pools round up (cuda-convnet), so 32×32 → 16 → 8 → 4 and the
     factors are 76/801/801/1025 wide.
     """
     return nn.Sequential(

@@ -93,8 +93,10 @@ class RunResult:
         return None if i is None else self.seconds[i]
 
     def tuning_key(self) -> tuple:
-        """Smaller is better: reaching the target in fewer steps, else a lower last training loss; among diverged
-        runs the smallest learning rate.
+        """Smaller is better: the sort key that picks the best of the tuning runs.
+
+        Reaching the target in fewer steps, else a lower last training loss; among diverged runs the smallest
+        learning rate.
         """
         s = self.steps_to_target
         if s is not None:
@@ -215,8 +217,10 @@ class _Run:
 def train_lockstep(ds: Dataset, model_name: str, specs: Sequence[tuple[str, float]], *, steps: int,
                    batch_size: int, target: float, eval_every: int, seed: int = 0, stop_at_target: bool = False,
                    kfc_options: dict | None = None, test: bool = True, bar=None) -> list[RunResult]:
-    """Train one fresh model per (optimizer, lr) of ``specs``, interleaved chunk by chunk (``eval_every`` steps of
-    each in turn), so that every run sees the same machine load; see ``train_run`` for the rest.
+    """Train one fresh model per (optimizer, lr) of ``specs``, interleaved chunk by chunk.
+
+    ``eval_every`` steps of each in turn, so that every run sees the same machine load; see ``train_run`` for the
+    rest.
     """
     runs = [_Run(ds, model_name, o, lr, steps=steps, batch_size=batch_size, target=target, eval_every=eval_every,
                  seed=seed, stop_at_target=stop_at_target, kfc_options=kfc_options) for o, lr in specs]

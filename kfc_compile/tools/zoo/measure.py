@@ -54,8 +54,9 @@ def factor_bytes(opt) -> int:
 
 
 def _reason(reason: str) -> str:
-    """The reason without the module name it names (``"BatchNorm2d 'bn1': normalization layer"`` ->
-    ``"BatchNorm2d: normalization layer"``), so that rows group by kind of reason.
+    """The reason without the module name it names, so that rows group by kind of reason.
+
+    ``"BatchNorm2d 'bn1': normalization layer"`` -> ``"BatchNorm2d: normalization layer"``.
     """
     return re.sub(r" '[^']*'", "", reason)
 
@@ -89,9 +90,10 @@ def _loss(out, y) -> torch.Tensor:
 
 
 def _fixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The training-mode loss on the fixed batch with the RNG seeded by MASK_SEED: dropout and stochastic depth draw
-    the same masks in every training step and in the evaluations before and after them, so the steps optimise one
-    deterministic function and the comparison is not mask noise.
+    """The training-mode loss on the fixed batch, with the RNG seeded by MASK_SEED.
+
+    Dropout and stochastic depth draw the same masks in every training step and in the evaluations before and after
+    them, so the steps optimise one deterministic function and the comparison is not mask noise.
     """
     with torch.random.fork_rng():
         torch.manual_seed(MASK_SEED)
@@ -118,9 +120,10 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
             steps: int = 2, resolution: int | None = None, batch: int = 8, lr: float = 0.003,
             damping: float = 0.1, timing_steps: int = 3, max_factor_dim: int | None = MAX_FACTOR_DIM,
             progress: Callable[[str, dict], None] | None = None) -> dict:
-    """One report row (see :data:`ROW_KEYS`); never raises for a model's own failure. ``progress(stage, row)`` is
-    called with a copy of the row as each stage starts (the time-limited worker reports through it).
-    ``max_factor_dim`` is passed to ``kc.KFC`` (block-diagonal factors above it; None: dense).
+    """One report row (see :data:`ROW_KEYS`); never raises for a model's own failure.
+
+    ``progress(stage, row)`` is called with a copy of the row as each stage starts (the time-limited worker reports
+    through it). ``max_factor_dim`` is passed to ``kc.KFC`` (block-diagonal factors above it; None: dense).
     """
     family = resolve_family(name, constructor, family)
     row = empty_row(name, family)

@@ -1,5 +1,7 @@
-"""The zoo's models and inputs: torchvision names by family, the input sizes to try, building a model, and the
-synthetic inputs and main output it is trained on.
+"""The zoo's models and inputs.
+
+torchvision names by family, the input sizes to try, building a model, and the synthetic inputs and main output it
+is trained on.
 
 torchvision is imported where it is used: it is the optional ``zoo`` extra, and a sweep over the user's own
 ``(name, constructor)`` pairs (e.g. timm models) runs without it.
@@ -41,8 +43,9 @@ def family_of(name: str) -> str:
 
 
 def resolve_family(name: str, constructor: Callable[[], nn.Module] | None, family: str | None) -> str:
-    """The family a sweep item runs as: the given one, else the torchvision family of a named model, else
-    'classification' for a user constructor.
+    """The family a sweep item runs as.
+
+    The given one, else the torchvision family of a named model, else 'classification' for a user constructor.
     """
     return family or (family_of(name) if constructor is None else "classification")
 

@@ -1,5 +1,7 @@
-"""The zoo's report files: ``zoo.json`` (``{"schema_version": 1, "run": header, "models": rows}``) and ``zoo.md``
-(the run header, totals, one table row per model, then the failures and black boxes).
+"""The zoo's report files: ``zoo.json`` and ``zoo.md``.
+
+``zoo.json`` is ``{"schema_version": 1, "run": header, "models": rows}``; ``zoo.md`` holds the run header, totals,
+one table row per model, then the failures and black boxes.
 """
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ def num(v: float | None, fmt: str = ".3g") -> str:
 
 
 def totals(rows: list[dict]) -> dict:
-    """Counts by status, coverage median / minimum (and its model), the median step-time ratio, and how many models
+    """The totals of a sweep's rows.
+
+    Counts by status, coverage median / minimum (and its model), the median step-time ratio, and how many models
     trained and decreased their loss.
     """
     covs = [r["coverage"] for r in rows if r["coverage"] is not None]

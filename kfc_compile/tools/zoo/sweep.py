@@ -1,5 +1,6 @@
-"""The sweep: :func:`run` over a list of models, one report row each, with a progress bar and the report files
-rewritten after every model (an interrupted sweep keeps its rows).
+"""The sweep: :func:`run` over a list of models, one report row each.
+
+With a progress bar, and the report files rewritten after every model (an interrupted sweep keeps its rows).
 """
 from __future__ import annotations
 

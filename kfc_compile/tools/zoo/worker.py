@@ -32,9 +32,10 @@ def _worker(conn, name, ctor, fam, kwargs, threads: int) -> None:
 
 
 def _context(*args):
-    """A fork server (children forked from a clean process that preloaded torch: a process that has already run
-    OpenMP-parallel torch ops cannot safely fork workers that use it again), or plain fork for arguments that
-    cannot be pickled (e.g. lambda constructors).
+    """A fork server, or plain fork for arguments that cannot be pickled (e.g. lambda constructors).
+
+    The fork server's children are forked from a clean process that preloaded torch: a process that has already run
+    OpenMP-parallel torch ops cannot safely fork workers that use it again.
     """
     try:
         pickle.dumps(args)
