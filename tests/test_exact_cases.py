@@ -1,4 +1,4 @@
-"""Exact-by-theory cases (kfc_spec.md §11.2), each against a dense float64 GGN / EF built with ``torch.func``.
+"""Exact-by-theory cases (docs/algorithm.md §11.2), each against a dense float64 GGN / EF built with ``torch.func``.
 
 ``kron(G, A)`` must equal the exact block of the per-example loss (averaged over examples) for the row-major
 ``[W | b]`` where theory says KFAC is exact, and must differ from it in the negative controls.

@@ -1,4 +1,4 @@
-"""Every factor entry against a float64 brute force (kfc_spec.md §2.3, §2.7, §11.1).
+"""Every factor entry against a float64 brute force (docs/algorithm.md §2.3, §2.7, §11.1).
 
 The brute force builds each patch with explicit Python loops over examples, output positions, channels and kernel
 offsets, indexing the *unpadded* input and resolving padding (zeros, reflect, replicate, circular, 'same',
@@ -335,7 +335,7 @@ def test_shared_weights_sum_uses_as_positions(approx):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# weight-gradient consistency (kfc_spec §11.1.1)
+# weight-gradient consistency (docs/algorithm.md §11.1.1)
 
 def _library_patches(site, x: torch.Tensor) -> torch.Tensor:
     """(groups, N·T, Dg) rows of the site's input, in the library's own geometry.
