@@ -26,6 +26,7 @@ class KFCLayer:
 
     @property
     def numel(self) -> int:
+        """Parameter elements of the layer (weight and bias)."""
         return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
 
 
@@ -60,6 +61,7 @@ class KFCInfo:
 
     @property
     def covered_numel(self) -> int:
+        """Trainable parameter elements under KFC (the layers' weights and biases)."""
         return sum(layer.numel for layer in self.layers)
 
     @property
@@ -68,7 +70,8 @@ class KFCInfo:
         return self.covered_numel / self.total_numel if self.total_numel else 0.0
 
     def layer(self, name: str) -> KFCLayer:
+        """The layer named ``name``; a KeyError listing the layer names when there is none."""
         for layer in self.layers:
             if layer.name == name:
                 return layer
-        raise KeyError(f"no KFC layer named {name!r}; layers: {[l.name for l in self.layers]}")
+        raise KeyError(f"no KFC layer named {name!r}; layers: {[layer.name for layer in self.layers]}")

@@ -13,14 +13,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def report(model: nn.Module) -> str:
-    """Layers under KFC (kind, Ω and Γ sizes, groups, uses), uncovered parameters with reasons, black boxes,
-    and the share of trainable parameter elements covered."""
+    """A text report of what ``kc.transform`` found in ``model``.
+
+    Layers under KFC (kind, Ω and Γ sizes, groups, uses), uncovered parameters with reasons, black boxes, and the
+    share of trainable parameter elements covered.
+    """
     info = getattr(model, "kfc", None)
     if not isinstance(info, KFCInfo):
         raise ValueError("report expects a model returned by kfc_compile.transform (it has no .kfc registry)")
     lines = [f"KFC layers ({len(info.layers)}, approx={info.approx}):"]
-    rows = [[l.name, l.kind, l.a_dim, l.g_dim, l.groups, l.uses, "yes" if l.bias is not None else "no"]
-            for l in info.layers]
+    rows = [[layer.name, layer.kind, layer.a_dim, layer.g_dim, layer.groups, layer.uses,
+             "yes" if layer.bias is not None else "no"] for layer in info.layers]
     lines += _table(["layer", "kind", "Ω dim", "Γ dim", "groups", "uses", "bias"], rows) if rows else ["  (none)"]
     if info.uncovered:
         lines += ["", f"Uncovered parameters ({len(info.uncovered)}, left to the fallback optimizer):"]

@@ -32,9 +32,11 @@ from kfc_compile.runtime.taps import model_output
 
 
 class CompiledStep:
-    """``step(inputs, targets) -> loss`` (a detached 0-d tensor). ``step.model`` is the module that runs the
-    forward (the compiled wrapper, or the model itself with ``compile=False``); ``step.optimizer`` the ``KFC``
-    optimizer."""
+    """``step(inputs, targets) -> loss`` (a detached 0-d tensor).
+
+    ``step.model`` is the module that runs the forward (the compiled wrapper, or the model itself with
+    ``compile=False``); ``step.optimizer`` the ``KFC`` optimizer.
+    """
 
     def __init__(self, model: nn.Module, optimizer, loss_fn, compiled: bool):
         self.model = model
@@ -49,6 +51,10 @@ class CompiledStep:
         return info.graphs if info is not None else 0
 
     def __call__(self, inputs, targets) -> torch.Tensor:
+        """One training step: forward, loss, backward and ``optimizer.step``; returns the loss, detached.
+
+        ``inputs`` is the model's input, or a tuple of its positional inputs.
+        """
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         opt = self.optimizer
 

@@ -1,6 +1,9 @@
-"""The package structure holds: the import graph of ``kfc_compile`` and ``triton_kernels`` has no cycle, internal
-imports are at module level (none hidden in functions to dodge a cycle), the core never imports the tools, and no
-module grows past the size at which it stops holding one concept."""
+"""The package structure holds.
+
+The import graph of ``kfc_compile`` and ``triton_kernels`` has no cycle, internal imports are at module level (none
+hidden in functions to dodge a cycle), the core never imports the tools, and no module grows past the size at which
+it stops holding one concept.
+"""
 from __future__ import annotations
 
 import ast
@@ -70,9 +73,12 @@ GRAPH = {m: {d for d, _ in _imports(m, p)} for m, p in MODULES.items()}
 
 
 def test_import_graph_has_no_cycle():
-    """Module-level graph: ``from pkg import mod`` is an edge to ``pkg.mod``, ``from pkg import name`` to ``pkg``
-    (its ``__init__``); the implicit import of a module's parent packages is not an edge (an ``__init__`` that
-    re-exports its children is the usual layout, not a cycle)."""
+    """The module-level import graph is acyclic.
+
+    ``from pkg import mod`` is an edge to ``pkg.mod``, ``from pkg import name`` to ``pkg`` (its ``__init__``); the
+    implicit import of a module's parent packages is not an edge (an ``__init__`` that re-exports its children is
+    the usual layout, not a cycle).
+    """
     try:
         order = list(graphlib.TopologicalSorter(GRAPH).static_order())
     except graphlib.CycleError as e:
@@ -98,9 +104,11 @@ UPPER = ("kfc_compile.frontend", "kfc_compile.optim", "kfc_compile.step", "kfc_c
 
 
 def test_lower_layers_do_not_import_upper_ones():
-    """The layers of docs/architecture.md §4: the curvature maths and the kernels at the bottom, then sites and
-    runtime (below both front ends), then the front ends, then the drivers (estimator, kc.curvature) and the
-    optimizer; the tools on top."""
+    """The layers of docs/architecture.md §4 (maths and kernels at the bottom; the tools on top).
+
+    The curvature maths and the kernels at the bottom, then sites and runtime (below both front ends), then the
+    front ends, then the drivers (estimator, kc.curvature) and the optimizer.
+    """
     rules = {
         "triton_kernels": ("kfc_compile",),
         CURVATURE_MATH: ("kfc_compile.sites", "kfc_compile.runtime", *UPPER),

@@ -1,5 +1,6 @@
-"""The ``kfc`` torch.compile backend: entry point, equivalence with the eager ``transform`` path, graph breaks,
-recompiles, parameters left out.
+"""The ``kfc`` torch.compile backend.
+
+Entry point, equivalence with the eager ``transform`` path, graph breaks, recompiles, parameters left out.
 
 Compiles are slow on the CI's 2 CPU cores, so only the equivalence test goes through inductor; the others hand
 the instrumented graphs to ``aot_eager`` (``options={"inner": "aot_eager"}``): the instrumentation, the
@@ -86,8 +87,10 @@ E, HEADS = 8, 2
 
 
 def _explicit_attention(t: torch.Tensor, mha: nn.MultiheadAttention, batch_first: bool = False) -> torch.Tensor:
-    """The same self-attention as ``mha(t, t, t, need_weights=False)`` written with F.linear calls that
-    ``kc.transform`` can see (t: (N, L, E)). ``batch_first``: the projections see (N, L, ·) tensors."""
+    """The same self-attention as ``mha(t, t, t, need_weights=False)``, written with F.linear calls.
+
+    ``kc.transform`` can see those calls (t: (N, L, E)). ``batch_first``: the projections see (N, L, ·) tensors.
+    """
     if batch_first:
         N, L, _ = t.shape
         qkv = F.linear(t, mha.in_proj_weight, mha.in_proj_bias)
@@ -147,16 +150,18 @@ def _assert_same_training(eager_opt, opt, eager_model, compiled_model) -> None:
         fe, fc = eager_opt.factors(layer.name), opt.factors(layer.name)
         torch.testing.assert_close(fc.A, fe.A, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(fc.G, fe.G, rtol=1e-12, atol=1e-14)
-    for pe, pc in zip(eager_model.parameters(), compiled_model.parameters()):
+    for pe, pc in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(pc, pe, rtol=1e-12, atol=1e-14)
 
 
 def test_kfc_backend_matches_eager_transform():
-    """5 KFC steps (MC Fisher, statistics every 2 steps, inverses at steps 1-3) in float64: ``torch.compile(m,
-    backend="kfc")`` (inductor) against the eager ``transform`` path on a model whose attention calls
+    """5 KFC steps in float64: ``torch.compile(m, backend="kfc")`` (inductor) against the eager ``transform`` path.
+
+    MC Fisher, statistics every 2 steps, inverses at steps 1-3, on a model whose attention calls
     ``F.multi_head_attention_forward``. The eager twin spells the attention out with ``F.linear`` (transform
     cannot see inside nn.MultiheadAttention), so both precondition the same 5 layers, packed in_proj included.
-    Tolerance: 1e-10 relative on every factor and parameter (inductor reorders float64 reductions)."""
+    Tolerance: 1e-10 relative on every factor and parameter (inductor reorders float64 reductions).
+    """
     torch.manual_seed(0)
     base = ConvAttentionNet().double()
     eager_model = copy.deepcopy(base)
@@ -182,7 +187,7 @@ def test_kfc_backend_matches_eager_transform():
         torch.testing.assert_close(fc.G, fe.G, rtol=1e-10, atol=1e-12 * fe.G.abs().max().item())
     moved = False
     for (name, pe), (_, pc), (_, p0) in zip(eager_model.named_parameters(), compiled_model.named_parameters(),
-                                            base.named_parameters()):
+                                            base.named_parameters(), strict=True):
         torch.testing.assert_close(pc, pe, rtol=1e-10, atol=1e-12, msg=name)
         moved |= not torch.equal(pe, p0)
     assert moved
@@ -190,8 +195,10 @@ def test_kfc_backend_matches_eager_transform():
 
 
 def test_kfc_backend_attention_statistics_are_batch_first():
-    """approx="reduce" groups positions by example, so the attention projections (which see sequence-first
-    tensors) must reach the statistics batch-first: compare with an eager twin whose projections are batch-first."""
+    """approx="reduce" groups positions by example, so the attention projections must reach the statistics batch-first.
+
+    The projections see sequence-first tensors: compare with an eager twin whose projections are batch-first.
+    """
     torch.manual_seed(0)
     base = ConvAttentionNet().double()
     eager_model = copy.deepcopy(base)
@@ -244,15 +251,17 @@ def test_graph_break_every_graph_instrumented():
 
 
 def test_recompiles_bounded():
-    """20 steps with a new lr every step (a scheduler), statistics every 3 steps and a smaller last batch:
-    the first graph serves both kinds of step, the partial batch adds one dynamic-shape graph, nothing else."""
+    """20 steps with a new lr every step (a scheduler), statistics every 3 steps and a smaller last batch.
+
+    The first graph serves both kinds of step, the partial batch adds one dynamic-shape graph, nothing else.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
     cm = torch.compile(model, backend="kfc", options=AOT_EAGER)
     opt = kc.KFC(cm, lr=0.1, damping=0.1, stats_every=3, inverse_every=5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
     lrs = set()
-    for i, (x, y) in enumerate(_batches(20, [8] * 19 + [5], (3, 6, 6), 3)):
+    for x, y in _batches(20, [8] * 19 + [5], (3, 6, 6), 3):
         F.cross_entropy(cm(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -355,10 +364,12 @@ def test_registries_do_not_keep_models_alive():
 
 @pytest.mark.parametrize("backend", ["aot_eager", "kfc"])
 def test_compiled_transform_taps_do_not_break_graphs(backend):
-    """``torch.compile(kc.transform(m))`` (any backend): inside dynamo the capture taps call kfc::record, so they
-    neither break the graph nor guard on the capture flags; only the armed output tap (the Fisher pass needs an
-    eager autograd node on the model output) breaks, at the very end, on statistics steps. The kfc backend sees
-    those taps and adds none of its own."""
+    """``torch.compile(kc.transform(m))`` (any backend): the capture taps neither break the graph nor guard.
+
+    Inside dynamo the capture taps call kfc::record, so they neither break the graph nor guard on the capture flags;
+    only the armed output tap (the Fisher pass needs an eager autograd node on the model output) breaks, at the very
+    end, on statistics steps. The kfc backend sees those taps and adds none of its own.
+    """
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, stride=2),
                          nn.Flatten(), nn.Linear(4 * 9, 5)).double()
@@ -380,9 +391,12 @@ def test_compiled_transform_taps_do_not_break_graphs(backend):
 
 
 def test_statistics_subset_compiled_equals_eager():
-    """stats_fraction < 1: the eager optimizer runs a separate forward of the subset, the kfc-backend model keeps
-    the capture in the user's pass and uses the subset's rows; for a model without cross-example coupling and the
-    deterministic type-2 Fisher both give the factors of the first examples."""
+    """stats_fraction < 1: the eager and the kfc-backend optimizers both give the factors of the first examples.
+
+    The eager optimizer runs a separate forward of the subset, the kfc-backend model keeps the capture in the user's
+    pass and uses the subset's rows; for a model without cross-example coupling and the deterministic type-2 Fisher
+    both give the factors of the first examples.
+    """
     torch.manual_seed(0)
     base = BrokenNet().double()
     eager_model, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
@@ -395,7 +409,7 @@ def test_statistics_subset_compiled_equals_eager():
     _train(cm, opt, batches)
     x, y = batches[0]
     ref = kc.curvature(copy.deepcopy(base), "cross_entropy", x[:2], y[:2], fisher="type-2")  # ceil(0.4·5) = 2
-    assert sorted(ref) == sorted(layer.name for layer in eager_opt.layers) == sorted(l.name for l in opt.layers)
+    assert sorted(ref) == sorted(layer.name for layer in eager_opt.layers) == sorted(layer.name for layer in opt.layers)
     for name, f in ref.items():
         for got in (eager_opt.factors(name), opt.factors(name)):
             torch.testing.assert_close(got.A, f.A, rtol=1e-12, atol=1e-14)
@@ -403,9 +417,12 @@ def test_statistics_subset_compiled_equals_eager():
 
 
 def test_two_modules_of_one_class_each_get_their_own_graphs(monkeypatch):
-    """torch.compile(m, backend="kfc") without options hands dynamo the same backend function for every module;
-    dynamo would then run the first module's graphs (and taps) for the second. Each module must get its own layers
-    and statistics, equal to an eager twin's."""
+    """Two modules compiled with backend="kfc" and no options each get their own layers and statistics.
+
+    torch.compile(m, backend="kfc") without options hands dynamo the same backend function for every module; dynamo
+    would then run the first module's graphs (and taps) for the second. Each module must get its own layers and
+    statistics, equal to an eager twin's.
+    """
     from torch._dynamo.backends.registry import lookup_backend
 
     monkeypatch.setattr("torch._inductor.compile_fx.compile_fx",
@@ -422,13 +439,13 @@ def test_two_modules_of_one_class_each_get_their_own_graphs(monkeypatch):
         em = copy.deepcopy(base)
         eager.append((em, kc.KFC(em, **opts)))
     for x, y in batches:  # the two compiled modules alternate, as in a training loop holding both
-        for (cm, opt), (em, eopt) in zip(compiled, eager):
+        for (cm, opt), (em, eopt) in zip(compiled, eager, strict=True):
             _train(cm, opt, [(x, y)])
             _train(em, eopt, [(x, y)])
-    for (cm, opt), (em, eopt) in zip(compiled, eager):
+    for (cm, opt), (em, eopt) in zip(compiled, eager, strict=True):
         assert [layer.name for layer in opt.layers] == ["0", "2"]
         for name in ("0", "2"):
             torch.testing.assert_close(opt.factors(name).A, eopt.factors(name).A, rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(opt.factors(name).G, eopt.factors(name).G, rtol=1e-12, atol=1e-14)
-        for pc, pe in zip(cm.parameters(), em.parameters()):
+        for pc, pe in zip(cm.parameters(), em.parameters(), strict=True):
             torch.testing.assert_close(pc, pe, rtol=1e-12, atol=1e-14)

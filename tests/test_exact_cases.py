@@ -1,4 +1,4 @@
-"""Exact-by-theory cases (kfc_spec.md §11.2), each against a dense float64 GGN / EF built with ``torch.func``.
+"""Exact-by-theory cases (docs/algorithm.md §11.2), each against a dense float64 GGN / EF built with ``torch.func``.
 
 ``kron(G, A)`` must equal the exact block of the per-example loss (averaged over examples) for the row-major
 ``[W | b]`` where theory says KFAC is exact, and must differ from it in the negative controls.
@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kfc_test_helpers import dense_blocks, kron_block, rel_err
 from torch import nn
 
 import kfc_compile as kc
+
+from kfc_test_helpers import dense_blocks, kron_block, rel_err
 
 EXACT = 1e-10
 
@@ -101,10 +102,12 @@ def test_reduce_equals_expand_when_one_position(fisher):
 
 
 def test_reduce_and_expand_differ_by_position_scaling():
-    """With T > 1, inputs equal at every position and gradients g = v/T (average pooling): Ω_reduce = Ω_expand / T
-    (x̃ is a mean) and Γ_reduce = T²·Γ_expand ((Σ_t g)(Σ_t g)ᵀ vs the position average of g gᵀ), so the reduce
-    block is T times the expand block, as the reduce-exact case requires; summing both (or averaging both)
-    would be off by T."""
+    """With T > 1, equal inputs at every position and gradients g = v/T: the reduce block is T times the expand one.
+
+    The gradients are those of average pooling. Ω_reduce = Ω_expand / T (x̃ is a mean) and Γ_reduce = T²·Γ_expand
+    ((Σ_t g)(Σ_t g)ᵀ vs the position average of g gᵀ), so the reduce block is T times the expand block, as the
+    reduce-exact case requires; summing both (or averaging both) would be off by T.
+    """
     conv = nn.Conv2d(2, 3, 1, bias=True).double()
     model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     torch.manual_seed(5)
@@ -119,9 +122,11 @@ def test_reduce_and_expand_differ_by_position_scaling():
 
 
 def test_mean_vs_sum_reduction():
-    """ℓ_n = (1/K)Σφ (mean) vs Σφ (sum): Ω is the same, type-2 Γ scales by 1/K and empirical Γ by 1/K², so the
-    batch-loss GGN relation GGN(mean) = GGN(sum)/(N·K) of curvlinops holds; with one term per example (CE on
-    (N, C)) the two reductions give identical factors."""
+    """ℓ_n = (1/K)Σφ (mean) vs Σφ (sum): Ω is the same, type-2 Γ scales by 1/K and empirical Γ by 1/K².
+
+    So the batch-loss GGN relation GGN(mean) = GGN(sum)/(N·K) of curvlinops holds; with one term per example (CE on
+    (N, C)) the two reductions give identical factors.
+    """
     torch.manual_seed(6)
     model = nn.Sequential(nn.Conv2d(3, 2, 4, padding=2), ChannelsLast()).double()
     x = torch.randn(3, 3, 5, 4, dtype=torch.float64)

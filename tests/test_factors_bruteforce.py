@@ -1,4 +1,4 @@
-"""Every factor entry against a float64 brute force (kfc_spec.md §2.3, §2.7, §11.1).
+"""Every factor entry against a float64 brute force (docs/algorithm.md §2.3, §2.7, §11.1).
 
 The brute force builds each patch with explicit Python loops over examples, output positions, channels and kernel
 offsets, indexing the *unpadded* input and resolving padding (zeros, reflect, replicate, circular, 'same',
@@ -47,7 +47,7 @@ def _pads(padding, kernel, dilation) -> list[tuple[int, int]]:
         return [(0, 0)] * d
     if padding == "same":
         out = []
-        for k, dl in zip(kernel, dilation):
+        for k, dl in zip(kernel, dilation, strict=True):
             total = dl * (k - 1)
             out.append((total // 2, total - total // 2))
         return out
@@ -61,7 +61,7 @@ def brute_conv_patches(x: np.ndarray, kernel, stride, padding, dilation, groups,
     cg = C // groups
     pads = _pads(padding, kernel, dilation)
     out = [(s + lo + hi - dl * (k - 1) - 1) // st + 1
-           for s, (lo, hi), k, dl, st in zip(S, pads, kernel, dilation, stride)]
+           for s, (lo, hi), k, dl, st in zip(S, pads, kernel, dilation, stride, strict=True)]
     positions = list(itertools.product(*[range(o) for o in out]))
     offsets = list(itertools.product(*[range(k) for k in kernel]))
     P = np.zeros((N, groups, len(positions), cg * len(offsets)))
@@ -150,7 +150,7 @@ def conv_geometries(draw):
     pad_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
     stride = (1,) * d if pad_kind == "same" else tuple(draw(st.integers(1, 2)) for _ in range(d))
     extra = {1: 4, 2: 3, 3: 2}[d]
-    spatial = tuple(dl * (k - 1) + 1 + draw(st.integers(0, extra)) for k, dl in zip(kernel, dilation))
+    spatial = tuple(dl * (k - 1) + 1 + draw(st.integers(0, extra)) for k, dl in zip(kernel, dilation, strict=True))
     if pad_kind == "int":
         padding = draw(st.integers(0, 2))
     elif pad_kind == "tuple":
@@ -159,7 +159,7 @@ def conv_geometries(draw):
         padding = pad_kind
     if mode != "zeros":  # reflect needs pad < size; keep all non-zero modes inside one wrap
         pads = _pads(padding, kernel, dilation)
-        spatial = tuple(max(s, max(lo, hi) + 1) for s, (lo, hi) in zip(spatial, pads))
+        spatial = tuple(max(s, max(lo, hi) + 1) for s, (lo, hi) in zip(spatial, pads, strict=True))
     depthwise = draw(st.booleans())
     groups = draw(st.integers(1, 3))
     cin = groups if depthwise else groups * draw(st.integers(1, 2))
@@ -239,8 +239,11 @@ def test_functional_conv_matches_brute_force(approx):
 
 
 def test_bias_row_and_beta_counts():
-    """Stride 1, pad R: Ω's bias-bias entry is T, the bias row is Σ_t a, and with a = 1 everywhere the
-    weight block holds the overlap counts β(δ, δ') of kfc_spec §2.2."""
+    """Stride 1, pad R: Ω's bias entries, and with a = 1 everywhere the overlap counts in its weight block.
+
+    Ω's bias-bias entry is T, the bias row is Σ_t a, and with a = 1 everywhere the weight block holds the overlap
+    counts β(δ, δ') of docs/algorithm.md §2.2.
+    """
     T1 = T2 = 5
     conv = nn.Conv2d(1, 1, 3, padding=1).double()
     x = torch.ones(1, 1, T1, T2, dtype=torch.float64)
@@ -249,7 +252,7 @@ def test_bias_row_and_beta_counts():
     offsets = list(itertools.product(range(-1, 2), repeat=2))
 
     def beta(d1, d2):
-        return math.prod(T - max(a, b, 0) + min(a, b, 0) for T, a, b in zip((T1, T2), d1, d2))
+        return math.prod(T - max(a, b, 0) + min(a, b, 0) for T, a, b in zip((T1, T2), d1, d2, strict=True))
 
     expected = torch.tensor([[beta(a, b) for b in offsets] for a in offsets], dtype=torch.float64)
     torch.testing.assert_close(f.A[:9, :9], expected)
@@ -296,7 +299,7 @@ def test_shared_weights_sum_uses_as_positions(approx):
     x = torch.randn(2, 2, 4, 6, dtype=torch.float64)
     y = torch.randn_like(model(x))
     tm = kc.transform(model, approx=approx)
-    assert {(l.name, l.uses) for l in tm.kfc.layers} == {("conv", 2), ("lin", 2)}
+    assert {(layer.name, layer.uses) for layer in tm.kfc.layers} == {("conv", 2), ("lin", 2)}
     f = kc.curvature(tm, nn.MSELoss(reduction="sum"), x, y, fisher="empirical", approx=approx)
 
     g_conv = output_grads(model, model.conv, x, y)
@@ -332,11 +335,13 @@ def test_shared_weights_sum_uses_as_positions(approx):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# weight-gradient consistency (kfc_spec §11.1.1)
+# weight-gradient consistency (docs/algorithm.md §11.1.1)
 
 def _library_patches(site, x: torch.Tensor) -> torch.Tensor:
-    """(groups, N·T, Dg) rows of the site's input, in the library's own geometry (its site object and the
-    triton_kernels reference im2col)."""
+    """(groups, N·T, Dg) rows of the site's input, in the library's own geometry.
+
+    The rows come from its site object and the triton_kernels reference im2col.
+    """
     if site.kind == "linear":
         return site.input_rows(x)
     from triton_kernels.checks import conv_geometry
@@ -371,7 +376,7 @@ def test_gradient_consistency(reduction):
     x = torch.randn(3, 4, 5, 3, dtype=torch.float64)
     y = torch.randn_like(model(x))
     tm = kc.transform(model)
-    assert [l.name for l in tm.kfc.layers] == ["c1", "c2", "c3", "fc"]
+    assert [layer.name for layer in tm.kfc.layers] == ["c1", "c2", "c3", "fc"]
     state = tm.kfc.state
     seen = []
     record = state.record

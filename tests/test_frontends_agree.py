@@ -1,7 +1,10 @@
-"""The two front ends recognise layers through one site-kind table, so they must agree: the same table-driven cases
-(module, functional and shared calls, grouped convs, weights with other uses) run through the fx pass
-(``kc.transform`` / eager ``kc.KFC``) and the dynamo backend (``torch.compile(backend="kfc")``), and give identical
-layer lists, identical uncovered parameters, and equal factors after one statistics step (float64)."""
+"""The two front ends recognise layers through one site-kind table, so they must agree.
+
+The same table-driven cases (module, functional and shared calls, grouped convs, weights with other uses) run
+through the fx pass (``kc.transform`` / eager ``kc.KFC``) and the dynamo backend (``torch.compile(backend="kfc")``),
+and give identical layer lists, identical uncovered parameters, and equal factors after one statistics step
+(float64).
+"""
 from __future__ import annotations
 
 import pytest
@@ -65,7 +68,8 @@ class Depthwise3d(nn.Module):
         self.head = nn.Linear(6, 5)
 
     def forward(self, x):
-        return self.head(torch.relu(self.c2(torch.relu(self.c1(x.unsqueeze(2).expand(-1, -1, 2, -1, -1))))).mean((2, 3, 4)))
+        h = torch.relu(self.c1(x.unsqueeze(2).expand(-1, -1, 2, -1, -1)))
+        return self.head(torch.relu(self.c2(h)).mean((2, 3, 4)))
 
 
 CASES = {
@@ -80,7 +84,8 @@ CASES = {
 
 
 def _layers(info) -> list[tuple]:
-    return sorted((l.name, l.kind, l.a_dim, l.g_dim, l.groups, l.uses, l.bias is not None) for l in info.layers)
+    return sorted((layer.name, layer.kind, layer.a_dim, layer.g_dim, layer.groups, layer.uses, layer.bias is not None)
+                  for layer in info.layers)
 
 
 def _build(name: str) -> nn.Module:

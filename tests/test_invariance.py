@@ -1,9 +1,9 @@
-"""Invariance of KFC updates to channel-mixing affine reparameterisations (KFC Thm 3; kfc_spec.md §7.4).
+"""Invariance of KFC updates to channel-mixing affine reparameterisations (KFC Thm 3; docs/algorithm.md §7.4).
 
 N: conv(3→4, valid) → ReLU → conv(4→5, valid) → ReLU → global mean → linear(5→3).
 N†: the same with fixed (non-parameter) channel-mixing affine maps s ↦ sU + c before and a ↦ aV + d after each
 hidden nonlinearity, and parameters θ† (KFC-S Eq. 84) such that N†(θ†) = N(θ). All convs are valid (padding 0)
-because d ≠ 0 (kfc_spec §7.3). The loss is MSE so that every factor is full rank and undamped inverses exist
+because d ≠ 0 (docs/algorithm.md §7.3). The loss is MSE so that every factor is full rank and undamped inverses exist
 (the softmax-CE Γ of the last layer has rank C − 1). MC targets come from identically seeded generators, so both
 nets see the same samples.
 """
@@ -101,7 +101,7 @@ def run(make_opt, steps=5, seed=0, on_step=lambda opt: None):
     errs = []
     for k in range(steps):
         X, Y = data(k)
-        for m, o in zip((net, tw), opts):
+        for m, o in zip((net, tw), opts, strict=True):
             o.zero_grad()
             F.mse_loss(m(X), Y).backward()
             o.step()

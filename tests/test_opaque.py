@@ -1,5 +1,7 @@
-"""Linear layers inside opaque calls (``nn.MultiheadAttention`` leaves, fx-wrapped functions such as torchvision's
-``shifted_window_attention``) are under KFC in the ``kc.transform`` path.
+"""Linear layers inside opaque calls are under KFC in the ``kc.transform`` path.
+
+The opaque calls: ``nn.MultiheadAttention`` leaves, and fx-wrapped functions such as torchvision's
+``shifted_window_attention``.
 
 References: for attention, a twin model that spells the same attention out with batch-first ``F.linear`` calls
 (which the plain fx path taps); for Swin, a float64 brute force from the per-example output gradients of the
@@ -118,7 +120,7 @@ def test_attention_outputs_and_gradients_unchanged(batch_first):
         out = tm(x)
     torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
@@ -130,7 +132,8 @@ def test_attention_trains_with_kfc():
     # nn.MultiheadAttention path as well
     opt = kc.KFC(model, lr=0.05, damping=0.1, clip=None)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no "layer has no factors" warning: the attention layers got statistics
+        # no "layer has no factors" warning: the attention layers got statistics
+        warnings.simplefilter("error", UserWarning)
         losses = []
         for _ in range(4):
             loss = F.cross_entropy(model(x), y)
@@ -196,9 +199,11 @@ class _Recorder(TorchFunctionMode):
 
 
 def _brute_swin(model, x, y, weight, approx):
-    """Ω, Γ of ``weight`` (weight block only) from the original model, per-example gradients of a summed loss, from
-    the rows of real tokens only: tokens the attention pads in are the rows whose qkv input is all zero (with this
-    random data no real token's is)."""
+    """Ω, Γ of ``weight`` (weight block only) from the original model, from the rows of real tokens only.
+
+    Per-example gradients of a summed loss; tokens the attention pads in are the rows whose qkv input is all zero
+    (with this random data no real token's is).
+    """
     attn = model.block.attn
     rec = _Recorder([attn.qkv.weight, weight])
     with rec:
@@ -287,8 +292,11 @@ def test_swin_padded_tokens_not_in_factors(v2, approx, window, shift, h, w):
 
 
 def test_swin_v2_padding_kfc_step_finite():
-    """Swin V2 zeroes the key bias, so a padded token's key is exactly 0 and the cosine attention's F.normalize
-    scales its gradient by 1/eps = 1e12: in Γ, such rows gave entries ~1e20 (a singular factor in swin_v2_s)."""
+    """Swin V2 zeroes the key bias, so a padded token's key is exactly 0 and its gradient is scaled by 1e12.
+
+    The cosine attention's F.normalize scales that gradient by 1/eps = 1e12: in Γ, such rows gave entries ~1e20 (a
+    singular factor in swin_v2_s).
+    """
     torch.manual_seed(0)
     model = TinySwin(True, window=4, shift=2)
     g = torch.Generator().manual_seed(5)

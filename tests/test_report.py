@@ -40,7 +40,7 @@ def test_report_contents():
     text = kc.report(tm)
     info = tm.kfc
     # the self-attention's packed in-projection and its out-projection are tapped inside the attention call
-    assert sorted(l.name for l in info.layers) == ["attn.in_proj_weight", "attn.out_proj", "conv", "head"]
+    assert sorted(layer.name for layer in info.layers) == ["attn.in_proj_weight", "attn.out_proj", "conv", "head"]
     for layer in info.layers:
         assert re.search(rf"^{re.escape(layer.name)}\s+{layer.kind}\s+{layer.a_dim}\s+{layer.g_dim}\s+{layer.groups}\s+"
                          rf"{layer.uses}\b", text, re.M), layer.name

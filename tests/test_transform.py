@@ -68,7 +68,7 @@ def test_torchvision_equivalence(name, dtype):
     assert_unchanged(model, snap)
     assert tm.state_dict().keys() == model.state_dict().keys()
     convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert [l.name for l in tm.kfc.layers] == convs
+    assert [layer.name for layer in tm.kfc.layers] == convs
     x = torch.randn(*TORCHVISION[name], dtype=dtype)
     assert_equivalent(model, tm, x, dtype)
 
@@ -90,16 +90,16 @@ def test_resnet18_train_mode_and_armed_taps():
 
 
 def test_r3d_18_conv3d_subclasses_are_found():
-    """torchvision's Conv3DSimple / Conv3DNoTemporal subclass nn.Conv3d: all 20 convs + fc must be layers."""
+    """Torchvision's Conv3DSimple / Conv3DNoTemporal subclass nn.Conv3d: all 20 convs + fc must be layers."""
     from torchvision.models.video import r3d_18
 
     torch.manual_seed(0)
     model = r3d_18(weights=None, num_classes=5).double().eval()
     tm = kc.transform(model)
-    kinds = [l.kind for l in tm.kfc.layers]
+    kinds = [layer.kind for layer in tm.kfc.layers]
     assert kinds.count("conv3d") == 20 and kinds.count("linear") == 1 and len(kinds) == 21
     expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv3d, nn.Linear))]
-    assert sorted(l.name for l in tm.kfc.layers) == sorted(expected)
+    assert sorted(layer.name for layer in tm.kfc.layers) == sorted(expected)
     assert not tm.kfc.black_boxes
     assert_equivalent(model, tm, torch.randn(1, 3, 4, 16, 16, dtype=torch.float64), torch.float64)
 
@@ -128,7 +128,8 @@ def test_functional_calls(dtype):
     torch.manual_seed(0)
     model = Functional().to(dtype)
     tm = kc.transform(model)
-    got = {l.name: (l.kind, l.groups, l.a_dim, l.g_dim, l.uses, l.bias is not None) for l in tm.kfc.layers}
+    got = {layer.name: (layer.kind, layer.groups, layer.a_dim, layer.g_dim, layer.uses, layer.bias is not None)
+           for layer in tm.kfc.layers}
     assert got == {
         "c1": ("conv2d", 1, 28, 4, 1, True),
         "depthwise": ("conv2d", 4, 9, 1, 1, False),
@@ -158,7 +159,7 @@ def test_shared_module_counts_uses():
     torch.manual_seed(0)
     model = Shared().double()
     tm = kc.transform(model)
-    layers = {l.name: l for l in tm.kfc.layers}
+    layers = {layer.name: layer for layer in tm.kfc.layers}
     assert layers["block"].uses == 2 and layers["out"].uses == 1 and len(layers["block"].sites) == 2
     assert layers["block"].weight is model.block.weight and layers["block"].bias is model.block.bias
     assert_equivalent(model, tm, torch.randn(3, 4, dtype=torch.float64), torch.float64)
@@ -198,7 +199,7 @@ def test_data_dependent_if_becomes_black_box():
     tm = kc.transform(model)
     assert [b.name for b in tm.kfc.black_boxes] == ["gate"]
     assert "gate" in kc.report(tm)
-    assert sorted(l.name for l in tm.kfc.layers) == ["gate.conv", "head", "stem"]
+    assert sorted(layer.name for layer in tm.kfc.layers) == ["gate.conv", "head", "stem"]
     assert tm.kfc.coverage == 1.0
     for sign in (1.0, -1.0):  # both branches
         x = sign * torch.rand(3, 3, 4, 4, dtype=torch.float64) + 0.5 * sign
@@ -208,7 +209,7 @@ def test_data_dependent_if_becomes_black_box():
         # the inner conv's factors, from its input and per-example output gradients in the original model
         seen = {}
 
-        def hook(mod, inputs, out):
+        def hook(mod, inputs, out, seen=seen):
             out.retain_grad()
             seen.update(x=inputs[0].detach(), out=out)
 
@@ -227,17 +228,18 @@ def test_layer_fields():
     model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.ReLU(), nn.Conv2d(6, 6, (2, 1), groups=6, bias=False),
                           nn.Flatten(), nn.Linear(12, 5, bias=False), nn.Linear(5, 2))
     tm = kc.transform(model)
-    fields = [(l.name, l.kind, l.a_dim, l.g_dim, l.groups, l.uses) for l in tm.kfc.layers]
+    fields = [(layer.name, layer.kind, layer.a_dim, layer.g_dim, layer.groups, layer.uses) for layer in tm.kfc.layers]
     assert fields == [("0", "conv2d", 2 * 9 + 1, 3, 2, 1), ("2", "conv2d", 2, 1, 6, 1),
                       ("4", "linear", 12, 5, 1, 1), ("5", "linear", 6, 2, 1, 1)]
-    for layer, i in zip(tm.kfc.layers, (0, 2, 4, 5)):
+    for layer, i in zip(tm.kfc.layers, (0, 2, 4, 5), strict=True):
         assert isinstance(layer, KFCLayer)
         assert layer.weight is model[i].weight
         assert layer.bias is model[i].bias
         assert all(p in set(tm.parameters()) for p in (layer.weight, layer.bias) if p is not None)
     assert tm.kfc.layer("5").numel == 12
     assert tm.kfc.coverage == 1.0
-    assert kc.curvature(tm, "mse", torch.randn(2, 4, 5, 3), torch.randn(2, 2), fisher="type-2")["2"].A.shape == (6, 2, 2)
+    f = kc.curvature(tm, "mse", torch.randn(2, 4, 5, 3), torch.randn(2, 2), fisher="type-2")
+    assert f["2"].A.shape == (6, 2, 2)
 
 
 def test_inplace_relu_after_conv():

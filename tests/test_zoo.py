@@ -1,5 +1,7 @@
-"""``kfc-compile zoo`` / ``zoo.run``: a small CI subset, broken models reported without stopping the sweep, and
-the JSON schema."""
+"""``kfc-compile zoo`` / ``zoo.run``: a small CI subset, broken models reported, and the JSON schema.
+
+Broken models are reported without stopping the sweep.
+"""
 from __future__ import annotations
 
 import json
@@ -103,8 +105,10 @@ class Slow(SmallNet):
 
 
 def test_time_limit_stops_a_model_without_stopping_the_sweep(tmp_path):
-    """A model over the per-model limit runs in a worker that is killed; its row is failed with the reason and
-    keeps what was measured before (here the parameter count), and the next model still runs."""
+    """A model over the per-model limit runs in a worker that is killed; its row is failed with the reason.
+
+    The row keeps what was measured before (here the parameter count), and the next model still runs.
+    """
     rows = zoo.run([("slow", Slow), ("small", SmallNet)], steps=1, resolution=8, batch=2, out=str(tmp_path),
                       progress=False, time_limit=10, timing_steps=1)
     slow, small = rows
@@ -124,8 +128,11 @@ def test_cli_zoo_bad_family(capsys):
 
 
 def test_vit_is_built_for_the_requested_resolution():
-    """ViT fixes its image size at construction: the sweep builds it for the smallest multiple of the patch size
-    at or above the requested resolution (224, the published size, when none is requested)."""
+    """ViT fixes its image size at construction: the sweep builds it for a multiple of its patch size.
+
+    That is the smallest multiple of the patch size at or above the requested resolution (224, the published size,
+    when none is requested).
+    """
     assert zoo.resolutions("vit_b_16", requested=32) == (32,)
     assert zoo.resolutions("vit_h_14", requested=32) == (42,)
     assert zoo.resolutions("vit_l_32") == (224,)

@@ -1,5 +1,4 @@
-"""Self-attention with tapped projections: what the ``kfc`` backend puts in place of
-``F.multi_head_attention_forward``.
+"""Self-attention with tapped projections: the ``kfc`` backend's stand-in for ``F.multi_head_attention_forward``.
 
 Dynamo keeps ``F.multi_head_attention_forward`` as one opaque call in its graph, so the packed input projection
 (``in_proj_weight``) and the output projection are invisible to a pass that looks for ``F.linear``. For the common
@@ -64,8 +63,10 @@ def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
 def self_attention(query, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, dropout_p,
                    out_proj_weight, out_proj_bias, training, key_padding_mask, need_weights, attn_mask,
                    average_attn_weights, slot, in_key, out_key):
-    """``F.multi_head_attention_forward(query, query, query, ...)`` for the supported case, with a capture tap
-    after each projection whose key is >= 0."""
+    """``F.multi_head_attention_forward(query, query, query, ...)`` for the supported case, projections tapped.
+
+    A capture tap follows each projection whose key is >= 0.
+    """
     tgt_len, bsz, embed_dim = query.shape
     heads = num_heads
     head_dim = embed_dim // heads

@@ -70,8 +70,11 @@ class OpaqueSite:
 
 @dataclass(eq=False)
 class OpaquePlan:
-    """What the wrapper of one opaque call taps. ``mha``: (in-projection, out-projection) sites of a
-    self-attention, else None; ``linear``: weights tapped in ``F.linear`` calls."""
+    """What the wrapper of one opaque call taps.
+
+    ``mha``: (in-projection, out-projection) sites of a self-attention, else None; ``linear``: weights tapped in
+    ``F.linear`` calls.
+    """
 
     name: str  # for messages: the module's qualified name or the function's name
     linear: list[OpaqueSite] = field(default_factory=list)
@@ -82,14 +85,17 @@ class OpaquePlan:
 
     @property
     def sites(self) -> list[OpaqueSite]:
+        """The plan's sites: the attention's (in, out) projections first, then the ``F.linear`` calls."""
         return list(self.mha or ()) + self.linear
 
     def bind(self, state) -> None:
+        """Attach the plan to the capture ``state``; an attention plan also allocates its ``kfc::record`` keys."""
         self.state = state
         if self.mha is not None:  # kfc::record keys that hand (L, N, ·) tensors to the statistics batch-first
             self._keys = tuple(ops.new_site(state, s.index, seq_first=True) for s in self.mha)
 
     def warn(self, key: str, message: str) -> None:
+        """Warn once per ``key`` for this plan, so that a training loop does not repeat the message every step."""
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"kfc: {message}", stacklevel=4)
@@ -102,9 +108,11 @@ class OpaquePlan:
 
 
 def _swin_real_rows(fn: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int] | None:
-    """For a call of torchvision's ``shifted_window_attention`` whose input is padded: the indices of the real
-    (not padded) tokens among an example's rows (windows · tokens, in the function's window order) and the number
-    of rows per example; None for any other call and for an input that needs no padding.
+    """For a padded ``shifted_window_attention`` call: the real tokens' row indices and the rows per example.
+
+    For a call of torchvision's ``shifted_window_attention`` whose input is padded: the indices of the real (not
+    padded) tokens among an example's rows (windows · tokens, in the function's window order) and the number of
+    rows per example; None for any other call and for an input that needs no padding.
 
     Padded tokens are not data. Their rows add nothing to the projections' weight gradients (qkv: the input row
     is 0; proj: the output is cropped, its gradient is 0), but they would enter the factors: proj's input rows
@@ -172,9 +180,11 @@ class _CaptureMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _tap(self, y: torch.Tensor, x: torch.Tensor, site: OpaqueSite) -> torch.Tensor:
-        """Tap with rows grouped per example: an input with a leading dimension of N·k (Swin's windows) is seen
-        as (N, k·…, in), rows example-major, so that approx='reduce' sums positions per example. With ``rows``
-        only those rows of each example are recorded (the output is unchanged)."""
+        """Tap with rows grouped per example, so that approx='reduce' sums positions per example.
+
+        An input with a leading dimension of N·k (Swin's windows) is seen as (N, k·…, in), rows example-major. With
+        ``rows`` only those rows of each example are recorded (the output is unchanged).
+        """
         n = self.n
         if n is None or x.dim() < 2 or (x.shape[0] == n and self.rows is None):
             return tap(y, x, self.plan.state, site.index)
@@ -246,9 +256,11 @@ class OpaqueCall(nn.Module):
         self.plan = plan
 
     def forward(self, *args, **kwargs):
+        """Run the wrapped function, capturing the plan's sites when statistics are due (see :func:`call`)."""
         return call(self.plan, self.fn, args, kwargs)
 
     def extra_repr(self) -> str:
+        """The wrapped function's name and the indices of its sites, for ``print(model)``."""
         return f"{getattr(self.fn, '__name__', self.fn)}, sites={[s.index for s in self.plan.sites]}"
 
 

@@ -51,8 +51,11 @@ def _release(key: int) -> None:
 
 
 def new_site(state, index: int, seq_first: bool = False) -> int:
-    """A key for site ``index`` of ``state`` (a ``CaptureState``), freed when the state is. ``seq_first``: the site
-    sees (sequence, batch, ...) tensors (attention's projections); they are handed to the state batch-first."""
+    """A key for site ``index`` of ``state`` (a ``CaptureState``), freed when the state is.
+
+    ``seq_first``: the site sees (sequence, batch, ...) tensors (attention's projections); they are handed to the
+    state batch-first.
+    """
     with _LOCK:
         key = next(_NEXT)
         _SITES[key] = _SiteRef(state, index, seq_first)
@@ -97,9 +100,11 @@ torch.fx.node.has_side_effect(torch.ops.kfc.record.default)
 
 
 class _CompiledTap(torch.autograd.Function):
-    """Identity on ``y`` (returned marked dirty, so in-place ops after the layer keep working); the backward
-    records (x, grad of y) through ``kfc::record`` and gives the statistics slot a zero gradient (the slot makes
-    ``torch.autograd.grad(output, slot)`` reach every tap: the Fisher pass)."""
+    """Identity on ``y`` (returned marked dirty, so in-place ops after the layer keep working).
+
+    The backward records (x, grad of y) through ``kfc::record`` and gives the statistics slot a zero gradient (the
+    slot makes ``torch.autograd.grad(output, slot)`` reach every tap: the Fisher pass).
+    """
 
     @staticmethod
     def forward(ctx, y, x, slot, key):  # noqa: D401 - autograd signature
@@ -118,6 +123,8 @@ class _CompiledTap(torch.autograd.Function):
 
 
 def tap(y: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, key: int) -> torch.Tensor:
-    """The node the ``kfc`` backend inserts after a conv/linear call (a module-level function: fx codegen needs an
-    importable target)."""
+    """The node the ``kfc`` backend inserts after a conv/linear call.
+
+    A module-level function: fx codegen needs an importable target.
+    """
     return _CompiledTap.apply(y, x, slot, key)

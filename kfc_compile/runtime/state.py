@@ -23,8 +23,10 @@ from kfc_compile.sites.geometry import Site
 
 @dataclass
 class SiteEntry:
-    """One call site known to a capture state: the index of its layer in ``state.layers`` (None: its weight is
-    not under KFC, the site records nothing) and its geometry."""
+    """One call site known to a capture state: the index of its layer in ``state.layers``, and its geometry.
+
+    ``layer`` is None when the site's weight is not under KFC: the site records nothing.
+    """
 
     layer: int | None
     site: Site
@@ -66,6 +68,7 @@ class CaptureState:
 
     @property
     def sites(self) -> list[SiteEntry]:
+        """The call sites, by index; assigning them allocates each site's ``kfc::record`` key."""
         return self._sites
 
     @sites.setter
@@ -76,6 +79,11 @@ class CaptureState:
 
     # -- called by the taps --------------------------------------------------------------------------------------
     def record(self, site_index: int, x: torch.Tensor, gy: torch.Tensor) -> None:
+        """Route one armed call's (layer input, output gradient) to its layer's batch statistics.
+
+        The capture flags of the running backward say what is recorded (Ω inputs, Γ gradients); a site whose weight is
+        not under KFC records nothing, and with ``stats_fraction`` only the leading examples count.
+        """
         entry = self.sites[site_index]
         layer_index, site = entry.layer, entry.site
         if layer_index is None or not (self.capture_input or self.capture_grad):
@@ -130,22 +138,27 @@ class CaptureState:
             self.end_pass()
 
     def set_capture(self, inputs: bool, grads: bool, grad_scale: float = 1.0) -> None:
+        """Set what backward passes record: Ω inputs, Γ gradients (scaled by ``grad_scale``), both or neither."""
         self.capture_input, self.capture_grad, self.grad_scale = inputs, grads, grad_scale
 
     def end_pass(self) -> None:
+        """Close one backward pass in every layer's statistics (KFAC-reduce flushes its per-example sums)."""
         for s in self.stats.values():
             s.end_pass()
 
     # -- plain-loop driving --------------------------------------------------------------------------------------
     def arm(self, *, inputs: bool, grads: bool, batch_mean: bool,
             fisher_pass: Callable[[torch.Tensor], None] | None = None) -> None:
-        """Arm the taps for the next forward; its training backward records Ω inputs and/or Γ gradients
-        (``batch_mean``: the training loss is a batch mean, so its gradients are scaled by N)."""
+        """Arm the taps for the next forward; its training backward records Ω inputs and/or Γ gradients.
+
+        ``batch_mean``: the training loss is a batch mean, so its gradients are scaled by N.
+        """
         self.armed = True
         self._train_flags = (inputs, grads, batch_mean)
         self.fisher_pass = fisher_pass
 
     def disarm(self) -> None:
+        """Undo :meth:`arm`: later forwards get inert taps and backward passes record nothing."""
         self.armed = False
         self._train_flags = None
         self.fisher_pass = None
@@ -160,7 +173,8 @@ class CaptureState:
     def take(self, n_examples: int | None = None) -> dict[int, Factors]:
         """Normalised factors of the step just recorded (layer index → Factors); resets the accumulators.
 
-        ``n_examples`` defaults to the armed forward's batch size; a statistics subsample is accounted for."""
+        ``n_examples`` defaults to the armed forward's batch size; a statistics subsample is accounted for.
+        """
         if n_examples is not None:
             self.n_examples = n_examples
         used = self.examples_used()
@@ -180,6 +194,8 @@ class CaptureState:
 
 
 def subset_size(n: int, fraction: float) -> int:
-    """Examples in a leading subset of a batch of n: ceil(fraction·n), but at least 2 when n allows (train-mode
-    BatchNorm needs more than one example)."""
+    """Examples in a leading subset of a batch of n: ceil(fraction·n), but at least 2 when n allows.
+
+    Train-mode BatchNorm needs more than one example.
+    """
     return max(min(2, n), min(n, math.ceil(fraction * n)))

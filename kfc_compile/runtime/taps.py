@@ -3,8 +3,8 @@
 When statistics are not due (the normal case) the tap returns its input untouched: no autograd node, no saved
 tensor, no work. When armed, an ``autograd.Function`` keeps a reference to the layer input (which the layer
 already saved for its weight gradient, so no extra memory) and, in the backward, hands (input, grad_output) to
-``CaptureState.record``. Ω is computed from the saved input in the backward (docs/architecture.md, Compiler facts), so the
-forward graph carries no statistics work.
+``CaptureState.record``. Ω is computed from the saved input in the backward (docs/architecture.md, Compiler facts), so
+the forward graph carries no statistics work.
 
 The tap returns its input marked dirty rather than a view, so in-place ops after a layer (``ReLU(inplace=True)``)
 keep working. A shared scalar *slot* feeds every armed tap, so ``torch.autograd.grad(output, slot)`` runs a
@@ -57,9 +57,11 @@ class Tap(nn.Module):
         self.site_index = site_index
 
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer output ``y``, tapped with the layer input ``x`` when statistics are due (see :func:`tap`)."""
         return tap(y, x, self.state, self.site_index)
 
     def extra_repr(self) -> str:
+        """The index of the tapped site, for ``print(model)``."""
         return f"site={self.site_index}"
 
 
@@ -101,9 +103,12 @@ def model_output(out) -> torch.Tensor:
 
 
 def output_tap(out, state: CaptureState, inputs: tuple = ()):
-    """Applied to the model's output. Keeps a reference to the forward's inputs (for Fisher-vector products on
-    the batch), and on an armed step of a plain loop records the batch size and runs the Fisher pass at the start
-    of the training backward (see ``CaptureState``)."""
+    """Applied to the model's output: keeps the forward's inputs, and starts the Fisher pass on armed steps.
+
+    Keeps a reference to the forward's inputs (for Fisher-vector products on the batch), and on an armed step of a
+    plain loop records the batch size and runs the Fisher pass at the start of the training backward (see
+    ``CaptureState``).
+    """
     if not torch.is_grad_enabled():
         return out
     state.last_inputs = inputs
@@ -132,4 +137,5 @@ class OutputTap(nn.Module):
         self.state = state
 
     def forward(self, out, *inputs):
+        """The model output, tapped (see :func:`output_tap`); ``inputs`` are the forward's positional inputs."""
         return output_tap(out, self.state, inputs)

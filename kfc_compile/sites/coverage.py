@@ -32,7 +32,8 @@ def trainable_bias(cands: list[Candidate]) -> nn.Parameter | None:
 def reject_reason(cands: list[Candidate], other_use: OtherUse, layer: KFCLayer | None = None) -> str:
     """Why the weight of ``cands`` (all its calls in one graph) cannot be a KFC layer; "" when it can.
 
-    ``layer``: the weight's layer from earlier graphs, which the new calls must agree with."""
+    ``layer``: the weight's layer from earlier graphs, which the new calls must agree with.
+    """
     weight = cands[0].weight
     why = other_use(weight)
     if why:

@@ -33,13 +33,16 @@ class LinearSite:
 
     @property
     def a_dim(self) -> int:
+        """Length of one input row (Ω's size per group without the bias coordinate): the input features."""
         return self.in_features
 
     @property
     def g_dim(self) -> int:
+        """Length of one output-gradient row (Γ's size per group): the output features."""
         return self.out_features
 
     def positions(self, x: torch.Tensor) -> int:
+        """Positions per example: the product of the dims between the batch dim and the features (0 for no examples)."""
         return x.numel() // (x.shape[0] * self.in_features) if x.shape[0] else 0
 
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,12 +55,15 @@ class LinearSite:
         return x.reshape(n, -1, self.in_features).sum(1, dtype=_acc_dtype(x)).unsqueeze(1)
 
     def accumulate_input_cov(self, out: torch.Tensor, x: torch.Tensor, alpha: float, beta: float, ones: bool) -> None:
+        """In place ``out <- beta*out + alpha*X^T X`` over the input rows (with the ones coordinate when ``ones``)."""
         tk.syrk_update_(out, self.input_rows(x), alpha=alpha, beta=beta, ones=ones)
 
     def output_rows(self, gy: torch.Tensor) -> torch.Tensor:
+        """(1, N·T, out): one group, output-gradient rows are (example, position) pairs."""
         return gy.reshape(1, -1, self.out_features)
 
     def output_sums(self, gy: torch.Tensor) -> torch.Tensor:
+        """(N, 1, out): per-example sums of the output gradients over positions."""
         n = gy.shape[0]
         return gy.reshape(n, -1, self.out_features).sum(1, dtype=_acc_dtype(gy)).unsqueeze(1)
 
@@ -79,14 +85,17 @@ class ConvSite:
 
     @property
     def kind(self) -> str:
+        """``conv1d``, ``conv2d`` or ``conv3d``: the layer kind, named by the number of spatial dims."""
         return f"conv{len(self.kernel_size)}d"
 
     @property
     def a_dim(self) -> int:
+        """Length of one patch (Ω's size per group without the bias coordinate): channels per group × kernel offsets."""
         return (self.in_channels // self.groups) * math.prod(self.kernel_size)
 
     @property
     def g_dim(self) -> int:
+        """Output channels per group (Γ's size per group)."""
         return self.out_channels // self.groups
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,16 +104,19 @@ class ConvSite:
         return F.pad(x, self.mode_padding, mode=self.padding_mode)
 
     def out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The conv's output spatial shape for the input ``x`` (after the padding mode's explicit padding)."""
         spatial = self._padded(x).shape[2:]
         return tuple(
             (s + self.padding[2 * i] + self.padding[2 * i + 1] - self.dilation[i] * (k - 1) - 1) // self.stride[i] + 1
-            for i, (s, k) in enumerate(zip(spatial, self.kernel_size))
+            for i, (s, k) in enumerate(zip(spatial, self.kernel_size, strict=True))
         )
 
     def positions(self, x: torch.Tensor) -> int:
+        """Output positions per example: the product of the output spatial shape."""
         return math.prod(self.out_shape(x))
 
     def accumulate_input_cov(self, out: torch.Tensor, x: torch.Tensor, alpha: float, beta: float, ones: bool) -> None:
+        """In place ``out[g] <- beta*out[g] + alpha*sum p p^T`` over the patches (``ones``: with a 1 appended)."""
         tk.patch_cov_update_(
             out, self._padded(x), self.kernel_size, self.stride, self.padding, self.dilation, self.groups,
             alpha=alpha, beta=beta, ones=ones,
@@ -127,6 +139,7 @@ class ConvSite:
         return g.permute(1, 0, 3, 2).reshape(self.groups, -1, self.g_dim)
 
     def output_sums(self, gy: torch.Tensor) -> torch.Tensor:
+        """(N, groups, Cout/groups): per-example sums of the output gradients over positions."""
         n = gy.shape[0]
         return gy.reshape(n, self.groups, self.g_dim, -1).sum(-1, dtype=_acc_dtype(gy))
 
@@ -167,7 +180,7 @@ def conv_site(weight: torch.Tensor, has_bias: bool, stride, padding, dilation, g
             if any(s != 1 for s in stride):
                 raise ValueError("padding='same' requires stride 1")
             pads = []
-            for k, dil in zip(kernel, dilation):
+            for k, dil in zip(kernel, dilation, strict=True):
                 total = dil * (k - 1)
                 pads += [total // 2, total - total // 2]
             pads = tuple(pads)
@@ -189,4 +202,5 @@ def conv_site(weight: torch.Tensor, has_bias: bool, stride, padding, dilation, g
 
 
 def linear_site(weight: torch.Tensor, has_bias: bool) -> LinearSite:
+    """Build a LinearSite from a linear call's (out, in) weight and whether the call has a bias."""
     return LinearSite(in_features=weight.shape[1], out_features=weight.shape[0], has_bias=has_bias)

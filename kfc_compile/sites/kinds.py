@@ -63,8 +63,11 @@ class SiteKind:
 
     def match(self, target, args: tuple, kwargs: dict, param_of: ParamOf,
               is_graph_value: Callable[[Any], bool]) -> Candidate | None:
-        """The candidate for a call of ``target``, or None when it is not a layer call KFC can take (weight not a
-        parameter, input not a graph value, geometry not static, a weight of the wrong rank)."""
+        """The candidate for a call of ``target``, or None when it is not a layer call KFC can take.
+
+        Not a layer call KFC can take: weight not a parameter, input not a graph value, geometry not static, a weight
+        of the wrong rank.
+        """
         raise NotImplementedError
 
     def module_site(self, m: nn.Module) -> Site:
@@ -80,6 +83,7 @@ class LinearKind(SiteKind):
     modules = (nn.Linear,)
 
     def match(self, target, args, kwargs, param_of, is_graph_value):
+        """The candidate for an ``F.linear`` call with a 2-d parameter weight and a graph-value input, else None."""
         x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
         weight = param_of(w)
         if weight is None or weight.dim() != 2 or not is_graph_value(x):
@@ -88,6 +92,7 @@ class LinearKind(SiteKind):
                          bias_arg=b)
 
     def module_site(self, m):
+        """The site of an ``nn.Linear`` call."""
         return linear_site(m.weight, m.bias is not None)
 
 
@@ -103,6 +108,7 @@ class ConvKind(SiteKind):
     modules = (_ConvNd,)
 
     def match(self, target, args, kwargs, param_of, is_graph_value):
+        """The candidate for a conv call with a parameter weight of the call's rank and static geometry, else None."""
         vals = {name: _arg(args, kwargs, i, name, _CONV_DEFAULTS.get(name)) for i, name in enumerate(_CONV_ARGS)}
         weight = param_of(vals["weight"])
         if weight is None or weight.dim() != self.functions[target] or not is_graph_value(vals["input"]):
@@ -118,6 +124,7 @@ class ConvKind(SiteKind):
                          bias_arg=vals["bias"])
 
     def module_site(self, m):
+        """The site of an ``nn.Conv{1,2,3}d`` call, with the module's padding mode."""
         return conv_site(m.weight, m.bias is not None, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
 
 

@@ -198,6 +198,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``kfc-compile`` argument parser, with its ``demo`` and ``zoo`` subcommands."""
     parser = argparse.ArgumentParser(prog=PROG, description="KFC / K-FAC natural-gradient training for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

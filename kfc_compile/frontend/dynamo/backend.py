@@ -119,7 +119,8 @@ class _ModelBackend:
     object* is the same; with parameters as graph inputs, a second module of the same class compiled with
     ``backend="kfc"`` would otherwise run the first module's graphs, whose taps feed the first module's registry
     (its own registry would stay empty). Wrapping the backend per module makes dynamo compile each module's graphs
-    for it."""
+    for it.
+    """
 
     def __init__(self, inner):
         self.inner = inner
@@ -145,9 +146,11 @@ def _innermost_backend(model):
 
 
 def _separate_cache(model) -> None:
-    """Give this compiled module's backend its own identity (see ``_ModelBackend``); idempotent. Done when its
-    registry is created before any graph was compiled for it; graphs compiled earlier for its own parameters keep
-    matching (no recompile), and any later module of the class gets its own identity in turn."""
+    """Give this compiled module's backend its own identity (see ``_ModelBackend``); idempotent.
+
+    Done when its registry is created before any graph was compiled for it; graphs compiled earlier for its own
+    parameters keep matching (no recompile), and any later module of the class gets its own identity in turn.
+    """
     link = _backend_link(model)
     inner = getattr(link, "_torchdynamo_orig_backend", None)
     if inner is not None and not isinstance(inner, _ModelBackend):
@@ -167,8 +170,10 @@ def _install_output_tap(model: nn.Module, state: CaptureState) -> None:
 
 
 def _decide(info: CompiledKFCInfo, scan: GraphScan) -> dict[int, int]:
-    """Register the graph's sites into ``info`` (rules: ``sites/coverage.py``); returns id(candidate) -> record key
-    for the taps to insert."""
+    """Register the graph's sites into ``info`` (rules: ``sites/coverage.py``).
+
+    Returns id(candidate) -> record key for the taps to insert.
+    """
     weights = {id(c.weight) for c in scan.candidates}
     biases = {id(c.bias) for c in scan.candidates if c.bias is not None}
     for p in {id(q): q for q in scan.param_of.values()}.values():
@@ -207,7 +212,8 @@ def _decide(info: CompiledKFCInfo, scan: GraphScan) -> dict[int, int]:
     return keys
 
 
-def _rewrite(gm: fx.GraphModule, scan: GraphScan, keys: dict[int, int], slot: nn.Parameter) -> tuple[fx.GraphModule, int]:
+def _rewrite(gm: fx.GraphModule, scan: GraphScan, keys: dict[int, int],
+             slot: nn.Parameter) -> tuple[fx.GraphModule, int]:
     graph = gm.graph
     taps = 0
     if not keys:
@@ -223,7 +229,7 @@ def _rewrite(gm: fx.GraphModule, scan: GraphScan, keys: dict[int, int], slot: nn
         node = c.node
         with graph.inserting_after(node):
             tapped = graph.call_function(ops.tap, (node, c.input_node, slot_node, keys[id(c)]))
-        node.replace_all_uses_with(tapped, delete_user_cb=lambda user: user is not tapped)
+        node.replace_all_uses_with(tapped, delete_user_cb=lambda user, tapped=tapped: user is not tapped)
         taps += 1
     for node, (a, c_in, c_out) in scan.mha_calls.items():
         k_in, k_out = keys.get(id(c_in), -1), keys.get(id(c_out), -1)
@@ -269,7 +275,8 @@ def kfc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
     """The ``kfc`` torch.compile backend (see the module docstring).
 
     ``options={"inner": name}`` picks the backend the instrumented graph is handed to (default: inductor); other
-    options and ``mode`` are inductor's, as for ``backend="inductor"``."""
+    options and ``mode`` are inductor's, as for ``backend="inductor"``.
+    """
     options = dict(options or {})
     inner = options.pop("inner", "inductor")
     new_gm, info, _ = instrument(gm, example_inputs)

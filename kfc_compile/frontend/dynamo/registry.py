@@ -48,8 +48,11 @@ def _slot(device: torch.device) -> nn.Parameter:
 
 @dataclass(eq=False)
 class CompiledKFCInfo(KFCInfo):
-    """``KFCInfo`` of a model compiled with the ``kfc`` backend. ``layers`` grows as dynamo compiles graphs (and
-    may lose a layer whose weight turns out to have another use); ``version`` counts those changes."""
+    """``KFCInfo`` of a model compiled with the ``kfc`` backend.
+
+    ``layers`` grows as dynamo compiles graphs (and may lose a layer whose weight turns out to have another use);
+    ``version`` counts those changes.
+    """
 
     names: dict = field(default_factory=dict, repr=False)  # id(param) -> qualified name
     params: list = field(default_factory=list, repr=False)  # the model's parameters (None for an orphan)
@@ -131,8 +134,10 @@ def new_info(approx: str, device: torch.device, orphan: bool) -> CompiledKFCInfo
 
 
 def registry_for_graph(params: list[nn.Parameter], device) -> CompiledKFCInfo:
-    """The registry a new graph over ``params`` reports to: their owners merged (a named one preferred), or a new
-    orphan registry."""
+    """The registry a new graph over ``params`` reports to.
+
+    Their owners merged (a named one preferred), or a new orphan registry.
+    """
     owners = []
     for p in params:
         o = owner(p)

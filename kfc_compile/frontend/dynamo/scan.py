@@ -1,5 +1,7 @@
-"""Scanning one dynamo graph: layer candidates (through the shared site-kind table), self-attention calls whose
-projections can be tapped (``runtime/attention.py``), and every other use of a parameter with a reason.
+"""Scanning one dynamo graph: layer candidates, tappable self-attention calls, and every other parameter use.
+
+Layer candidates come through the shared site-kind table; self-attention calls are those whose projections can be
+tapped (``runtime/attention.py``); every other use of a parameter is kept with a reason.
 
 In a dynamo graph parameters are placeholders whose example inputs *are* the parameters (or ``get_attr`` nodes when
 modules were not inlined); ``nn.Linear``/``nn.Conv*``/``F.*`` calls all appear as ``torch._C._nn.linear`` /
@@ -43,7 +45,7 @@ class GraphScan:
         self.param_of: dict[fx.Node, nn.Parameter] = {}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) == len(example_inputs):
-            for node, value in zip(placeholders, example_inputs):
+            for node, value in zip(placeholders, example_inputs, strict=True):
                 if isinstance(value, nn.Parameter):
                     self.param_of[node] = value
         for node in gm.graph.nodes:  # graphs with get_attr parameters (nn modules not inlined)
@@ -58,7 +60,7 @@ class GraphScan:
         self.other_uses: dict[int, str] = {}  # id(param) -> reason
         self.mha_reasons: dict[fx.Node, str] = {}
 
-    def param(self, v) -> nn.Parameter | None:
+    def _param(self, v) -> nn.Parameter | None:
         return self.param_of.get(v) if isinstance(v, fx.Node) else None
 
     def scan(self) -> None:
@@ -67,7 +69,7 @@ class GraphScan:
         for node in self.gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            cand = match_call(node.target, node.args, node.kwargs, self.param, _is_node)
+            cand = match_call(node.target, node.args, node.kwargs, self._param, _is_node)
             if cand is not None:
                 cand.node = node
                 if not self._tapped_already(node):
@@ -86,8 +88,10 @@ class GraphScan:
                 self.other_uses.setdefault(id(p), reason)
 
     def _tapped_already(self, node: fx.Node) -> bool:
-        """The call's output feeds a capture tap traced from a ``kc.transform``ed model (an autograd function whose
-        backward calls kfc::record): that model's own registry records it."""
+        """The call's output feeds a capture tap traced from a ``kc.transform``ed model.
+
+        That tap is an autograd function whose backward calls kfc::record: that model's own registry records it.
+        """
         for user in node.users:
             if "autograd_function_apply" not in str(user.target):
                 continue
@@ -107,13 +111,14 @@ class GraphScan:
         q = a["query"]
         example = q.meta.get("example_value") if isinstance(q, fx.Node) else None
         reason = mha.unsupported_reason(a, example.dim() if example is not None else None)
-        w_in, w_out = self.param(a["in_proj_weight"]), self.param(a["out_proj_weight"])
-        if not reason and (w_in is None or w_out is None or any(_is_node(v) for v in (a["num_heads"], a["embed_dim_to_check"]))):
+        w_in, w_out = self._param(a["in_proj_weight"]), self._param(a["out_proj_weight"])
+        if not reason and (w_in is None or w_out is None
+                           or any(_is_node(v) for v in (a["num_heads"], a["embed_dim_to_check"]))):
             reason = "attention projections that are not parameters"
         if reason:
             self.mha_reasons[node] = f"{reason}: not decomposed by the kfc backend"
             return
-        b_in, b_out = self.param(a["in_proj_bias"]), self.param(a["out_proj_bias"])
+        b_in, b_out = self._param(a["in_proj_bias"]), self._param(a["out_proj_bias"])
         c_in = Candidate(w_in, b_in, linear_site(w_in, a["in_proj_bias"] is not None), node=node, role="mha_in")
         c_out = Candidate(w_out, b_out, linear_site(w_out, a["out_proj_bias"] is not None), node=node, role="mha_out")
         self.candidates += [c_in, c_out]

@@ -1,6 +1,8 @@
-"""Plans for opaque calls with linear layers inside (``runtime/opaque.py`` runs them): which weights of an
-``nn.MultiheadAttention`` leaf or of an fx-wrapped function (``torch.fx.wrap``) are tapped, and why the others are
-not."""
+"""Plans for opaque calls with linear layers inside (``runtime/opaque.py`` runs them).
+
+A plan says which weights of an ``nn.MultiheadAttention`` leaf or of an fx-wrapped function (``torch.fx.wrap``) are
+tapped, and why the others are not.
+"""
 from __future__ import annotations
 
 import inspect
@@ -15,8 +17,10 @@ from kfc_compile.sites.kinds import Candidate
 
 
 def is_opaque_function(target) -> bool:
-    """A ``call_function`` target that is user or library Python code kept whole by the tracer (``torch.fx.wrap``),
-    as opposed to a torch op whose semantics are known."""
+    """A ``call_function`` target that is user or library Python code kept whole by the tracer (``torch.fx.wrap``).
+
+    As opposed to a torch op whose semantics are known.
+    """
     if not inspect.isfunction(target):
         return False
     module = getattr(target, "__module__", "") or ""
@@ -44,9 +48,12 @@ def mha_plan(m: nn.MultiheadAttention, qual: str, node: fx.Node) -> tuple[Opaque
 
 
 def function_plan(name: str, params: list[tuple[str, nn.Parameter, bool]]) -> tuple[OpaquePlan, dict[int, str]]:
-    """The plan for an opaque function receiving ``params`` (qualified name, parameter, whether it is the weight of
-    an ``nn.Linear`` module). A trainable 2-D parameter that is a Linear module's weight, or whose name ends in
-    ``weight``, is tapped as the weight of ``F.linear`` calls (weight block only); the reasons for the others."""
+    """The plan for an opaque function receiving ``params``, and the reasons for the parameters it does not tap.
+
+    ``params`` are (qualified name, parameter, whether it is the weight of an ``nn.Linear`` module). A trainable 2-D
+    parameter that is a Linear module's weight, or whose name ends in ``weight``, is tapped as the weight of
+    ``F.linear`` calls (weight block only); the reasons for the others.
+    """
     plan = OpaquePlan(name)
     reasons: dict[int, str] = {}
     seen: set[int] = set()

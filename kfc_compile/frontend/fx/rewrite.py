@@ -60,6 +60,11 @@ class Instrumenter:
 
     # -- instrumentation ---------------------------------------------------------------------------------------
     def instrument(self, module: nn.Module, prefix: str) -> nn.Module:
+        """Trace ``module`` (``prefix`` in the model), tap its sites, wrap its opaque calls, recurse into black boxes.
+
+        Returns the module to use in its place: the instrumented graph module, or a wrapper that taps the sites at run
+        time when the module's own forward cannot be traced.
+        """
         gm, boxes = trace_with_fallback(module)
         if gm is None:
             if not any(b.name == (prefix or "<root>") for b in self.black_boxes):  # the parent's trace may have it

@@ -68,8 +68,10 @@ def _param_args(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, nn.Paramet
 
 def scan_graph(gm: fx.GraphModule, prefix: str, black_boxes: set[str]
                ) -> tuple[list[Candidate], list[Use], list[OpaqueMatch]]:
-    """All sites, all other parameter uses, and the opaque calls with linear weights inside, of one traced graph
-    (black-box submodules are skipped)."""
+    """All sites, all other parameter uses, and the opaque calls with linear weights inside, of one traced graph.
+
+    Black-box submodules are skipped.
+    """
     sites: list[Candidate] = []
     uses: list[Use] = []
     opaque_calls: list[OpaqueMatch] = []

@@ -44,6 +44,7 @@ class KFCTracer(fx.Tracer):
         self.stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        """Conv/linear modules, opaque submodules and ``nn.MultiheadAttention`` are leaves; the rest as fx decides."""
         if is_layer_module(m) or qualname in self.opaque:
             return True
         if isinstance(m, nn.MultiheadAttention):
@@ -51,6 +52,7 @@ class KFCTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
+        """Trace a call of ``m``, keeping on ``stack`` the qualified names of the non-leaf modules being traced."""
         try:
             qualname = self.path_of_module(m)
         except NameError:
@@ -69,8 +71,11 @@ def _reason(e: Exception) -> str:
 
 
 def trace_with_fallback(module: nn.Module) -> tuple[fx.GraphModule | None, list[BlackBox]]:
-    """Trace ``module``; submodules that fail become opaque leaves. Returns (None, [root reason]) if the root's
-    own forward is untraceable. Black-box names are relative to ``module``."""
+    """Trace ``module``; submodules that fail become opaque leaves.
+
+    Returns (None, [root reason]) if the root's own forward is untraceable. Black-box names are relative to
+    ``module``.
+    """
     opaque: dict[str, str] = {}
     while True:
         tracer = KFCTracer(set(opaque))

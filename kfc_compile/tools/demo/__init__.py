@@ -16,8 +16,19 @@ from tqdm.auto import tqdm
 from kfc_compile.tools.demo.data import INPUT_SHAPES, TASKS, Dataset, DemoError, load_task
 from kfc_compile.tools.demo.models import DEFAULT_MODEL, MODELS, build_model, check_forward, paper_cifar_net
 from kfc_compile.tools.demo.plot import plot_curves
-from kfc_compile.tools.demo.train import (GRIDS, KFC_OPTIONS, LABELS, OPTIMIZERS, TASK_SETTINGS, RunResult,
-                                          TaskSettings, make_optimizer, train_lockstep, train_run, tune_lr)
+from kfc_compile.tools.demo.train import (
+    GRIDS,
+    KFC_OPTIONS,
+    LABELS,
+    OPTIMIZERS,
+    TASK_SETTINGS,
+    RunResult,
+    TaskSettings,
+    make_optimizer,
+    train_lockstep,
+    train_run,
+    tune_lr,
+)
 
 __all__ = ["Dataset", "DemoError", "DemoResult", "GRIDS", "MODELS", "OPTIMIZERS", "RunResult", "TASKS",
            "TASK_SETTINGS", "TaskSettings", "load_task", "build_model", "make_optimizer", "paper_cifar_net", "run_demo",
@@ -30,6 +41,8 @@ def _fmt(v, spec: str) -> str:
 
 @dataclass
 class DemoResult:
+    """What :func:`run_demo` returns: the final run per optimizer, the tuning runs, and the plot's path (or None)."""
+
     task: str
     model: str
     steps: int
@@ -55,6 +68,7 @@ class DemoResult:
         return out
 
     def table(self) -> str:
+        """A text table of the final runs, with KFC-pre's speed-up against the best of the others."""
         head = (f"{self.task} / {self.model}: batch {self.batch_size}, {self.steps} steps, seed {self.seed}, "
                 f"target training loss {self.target:g}")
         cols = ("optimizer", "lr", "steps to target", "seconds to target", "final train loss", "test acc")
@@ -134,7 +148,7 @@ def run_demo(task: str = "digits", model: str = "auto", *, steps: int | None = N
         # the final runs go in lockstep (eval_every steps of each in turn): the same machine load for all
         bar.set_description("final runs " + ", ".join(f"{LABELS[o]} lr={lr:g}" for o, lr in lrs.items()))
         finals = train_lockstep(ds, model_name, list(lrs.items()), steps=steps, bar=bar, **common)
-        runs = dict(zip(lrs, finals))
+        runs = dict(zip(lrs, finals, strict=True))
     res = DemoResult(task, model_name, steps, batch_size, target, seed, runs, tuning)
     if out:
         curves = [(o, f"{r.label} (lr {r.lr:g})", r.steps, r.seconds, r.train_loss) for o, r in runs.items()]

@@ -40,6 +40,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example (no batch dim)."""
         return tuple(self.x_train.shape[1:])
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ def _split(n: int, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.
     return perm[n_test:], perm[:n_test]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits() -> Dataset:
     try:
         from sklearn.datasets import load_digits
@@ -74,7 +75,7 @@ def _digits() -> Dataset:
     return Dataset("digits", x[tr], y[tr], x[te], y[te], 10)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mnist1d(num_samples: int = 5000) -> Dataset:
     try:
         from mnist1d.data import get_dataset_args, make_dataset

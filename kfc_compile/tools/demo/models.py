@@ -13,10 +13,12 @@ DEFAULT_MODEL = {"digits": "convnet", "mnist1d": "convnet", "cifar10": "paper"}
 
 
 def paper_cifar_net(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
-    """cuda-convnet's "18 % in 20 minutes" CIFAR-10 net as used in the KFC paper (docs/algorithm.md §10.1), without
-    the response normalisation layers: conv 5×5 32 → ReLU → maxpool 3/2 → conv 5×5 32 → ReLU → avgpool 3/2 →
-    conv 5×5 64 → ReLU → avgpool 3/2 → linear. Pools round up (cuda-convnet), so 32×32 → 16 → 8 → 4 and the
-    factors are 76/801/801/1025 wide."""
+    """cuda-convnet's "18 % in 20 minutes" CIFAR-10 net as used in the KFC paper (docs/algorithm.md §10.1).
+
+    Without the response normalisation layers: conv 5×5 32 → ReLU → maxpool 3/2 → conv 5×5 32 → ReLU → avgpool
+    3/2 → conv 5×5 64 → ReLU → avgpool 3/2 → linear. Pools round up (cuda-convnet), so 32×32 → 16 → 8 → 4 and the
+    factors are 76/801/801/1025 wide.
+    """
     return nn.Sequential(
         nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
         nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(), nn.AvgPool2d(3, 2, ceil_mode=True),
@@ -49,6 +51,7 @@ def conv1d_net(in_channels: int, num_classes: int, length: int, width: int = 32)
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 128) -> nn.Sequential:
+    """A ReLU MLP with two hidden layers of width ``hidden`` on flattened inputs."""
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(),
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
@@ -84,5 +87,6 @@ def build_model(name: str, task: str, input_shape: tuple[int, ...], num_classes:
 
 
 def check_forward(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Run ``model`` on two zero examples of ``input_shape``, so that a model unfit for the data fails early."""
     with torch.no_grad():
         model(torch.zeros(2, *input_shape))

@@ -35,6 +35,8 @@ EVAL_EXAMPLES = 4096  # training examples used for the training-loss curve (all 
 
 @dataclass(frozen=True)
 class TaskSettings:
+    """A task's demo defaults: training steps, batch size, target training loss, steps between evaluations."""
+
     steps: int
     batch_size: int
     target: float  # training loss
@@ -64,10 +66,12 @@ class RunResult:
 
     @property
     def label(self) -> str:
+        """The optimizer's display name (``LABELS``)."""
         return LABELS.get(self.optimizer, self.optimizer)
 
     @property
     def final_loss(self) -> float:
+        """The last training loss; inf when the run diverged or recorded none."""
         return self.train_loss[-1] if self.train_loss and not self.diverged else math.inf
 
     def _hit(self) -> int | None:
@@ -78,17 +82,22 @@ class RunResult:
 
     @property
     def steps_to_target(self) -> int | None:
+        """The first evaluated step at which the training loss reached the target; None if it never did."""
         i = self._hit()
         return None if i is None else self.steps[i]
 
     @property
     def seconds_to_target(self) -> float | None:
+        """Training seconds until the training loss reached the target; None if it never did."""
         i = self._hit()
         return None if i is None else self.seconds[i]
 
     def tuning_key(self) -> tuple:
-        """Smaller is better: reaching the target in fewer steps, else a lower last training loss; among diverged
-        runs the smallest learning rate."""
+        """Smaller is better: the sort key that picks the best of the tuning runs.
+
+        Reaching the target in fewer steps, else a lower last training loss; among diverged runs the smallest
+        learning rate.
+        """
         s = self.steps_to_target
         if s is not None:
             return (0, s, self.seconds_to_target)
@@ -208,8 +217,11 @@ class _Run:
 def train_lockstep(ds: Dataset, model_name: str, specs: Sequence[tuple[str, float]], *, steps: int,
                    batch_size: int, target: float, eval_every: int, seed: int = 0, stop_at_target: bool = False,
                    kfc_options: dict | None = None, test: bool = True, bar=None) -> list[RunResult]:
-    """Train one fresh model per (optimizer, lr) of ``specs``, interleaved chunk by chunk (``eval_every`` steps of
-    each in turn), so that every run sees the same machine load; see ``train_run`` for the rest."""
+    """Train one fresh model per (optimizer, lr) of ``specs``, interleaved chunk by chunk.
+
+    ``eval_every`` steps of each in turn, so that every run sees the same machine load; see ``train_run`` for the
+    rest.
+    """
     runs = [_Run(ds, model_name, o, lr, steps=steps, batch_size=batch_size, target=target, eval_every=eval_every,
                  seed=seed, stop_at_target=stop_at_target, kfc_options=kfc_options) for o, lr in specs]
     while not all(r.finished for r in runs):

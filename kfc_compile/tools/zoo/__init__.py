@@ -34,8 +34,20 @@ Modules: :mod:`~kfc_compile.tools.zoo.models` (names, input sizes, building), :m
 The core library never imports this package: ``from kfc_compile.tools import zoo``.
 """
 from kfc_compile.tools.zoo.measure import MASK_SEED, MAX_FACTOR_DIM, ROW_KEYS, WARMUP_STEPS, factor_bytes, run_one
-from kfc_compile.tools.zoo.models import (DEFAULT_RES, DETECTION_RES, FAMILIES, MAX_BATCH, MIN_RES, VIDEO_FRAMES,
-                                          build, family_of, first_output, make_input, model_names, resolutions)
+from kfc_compile.tools.zoo.models import (
+    DEFAULT_RES,
+    DETECTION_RES,
+    FAMILIES,
+    MAX_BATCH,
+    MIN_RES,
+    VIDEO_FRAMES,
+    build,
+    family_of,
+    first_output,
+    make_input,
+    model_names,
+    resolutions,
+)
 from kfc_compile.tools.zoo.report import SCHEMA_VERSION, cpu_name, machine, render, totals, write
 from kfc_compile.tools.zoo.sweep import run
 from kfc_compile.tools.zoo.worker import run_limited

@@ -54,8 +54,10 @@ def factor_bytes(opt) -> int:
 
 
 def _reason(reason: str) -> str:
-    """The reason without the module name it names (``"BatchNorm2d 'bn1': normalization layer"`` ->
-    ``"BatchNorm2d: normalization layer"``), so that rows group by kind of reason."""
+    """The reason without the module name it names, so that rows group by kind of reason.
+
+    ``"BatchNorm2d 'bn1': normalization layer"`` -> ``"BatchNorm2d: normalization layer"``.
+    """
     return re.sub(r" '[^']*'", "", reason)
 
 
@@ -88,12 +90,23 @@ def _loss(out, y) -> torch.Tensor:
 
 
 def _fixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The training-mode loss on the fixed batch with the RNG seeded by MASK_SEED: dropout and stochastic depth draw
-    the same masks in every training step and in the evaluations before and after them, so the steps optimise one
-    deterministic function and the comparison is not mask noise."""
+    """The training-mode loss on the fixed batch, with the RNG seeded by MASK_SEED.
+
+    Dropout and stochastic depth draw the same masks in every training step and in the evaluations before and after
+    them, so the steps optimise one deterministic function and the comparison is not mask noise.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(MASK_SEED)
         return _loss(model(x), y)
+
+
+def _kfc_step(model: nn.Module, opt: kc.KFC, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One KFC step on the fixed batch; returns the loss before the step."""
+    loss = _fixed_loss(model, x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
 
 
 def _targets(out, family: str, gen) -> torch.Tensor:
@@ -107,9 +120,11 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
             steps: int = 2, resolution: int | None = None, batch: int = 8, lr: float = 0.003,
             damping: float = 0.1, timing_steps: int = 3, max_factor_dim: int | None = MAX_FACTOR_DIM,
             progress: Callable[[str, dict], None] | None = None) -> dict:
-    """One report row (see :data:`ROW_KEYS`); never raises for a model's own failure. ``progress(stage, row)`` is
-    called with a copy of the row as each stage starts (the time-limited worker reports through it).
-    ``max_factor_dim`` is passed to ``kc.KFC`` (block-diagonal factors above it; None: dense)."""
+    """One report row (see :data:`ROW_KEYS`); never raises for a model's own failure.
+
+    ``progress(stage, row)`` is called with a copy of the row as each stage starts (the time-limited worker reports
+    through it). ``max_factor_dim`` is passed to ``kc.KFC`` (block-diagonal factors above it; None: dense).
+    """
     family = resolve_family(name, constructor, family)
     row = empty_row(name, family)
     t0 = time.perf_counter()
@@ -163,16 +178,9 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
             opt = kc.KFC(model, lr=lr, damping=damping, loss="cross_entropy", clip_fraction=1.0,
                          max_factor_dim=max_factor_dim)
 
-        def kfc_step() -> float:
-            loss = _fixed_loss(model, x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return float(loss.detach())
-
         with torch.no_grad():
             before = float(_fixed_loss(model, x, y))
-        losses = [kfc_step() for _ in range(steps)]
+        losses = [_kfc_step(model, opt, x, y) for _ in range(steps)]
         with torch.no_grad():
             after = float(_fixed_loss(model, x, y))
         row.update(trained=True, steps=steps, loss_before=before, loss_after=after, factor_bytes=factor_bytes(opt))
@@ -185,7 +193,7 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
         if timing_steps:
             for k in range(len(losses) + 1, WARMUP_STEPS + timing_steps + 1):  # the step number k of this step
                 t = time.perf_counter()
-                timed_loss = kfc_step()
+                timed_loss = _kfc_step(model, opt, x, y)
                 if k > WARMUP_STEPS:
                     times.append(time.perf_counter() - t)
                 if not math.isfinite(timed_loss):

@@ -1,5 +1,7 @@
-"""The zoo's models and inputs: torchvision names by family, the input sizes to try, building a model, and the
-synthetic inputs and main output it is trained on.
+"""The zoo's models and inputs.
+
+torchvision names by family, the input sizes to try, building a model, and the synthetic inputs and main output it
+is trained on.
 
 torchvision is imported where it is used: it is the optional ``zoo`` extra, and a sweep over the user's own
 ``(name, constructor)`` pairs (e.g. timm models) runs without it.
@@ -41,8 +43,10 @@ def family_of(name: str) -> str:
 
 
 def resolve_family(name: str, constructor: Callable[[], nn.Module] | None, family: str | None) -> str:
-    """The family a sweep item runs as: the given one, else the torchvision family of a named model, else
-    'classification' for a user constructor."""
+    """The family a sweep item runs as.
+
+    The given one, else the torchvision family of a named model, else 'classification' for a user constructor.
+    """
     return family or (family_of(name) if constructor is None else "classification")
 
 
@@ -79,7 +83,8 @@ def resolutions(name: str, family: str = "classification", requested: int | None
 def build(name: str, resolution: int | None = None) -> nn.Module:
     """A torchvision model by name, ``weights=None`` (nothing is downloaded), plain-tensor outputs where possible.
 
-    ``resolution``: the input size for models built for one size (ViT's ``image_size``; see :func:`resolutions`)."""
+    ``resolution``: the input size for models built for one size (ViT's ``image_size``; see :func:`resolutions`).
+    """
     import torchvision
 
     kwargs: dict = {"weights": None}

@@ -1,5 +1,7 @@
-"""The zoo's report files: ``zoo.json`` (``{"schema_version": 1, "run": header, "models": rows}``) and ``zoo.md``
-(the run header, totals, one table row per model, then the failures and black boxes).
+"""The zoo's report files: ``zoo.json`` and ``zoo.md``.
+
+``zoo.json`` is ``{"schema_version": 1, "run": header, "models": rows}``; ``zoo.md`` holds the run header, totals,
+one table row per model, then the failures and black boxes.
 """
 from __future__ import annotations
 
@@ -47,8 +49,11 @@ def num(v: float | None, fmt: str = ".3g") -> str:
 
 
 def totals(rows: list[dict]) -> dict:
-    """Counts by status, coverage median / minimum (and its model), the median step-time ratio, and how many models
-    trained and decreased their loss."""
+    """The totals of a sweep's rows.
+
+    Counts by status, coverage median / minimum (and its model), the median step-time ratio, and how many models
+    trained and decreased their loss.
+    """
     covs = [r["coverage"] for r in rows if r["coverage"] is not None]
     ratios = [r["step_time_ratio"] for r in rows if r["step_time_ratio"] is not None]
     return {"models": len(rows), **{s: sum(r["status"] == s for r in rows) for s in ("ok", "partial", "failed")},

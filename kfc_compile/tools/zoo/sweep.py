@@ -1,5 +1,6 @@
-"""The sweep: :func:`run` over a list of models, one report row each, with a progress bar and the report files
-rewritten after every model (an interrupted sweep keeps its rows).
+"""The sweep: :func:`run` over a list of models, one report row each.
+
+With a progress bar, and the report files rewritten after every model (an interrupted sweep keeps its rows).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from kfc_compile.tools.zoo.measure import MAX_FACTOR_DIM, run_one
 from kfc_compile.tools.zoo.models import model_names
-from kfc_compile.tools.zoo.report import num, pct, machine, write
+from kfc_compile.tools.zoo.report import machine, num, pct, write
 from kfc_compile.tools.zoo.worker import run_limited
 
 
@@ -45,7 +46,8 @@ def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 8, out
 
     ``time_limit``: seconds per model (each model then runs in a forked worker process; None: in this process).
     With ``out`` (a directory) writes ``zoo.json`` and ``zoo.md`` there, rewritten after every model so an
-    interrupted sweep keeps its rows."""
+    interrupted sweep keeps its rows.
+    """
     items = _normalise(models)
     header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "command": command, "steps": steps, "resolution": resolution, "batch": batch,

@@ -32,9 +32,11 @@ def _worker(conn, name, ctor, fam, kwargs, threads: int) -> None:
 
 
 def _context(*args):
-    """A fork server (children forked from a clean process that preloaded torch: a process that has already run
-    OpenMP-parallel torch ops cannot safely fork workers that use it again), or plain fork for arguments that
-    cannot be pickled (e.g. lambda constructors)."""
+    """A fork server, or plain fork for arguments that cannot be pickled (e.g. lambda constructors).
+
+    The fork server's children are forked from a clean process that preloaded torch: a process that has already run
+    OpenMP-parallel torch ops cannot safely fork workers that use it again.
+    """
     try:
         pickle.dumps(args)
     except Exception:  # noqa: BLE001 - anything unpicklable
@@ -49,7 +51,8 @@ def run_limited(name: str, constructor: Callable[[], nn.Module] | None = None, f
     """``run_one`` in a worker process, stopped after ``time_limit`` seconds (see the module doc).
 
     Returns the worker's final row, or, when it was stopped or died, the last partial row it reported with the
-    reason in ``error``. ``kwargs`` go to :func:`run_one`."""
+    reason in ``error``. ``kwargs`` go to :func:`run_one`.
+    """
     ctx = _context(name, constructor, family)
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_worker, args=(send, name, constructor, family, kwargs, torch.get_num_threads()),
