@@ -20,7 +20,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kfc_compile.capture import model_output, subset_size
+from kfc_compile.capture import model_output
 from kfc_compile.curvature.fisher import LossSpec
 
 
@@ -44,30 +44,6 @@ def output_fisher_inner(spec: LossSpec, f: torch.Tensor, u: torch.Tensor, w: tor
         s = torch.sigmoid(f)
         total = (s * (1 - s) * u * w).sum()
     return total * (c / max(n, 1))
-
-
-def batch_subset(inputs: tuple, fraction: float) -> tuple:
-    """The first ``subset_size(N, fraction)`` examples of every tensor input whose leading dim is the batch size N."""
-    if not inputs or not isinstance(inputs[0], torch.Tensor):
-        raise RuntimeError("no recorded model inputs: run a forward pass with grad enabled before opt.step()")
-    n = inputs[0].shape[0]
-    m = subset_size(n, fraction)
-    out = []
-    for a in inputs:
-        if isinstance(a, torch.Tensor):
-            a = a.detach()
-            if a.dim() > 0 and a.shape[0] == n and m < n:
-                a = a[:m]
-        out.append(a)
-    return tuple(out)
-
-
-def forward_with_private_buffers(model: nn.Module, inputs: tuple) -> torch.Tensor:
-    """``model(*inputs)``'s output tensor, run on copies of the buffers so that BatchNorm running statistics are
-    not touched by an extra forward (parameters are the model's own, so autograd reaches them and the taps)."""
-    params = dict(model.named_parameters())
-    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
-    return model_output(functional_call(model, (params, bufs), inputs))
 
 
 class FisherProducts:

@@ -55,6 +55,7 @@ from torch import nn
 from kfc_compile.curvature.blocks import Layout
 from kfc_compile.curvature.factors import Factors, RunningFactors, public_view
 from kfc_compile.curvature.fisher import FISHER_TYPES, loss_spec, output_gradients
+from kfc_compile.curvature.subset import batch_subset, forward_with_private_buffers
 from kfc_compile.optim import fvp
 from kfc_compile.optim.precondition import (DAMPING_METHODS, LayerInverse, apply_buckets, build_buckets,
                                             compute_inverse, grad_matrix, rescale_inverse, split_matrix)
@@ -474,12 +475,12 @@ class KFC(torch.optim.Optimizer):
         Ω in the first backward, Γ in all; no weight gradients (the backward targets only the taps' slot)."""
         st = self._capture
         saved = st.last_inputs
-        inputs = fvp.batch_subset(saved, self.stats_fraction)
+        inputs = batch_subset(saved, self.stats_fraction)
         st.reset()
         st.ema, st.blocks = self._ema_targets(), self._block_targets()
         try:
             with torch.enable_grad(), st.armed_forward():
-                f = fvp.forward_with_private_buffers(self.model, inputs)
+                f = forward_with_private_buffers(self.model, inputs)
         finally:
             st.last_inputs = saved  # the output tap saw the subset
         st.n_examples = f.shape[0]
@@ -640,7 +641,7 @@ class KFC(torch.optim.Optimizer):
     def _fisher_quadratic(self, directions: list[dict]) -> torch.Tensor:
         """Gram matrix (fp64) of the exact mini-batch Fisher of the objective among ``directions``."""
         st = self._capture
-        inputs = fvp.batch_subset(st.last_inputs, self.clip_fraction)
+        inputs = batch_subset(st.last_inputs, self.clip_fraction)
         saved = st.last_inputs
         try:
             f, jv = self._fisher_products.outputs_and_jvps(inputs, directions)
