@@ -1,4 +1,4 @@
-"""Exact Fisher products on a batch (subset) with forward-mode JVPs, and the α/μ quadratic-model solve.
+"""Exact Fisher products on a batch (subset) with forward-mode JVPs.
 
 For directions u, w in parameter space, ``uᵀ F w = mean_n (J_n u)ᵀ H_n (J_n w)`` where J_n is the Jacobian of
 example n's model output and H_n the Hessian of its per-example loss ℓ_n w.r.t. that output (the output-space
@@ -101,20 +101,3 @@ def gram(spec: LossSpec, f: torch.Tensor, jvps: list[torch.Tensor], scale: float
             C[i, j] = C[j, i] = float(output_fisher_inner(spec, f, jvps[i], jvps[j])) * scale
     return C
 
-
-def solve_alpha_mu(C: torch.Tensor, d: torch.Tensor) -> tuple[float, float]:
-    """Minimiser (α, μ) of ``d·x + ½ xᵀ C x`` (KFAC-S §E.4 / KFC-S Eqs. 30–31): x = −C⁻¹ d.
-
-    ``C`` is 2×2 (Δ and δ₀ rows) or 1×1 (no previous update). A singular or non-positive C (δ₀ parallel to Δ,
-    zero directions) falls back to the α-only solve; a non-positive curvature along Δ gives α = 0.
-    """
-    C = C.double()
-    d = d.double()
-    if C.shape[0] == 2:
-        det = C[0, 0] * C[1, 1] - C[0, 1] * C[1, 0]
-        if C[0, 0] > 0 and C[1, 1] > 0 and det > 1e-12 * C[0, 0] * C[1, 1]:
-            x = -torch.linalg.solve(C, d)
-            return float(x[0]), float(x[1])
-    if C[0, 0] > 0:
-        return float(-d[0] / C[0, 0]), 0.0
-    return 0.0, 0.0
