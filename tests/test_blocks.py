@@ -137,10 +137,10 @@ def test_optimizer_factors_are_the_diagonal_blocks_of_the_dense_factors(approx):
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert len(opt.layers) == 4
-    for i, layer in enumerate(opt.layers):
-        lay = opt._layouts[i]
+    for layer, state in zip(opt.layers, opt.layer_states()):
+        lay = state.layout
         assert lay.a_blocks == -(-layer.a_dim // CAP) and lay.g_blocks == -(-layer.g_dim // CAP)
-        rf = opt._running[i]
+        rf = state.running
         assert (tuple(rf.A.shape), tuple(rf.G.shape)) == lay.shapes()
         got = opt.factors(layer.name)
         for what, full, d, k in (("A", ref[layer.name].A, layer.a_dim, lay.a_blocks),

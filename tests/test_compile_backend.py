@@ -272,7 +272,7 @@ def test_recompiles_bounded():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
     assert not torch._dynamo.utils.counters["graph_break"]
     assert all(opt.factors(layer.name) is not None for layer in opt.layers) and len(opt.layers) == 2
-    assert opt._running[0].updates == 7  # statistics at steps 1, 4, ..., 19
+    assert opt.layer_states()[0].running.updates == 7  # statistics at steps 1, 4, ..., 19
 
 
 class TiedNet(nn.Module):

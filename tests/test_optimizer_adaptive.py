@@ -13,7 +13,7 @@ from torch.func import functional_call, jacrev, vmap
 
 import kfc_compile as kc
 from kfc_compile.curvature.losses import loss_spec
-from kfc_compile.optim import fvp
+from kfc_compile.optim import fvp, rules
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -73,7 +73,7 @@ def test_two_jvp_scalars_and_solve_match_dense_quadratic_model():
     torch.testing.assert_close(C, ref_C, rtol=1e-10, atol=1e-12)
 
     C = C + eta * torch.tensor([[Df @ Df, Df @ d0f], [d0f @ Df, d0f @ d0f]])
-    alpha, mu = fvp.solve_alpha_mu(C, torch.stack([g @ Df, g @ d0f]))
+    alpha, mu = rules.solve_alpha_mu(C, torch.stack([g @ Df, g @ d0f]))
     (a_ref, m_ref), M = scipy_alpha_mu(Fd, eta, g, Df, d0f)
     np.testing.assert_allclose([alpha, mu], [a_ref, m_ref], rtol=1e-6, atol=1e-9)
     # at the optimum of the subspace, M(δ) − M(0) = ½ ∇hᵀδ
@@ -83,10 +83,10 @@ def test_two_jvp_scalars_and_solve_match_dense_quadratic_model():
 
 def test_alpha_only_without_previous_update():
     C = torch.tensor([[2.0]], dtype=torch.float64)
-    assert fvp.solve_alpha_mu(C, torch.tensor([-3.0], dtype=torch.float64)) == (1.5, 0.0)
+    assert rules.solve_alpha_mu(C, torch.tensor([-3.0], dtype=torch.float64)) == (1.5, 0.0)
     # δ₀ parallel to Δ: the 2×2 system is singular, fall back to α alone
     C2 = torch.tensor([[2.0, 4.0], [4.0, 8.0]], dtype=torch.float64)
-    assert fvp.solve_alpha_mu(C2, torch.tensor([-3.0, -6.0], dtype=torch.float64)) == (1.5, 0.0)
+    assert rules.solve_alpha_mu(C2, torch.tensor([-3.0, -6.0], dtype=torch.float64)) == (1.5, 0.0)
 
 
 def test_adaptive_step_is_the_quadratic_model_minimiser():

@@ -238,7 +238,7 @@ def test_silent_coordinates_restricted_inverse_matches_dense_solve(method):
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()  # statistics and inverses from the batch
     conv = opt.layers[0]
-    inv = opt._inverse[0]
+    inv = opt.layer_state(conv.name).inverse
     assert inv.live is not None and inv.live.tolist() == [c * 25 + 12 for c in range(6)] + [150]
     A, G = (t.unsqueeze(0) for t in opt.factors(conv.name))
     assert float(A.diagonal(dim1=-2, dim2=-1)[0, 0]) == 0.0  # a silent coordinate indeed
@@ -253,7 +253,7 @@ def test_silent_coordinates_restricted_inverse_matches_dense_solve(method):
     opt2 = kc.KFC(copy.deepcopy(model), lr=0.1, damping=damping, weight_decay=wd, damping_method=method,
                   fallback=None)
     opt2.load_state_dict(opt.state_dict())
-    assert torch.equal(opt2._inverse[0].live, inv.live)
+    assert torch.equal(opt2.layer_states()[0].inverse.live, inv.live)
 
 
 def test_silent_coordinates_without_damping_raise():

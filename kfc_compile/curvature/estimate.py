@@ -45,18 +45,14 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
     state = tm.kfc.state
     state.reset()
     # the whole batch, whatever subsample an optimizer on this model uses for its own statistics
-    subsample, state.stats_fraction = state.stats_fraction, None
-    try:
-        state.n_examples = n
+    with state.using_stats_fraction(None):
+        state.set_examples(n)
         with state.armed_forward():
             f = model_output(tm(*args))
         first = True
         for v in output_gradients(spec, fisher, f, targets, mc_samples, generator):
-            with state.backward_pass(inputs=first, grads=True):
-                torch.autograd.grad(f, [state.slot], v, retain_graph=True, allow_unused=True)
+            state.record_backward(f, v, inputs=first)
             first = False
         batch = state.take()
-    finally:
-        state.stats_fraction = subsample
     return {layer.name: Factors(public_view(batch[i].A), public_view(batch[i].G))
             for i, layer in enumerate(tm.kfc.layers) if i in batch}

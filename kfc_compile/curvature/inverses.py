@@ -147,6 +147,10 @@ class LayerInverse(ABC):
         U = self._block_product(M.reshape(lay.groups, lay.g_blocks, bg, lay.a_blocks, ba))
         return U.reshape(lay.groups, lay.g_blocks * bg, lay.a_blocks * ba)[:, :gg, :ga]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this inverse holds (memory accounting)."""
+        return [t for t in (getattr(self, k) for k in self.state_tensors) if t is not None]
+
     def state(self) -> dict:
         """A checkpoint entry: ``{"method", "eta", "scale", "tensors": {name: tensor}, "layout": tuple | None}``."""
         tensors = {k: getattr(self, k) for k in self.state_tensors}

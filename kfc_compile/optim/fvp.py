@@ -1,4 +1,4 @@
-"""Exact Fisher products on a batch (subset) with forward-mode JVPs, and the α/μ quadratic-model solve.
+"""Exact Fisher products on a batch (subset) with forward-mode JVPs.
 
 For directions u, w in parameter space, ``uᵀ F w = mean_n (J_n u)ᵀ H_n (J_n w)`` where J_n is the Jacobian of
 example n's model output and H_n the Hessian of its per-example loss ℓ_n w.r.t. that output (the output-space
@@ -16,32 +16,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfc_compile.curvature.losses import Loss
-from kfc_compile.runtime.state import subset_size
 from kfc_compile.runtime.taps import model_output
-
-
-def batch_subset(inputs: tuple, fraction: float) -> tuple:
-    """The first ``subset_size(N, fraction)`` examples of every tensor input whose leading dim is the batch size N."""
-    if not inputs or not isinstance(inputs[0], torch.Tensor):
-        raise RuntimeError("no recorded model inputs: run a forward pass with grad enabled before opt.step()")
-    n = inputs[0].shape[0]
-    m = subset_size(n, fraction)
-    out = []
-    for a in inputs:
-        if isinstance(a, torch.Tensor):
-            a = a.detach()
-            if a.dim() > 0 and a.shape[0] == n and m < n:
-                a = a[:m]
-        out.append(a)
-    return tuple(out)
-
-
-def forward_with_private_buffers(model: nn.Module, inputs: tuple) -> torch.Tensor:
-    """``model(*inputs)``'s output tensor, run on copies of the buffers so that BatchNorm running statistics are
-    not touched by an extra forward (parameters are the model's own, so autograd reaches them and the taps)."""
-    params = dict(model.named_parameters())
-    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
-    return model_output(functional_call(model, (params, bufs), inputs))
 
 
 class FisherProducts:
@@ -99,20 +74,3 @@ def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1
             C[i, j] = C[j, i] = float(spec.fisher_inner(f, jvps[i], jvps[j])) * scale
     return C
 
-
-def solve_alpha_mu(C: torch.Tensor, d: torch.Tensor) -> tuple[float, float]:
-    """Minimiser (α, μ) of ``d·x + ½ xᵀ C x`` (KFAC-S §E.4 / KFC-S Eqs. 30–31): x = −C⁻¹ d.
-
-    ``C`` is 2×2 (Δ and δ₀ rows) or 1×1 (no previous update). A singular or non-positive C (δ₀ parallel to Δ,
-    zero directions) falls back to the α-only solve; a non-positive curvature along Δ gives α = 0.
-    """
-    C = C.double()
-    d = d.double()
-    if C.shape[0] == 2:
-        det = C[0, 0] * C[1, 1] - C[0, 1] * C[1, 0]
-        if C[0, 0] > 0 and C[1, 1] > 0 and det > 1e-12 * C[0, 0] * C[1, 1]:
-            x = -torch.linalg.solve(C, d)
-            return float(x[0]), float(x[1])
-    if C[0, 0] > 0:
-        return float(-d[0] / C[0, 0]), 0.0
-    return 0.0, 0.0

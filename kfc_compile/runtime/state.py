@@ -192,6 +192,72 @@ class CaptureState:
         self.ema = {}
         self.blocks = {}
 
+    # -- driver interface: what drivers (the curvature estimator, kc.curvature) set and read -------------------
+    def prepare_pass(self, ema: dict[int, tuple[torch.Tensor, float]], blocks: dict[int, tuple[int, int]]) -> None:
+        """Drop the accumulators and set the targets of the next statistics pass.
+
+        Args:
+            ema: layer index → (running Ω, ε): the statistics kernels average this pass's Ω straight into it.
+            blocks: layer index → (Ω blocks, Γ blocks) of the layers with block-diagonal factors.
+        """
+        self.reset()
+        self.ema, self.blocks = ema, blocks
+
+    def set_examples(self, n_examples: int) -> None:
+        """Set the batch size of the recorded forward (normally the output tap's job)."""
+        self.n_examples = n_examples
+
+    def set_stats_fraction(self, fraction: float | None) -> None:
+        """Statistics from the first ``subset_size(N, fraction)`` examples of each batch; None: the whole batch."""
+        self.stats_fraction = fraction
+
+    @contextlib.contextmanager
+    def using_stats_fraction(self, fraction: float | None) -> Iterator[None]:
+        """Inside the block the statistics use ``fraction`` of the batch (None: all of it); restored after."""
+        saved = self.stats_fraction
+        self.stats_fraction = fraction
+        try:
+            yield
+        finally:
+            self.stats_fraction = saved
+
+    def recorded_inputs(self) -> tuple:
+        """Positional inputs of the last forward run with grad enabled (the tensors themselves, no copy)."""
+        return self.last_inputs
+
+    @contextlib.contextmanager
+    def preserved_inputs(self) -> Iterator[None]:
+        """Extra forwards inside the block leave the recorded inputs as they were.
+
+        The output tap sees a statistics subset or the Fisher products' forwards too, but they are not the training
+        batch.
+        """
+        saved = self.last_inputs
+        try:
+            yield
+        finally:
+            self.last_inputs = saved
+
+    def record_backward(self, f: torch.Tensor, v: torch.Tensor, *, inputs: bool, retain_graph: bool = True) -> None:
+        """One backward from the model output ``f`` with output gradient ``v`` through the armed taps.
+
+        It reaches every tap through the shared slot but computes no weight gradient; records Γ, and Ω too if
+        ``inputs``.
+        """
+        with self.backward_pass(inputs=inputs, grads=True):
+            torch.autograd.grad(f, [self.slot], v, retain_graph=retain_graph, allow_unused=True)
+
+    def finish_armed_step(self) -> dict[int, Factors]:
+        """End a statistics step of a plain loop (``arm`` before its forward) and return its normalised factors.
+
+        Closes the pass, takes the factors (none when no armed forward ran) and disarms the taps.
+        """
+        self.end_pass()
+        batch = self.take() if self.n_examples > 0 else {}
+        self.reset()
+        self.disarm()
+        return batch
+
 
 def subset_size(n: int, fraction: float) -> int:
     """Examples in a leading subset of a batch of n: ceil(fraction·n), but at least 2 when n allows.

@@ -31,26 +31,9 @@ MAX_FACTOR_DIM = 1024
 MASK_SEED = 1234
 
 
-def _tensor_bytes(obj, seen: set | None = None) -> int:
-    """Bytes of every distinct tensor reachable through dataclasses, dicts, lists and tuples."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        if id(obj) in seen:
-            return 0
-        seen.add(id(obj))
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        return sum(_tensor_bytes(getattr(obj, f), seen) for f in obj.__dataclass_fields__)
-    return 0
-
-
 def factor_bytes(opt) -> int:
     """Bytes the KFC optimizer holds for its factors: moving averages (Ω, Γ) plus the damped inverses."""
-    return _tensor_bytes(list(getattr(opt, "_running", []))) + _tensor_bytes(dict(getattr(opt, "_inverse", {})))
+    return opt.curvature_nbytes()
 
 
 def _reason(reason: str) -> str:

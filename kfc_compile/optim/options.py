@@ -1,0 +1,141 @@
+"""``kc.KFC``'s constructor arguments, validated once: the checks, their error messages, and the record they fill.
+
+The validators raise ``ValueError`` naming the argument (``"lr must be >= 0.0, got -1"``); ``KFCOptions`` runs
+them in the constructor's argument order, so the first invalid argument is the one reported.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+from torch import nn
+
+from kfc_compile.curvature.inverses import DAMPING_METHODS
+from kfc_compile.curvature.losses import FISHER_TYPES, Loss, loss_spec
+from kfc_compile.curvature.statistics import check_approx
+
+MODES = ("pre", "adaptive")
+CLIP_CURVATURES = ("exact", "factored")
+FALLBACKS = ("sgd", "adam", None)
+
+
+def real(name: str, value: object, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+         high_open: bool = False) -> float:
+    """``value`` as a float, checked to be a finite real number in [low, high].
+
+    ``low_open`` / ``high_open`` exclude the bound itself.
+    """
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    v = float(value)
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (v > high or (high_open and v == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+    return v
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` checked to be an int >= 1 (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def choice(name: str, value: object, options: tuple) -> object:
+    """``value`` checked to be one of ``options``."""
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r}: expected one of {tuple(options)}")
+    return value
+
+
+def betas(name: str, value: object) -> tuple[float, float]:
+    """Adam's (β₁, β₂): two real numbers in [0, 1)."""
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or any(isinstance(b, bool) or not isinstance(b, Real) or not 0.0 <= b < 1.0 for b in value)):
+        raise ValueError(f"{name} must be two numbers in [0, 1), got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+@dataclass(frozen=True)
+class KFCOptions:
+    """Every argument of ``kc.KFC`` but the model, validated and normalised (see ``KFC`` for their meaning).
+
+    ``loss`` becomes its ``Loss``. ``lr``, ``momentum``, ``damping``, ``weight_decay`` and the ``fallback_*``
+    values only seed ``param_groups``: ``step()`` reads the groups, so a scheduler may change them.
+    """
+
+    lr: float
+    momentum: float
+    damping: float
+    weight_decay: float
+    stats_every: int
+    inverse_every: int
+    stat_decay: float
+    stats_fraction: float
+    fisher: str
+    loss: Loss | str | nn.Module
+    approx: str
+    mode: str
+    clip: float | None
+    averaging: float | None
+    damping_method: str
+    fallback: str | None
+    mc_samples: int
+    generator: torch.Generator | None
+    clip_fraction: float
+    clip_curvature: str
+    fallback_lr: float | None
+    fallback_betas: tuple[float, float]
+    fallback_eps: float
+    lm_interval: int
+    lm_decay: float
+    min_damping: float
+    max_factor_dim: int | None
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        put("lr", real("lr", self.lr, low=0.0))
+        put("momentum", real("momentum", self.momentum, low=0.0, high=1.0, high_open=True))
+        put("damping", real("damping", self.damping, low=0.0))
+        put("weight_decay", real("weight_decay", self.weight_decay, low=0.0))
+        put("stats_every", positive_int("stats_every", self.stats_every))
+        put("inverse_every", positive_int("inverse_every", self.inverse_every))
+        put("stat_decay", real("stat_decay", self.stat_decay, low=0.0, high=1.0))
+        put("stats_fraction", real("stats_fraction", self.stats_fraction, low=0.0, high=1.0, low_open=True))
+        choice("fisher", self.fisher, FISHER_TYPES)
+        if not isinstance(self.loss, Loss):
+            put("loss", loss_spec(self.loss))
+        check_approx(self.approx)
+        choice("mode", self.mode, MODES)
+        if self.clip is not None:
+            put("clip", real("clip", self.clip, low=0.0, low_open=True))
+        if self.averaging is not None:
+            put("averaging", real("averaging", self.averaging, low=0.0, low_open=True))
+        choice("damping_method", self.damping_method, DAMPING_METHODS)
+        choice("fallback", self.fallback, FALLBACKS)
+        put("mc_samples", positive_int("mc_samples", self.mc_samples))
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
+        put("clip_fraction", real("clip_fraction", self.clip_fraction, low=0.0, high=1.0, low_open=True))
+        choice("clip_curvature", self.clip_curvature, CLIP_CURVATURES)
+        if self.fallback_lr is not None:
+            put("fallback_lr", real("fallback_lr", self.fallback_lr, low=0.0))
+        put("fallback_betas", betas("fallback_betas", self.fallback_betas))
+        put("fallback_eps", real("fallback_eps", self.fallback_eps, low=0.0, low_open=True))
+        put("lm_interval", positive_int("lm_interval", self.lm_interval))
+        put("lm_decay", real("lm_decay", self.lm_decay, low=0.0, high=1.0, low_open=True, high_open=True))
+        put("min_damping", real("min_damping", self.min_damping, low=0.0))
+        if self.max_factor_dim is not None:
+            put("max_factor_dim", positive_int("max_factor_dim", self.max_factor_dim))
+
+    @property
+    def fallback_learning_rate(self) -> float:
+        """The fallback group's initial lr: ``fallback_lr``, else ``lr`` for SGD and 1e-3 for Adam."""
+        if self.fallback_lr is not None:
+            return self.fallback_lr
+        return self.lr if self.fallback == "sgd" else 1e-3

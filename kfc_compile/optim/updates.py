@@ -1,0 +1,136 @@
+"""KFC's updates over its parameter groups.
+
+The glue between ``param_groups`` / the optimizer state and the list-of-tensor rules of ``rules.py``.
+
+A step's share of one group is a :class:`GroupPart`: its parameters with their ∇h and preconditioned ∇h (F̂⁻¹∇h
+for the KFC group, ∇h itself for the SGD fallback, whose preconditioner is the identity). KFC-pre and the
+adaptive rule treat the parts as one update vector: the KFC layers first, then the fallback parameters.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+
+import torch
+
+from kfc_compile.optim.options import KFCOptions
+from kfc_compile.optim.rules import (
+    adam_step_,
+    adaptive_step_,
+    clip_scale,
+    factored_nu,
+    momentum_step_,
+    quadratic_model,
+    regularised_grad,
+    rescaling,
+    sum_squares,
+)
+
+#: the Gram matrix of the exact Fisher among directions, on a leading fraction of the batch (``KFC._exact_gram``)
+GramFn = Callable[[list[dict[torch.Tensor, torch.Tensor]], float], torch.Tensor]
+
+
+@dataclass
+class GroupPart:
+    """One parameter group's share of a step."""
+
+    group: dict
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]  # ∇h
+    naturals: list[torch.Tensor]  # F̂⁻¹∇h (∇h for the SGD fallback)
+
+
+def group_parts(kfc_group: dict | None, sgd_group: dict | None,
+                naturals: dict[torch.Tensor, torch.Tensor]) -> list[GroupPart]:
+    """The parts of a step, KFC group first; groups that are None are left out.
+
+    The KFC part has the parameters with a preconditioned gradient (a missing ``.grad`` is 0 in ∇h), the SGD
+    fallback's part its parameters that have a gradient.
+    """
+    parts = []
+    if kfc_group is not None:
+        wd = kfc_group["weight_decay"]
+        params = list(naturals)
+        grads = [regularised_grad(p, p.grad if p.grad is not None else torch.zeros_like(p), wd) for p in params]
+        parts.append(GroupPart(kfc_group, params, grads, list(naturals.values())))
+    if sgd_group is not None:
+        params = [p for p in sgd_group["params"] if p.grad is not None]
+        grads = [regularised_grad(p, p.grad, sgd_group["weight_decay"]) for p in params]
+        parts.append(GroupPart(sgd_group, params, grads, grads))
+    return parts
+
+
+def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOptions, exact_gram: GramFn,
+               info: dict) -> None:
+    """KFC-pre (docs/algorithm.md §6.2): v = −lr·F̂⁻¹∇h; if ν > clip, v ← v·sqrt(clip/ν); p ← μp + v; θ ← θ + p.
+
+    ν is vᵀFv + wd·vᵀv with the exact Fisher on the batch's first ``clip_fraction`` (``clip_curvature="exact"``,
+    wd of the first part) or vᵀF̂v = lr²·⟨F̂⁻¹∇h, ∇h⟩ plus the fallback's wd·vᵀv (``"factored"``). A non-finite ν
+    skips the step with a warning. ``info`` receives ν and the clipping scale. Some part must have a parameter.
+    """
+    updates = [[u.mul(-part.group["lr"]) for u in part.naturals] for part in parts]
+    scale = None
+    if options.clip is not None:
+        if options.clip_curvature == "exact":
+            wd = parts[0].group["weight_decay"]
+            v = {p: t for part, ts in zip(parts, updates) for p, t in zip(part.params, ts)}
+            nu = float(exact_gram([v], options.clip_fraction)[0, 0])
+            if wd:
+                nu += wd * sum_squares(v.values())
+        else:  # vᵀF̂v = lr²·uᵀ∇h with u = F̂⁻¹∇h (F̂ holds the damping and the weight decay)
+            nu = 0.0
+            for part, ts in zip(parts, updates):
+                if part.group["role"] == "kfc":
+                    nu = factored_nu(part.naturals, part.grads, part.group["lr"])
+                elif part.group["weight_decay"]:
+                    nu += part.group["weight_decay"] * sum_squares(ts)
+        info["nu"] = nu
+        if not math.isfinite(nu):  # inf/NaN in the gradient or the model's output: no safe step size exists
+            info["skipped"] = True
+            warnings.warn(f"KFC step {info['step']} skipped: the clipping statistic ν is {nu} (the gradient "
+                          "or the model output is not finite); parameters and momentum are unchanged",
+                          RuntimeWarning, stacklevel=3)
+            return
+        scale = clip_scale(nu, options.clip)
+        info["clip_scale"] = 1.0 if scale is None else scale
+    for part, ts in zip(parts, updates):
+        buffers = [state[p].get("momentum_buffer") for p in part.params]
+        for p, buf in zip(part.params, momentum_step_(part.params, buffers, ts, part.group["momentum"], scale)):
+            state[p]["momentum_buffer"] = buf
+
+
+def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCOptions, exact_gram: GramFn,
+                    info: dict) -> float:
+    """Adaptive K-FAC (docs/algorithm.md §6.1): θ ← θ + δ with δ = lr·(αΔ + μδ₀).
+
+    Δ = −F̂⁻¹∇h, δ₀ the previous update, (α, μ) minimising the quadratic model M from the exact Fisher plus
+    (λ + wd)·I (λ, wd, lr, μ > 0 of the first part's group). ``info`` receives α, μ, C, d, the model change and λ.
+    Some part must have a parameter.
+
+    Returns:
+        M(δ) − M(0), the change the model predicts (for the Levenberg–Marquardt ratio).
+    """
+    params = [p for part in parts for p in part.params]
+    deltas = [-u for part in parts for u in part.naturals]
+    grads = [g for part in parts for g in part.grads]
+    lead = parts[0].group
+    lam, wd, lr = lead["damping"], lead["weight_decay"], lead["lr"]
+    prev = [state[p].get("momentum_buffer") for p in params]
+    use_mu = lead["momentum"] > 0 and any(b is not None for b in prev)
+    dirs = [deltas, prev] if use_mu else [deltas]
+    gram = exact_gram([{p: t for p, t in zip(params, x) if t is not None} for x in dirs], options.clip_fraction)
+    C, d = quadratic_model(gram, dirs, grads, lam + wd)
+    alpha, mu, model_change = rescaling(C, d, lr)
+    info.update(alpha=alpha, mu=mu, C=C, d=d, model_change=model_change, damping=lam)
+    for p, upd in zip(params, adaptive_step_(params, deltas, prev if use_mu else None, alpha, mu, lr)):
+        state[p]["momentum_buffer"] = upd
+    return model_change
+
+
+def adam_update(group: dict, state: MutableMapping) -> None:
+    """The Adam fallback's step on the parameters of ``group`` that have a gradient (∇h = grad + wd·θ)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    grads = [regularised_grad(p, p.grad, group["weight_decay"]) for p in params]
+    adam_step_(params, grads, [state[p] for p in params], group["lr"], group["betas"], group["eps"])
