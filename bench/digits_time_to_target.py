@@ -127,9 +127,10 @@ def steps_to_target(name, lr, data, args) -> int | None:
     return None
 
 
-PHASES = (("_fisher_pass", "MC Fisher backward (Γ only)"), ("_collect_statistics", "moving averages"),
-          ("_refresh_inverses", "inverses (amortised)"), ("_natural", "preconditioning Γ⁻¹GΩ⁻¹"),
-          ("_fisher_quadratic", "ν: exact Fisher-vector product (JVP)"))
+PHASES = (  # (object: the optimizer or its curvature estimator, method, label)
+    ("est", "_fisher_pass", "MC Fisher backward (Γ only)"), ("est", "_collect", "moving averages"),
+    ("est", "refresh_inverses", "inverses (amortised)"), ("est", "precondition", "preconditioning Γ⁻¹GΩ⁻¹"),
+    ("opt", "_exact_gram", "ν: exact Fisher-vector product (JVP)"))
 
 
 def profile(data, steps: int = 40) -> None:
@@ -139,8 +140,10 @@ def profile(data, steps: int = 40) -> None:
     model = make_net()
     opt = kc.KFC(model, lr=0.1, momentum=0.0, stats_every=1, inverse_every=20)
     acc: dict[str, float] = {}
-    for name, _ in PHASES:
-        fn = getattr(opt, name)
+    objs = {"opt": opt, "est": opt._estimator}
+    for owner, name, _ in PHASES:
+        obj = objs[owner]
+        fn = getattr(obj, name)
 
         def timed(*a, _fn=fn, _name=name, **k):
             c0 = time.process_time()
@@ -148,7 +151,7 @@ def profile(data, steps: int = 40) -> None:
                 return _fn(*a, **k)
             finally:
                 acc[_name] = acc.get(_name, 0.0) + time.process_time() - c0
-        setattr(opt, name, timed)
+        setattr(obj, name, timed)
     sgd_model = make_net()
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.1, momentum=0.9)
     parts = {"forward": 0.0, "backward (incl. Ω/Γ capture and the MC backward)": 0.0, "opt.step()": 0.0}
@@ -179,7 +182,7 @@ def profile(data, steps: int = 40) -> None:
     print("| part of a KFC-pre step | CPU ms/step |\n|---|---:|")
     for key, v in parts.items():
         print(f"| {key} | {1e3 * v / steps:.2f} |")
-    for name, label in PHASES:
+    for _, name, label in PHASES:
         print(f"| ↳ {label} | {1e3 * acc.get(name, 0.0) / steps:.2f} |")
 
 

@@ -185,7 +185,7 @@ class CurvatureEstimator:
         """The layers come from a live registry (kfc backend) that changes as dynamo compiles graphs."""
         return self._version is not None
 
-    def state(self, name: str) -> LayerState:
+    def layer_state(self, name: str) -> LayerState:
         """The state of the layer called ``name`` (``KeyError`` listing the layers if there is none)."""
         for s in self.states:
             if s.layer.name == name:

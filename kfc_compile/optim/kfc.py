@@ -185,7 +185,7 @@ class KFC(torch.optim.Optimizer):
             KeyError: no KFC layer has that name.
         """
         self._sync_layers()
-        return self._estimator.state(name)
+        return self._estimator.layer_state(name)
 
     def layer_states(self) -> list[LayerState]:
         """What is kept for every KFC layer, in the order of :attr:`layers` (read-only use)."""
