@@ -50,7 +50,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import kfc_compile as kc  # noqa: E402
-from kfc_compile.tools.demo.models import build_model as demo_model, paper_cifar_net  # noqa: E402
+from kfc_compile.tools.demo.models import build_model as demo_model  # noqa: E402
+from kfc_compile.tools.demo.models import paper_cifar_net  # noqa: E402
 
 CASES = {"paper": 128, "resnet18-b32": 32, "resnet18-b128": 128}  # the default set: model -> batch
 EXTRA = {"digits": 128, "mnist1d": 128}  # the demo's convnets (--models digits,mnist1d): explain time to target
