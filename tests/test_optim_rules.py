@@ -188,7 +188,7 @@ def test_layer_state_accessors_and_curvature_bytes():
     for s in states:
         assert s.running.updates == 1 and not s.frozen and not s.stale and s.layout.shapes() == (
             (1, s.layer.a_dim, s.layer.a_dim), (1, s.layer.g_dim, s.layer.g_dim))
-        ts = [s.running.A, s.running.G, *s.inverse.tensors.values()]
+        ts = [s.running.A, s.running.G, *s.inverse.tensors()]
         expect += sum(t.numel() * t.element_size() for t in ts)
         assert s.nbytes() == sum(t.numel() * t.element_size() for t in ts)
     assert opt.curvature_nbytes() == expect > 0
