@@ -50,9 +50,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import kfc_compile as kc  # noqa: E402
-import kfc_compile.optim.kfc as kfc_optimizer_module  # noqa: E402
 from kfc_compile.tools.demo.models import build_model as demo_model  # noqa: E402
-from kfc_compile.tools.demo.models import paper_cifar_net
+from kfc_compile.tools.demo.models import paper_cifar_net  # noqa: E402
 
 CASES = {"paper": 128, "resnet18-b32": 32, "resnet18-b128": 128}  # the default set: model -> batch
 EXTRA = {"digits": 128, "mnist1d": 128}  # the demo's convnets (--models digits,mnist1d): explain time to target
@@ -256,13 +255,13 @@ def _record_phase(state) -> str:
 
 PHASES = (  # (object, attribute, phase)
     ("capture", "record", _record_phase),
-    ("est", "_fisher_pass", "statistics: sampled-target backward"),
-    ("est", "_statistics_pass", "statistics: subset forward + sampled-target backward"),
-    ("est", "_fold", "statistics: moving averages"),
-    ("est", "refresh_inverses", "inverses"),
-    ("est", "precondition", "preconditioning"),
-    ("opt", "_exact_gram", "clipping ν (Fisher-vector products)"),
-    ("kfc", "pre_update", "update (momentum, clip, apply)"),
+    ("opt", "_fisher_pass", "statistics: sampled-target backward"),
+    ("opt", "_statistics_pass", "statistics: subset forward + sampled-target backward"),
+    ("opt", "_fold", "statistics: moving averages"),
+    ("opt", "_refresh_inverses", "inverses"),
+    ("opt", "_natural", "preconditioning"),
+    ("opt", "_fisher_quadratic", "clipping ν (Fisher-vector products)"),
+    ("opt", "_step_pre", "update (momentum, clip, apply)"),
 )
 
 
@@ -274,9 +273,7 @@ def profile_config(case: str, s: int, i: int, rounds: int) -> dict:
     kfc = Stepper(kmodel, opt, batches)
     kfc.run(WARMUP), sgd.run(WARMUP)
     timer = PhaseTimer()
-    est = opt._estimator
-    # pre_update is a module function: timed where kfc.py looks it up (re-wrapped per config: the phase is exclusive)
-    objs = {"opt": opt, "est": est, "capture": est.capture, "kfc": kfc_optimizer_module}
+    objs = {"opt": opt, "capture": getattr(opt, "_capture", None)}
     missing = [f"{o}.{a}" for o, a, ph in PHASES if objs[o] is None or not timer.wrap(objs[o], a, ph)]
     P = math.lcm(s, i)
     tk = ts = 0.0

@@ -40,7 +40,7 @@ def wb_jacobians(model: torch.nn.Module, X: torch.Tensor, layers: dict[str, tupl
 
 
 def per_example_loss(kind: str):
-    """ℓ_n(f_n, y_n) on one example's flattened output (library convention, kfc_spec / README)."""
+    """ℓ_n(f_n, y_n) on one example's flattened output (library convention, docs/algorithm.md / README)."""
     if kind == "ce":  # one term per example: mean and sum reductions give the same ℓ_n
         return lambda f, y: F.cross_entropy(f.unsqueeze(0), y.unsqueeze(0))
     if kind == "mse_mean":

@@ -47,8 +47,11 @@ def spd(groups: int, d: int, gen: torch.Generator, rank: int | None = None) -> t
 
 @pytest.mark.parametrize("d,k", [(7, 1), (7, 2), (9, 3), (10, 4), (5, 5)])
 def test_block_helpers_match_the_dense_block_diagonal(d, k):
-    """block_rows gives the diagonal blocks of XᵀX; diagonal_blocks and dense are inverse of each other on
-    block-diagonal matrices; the padding coordinates are 0 and pad_identity_ sets exactly them to 1."""
+    """block_rows gives the diagonal blocks of XᵀX.
+
+    diagonal_blocks and dense are inverse of each other on block-diagonal matrices; the padding coordinates are 0 and
+    pad_identity_ sets exactly them to 1.
+    """
     gen = torch.Generator().manual_seed(d * 10 + k)
     X = torch.randn(2, 11, d, dtype=torch.float64, generator=gen)
     R = bl.block_rows(X, k)
@@ -73,8 +76,10 @@ def test_block_helpers_match_the_dense_block_diagonal(d, k):
 # -- inverses and preconditioning ----------------------------------------------------------------------------------
 
 def _dense_update(method, A, G, M, eta, scale):
-    """float64 reference on the dense block-diagonal factors: the factored Γ_d⁻¹ M Ω_d⁻¹ with π from the whole
-    traces, or the exact (scale·kron(Γ, Ω) + η I)⁻¹ vec(M)."""
+    """float64 reference on the dense block-diagonal factors.
+
+    The factored Γ_d⁻¹ M Ω_d⁻¹ with π from the whole traces, or the exact (scale·kron(Γ, Ω) + η I)⁻¹ vec(M).
+    """
     A = scale * A
     out = []
     for g in range(A.shape[0]):
@@ -95,9 +100,11 @@ def _dense_update(method, A, G, M, eta, scale):
 @pytest.mark.parametrize("eta,scale", [(0.0, 1.0), (0.3, 1.0), (0.05, 4.0)])
 @pytest.mark.parametrize("groups,a_dim,g_dim,cap", [(1, 11, 7, 4), (2, 9, 3, 3), (1, 6, 13, 5)])
 def test_blocked_inverse_equals_dense_block_diagonal_solve(method, eta, scale, groups, a_dim, g_dim, cap):
-    """compute_inverse + precondition_layer on the stored blocks give the update of the dense block-diagonal
-    factors (fp64, 1e-9), with and without damping (the padding never makes a factor singular), for both
-    damping methods, a curvature scale, groups, and blocks on either side."""
+    """compute_inverse + precondition_layer on the stored blocks give the update of the dense block-diagonal factors.
+
+    Checked in fp64 to 1e-9, with and without damping (the padding never makes a factor singular), for both damping
+    methods, a curvature scale, groups, and blocks on either side.
+    """
     gen = torch.Generator().manual_seed(a_dim * 100 + g_dim)
     lay = Layout.of(groups, a_dim, g_dim, cap)
     assert lay.blocked
@@ -127,9 +134,11 @@ def test_blocked_undamped_singular_block_raises():
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_optimizer_factors_are_the_diagonal_blocks_of_the_dense_factors(approx):
-    """With max_factor_dim the captured factors (conv with stride, grouped bias-free conv, linear) are exactly
-    the diagonal blocks of kc.curvature's dense factors on the same batch (type-2 Fisher, fp64), and stored at
-    d·b size; kc.curvature on the optimizer's own model stays dense."""
+    """With max_factor_dim the captured factors are exactly the diagonal blocks of kc.curvature's dense factors.
+
+    Checked for a conv with stride, a grouped bias-free conv and a linear, on the same batch (type-2 Fisher, fp64); the
+    factors are stored at d·b size; kc.curvature on the optimizer's own model stays dense.
+    """
     model = net()
     x, y = data()
     ref = kc.curvature(copy.deepcopy(model), "cross_entropy", x, y, fisher="type-2", approx=approx)
@@ -137,7 +146,7 @@ def test_optimizer_factors_are_the_diagonal_blocks_of_the_dense_factors(approx):
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert len(opt.layers) == 4
-    for layer, state in zip(opt.layers, opt.layer_states()):
+    for layer, state in zip(opt.layers, opt.layer_states(), strict=True):
         lay = state.layout
         assert lay.a_blocks == -(-layer.a_dim // CAP) and lay.g_blocks == -(-layer.g_dim // CAP)
         rf = state.running
@@ -146,7 +155,7 @@ def test_optimizer_factors_are_the_diagonal_blocks_of_the_dense_factors(approx):
         for what, full, d, k in (("A", ref[layer.name].A, layer.a_dim, lay.a_blocks),
                                  ("G", ref[layer.name].G, layer.g_dim, lay.g_blocks)):
             torch.testing.assert_close(getattr(got, what), full * block_mask(d, k), rtol=1e-10, atol=1e-12,
-                                       msg=lambda m: f"{layer.name} {what}: {m}")
+                                       msg=lambda m, name=layer.name, what=what: f"{name} {what}: {m}")
     dense = kc.curvature(model, "cross_entropy", x, y, fisher="type-2", approx=approx)
     name = opt.layers[0].name
     assert dense[name].A.shape == (28, 28) and bool((dense[name].A * ~block_mask(28, 6)).abs().sum() > 0)
@@ -154,9 +163,11 @@ def test_optimizer_factors_are_the_diagonal_blocks_of_the_dense_factors(approx):
 
 @pytest.mark.parametrize("method", P.DAMPING_METHODS)
 def test_optimizer_update_uses_the_block_diagonal_curvature(method):
-    """opt.precondition() on a blocked model equals the dense fp64 solve with the block-diagonal factors it
-    reports (inverses are refreshed at steps 1-3, so after 3 steps they match the reported factors), and the KFC
-    steps decrease the loss."""
+    """opt.precondition() on a blocked model equals the dense fp64 solve with the block-diagonal factors it reports.
+
+    Inverses are refreshed at steps 1-3, so after 3 steps they match the reported factors; the KFC steps decrease the
+    loss.
+    """
     model = net()
     x, y = data(1)
     opt = kc.KFC(model, lr=0.2, damping=0.05, fisher="type-2", stats_fraction=1.0, clip=None,

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from kfc_test_helpers import kron_block, rel_err
 from torch import nn
 
 import kfc_compile as kc
+
+from kfc_test_helpers import kron_block, rel_err
 
 
 def mlp():
@@ -77,8 +78,10 @@ def test_mc_is_reproducible_with_a_generator():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_type2_cross_entropy_per_location_terms(reduction):
-    """CE on (N, C, L) logits has L terms per example: ℓ_n = c·Σ_l CE_l with c = 1/L (mean) or 1 (sum). For a conv
-    producing the logits, type-2 Γ = c/(N·L) Σ_{n,l} (diag p − p pᵀ) exactly (no mixing across terms)."""
+    """CE on (N, C, L) logits has L terms per example: ℓ_n = c·Σ_l CE_l with c = 1/L (mean) or 1 (sum).
+
+    For a conv producing the logits, type-2 Γ = c/(N·L) Σ_{n,l} (diag p − p pᵀ) exactly (no mixing across terms).
+    """
     torch.manual_seed(4)
     conv = nn.Conv1d(2, 3, 3, padding=1).double()
     x = torch.randn(4, 2, 5, dtype=torch.float64)
@@ -91,8 +94,11 @@ def test_type2_cross_entropy_per_location_terms(reduction):
 
 
 def test_type2_bce_with_logits():
-    """BCE-with-logits: per-element Hessian σ(1 − σ); the type-2 Γ of the logit layer is its mean over examples
-    (diagonal, divided by the K = 3 terms for a mean reduction)."""
+    """BCE-with-logits: per-element Hessian σ(1 − σ).
+
+    The type-2 Γ of the logit layer is its mean over examples (diagonal, divided by the K = 3 terms for a mean
+    reduction).
+    """
     torch.manual_seed(5)
     lin = nn.Linear(4, 3).double()
     x = torch.randn(6, 4, dtype=torch.float64)

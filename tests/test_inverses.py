@@ -1,5 +1,8 @@
-"""Inverse kinds as classes: the method table, typed attributes, bucket keys, checkpoints of the saved format, and the
-singularity criterion without damping (λ_min ≤ d·eps·λ_max)."""
+"""Inverse kinds as classes.
+
+The method table, typed attributes, bucket keys, checkpoints of the saved format, and the singularity criterion without
+damping (λ_min ≤ d·eps·λ_max).
+"""
 from __future__ import annotations
 
 import pytest

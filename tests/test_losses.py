@@ -70,8 +70,11 @@ def test_class_dim_last_twin_trains_the_same():
 
 
 def test_class_dim_last_loss_drives_compile_step():
-    """An instance is also the training loss: the eager compile_step with CrossEntropy(class_dim=-1) takes the
-    steps of its (B, V, T) twin with nn.CrossEntropyLoss."""
+    """An instance is also the training loss.
+
+    The eager compile_step with CrossEntropy(class_dim=-1) takes the steps of its (B, V, T) twin with
+    nn.CrossEntropyLoss.
+    """
     x, y = token_data()
     models = (TokenLogits(False), TokenLogits(True))
     steps = (kc.compile_step(models[0], kc.CrossEntropy(class_dim=-1), compile=False, lr=0.1, fisher="type-2"),
@@ -102,8 +105,11 @@ def _cases():
 
 @pytest.mark.parametrize("spec,f,y", _cases(), ids=lambda c: repr(c) if isinstance(c, Loss) else "")
 def test_methods_match_autograd_on_batch_loss(spec, f, y):
-    """ℓ_n = per_example_scale(N)·(example n's share of batch_loss): c·term_grad is ∇ℓ_n, the Hessian square-root
-    columns give ∇²ℓ_n, fisher_inner is the mean of uₙᵀ∇²ℓ_n wₙ, and batch_loss is the torch module's."""
+    """ℓ_n = per_example_scale(N)·(example n's share of batch_loss).
+
+    c·term_grad is ∇ℓ_n, the Hessian square-root columns give ∇²ℓ_n, fisher_inner is the mean of uₙᵀ∇²ℓ_n wₙ, and
+    batch_loss is the torch module's.
+    """
     n = f.shape[0]
     s = spec.per_example_scale(n)
     c = spec.term_weight(f)
@@ -138,8 +144,10 @@ def test_samples_have_the_target_shape_and_follow_the_generator(spec, f, y):
 
 
 def test_class_dim_moves_with_the_logits():
-    """The sample / term_grad / columns of CrossEntropy(class_dim=-1) on (B, T, V) are those of the default on the
-    (B, V, T) transpose, transposed back."""
+    """CrossEntropy(class_dim=-1) on (B, T, V) is the default on the (B, V, T) transpose.
+
+    Its sample / term_grad / columns are those of the default on the transpose, transposed back.
+    """
     g = torch.Generator().manual_seed(5)
     f = torch.randn(B, T, V, dtype=torch.float64, generator=g)
     y = torch.randint(0, V, (B, T), generator=g)

@@ -45,14 +45,14 @@ def test_iterate_averaging():
     ref = [a.clone() for a in avg]
     rules.average_iterates_(avg, params, 4.0)
     xi = math.exp(-1.0 / 4.0)
-    for a, r, p in zip(avg, ref, params):
+    for a, r, p in zip(avg, ref, params, strict=True):
         assert torch.equal(a, r.mul_(xi).add_(p, alpha=1.0 - xi))
 
 
 def test_factored_nu_and_clip_scale():
     u, g = tensors(0), tensors(1)
     nu = 0.0
-    for x, y in zip(u, g):
+    for x, y in zip(u, g, strict=True):
         nu += 0.3 ** 2 * float((x.double() * y.double()).sum())
     assert rules.factored_nu(u, g, 0.3) == nu
     assert rules.clip_scale(0.2, 0.3) is None and rules.clip_scale(0.3, 0.3) is None
@@ -67,15 +67,15 @@ def test_momentum_step_is_the_per_parameter_update(scale):
     updates = tensors(2)  # fp64 updates of fp32 parameters
     ref_p, ref_b = [p.clone() for p in params], [None if b is None else b.clone() for b in buffers]
     out = rules.momentum_step_(params, buffers, updates, 0.9, scale)
-    for i, (p, v) in enumerate(zip(ref_p, updates)):
+    for i, (p, v) in enumerate(zip(ref_p, updates, strict=True)):
         v = v.to(p.dtype)
         if ref_b[i] is None:
             ref_b[i] = v.mul(scale) if scale is not None else v.clone()
         else:
             ref_b[i].mul_(0.9).add_(v, alpha=1.0 if scale is None else scale)
         p.add_(ref_b[i])
-    assert all(torch.equal(a, b) for a, b in zip(params, ref_p))
-    assert all(torch.equal(a, b) for a, b in zip(out, ref_b))
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_p, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(out, ref_b, strict=True))
     assert out[1] is buffers[1]  # existing buffers are updated in place
 
 
@@ -87,7 +87,7 @@ def test_quadratic_model_rescaling_and_adaptive_step():
     C, d = rules.quadratic_model(gram, [delta, prev], grads, 0.05)
 
     def dot(a, b):
-        return sum(float((x * y).sum()) for x, y in zip(a, b) if x is not None and y is not None)
+        return sum(float((x * y).sum()) for x, y in zip(a, b, strict=True) if x is not None and y is not None)
     tik = torch.tensor([[dot(delta, delta), dot(delta, prev)], [dot(prev, delta), dot(prev, prev)]],
                        dtype=torch.float64)
     assert torch.equal(C, gram + 0.05 * tik)
@@ -102,7 +102,7 @@ def test_quadratic_model_rescaling_and_adaptive_step():
 
     before = [p.clone() for p in params]
     steps = rules.adaptive_step_(params, delta, prev, alpha, mu, 0.5)
-    for p0, p, s, t, q in zip(before, params, steps, delta, prev):
+    for p0, p, s, t, q in zip(before, params, steps, delta, prev, strict=True):
         ref = t.mul(0.5 * alpha) if q is None else t.mul(0.5 * alpha).add(q, alpha=0.5 * mu)
         assert torch.equal(s, ref) and torch.equal(p, p0 + ref)
 
@@ -121,7 +121,7 @@ def test_levenberg_marquardt_rule():
 def _old_adam(params, grads, states, lr, betas, eps):
     """The optimizer's former hand-written Adam."""
     beta1, beta2 = betas
-    for p, g, state in zip(params, grads, states):
+    for p, g, state in zip(params, grads, states, strict=True):
         if "exp_avg" not in state:
             state["adam_step"] = 0
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -146,10 +146,10 @@ def test_adam_step_is_bit_identical_to_torch_adam_and_the_former_loop(dtype):
         grads = tensors(10 + k, dtype=dtype)
         rules.adam_step_(ours, grads, states, 0.01, (0.8, 0.99), 1e-6)
         _old_adam(old, grads, old_states, 0.01, (0.8, 0.99), 1e-6)
-        for r, g in zip(ref, grads):
+        for r, g in zip(ref, grads, strict=True):
             r.grad = g.clone()
         torch_adam.step()
-        for a, b, c in zip(ours, old, ref):
+        for a, b, c in zip(ours, old, ref, strict=True):
             assert torch.equal(a, b) and torch.equal(a, c.detach())
     assert all(float(s["step"]) == 5 for s in states)
 
@@ -168,7 +168,7 @@ def test_kfc_adam_fallback_is_bit_identical_to_torch_adam():
             o.zero_grad()
             F.cross_entropy(m(x), y).backward()
             o.step()
-        for p, q in zip(model.parameters(), shadow.parameters()):
+        for p, q in zip(model.parameters(), shadow.parameters(), strict=True):
             assert torch.equal(p, q)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import warnings
 
 import pytest
 import torch
@@ -34,15 +33,18 @@ def batch(seed: int, n: int = 16, dtype=torch.float64):
 
 def identity_factors(opt: kc.KFC) -> None:
     for layer in opt.layers:
-        eye = lambda d: torch.eye(d, dtype=torch.float64).expand(layer.groups, d, d)
+        def eye(d, groups=layer.groups):
+            return torch.eye(d, dtype=torch.float64).expand(groups, d, d)
         opt.set_factors(layer.name, eye(layer.a_dim), eye(layer.g_dim), frozen=True)
 
 
 # -- degenerate case: Ω = Γ = I ------------------------------------------------------------------------------------
 
 def test_identity_factors_reproduce_sgd_with_momentum():
-    """Ω = Γ = I, no damping, no clipping: KFC-pre (p ← μp − lr·g; θ ← θ + p) equals torch.optim.SGD with momentum
-    step for step, including the fallback (BatchNorm) parameters."""
+    """Ω = Γ = I, no damping, no clipping: KFC-pre equals torch.optim.SGD with momentum step for step.
+
+    KFC-pre is p ← μp − lr·g; θ ← θ + p; the equality includes the fallback (BatchNorm) parameters.
+    """
     torch.manual_seed(0)
     a = small_net().double()
     b = copy.deepcopy(a)
@@ -56,7 +58,7 @@ def test_identity_factors_reproduce_sgd_with_momentum():
             o.zero_grad()
             F.cross_entropy(m(x), y).backward()
             o.step()
-        for p, q in zip(a.parameters(), b.parameters()):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
@@ -78,17 +80,17 @@ def test_identity_factors_with_averaging_and_schedulers():
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        for p, p0 in zip(params, before):
+        for p, p0 in zip(params, before, strict=True):
             torch.testing.assert_close(p, p0 - lr * p.grad, rtol=1e-12, atol=1e-14)
-        avg = [xi * a + (1 - xi) * p.detach() for a, p in zip(avg, params)]
-        for a, b in zip(avg, opt.averaged_parameters()):
+        avg = [xi * a + (1 - xi) * p.detach() for a, p in zip(avg, params, strict=True)]
+        for a, b in zip(avg, opt.averaged_parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert opt.param_groups[0]["lr"] == 0.0
     current = [p.detach().clone() for p in params]
     with opt.swap_averaged():
-        for p, a in zip(params, avg):
+        for p, a in zip(params, avg, strict=True):
             torch.testing.assert_close(p.detach(), a)
-    for p, c in zip(params, current):
+    for p, c in zip(params, current, strict=True):
         assert torch.equal(p.detach(), c)
 
 
@@ -97,9 +99,11 @@ def test_identity_factors_with_averaging_and_schedulers():
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 @pytest.mark.parametrize("fisher", ["type-2", "mc", "empirical"])
 def test_first_step_factors_equal_kc_curvature(fisher, fraction):
-    """Step 1 is a statistics step and ε = 0 on the first update, so the factors are the batch's factors — of its
-    first ceil(fraction·N) examples (mc/type-2: a separate forward of those; empirical: their rows of the user's
-    pass)."""
+    """Step 1 is a statistics step and ε = 0 on the first update, so the factors are the batch's factors.
+
+    They are those of its first ceil(fraction·N) examples (mc/type-2: a separate forward of those; empirical: their rows
+    of the user's pass).
+    """
     torch.manual_seed(2)
     model = small_net(bn=False).double()
     ref_model = copy.deepcopy(model)
@@ -109,7 +113,8 @@ def test_first_step_factors_equal_kc_curvature(fisher, fraction):
     F.cross_entropy(model(x), y).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     opt.step()
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # no weight gradients added
+    # no weight gradients added
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
     ref = kc.curvature(ref_model, "cross_entropy", x[:m], y[:m], fisher=fisher,
                        generator=torch.Generator().manual_seed(5))
     for layer in opt.layers:
@@ -119,8 +124,11 @@ def test_first_step_factors_equal_kc_curvature(fisher, fraction):
 
 
 def test_statistics_subset_pass_leaves_batchnorm_and_rng_alone():
-    """The separate statistics forward runs on copies of the buffers: BatchNorm's running statistics are those of
-    the user's forward only; it is a no-grad-side-effect pass (the parameters' .grad are the user's)."""
+    """The separate statistics forward runs on copies of the buffers.
+
+    BatchNorm's running statistics are those of the user's forward only; it is a no-grad-side-effect pass (the
+    parameters' .grad are the user's).
+    """
     torch.manual_seed(6)
     model = small_net(bn=True).double()
     twin = copy.deepcopy(model)
@@ -132,15 +140,17 @@ def test_statistics_subset_pass_leaves_batchnorm_and_rng_alone():
     bn, bn_twin = model[3], twin[3]
     assert torch.equal(bn.running_mean, bn_twin.running_mean) and torch.equal(bn.running_var, bn_twin.running_var)
     assert int(bn.num_batches_tracked) == 1
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
     assert all(opt.factors(layer.name) is not None for layer in opt.layers)
 
 
 def test_moving_average_in_the_kernel_epilogue(monkeypatch):
-    """From the second statistics step on, Ω is averaged by the statistics kernels themselves (beta = ε,
-    alpha = (1 − ε)/n into the running factor); the result is the moving average of kc.curvature's factors of the
-    subset, step by step."""
+    """From the second statistics step on, Ω is averaged by the statistics kernels themselves.
+
+    They run with beta = ε, alpha = (1 − ε)/n into the running factor; the result is the moving average of
+    kc.curvature's factors of the subset, step by step.
+    """
     from kfc_compile.curvature.factors import RunningFactors
 
     fused = []
@@ -198,8 +208,10 @@ def test_statistics_period_and_moving_average():
 
 
 def test_sum_reduction_scales_the_curvature():
-    """For h = Σ_n ℓ_n the curvature is N·F̄, so (N F̄ + N η)⁻¹ ∇h_sum = (F̄ + η)⁻¹ ∇h_mean: the sum-loss run with
-    damping N·η follows the mean-loss run with damping η."""
+    """A sum-loss run with damping N·η follows the mean-loss run with damping η.
+
+    For h = Σ_n ℓ_n the curvature is N·F̄, so (N F̄ + N η)⁻¹ ∇h_sum = (F̄ + η)⁻¹ ∇h_mean.
+    """
     torch.manual_seed(4)
     a = small_net(bn=False).double()
     b = copy.deepcopy(a)
@@ -216,7 +228,7 @@ def test_sum_reduction_scales_the_curvature():
                 o.zero_grad()
                 F.cross_entropy(m(x), y, reduction=red).backward()
                 o.step()
-            for p, q in zip(a.parameters(), b.parameters()):
+            for p, q in zip(a.parameters(), b.parameters(), strict=True):
                 torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
         del oa, ob
         a.kfc.state.disarm()
@@ -277,7 +289,7 @@ def test_clipping_rescales_update_to_the_threshold():
     F.cross_entropy(model(x), y).backward()
     Fd, _ = dense_fisher(plain, x, loss_spec("cross_entropy"))
     opt.step()
-    v = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
+    v = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before, strict=True)])
     assert opt.last_step["clip_scale"] < 1.0
     torch.testing.assert_close(v @ Fd @ v + wd * v @ v, torch.tensor(clip, dtype=torch.float64), rtol=1e-9, atol=0)
 
@@ -288,7 +300,7 @@ def test_clip_fraction_uses_first_examples():
     assert sub.shape[0] == 3 and torch.equal(sub[:, 0], torch.tensor([0.0, 1.0, 2.0])) and other.shape == (3,)
 
 
-# -- fallback -----------------------------------------------------------------------------------------------------------
+# -- fallback ----------------------------------------------------------------------------------------------------------
 
 def test_adam_fallback_matches_torch_adam():
     torch.manual_seed(7)
@@ -301,11 +313,11 @@ def test_adam_fallback_matches_torch_adam():
         x, y = batch(k)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        for s, p in zip(shadow, bn.parameters()):
+        for s, p in zip(shadow, bn.parameters(), strict=True):
             s.grad = p.grad.clone()
         opt.step()
         ref.step()
-        for s, p in zip(shadow, bn.parameters()):
+        for s, p in zip(shadow, bn.parameters(), strict=True):
             torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-12, atol=1e-14)
 
 
@@ -381,7 +393,7 @@ def test_undamped_singular_factor_error_names_the_layer():
         opt.step()
 
 
-# -- state_dict -----------------------------------------------------------------------------------------------------------
+# -- state_dict --------------------------------------------------------------------------------------------------------
 
 def make_run(mode: str):
     torch.manual_seed(11)
@@ -400,7 +412,7 @@ def train(model, opt, steps, start):
     for k in range(start, start + steps):
         x, y = batch(100 + k)
 
-        def closure():
+        def closure(x=x, y=y):
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -429,11 +441,11 @@ def test_state_dict_round_trip_is_bit_identical(mode):
     fresh.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
     train(fresh, opt2, 5, 5)
-    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
         assert torch.equal(p, q), name
-    for (name, b), c in zip(model.named_buffers(), fresh.buffers()):
+    for (name, b), c in zip(model.named_buffers(), fresh.buffers(), strict=True):
         assert torch.equal(b, c), name
-    for a, b in zip(opt.averaged_parameters(), opt2.averaged_parameters()):
+    for a, b in zip(opt.averaged_parameters(), opt2.averaged_parameters(), strict=True):
         assert torch.equal(a, b)
     assert opt.param_groups[0]["damping"] == opt2.param_groups[0]["damping"]
     for layer in opt.layers:
@@ -452,7 +464,7 @@ def test_load_state_dict_rejects_mismatches():
         eig.load_state_dict(sd)
 
 
-# -- arguments ------------------------------------------------------------------------------------------------------------
+# -- arguments ---------------------------------------------------------------------------------------------------------
 
 BAD = [
     ("lr", -1.0), ("lr", float("nan")), ("lr", "0.1"), ("momentum", 1.0), ("momentum", -0.1), ("damping", -1e-3),
@@ -534,8 +546,10 @@ def test_kc_curvature_uses_the_whole_batch_on_a_model_with_a_subsampling_optimiz
 
 
 def test_non_finite_clipping_statistic_skips_the_step():
-    """An inf in the gradient makes ν non-finite: the step is skipped with a warning instead of moving the
-    parameters by a garbage amount (the comparison ν > clip is false for NaN)."""
+    """An inf in the gradient makes ν non-finite: the step is skipped with a warning.
+
+    The parameters are not moved by a garbage amount (the comparison ν > clip is false for NaN).
+    """
     torch.manual_seed(10)
     model = small_net(bn=False).double()
     opt = kc.KFC(model, lr=0.1)
@@ -546,17 +560,20 @@ def test_non_finite_clipping_statistic_skips_the_step():
     with pytest.warns(RuntimeWarning, match="skipped"):
         opt.step()
     assert opt.last_step.get("skipped") and not math.isfinite(opt.last_step["nu"])
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()  # a finite step afterwards works
-    assert not opt.last_step.get("skipped") and any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not opt.last_step.get("skipped")
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_non_finite_factors_restart_instead_of_failing():
-    """A statistics pass that overflows (inf in a factor) must not end training with a 'singular factor' error:
-    the layer's moving averages restart from the next statistics step (with a warning naming it), the other layers
-    and the parameters stay finite, and the layer is preconditioned again from the next refresh."""
+    """A statistics pass that overflows (inf in a factor) must not end training with a 'singular factor' error.
+
+    The layer's moving averages restart from the next statistics step (with a warning naming it), the other layers and
+    the parameters stay finite, and the layer is preconditioned again from the next refresh.
+    """
     torch.manual_seed(11)
     model = small_net(bn=False).double()
     opt = kc.KFC(model, lr=0.05)

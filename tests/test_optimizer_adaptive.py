@@ -1,4 +1,7 @@
-"""Adaptive mode: α/μ from the exact-F quadratic model (kfc_spec §6.1, §11.1 item 4) and the LM damping rule (§5.4)."""
+"""Adaptive mode: α/μ from the exact-F quadratic model and the LM damping rule.
+
+See docs/algorithm.md §6.1, §11.1 item 4 (the quadratic model) and §5.4 (the LM rule).
+"""
 from __future__ import annotations
 
 import copy
@@ -104,7 +107,7 @@ def test_adaptive_step_is_the_quadratic_model_minimiser():
         F.cross_entropy(model(x), y).backward()
         if k == 1:
             with torch.no_grad():
-                for p, q in zip(plain.parameters(), params):
+                for p, q in zip(plain.parameters(), params, strict=True):
                     p.copy_(q)
             Fd = dense_fisher(plain, x)
         opt.step()
@@ -122,8 +125,10 @@ def test_adaptive_step_is_the_quadratic_model_minimiser():
 
 @pytest.mark.parametrize("lr,direction", [(1.0, "down"), (3.0, "up")])
 def test_levenberg_marquardt_rule(lr, direction):
-    """Every lm_interval steps: ρ > 3/4 → λ·ω₁, ρ < 1/4 → λ/ω₁ (ω₁ = (19/20)^5). lr = 3 overshoots the model's
-    minimiser, so the model predicts no decrease (ρ = −∞ by convention) and λ grows."""
+    """Every lm_interval steps: ρ > 3/4 → λ·ω₁, ρ < 1/4 → λ/ω₁ (ω₁ = (19/20)^5).
+
+    lr = 3 overshoots the model's minimiser, so the model predicts no decrease (ρ = −∞ by convention) and λ grows.
+    """
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     lam0 = 1.0
@@ -135,7 +140,7 @@ def test_levenberg_marquardt_rule(lr, direction):
         lam = opt.param_groups[0]["damping"]
         losses = []
 
-        def closure():
+        def closure(losses=losses):
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()

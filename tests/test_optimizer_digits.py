@@ -1,5 +1,8 @@
-"""Training sanity on real data (scikit-learn's bundled 8×8 digits): KFC-pre reaches a training-loss threshold in
-fewer steps than SGD with momentum at any learning rate of a grid (bench/digits_time_to_target.py measures more)."""
+"""Training sanity on real data (scikit-learn's bundled 8×8 digits).
+
+KFC-pre reaches a training-loss threshold in fewer steps than SGD with momentum at any learning rate of a grid
+(bench/digits_time_to_target.py measures more).
+"""
 from __future__ import annotations
 
 import pytest
@@ -52,6 +55,6 @@ def test_kfc_pre_needs_fewer_steps_than_tuned_sgd(digits):
     assert k_kfc is not None
     # SGD gets exactly as many steps minus one evaluation period, at every learning rate of the grid
     for lr in (0.03, 0.1, 0.3, 1.0):
-        k_sgd = steps_to_target(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), digits,
+        k_sgd = steps_to_target(lambda m, lr=lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), digits,
                                 max_steps=k_kfc)
         assert k_sgd is None or k_sgd > k_kfc, (lr, k_sgd, k_kfc)

@@ -178,8 +178,11 @@ def test_fp32_eigh_failure_is_retried_in_fp64(monkeypatch):
 
 
 def test_factored_damping_survives_rounding_of_a_rank_deficient_factor():
-    """A rank-deficient fp32 Ω whose rounding left a -1e-6 eigenvalue, beside a Γ of trace ~1e14: π then gives Ω
-    almost none of η (π√η ≈ 1e-8), so without a rounding floor Cholesky fails even in fp64 (seen on mnasnet)."""
+    """A rank-deficient fp32 Ω with a -1e-6 eigenvalue from rounding, beside a Γ of trace ~1e14.
+
+    π then gives Ω almost none of η (π√η ≈ 1e-8), so without a rounding floor Cholesky fails even in fp64 (seen on
+    mnasnet).
+    """
     torch.manual_seed(0)
     d = 72
     Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
@@ -194,8 +197,10 @@ def test_factored_damping_survives_rounding_of_a_rank_deficient_factor():
 
 @pytest.mark.parametrize("method", ["eigen", "factored"])
 def test_factored_clip_statistic_is_v_F_v_under_the_damped_curvature(method):
-    """clip_curvature='factored': ν = vᵀ F̂_γ v with v = −lr·F̂_γ⁻¹∇h, i.e. lr²·∇hᵀF̂_γ⁻¹∇h from a dense solve;
-    clipping scales the update by sqrt(C/ν); no extra forward is needed (no recorded inputs)."""
+    """clip_curvature='factored': ν = vᵀ F̂_γ v with v = −lr·F̂_γ⁻¹∇h, i.e. lr²·∇hᵀF̂_γ⁻¹∇h from a dense solve.
+
+    Clipping scales the update by sqrt(C/ν); no extra forward is needed (no recorded inputs).
+    """
     torch.manual_seed(3)
     gen = torch.Generator().manual_seed(4)
     model = nn.Sequential(nn.Linear(5, 3)).double()
@@ -226,9 +231,11 @@ def test_clip_curvature_validation():
 
 @pytest.mark.parametrize("method", ["eigen", "factored"])
 def test_silent_coordinates_restricted_inverse_matches_dense_solve(method):
-    """A conv whose 5×5 kernel mostly reads padding (1×1 input, padding 2) has silent Ω coordinates: the inverse
-    is taken on the live block only, and the update equals the dense damped solve with the full Ω (weight decay
-    makes the silent coordinates' gradient nonzero); state_dict keeps the restricted inverse."""
+    """A conv whose 5×5 kernel mostly reads padding (1×1 input, padding 2) has silent Ω coordinates.
+
+    The inverse is taken on the live block only, and the update equals the dense damped solve with the full Ω (weight
+    decay makes the silent coordinates' gradient nonzero); state_dict keeps the restricted inverse.
+    """
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(6, 4, 5, padding=2), nn.Flatten(), nn.Linear(4, 3)).double()
     damping, wd = 0.05, 0.01

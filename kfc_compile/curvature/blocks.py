@@ -24,6 +24,7 @@ def block_count(d: int, max_dim: int | None) -> int:
 
 
 def block_size(d: int, k: int) -> int:
+    """Size of each of the k diagonal blocks of a factor of size d (the last one zero-padded)."""
     return math.ceil(d / k)
 
 
@@ -58,8 +59,11 @@ def dense(F: torch.Tensor, k: int, d: int) -> torch.Tensor:
 
 
 def pad_identity_(F: torch.Tensor, k: int, d: int) -> torch.Tensor:
-    """Put 1 on the diagonal of the padding coordinates (in place), so a damped block is invertible even without
-    damping; the padding never meets a nonzero gradient, so the value is immaterial."""
+    """Put 1 on the diagonal of the padding coordinates (in place).
+
+    This makes a damped block invertible even without damping; the padding never meets a nonzero gradient, so the
+    value is immaterial.
+    """
     b = F.shape[-1]
     pad = k * b - d
     if pad:
@@ -84,11 +88,13 @@ class Layout:
     g_blocks: int = 1
 
     @classmethod
-    def of(cls, groups: int, a_dim: int, g_dim: int, max_dim: int | None) -> "Layout":
+    def of(cls, groups: int, a_dim: int, g_dim: int, max_dim: int | None) -> Layout:
+        """The layout of a layer's factors with blocks capped at ``max_dim`` (None: dense)."""
         return cls(groups, a_dim, g_dim, block_count(a_dim, max_dim), block_count(g_dim, max_dim))
 
     @property
     def blocked(self) -> bool:
+        """Whether either factor has more than one diagonal block."""
         return self.a_blocks > 1 or self.g_blocks > 1
 
     def shapes(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

@@ -1,5 +1,7 @@
-"""The linear algebra behind the inverse kinds (``inverses.py``): damped Cholesky inverses with the trace-norm π
-split, eigendecompositions, the singularity test without damping, and silent Ω coordinates.
+"""The linear algebra behind the inverse kinds (``inverses.py``).
+
+Damped Cholesky inverses with the trace-norm π split, eigendecompositions, the singularity test without damping,
+and silent Ω coordinates.
 
 Everything works on factors stacked per group or per block, ``(B, d, d)``, in the factors' dtype (fp32, fp64 for
 fp64 models); a failed fp32 Cholesky / eigh is retried in fp64.
@@ -27,24 +29,31 @@ class SingularFactorError(RuntimeError):
 
 
 def pi_split(ta: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
-    """π per group (trace norm) from the mean diagonals tr Ω / dim Ω and tr Γ / dim Γ: sqrt(ta / tg); 1 where
-    a trace is not positive."""
+    """π per group (trace norm) from the mean diagonals tr Ω / dim Ω and tr Γ / dim Γ.
+
+    The value is sqrt(ta / tg); 1 where a trace is not positive.
+    """
     ok = (ta > 0) & (tg > 0)
     return torch.where(ok, (ta / torch.where(ok, tg, torch.ones_like(tg))).clamp_min(0).sqrt(), torch.ones_like(ta))
 
 
 def _rounding_floor(M: torch.Tensor) -> torch.Tensor:
-    """dim·eps·(mean eigenvalue) per group: the least damping that keeps a PSD factor stored in M's dtype
-    positive definite despite rounding. It matters only when π puts a vanishing share of η on a factor whose
-    scale is far from the other's (e.g. Γ's trace 1e14, Ω's 1e2): without it Cholesky fails on a rank-deficient
-    Ω whose rounding errors are below π√η."""
+    """dim·eps·(mean eigenvalue) per group: the least damping that keeps a PSD factor positive definite.
+
+    That is, positive definite despite rounding, for a factor stored in M's dtype. It matters only when π puts a
+    vanishing share of η on a factor whose scale is far from the other's (e.g. Γ's trace 1e14, Ω's 1e2): without it
+    Cholesky fails on a rank-deficient Ω whose rounding errors are below π√η.
+    """
     trace = torch.diagonal(M, dim1=-2, dim2=-1).sum(-1).clamp_min(0)
     return (trace * torch.finfo(M.dtype).eps)[:, None, None]
 
 
 def check_nonsingular(lam: torch.Tensor, what: str) -> None:
-    """Raise :class:`SingularFactorError` if some matrix with eigenvalues ``lam`` (``(B, d)``) is singular, i.e.
-    ``λ_min ≤ d · eps · λ_max`` with eps the machine epsilon of ``lam``'s dtype (see the module docstring)."""
+    """Raise :class:`SingularFactorError` if some matrix with eigenvalues ``lam`` (``(B, d)``) is singular.
+
+    Singular means ``λ_min ≤ d · eps · λ_max`` with eps the machine epsilon of ``lam``'s dtype (see the module
+    docstring).
+    """
     tol = lam.amax(-1) * lam.shape[-1] * torch.finfo(lam.dtype).eps
     if bool((lam.amin(-1) <= tol).any()):
         raise SingularFactorError(f"{what} is singular (smallest eigenvalue at most dim·eps·largest); use "
@@ -141,8 +150,11 @@ def check_eigen_invertible(lA: torch.Tensor, lG: torch.Tensor, name: str) -> Non
 
 
 def live_coordinates(A: torch.Tensor) -> torch.Tensor | None:
-    """Indices of Ω's coordinates with a positive diagonal in some group, or None when too few are silent (less
-    than ``SILENT_SHARE`` of them, or Ω narrower than ``SILENT_MIN_DIM``) or none is live."""
+    """Indices of Ω's coordinates with a positive diagonal in some group, or None.
+
+    None when too few are silent (less than ``SILENT_SHARE`` of them, or Ω narrower than ``SILENT_MIN_DIM``) or
+    none is live.
+    """
     d = A.shape[-1]
     if d < SILENT_MIN_DIM:
         return None
@@ -154,9 +166,11 @@ def live_coordinates(A: torch.Tensor) -> torch.Tensor | None:
 
 
 def silent_split(A: torch.Tensor, eta: float, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(live, silent) coordinate indices of Ω when the inverse is restricted to its live block (see
-    :func:`live_coordinates`), else (None, None). Silent coordinates make Ω singular: without damping they raise
-    :class:`SingularFactorError`."""
+    """(live, silent) coordinate indices of Ω, or (None, None).
+
+    The indices are given when the inverse is restricted to its live block (see :func:`live_coordinates`). Silent
+    coordinates make Ω singular: without damping they raise :class:`SingularFactorError`.
+    """
     live = live_coordinates(A)
     if live is None:
         return None, None

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kfc_compile.runtime.taps import model_output
 from kfc_compile.curvature.factors import Factors, public_view
 from kfc_compile.curvature.losses import check_fisher, loss_spec, output_gradients
-from kfc_compile.registry import KFCInfo
 from kfc_compile.curvature.statistics import check_approx
+from kfc_compile.registry import KFCInfo
+from kfc_compile.runtime.taps import model_output
 from kfc_compile.transform import transform
 
 

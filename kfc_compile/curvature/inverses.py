@@ -113,8 +113,10 @@ class LayerInverse(ABC):
 
     @property
     def bucket_key(self) -> tuple | None:
-        """Inverses with equal keys are applied in one batched kernel call; None: this one is applied alone
-        (live-block and blocked layers have their own gathers / block products)."""
+        """Inverses with equal keys are applied in one batched kernel call; None: this one is applied alone.
+
+        Live-block and blocked layers have their own gathers / block products, so they are applied alone.
+        """
         if self.live is not None or self.layout is not None:
             return None
         a, g = self.sides
@@ -138,8 +140,10 @@ class LayerInverse(ABC):
         return out
 
     def _solve_blocked(self, g: torch.Tensor) -> torch.Tensor:
-        """With block-diagonal factors: the gradient matrix, zero-padded to whole blocks, as (groups, Γ block i,
-        row, Ω block j, column); each (i, j) tile meets only blocks i and j."""
+        """With block-diagonal factors: the gradient matrix, zero-padded to whole blocks, as tiles.
+
+        The shape is (groups, Γ block i, row, Ω block j, column); each (i, j) tile meets only blocks i and j.
+        """
         lay = self.layout
         ga, gg = g.shape[-1], g.shape[-2]
         ba, bg = self.sides[0].shape[-1], self.sides[1].shape[-1]
@@ -240,8 +244,11 @@ class EigenInverse(LayerInverse):
     @classmethod
     def compute(cls, A: torch.Tensor, G: torch.Tensor, eta: float, scale: float, name: str,
                 layout: Layout | None = None) -> EigenInverse:
-        """Eigendecompositions of the factors (on Ω's live block when enough coordinates are silent; blocked
-        factors with their padding coordinates set to 1)."""
+        """Eigendecompositions of the factors.
+
+        On Ω's live block when enough coordinates are silent; blocked factors with their padding coordinates set
+        to 1.
+        """
         if layout is not None and layout.blocked:
             live = silent = None
             A = bl.pad_identity_(A.clone(), layout.a_blocks, layout.a_dim)
@@ -312,8 +319,9 @@ def inverse_kind(method: str) -> type[LayerInverse]:
 
 def compute_inverse(method: str, A: torch.Tensor, G: torch.Tensor, eta: float, scale: float,
                     name: str, layout: Layout | None = None) -> LayerInverse:
-    """The damped inverses (``"factored"``) or eigendecompositions (``"eigen"``) of one layer's factors, stored
-    as ``layout`` says (dense when None or unblocked).
+    """The damped inverses (``"factored"``) or eigendecompositions (``"eigen"``) of one layer's factors.
+
+    They are stored as ``layout`` says (dense when None or unblocked).
 
     Raises:
         SingularFactorError: with ``eta`` = 0, for a singular factor.

@@ -35,8 +35,10 @@ REDUCTIONS = ("mean", "sum")
 
 
 class Loss(ABC):
-    """A supported loss with its reduction; subclasses (frozen dataclasses) know the loss's sampling, gradient
-    and Hessian."""
+    """A supported loss with its reduction.
+
+    Subclasses (frozen dataclasses) know the loss's sampling, gradient and Hessian.
+    """
 
     name: ClassVar[str]  # the public string name
     module: ClassVar[type[nn.Module]]  # the matching torch loss module
@@ -82,16 +84,20 @@ class Loss(ABC):
 
     @abstractmethod
     def hessian_sqrt_columns(self, f: torch.Tensor, c: float) -> Iterator[torch.Tensor]:
-        """Columns of a square root of each term's output Hessian times ``c``, one term at a time (no cross-term
-        mixing); their outer products sum to c·∇²_f Σ_k φ_k."""
+        """Columns of a square root of each term's output Hessian times ``c``, one term at a time.
+
+        There is no cross-term mixing; their outer products sum to c·∇²_f Σ_k φ_k.
+        """
 
     @abstractmethod
     def _inner_sum(self, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Σ over examples and terms of ``uᵀ ∇²φ w`` (tensors already promoted to at least fp32)."""
 
     def fisher_inner(self, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Mean over examples of ``uₙᵀ Hₙ wₙ`` (a 0-d tensor, at least fp32) for output directions u, w (f's
-        shape), with Hₙ the Hessian of the per-example loss ℓ_n w.r.t. example n's output."""
+        """Mean over examples of ``uₙᵀ Hₙ wₙ`` (a 0-d tensor, at least fp32) for output directions u, w.
+
+        u and w have f's shape; Hₙ is the Hessian of the per-example loss ℓ_n w.r.t. example n's output.
+        """
         dt = torch.promote_types(f.dtype, torch.float32)
         f, u, w = f.detach().to(dt), u.to(dt), w.to(dt)
         n = f.shape[0]
@@ -100,9 +106,11 @@ class Loss(ABC):
 
 @dataclass(frozen=True)
 class CrossEntropy(Loss):
-    """Softmax cross-entropy over the logits' ``class_dim`` (1 as in ``nn.CrossEntropyLoss``; negative values
-    count from the end, e.g. -1 for language-model logits (B, T, V) with targets (B, T)); every other non-batch
-    position is one loss term."""
+    """Softmax cross-entropy over the logits' ``class_dim``.
+
+    ``class_dim`` is 1 as in ``nn.CrossEntropyLoss``; negative values count from the end, e.g. -1 for
+    language-model logits (B, T, V) with targets (B, T). Every other non-batch position is one loss term.
+    """
 
     name: ClassVar[str] = "cross_entropy"
     module: ClassVar[type[nn.Module]] = nn.CrossEntropyLoss

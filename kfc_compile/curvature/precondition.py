@@ -58,8 +58,10 @@ class Bucket:
 
 
 def build_buckets(inverses: dict[int, LayerInverse]) -> list[Bucket]:
-    """Stack the inverses of layers with equal :attr:`LayerInverse.bucket_key` (kind, shapes, dtype, device, η);
-    live-block and blocked layers get a bucket of their own."""
+    """Stack the inverses of layers with equal :attr:`LayerInverse.bucket_key`.
+
+    The key is (kind, shapes, dtype, device, η); live-block and blocked layers get a bucket of their own.
+    """
     keyed: dict[tuple, list[int]] = defaultdict(list)
     for i, inv in inverses.items():
         key = inv.bucket_key
@@ -74,8 +76,10 @@ def build_buckets(inverses: dict[int, LayerInverse]) -> list[Bucket]:
 
 
 def apply_buckets(buckets: list[Bucket], mats: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Preconditioned matrices for every layer in ``mats`` (layer index → (groups, g, a)); one kernel call per
-    bucket whose members all have a gradient, per-layer calls otherwise."""
+    """Preconditioned matrices for every layer in ``mats`` (layer index → (groups, g, a)).
+
+    One kernel call per bucket whose members all have a gradient, per-layer calls otherwise.
+    """
     out: dict[int, torch.Tensor] = {}
     for b in buckets:
         present = [i for i in b.members if i in mats]

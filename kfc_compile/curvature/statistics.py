@@ -61,13 +61,17 @@ class BatchStatistics(ABC):
         """What Γ's sums are divided by."""
 
     def average_into(self, running: torch.Tensor, eps: float, n_examples: int) -> None:
-        """Write Ω ← ε·Ω + (1 − ε)/n · (this step's sums) straight into the running factor ``running``, inside the
-        kernels' epilogue; only kinds with :attr:`averages_in_epilogue` can."""
+        """Write Ω ← ε·Ω + (1 − ε)/n · (this step's sums) straight into the running factor ``running``.
+
+        This happens inside the kernels' epilogue; only kinds with :attr:`averages_in_epilogue` can.
+        """
         raise TypeError(f"{self.approx} statistics cannot average Ω in the kernel epilogue")
 
     def add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
-        """Add one site's output-gradient contribution to Γ; ``scale`` maps the backward's gradient to the
-        per-example loss's gradient (e.g. N for a batch-mean loss)."""
+        """Add one site's output-gradient contribution to Γ.
+
+        ``scale`` maps the backward's gradient to the per-example loss's gradient (e.g. N for a batch-mean loss).
+        """
         self._rows += gy.numel() // (site.g_dim * site.groups)
         self._add_output_grad(site, gy, scale)
 
@@ -95,8 +99,11 @@ class BatchStatistics(ABC):
 
     def _blocked_update(self, F: torch.Tensor, rows: torch.Tensor, k: int, d: int, alpha: float,
                         beta: float) -> None:
-        """F ← beta·F + alpha·(diagonal blocks of rowsᵀrows); rows (groups, M, ≤ d) of any float dtype (the
-        kernel upcasts), zero-padded to d; one block (k = 1) is the plain syrk update."""
+        """F ← beta·F + alpha·(diagonal blocks of rowsᵀrows).
+
+        rows: (groups, M, ≤ d) of any float dtype (the kernel upcasts), zero-padded to d; one block (k = 1) is the
+        plain syrk update.
+        """
         if rows.shape[-1] < d:
             rows = torch.nn.functional.pad(rows, (0, d - rows.shape[-1]))
         tk.syrk_update_(F, bl.block_rows(rows, k), alpha=alpha, beta=beta)
@@ -160,8 +167,10 @@ class ExpandStatistics(BatchStatistics):
 
 @dataclass
 class ReduceStatistics(BatchStatistics):
-    """KFAC-reduce: per-example sums over positions first (inputs averaged, gradients summed), then outer
-    products when the backward pass closes."""
+    """KFAC-reduce: per-example sums over positions first, then outer products when the backward pass closes.
+
+    Over positions, inputs are averaged and gradients summed.
+    """
 
     approx: ClassVar[str] = "reduce"
 
@@ -228,4 +237,6 @@ def new_statistics(approx: str, groups: int, a_dim: int, g_dim: int, has_bias: b
         a_blocks: diagonal blocks per group of Ω (1: dense).
         g_blocks: diagonal blocks per group of Γ (1: dense).
     """
-    return STATISTICS[check_approx(approx)](groups, a_dim, g_dim, has_bias, dtype, device, a_blocks=a_blocks, g_blocks=g_blocks)
+    return STATISTICS[check_approx(approx)](
+        groups, a_dim, g_dim, has_bias, dtype, device, a_blocks=a_blocks, g_blocks=g_blocks
+    )

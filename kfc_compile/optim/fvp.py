@@ -20,8 +20,10 @@ from kfc_compile.runtime.taps import model_output
 
 
 class FisherProducts:
-    """JVPs of a (transformed) model's output w.r.t. its parameters, buffers copied so that BatchNorm running
-    statistics are not touched by these extra forwards."""
+    """JVPs of a (transformed) model's output w.r.t. its parameters.
+
+    Buffers are copied so that BatchNorm running statistics are not touched by these extra forwards.
+    """
 
     def __init__(self, model: nn.Module, spec: Loss):
         self.model = model

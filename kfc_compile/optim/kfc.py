@@ -246,7 +246,7 @@ class KFC(torch.optim.Optimizer):
             yield
         finally:
             with torch.no_grad():
-                for p, s in zip(params, saved):
+                for p, s in zip(params, saved, strict=True):
                     p.copy_(s)
 
     # -- parameter groups ----------------------------------------------------------------------------------------
@@ -375,14 +375,14 @@ class KFC(torch.optim.Optimizer):
         if kfc["damping_method"] != o.damping_method:
             raise ValueError(f"state_dict was saved with damping_method={kfc['damping_method']!r}, "
                              f"this optimizer uses {o.damping_method!r}")
-        for s, entry in zip(est.states, kfc["layers"]):
+        for s, entry in zip(est.states, kfc["layers"], strict=True):
             s.check(entry)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfc"})
         self._step_count = int(kfc["step"])
         est.scale = float(kfc["scale"])
         self._warned.clear()
         self._warned.update(kfc.get("warned", ()))
-        for s, entry in zip(est.states, kfc["layers"]):
+        for s, entry in zip(est.states, kfc["layers"], strict=True):
             s.load(entry)
         est.rebuild_buckets()
         if kfc["generator"] is not None:

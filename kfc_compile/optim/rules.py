@@ -43,7 +43,8 @@ def sum_squares(tensors: Iterable[torch.Tensor]) -> float:
 
 def inner(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> float:
     """Σ_i ⟨a_i, b_i⟩ (fp64) over the positions where both lists hold a tensor."""
-    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b) if x is not None and y is not None)
+    return sum(float((x.double() * y.double()).sum())
+               for x, y in zip(a, b, strict=True) if x is not None and y is not None)
 
 
 def l2_term(groups: Iterable[tuple[Sequence[torch.Tensor], float]]) -> float:
@@ -54,7 +55,7 @@ def l2_term(groups: Iterable[tuple[Sequence[torch.Tensor], float]]) -> float:
 def average_iterates_(averages: Sequence[torch.Tensor], params: Sequence[torch.Tensor], tau: float) -> None:
     """θ̄ ← ξθ̄ + (1−ξ)θ in place, with ξ = exp(−1/τ) (iterate averaging over a timescale of τ steps)."""
     xi = math.exp(-1.0 / tau)
-    for avg, p in zip(averages, params):
+    for avg, p in zip(averages, params, strict=True):
         avg.mul_(xi).add_(p.detach(), alpha=1.0 - xi)
 
 
@@ -70,7 +71,7 @@ def factored_nu(naturals: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         lr: the learning rate of the update.
     """
     nu = 0.0
-    for u, g in zip(naturals, grads):
+    for u, g in zip(naturals, grads, strict=True):
         nu += lr ** 2 * float((u.double() * g.double()).sum())
     return nu
 
@@ -98,7 +99,7 @@ def momentum_step_(params: Sequence[torch.Tensor], buffers: Sequence[torch.Tenso
     """
     out = list(buffers)
     old_params, old_buffers, old_updates = [], [], []
-    for i, (p, buf, v) in enumerate(zip(params, buffers, updates)):
+    for i, (p, buf, v) in enumerate(zip(params, buffers, updates, strict=True)):
         v = v.to(p.dtype)
         if buf is None:
             out[i] = v.mul(scale) if scale is not None else v.clone()
@@ -181,7 +182,7 @@ def adaptive_step_(params: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor
         δ per parameter (in the parameter's dtype): the next step's δ₀.
     """
     steps = []
-    for i, (p, t) in enumerate(zip(params, deltas)):
+    for i, (p, t) in enumerate(zip(params, deltas, strict=True)):
         upd = t.mul(lr * alpha)
         if previous is not None and previous[i] is not None:
             upd = upd.add(previous[i], alpha=lr * mu)
@@ -225,7 +226,7 @@ def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], st
         betas: (β₁, β₂).
         eps: the denominator's ε.
     """
-    for p, state in zip(params, states):
+    for p, state in zip(params, states, strict=True):
         if "exp_avg" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float64)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -75,13 +75,13 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
     if options.clip is not None:
         if options.clip_curvature == "exact":
             wd = parts[0].group["weight_decay"]
-            v = {p: t for part, ts in zip(parts, updates) for p, t in zip(part.params, ts)}
+            v = {p: t for part, ts in zip(parts, updates, strict=True) for p, t in zip(part.params, ts, strict=True)}
             nu = float(exact_gram([v], options.clip_fraction)[0, 0])
             if wd:
                 nu += wd * sum_squares(v.values())
         else:  # vᵀF̂v = lr²·uᵀ∇h with u = F̂⁻¹∇h (F̂ holds the damping and the weight decay)
             nu = 0.0
-            for part, ts in zip(parts, updates):
+            for part, ts in zip(parts, updates, strict=True):
                 if part.group["role"] == "kfc":
                     nu = factored_nu(part.naturals, part.grads, part.group["lr"])
                 elif part.group["weight_decay"]:
@@ -95,9 +95,10 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
             return
         scale = clip_scale(nu, options.clip)
         info["clip_scale"] = 1.0 if scale is None else scale
-    for part, ts in zip(parts, updates):
+    for part, ts in zip(parts, updates, strict=True):
         buffers = [state[p].get("momentum_buffer") for p in part.params]
-        for p, buf in zip(part.params, momentum_step_(part.params, buffers, ts, part.group["momentum"], scale)):
+        new_buffers = momentum_step_(part.params, buffers, ts, part.group["momentum"], scale)
+        for p, buf in zip(part.params, new_buffers, strict=True):
             state[p]["momentum_buffer"] = buf
 
 
@@ -120,11 +121,12 @@ def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCO
     prev = [state[p].get("momentum_buffer") for p in params]
     use_mu = lead["momentum"] > 0 and any(b is not None for b in prev)
     dirs = [deltas, prev] if use_mu else [deltas]
-    gram = exact_gram([{p: t for p, t in zip(params, x) if t is not None} for x in dirs], options.clip_fraction)
+    gram = exact_gram([{p: t for p, t in zip(params, x, strict=True) if t is not None} for x in dirs],
+                      options.clip_fraction)
     C, d = quadratic_model(gram, dirs, grads, lam + wd)
     alpha, mu, model_change = rescaling(C, d, lr)
     info.update(alpha=alpha, mu=mu, C=C, d=d, model_change=model_change, damping=lam)
-    for p, upd in zip(params, adaptive_step_(params, deltas, prev if use_mu else None, alpha, mu, lr)):
+    for p, upd in zip(params, adaptive_step_(params, deltas, prev if use_mu else None, alpha, mu, lr), strict=True):
         state[p]["momentum_buffer"] = upd
     return model_change
 
