@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfc_compile as kc
+from kfc_compile.curvature.precondition import regularised_grad
 from kfc_compile.optim import rules
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -25,8 +26,8 @@ def tensors(seed: int, shapes=((3, 4), (5,), (2, 2, 3)), dtype=torch.float64) ->
 
 def test_regularised_grad():
     p, g = tensors(0, ((4, 3),))[0], tensors(1, ((4, 3),))[0]
-    assert rules.regularised_grad(p, g, 0.0) is g
-    assert torch.equal(rules.regularised_grad(p, g, 0.01), g + 0.01 * p)
+    assert regularised_grad(p, g, 0.0) is g
+    assert torch.equal(regularised_grad(p, g, 0.01), g + 0.01 * p)
 
 
 def test_sums_accumulate_in_fp64_term_by_term():

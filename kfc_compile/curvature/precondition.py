@@ -16,6 +16,20 @@ from kfc_compile.curvature.inverses import LayerInverse
 from kfc_compile.registry import KFCLayer
 
 
+def regularised_grad(param: torch.Tensor, grad: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    """∇h = grad + wd·θ: the gradient of the objective with its ℓ2 term.
+
+    Args:
+        param: θ (read detached).
+        grad: the loss gradient for ``param`` (returned as is when ``weight_decay`` is 0).
+        weight_decay: the ℓ2 coefficient wd.
+
+    Returns:
+        A new tensor, or ``grad`` itself without weight decay.
+    """
+    return grad + weight_decay * param.detach() if weight_decay else grad
+
+
 def grad_matrix(layer: KFCLayer, weight_decay: float = 0.0, grads: tuple | None = None) -> torch.Tensor | None:
     """``[∇W + wd·W | ∇b + wd·b]`` per group, ``(groups, g_dim, a_dim)``; None if the layer has no gradient.
 
@@ -27,16 +41,12 @@ def grad_matrix(layer: KFCLayer, weight_decay: float = 0.0, grads: tuple | None 
         return None
     if gW is None:
         gW = torch.zeros_like(W)
-    gW = gW.reshape(layer.groups, layer.g_dim, -1)
-    if weight_decay:
-        gW = gW + weight_decay * W.detach().reshape(layer.groups, layer.g_dim, -1)
+    gW = regularised_grad(W, gW, weight_decay).reshape(layer.groups, layer.g_dim, -1)
     if b is None:
         return gW
     if gb is None:
         gb = torch.zeros_like(b)
-    gb = gb.reshape(layer.groups, layer.g_dim, 1)
-    if weight_decay:
-        gb = gb + weight_decay * b.detach().reshape(layer.groups, layer.g_dim, 1)
+    gb = regularised_grad(b, gb, weight_decay).reshape(layer.groups, layer.g_dim, 1)
     return torch.cat([gW.to(torch.promote_types(gW.dtype, gb.dtype)), gb.to(gW.dtype)], dim=-1)
 
 

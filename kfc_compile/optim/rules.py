@@ -1,6 +1,6 @@
 """The update rules of ``kc.KFC`` as functions of lists of tensors (no optimizer object inside).
 
-* shared: ∇h (:func:`regularised_grad`), the ℓ2 term of h, iterate averaging;
+* shared: the ℓ2 term of h, iterate averaging (∇h itself: ``curvature.precondition.regularised_grad``);
 * KFC-pre (docs/algorithm.md §6.2, KFC-S Alg. 1): the clipping statistic ν under the factored curvature, the
   clipping scale, and the momentum update p ← μp + s·v; θ ← θ + p;
 * adaptive K-FAC (docs/algorithm.md §6.1): the quadratic model M over the directions (Δ, δ₀), its minimiser
@@ -20,20 +20,6 @@ import torch
 from torch.optim.adam import adam
 
 # -- shared --------------------------------------------------------------------------------------------------------
-
-
-def regularised_grad(param: torch.Tensor, grad: torch.Tensor, weight_decay: float) -> torch.Tensor:
-    """∇h = grad + wd·θ: the gradient of the objective with its ℓ2 term.
-
-    Args:
-        param: θ (read detached).
-        grad: the loss gradient for ``param`` (returned as is when ``weight_decay`` is 0).
-        weight_decay: the ℓ2 coefficient wd.
-
-    Returns:
-        A new tensor, or ``grad`` itself without weight decay.
-    """
-    return grad + weight_decay * param.detach() if weight_decay else grad
 
 
 def sum_squares(tensors: Iterable[torch.Tensor]) -> float:
@@ -219,7 +205,7 @@ def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], st
 
     Args:
         params: the parameters.
-        grads: their gradients, weight decay already added (:func:`regularised_grad`).
+        grads: their gradients, weight decay already added (``regularised_grad``).
         states: one optimizer-state dict per parameter; ``exp_avg``, ``exp_avg_sq`` and ``step`` (a 0-d tensor)
             are created on first use, as ``torch.optim.Adam`` does.
         lr: the learning rate.

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kfc_compile.curvature.precondition import regularised_grad
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import (
     adam_step_,
@@ -23,7 +24,6 @@ from kfc_compile.optim.rules import (
     factored_nu,
     momentum_step_,
     quadratic_model,
-    regularised_grad,
     rescaling,
     sum_squares,
 )
