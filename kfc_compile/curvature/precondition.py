@@ -34,6 +34,8 @@ def grad_matrix(layer: KFCLayer, weight_decay: float = 0.0, grads: tuple | None 
     """``[∇W + wd·W | ∇b + wd·b]`` per group, ``(groups, g_dim, a_dim)``; None if the layer has no gradient.
 
     ``grads`` overrides ``(weight.grad, bias.grad)``. A missing bias gradient (while the weight has one) is zero.
+    The weight block is the site kind's view of the parameter (``weight_matrix``: ``weight.flatten(1)`` per group
+    for linear and conv layers).
     """
     W, b = layer.weight, layer.bias
     gW, gb = grads if grads is not None else (W.grad, None if b is None else b.grad)
@@ -41,7 +43,7 @@ def grad_matrix(layer: KFCLayer, weight_decay: float = 0.0, grads: tuple | None 
         return None
     if gW is None:
         gW = torch.zeros_like(W)
-    gW = regularised_grad(W, gW, weight_decay).reshape(layer.groups, layer.g_dim, -1)
+    gW = layer.sites[0].weight_matrix(regularised_grad(W, gW, weight_decay))
     if b is None:
         return gW
     if gb is None:
@@ -51,9 +53,9 @@ def grad_matrix(layer: KFCLayer, weight_decay: float = 0.0, grads: tuple | None 
 
 
 def split_matrix(layer: KFCLayer, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inverse of :func:`grad_matrix`'s layout: (update of W, update of b or None)."""
+    """Inverse of :func:`grad_matrix`'s layout: (update of W in the parameter's layout, update of b or None)."""
     a_in = layer.a_dim - (layer.bias is not None)
-    dW = U[..., :a_in].reshape(layer.weight.shape)
+    dW = layer.sites[0].weight_from_matrix(U[..., :a_in], layer.weight.shape)
     db = U[..., a_in].reshape(layer.bias.shape) if layer.bias is not None else None
     return dW, db
 

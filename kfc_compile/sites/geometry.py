@@ -21,8 +21,28 @@ import triton_kernels as tk
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+class StandardWeight:
+    """Where a site's weight lives in its layer's gradient matrix: ``weight.flatten(1)``'s rows, per group.
+
+    The preconditioner works on ``(groups, g_dim, a_in)`` matrices (Γ's rows, Ω's columns without the bias); a kind
+    whose parameter is stored in another layout (a transposed conv's (Cin, Cout/groups, k...), a matmul weight
+    stored (in, out)) overrides these two maps, so the update lands in the parameter's own layout.
+    """
+
+    groups: int
+    g_dim: int
+
+    def weight_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """A parameter-shaped tensor (the weight, its gradient) as ``(groups, g_dim, a_in)``."""
+        return w.reshape(self.groups, self.g_dim, -1)
+
+    def weight_from_matrix(self, m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`weight_matrix`: a ``(groups, g_dim, a_in)`` matrix in the parameter's ``shape``."""
+        return m.reshape(shape)
+
+
 @dataclass(frozen=True)
-class LinearSite:
+class LinearSite(StandardWeight):
     """``F.linear(x, W, b)`` on an input of any rank: leading dims become positions."""
 
     in_features: int
@@ -69,7 +89,7 @@ class LinearSite:
 
 
 @dataclass(frozen=True)
-class ConvSite:
+class ConvSite(StandardWeight):
     """``F.conv{1,2,3}d`` with any stride, padding (incl. 'same' and non-zero modes), dilation and groups."""
 
     in_channels: int
