@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from kfc_compile.sites.geometry import Site, conv_site, linear_site
+from kfc_compile.sites.geometry import Site, conv_site, conv_transpose_site, linear_site
 
 ParamOf = Callable[[Any], "nn.Parameter | None"]  # graph value -> the trainable parameter it is, or None
 
@@ -74,6 +74,14 @@ class SiteKind:
         """The site of a call of the stock module ``m`` of this kind."""
         raise NotImplementedError
 
+    def call_reason(self, m: nn.Module, args: tuple | None) -> str:
+        """Why a call of ``m`` with ``args`` after the input is not the module's static geometry; "" when it is.
+
+        ``args`` None: not known before run time (a call inside an untraceable forward). Stock linear and conv
+        forwards take the input only.
+        """
+        return ""
+
 
 class LinearKind(SiteKind):
     """``F.linear(x, W, b)`` on inputs of any rank (``nn.Linear``)."""
@@ -128,14 +136,58 @@ class ConvKind(SiteKind):
         return conv_site(m.weight, m.bias is not None, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
 
 
-KINDS: tuple[SiteKind, ...] = (LinearKind(), ConvKind())
-_BY_FUNCTION = {target: kind for kind in KINDS for target in kind.functions}
+_CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONVT_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
 
-# stock modules that are not (yet) a kind, and why: reported, their parameters go to the fallback
-_UNSUPPORTED_MODULES: dict[type, str] = {
-    _ConvTransposeNd: ("transposed convolution is not under KFC (its factors swap roles: Ω from the input "
-                       "channels, Γ from output-gradient patches, and the bias does not fit that Kronecker form)"),
-}
+
+class ConvTransposeKind(SiteKind):
+    """``F.conv_transpose{1,2,3}d`` (``nn.ConvTranspose{1,2,3}d``): the factors of the equivalent direct conv.
+
+    A module call with ``output_size=`` is not taken: the module picks its output_padding from the input size at
+    run time, while a site's geometry is fixed when the graph is scanned (the dynamo backend sees the resulting
+    ``conv_transpose*d`` call with that output_padding as a constant, and takes it).
+    """
+
+    name = "conv_transpose"
+    functions = {F.conv_transpose1d: 3, F.conv_transpose2d: 4, F.conv_transpose3d: 5}
+    modules = (_ConvTransposeNd,)
+
+    def match(self, target, args, kwargs, param_of, is_graph_value):
+        """The candidate for a transposed-conv call with a parameter weight and static geometry, else None."""
+        vals = {name: _arg(args, kwargs, i, name, _CONVT_DEFAULTS.get(name)) for i, name in enumerate(_CONVT_ARGS)}
+        weight = param_of(vals["weight"])
+        if weight is None or weight.dim() != self.functions[target] or not is_graph_value(vals["input"]):
+            return None
+        geometry = [vals[k] for k in ("stride", "padding", "output_padding", "groups", "dilation")]
+        if not _static(geometry, is_graph_value):
+            return None
+        try:
+            site = conv_transpose_site(weight, vals["bias"] is not None, *geometry)
+        except ValueError:  # a call torch itself rejects
+            return None
+        return Candidate(weight, param_of(vals["bias"]), site, input_node=vals["input"], weight_arg=vals["weight"],
+                         bias_arg=vals["bias"])
+
+    def module_site(self, m):
+        """The site of an ``nn.ConvTranspose{1,2,3}d`` call without ``output_size``."""
+        return conv_transpose_site(m.weight, m.bias is not None, m.stride, m.padding, m.output_padding, m.groups,
+                                   m.dilation)
+
+    def call_reason(self, m, args):
+        """Why a call with ``output_size`` (or with arguments not known before run time) is not taken."""
+        cls = type(m).__name__
+        if args is None:
+            return (f"{cls}: called inside an untraceable forward, where output_size= would choose its "
+                    "output_padding at run time")
+        if any(a is not None for a in args):
+            return (f"{cls}: called with output_size=, which chooses its output_padding from the input size at "
+                    "run time (set output_padding on the module instead)")
+        return ""
+
+
+# ConvTransposeKind before ConvKind: _ConvTransposeNd is a _ConvNd subclass (module_site takes the first kind)
+KINDS: tuple[SiteKind, ...] = (LinearKind(), ConvTransposeKind(), ConvKind())
+_BY_FUNCTION = {target: kind for kind in KINDS for target in kind.functions}
 
 
 def kind_of(target) -> SiteKind | None:
@@ -153,12 +205,14 @@ def match_call(target, args: tuple, kwargs: dict, param_of: ParamOf,
     return None if kind is None else kind.match(target, args, kwargs, param_of, is_graph_value)
 
 
-def module_site(m: nn.Module) -> tuple[Site | None, str]:
-    """The site of a stock conv/linear module, or None and the reason it is not covered."""
-    for cls, why in _UNSUPPORTED_MODULES.items():
-        if isinstance(m, cls):
-            return None, f"{type(m).__name__}: {why}"
+def module_site(m: nn.Module, args: tuple | None = ()) -> tuple[Site | None, str]:
+    """The site of a call of a stock conv/linear module, or None and the reason it is not covered.
+
+    ``args``: the call's arguments after the input (positional, then keyword values); None when they are not known
+    before run time (the module is called inside an untraceable forward).
+    """
     for kind in KINDS:
         if isinstance(m, kind.modules):
-            return kind.module_site(m), ""
+            why = kind.call_reason(m, args)
+            return (None, why) if why else (kind.module_site(m), "")
     return None, f"{type(m).__name__}: not a conv/linear layer"

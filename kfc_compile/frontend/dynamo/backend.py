@@ -3,8 +3,9 @@
 ``torch.compile(model, backend="kfc")`` (registered through the ``torch_dynamo_backends`` entry point, so no
 import is needed) hands each dynamo graph of the model to ``kfc_backend``, which
 
-1. finds every conv/linear call — ``torch.conv{1,2,3}d`` and ``torch._C._nn.linear`` (what ``nn.Conv*``,
-   ``nn.Linear``, ``F.conv*`` and ``F.linear`` become in a dynamo graph) and the packed projections hidden inside
+1. finds every conv/linear call — ``torch.conv{1,2,3}d``, ``torch.conv_transpose{1,2,3}d`` and
+   ``torch._C._nn.linear`` (what ``nn.Conv*``, ``nn.ConvTranspose*``, ``nn.Linear``, ``F.conv*`` and ``F.linear``
+   become in a dynamo graph) and the packed projections hidden inside
    ``F.multi_head_attention_forward`` (see ``runtime/attention.py``) — whose weight is a trainable ``nn.Parameter``
    (``example_inputs[i]`` *is* the parameter of placeholder i);
 2. keeps a weight only if every use of it (and of its bias) in the graph is such a call with one geometry;

@@ -4,8 +4,8 @@ Layer candidates come through the shared site-kind table; self-attention calls a
 tapped (``runtime/attention.py``); every other use of a parameter is kept with a reason.
 
 In a dynamo graph parameters are placeholders whose example inputs *are* the parameters (or ``get_attr`` nodes when
-modules were not inlined); ``nn.Linear``/``nn.Conv*``/``F.*`` calls all appear as ``torch._C._nn.linear`` /
-``torch.conv*d``, the targets of ``sites/kinds.py``.
+modules were not inlined); ``nn.Linear``/``nn.Conv*``/``nn.ConvTranspose*``/``F.*`` calls all appear as
+``torch._C._nn.linear`` / ``torch.conv*d`` / ``torch.conv_transpose*d``, the targets of ``sites/kinds.py``.
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def scan_graph(gm: fx.GraphModule, prefix: str, black_boxes: set[str]
             m = gm.get_submodule(node.target)
             qual = f"{prefix}{node.target}"
             if is_layer_module(m):
-                site, why = module_site(m)
+                site, why = module_site(m, (*node.args[1:], *(v for k, v in node.kwargs.items() if k != "input")))
                 if site is not None and isinstance(node.args[0] if node.args else None, fx.Node):
                     sites.append(Candidate(m.weight, m.bias, site, qual, node=node, input_node=node.args[0]))
                     continue
