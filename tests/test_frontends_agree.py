@@ -72,6 +72,21 @@ class Depthwise3d(nn.Module):
         return self.head(torch.relu(self.c2(h)).mean((2, 3, 4)))
 
 
+class Transposed(nn.Module):
+    """UNet-style: a strided conv down, ConvTranspose2d up (grouped, output_padding), F.conv_transpose2d, a skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.w = nn.Parameter(torch.randn(7, 2, 2, 2) * 0.3)
+        self.head = nn.Linear(2, 5)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.up(torch.relu(self.down(x)))), x], dim=1)  # (N, 7, 8, 8)
+        return self.head(torch.tanh(F.conv_transpose2d(h, self.w, stride=1, dilation=2)).mean((2, 3)))
+
+
 CASES = {
     "mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.Tanh(), nn.Linear(6, 5)),
     "conv": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
@@ -80,6 +95,7 @@ CASES = {
     "shared_grouped": Shared,
     "other_uses": OtherUses,
     "depthwise3d": Depthwise3d,
+    "transposed": Transposed,
 }
 
 
