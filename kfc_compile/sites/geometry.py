@@ -89,6 +89,25 @@ class LinearSite(StandardWeight):
 
 
 @dataclass(frozen=True)
+class MatmulSite(LinearSite):
+    """``x @ W`` with ``W`` stored (in, out): ``torch.matmul``/``mm``/``addmm`` weights, HF's ``Conv1D``.
+
+    The call is ``F.linear(x, Wᵀ)``, so positions, rows and factors are the linear layer's; only the weight's place in
+    the gradient matrix differs: the layer's (out, in) block is ``Wᵀ``, and an update is transposed back.
+    """
+
+    kind: str = "matmul"
+
+    def weight_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """The (in, out) parameter-shaped ``w`` as the (1, out, in) block of the equivalent ``nn.Linear``."""
+        return w.reshape(self.in_features, self.out_features).t().unsqueeze(0)
+
+    def weight_from_matrix(self, m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`weight_matrix`: a (1, out, in) matrix as the (in, out) parameter layout ``shape``."""
+        return m.reshape(self.out_features, self.in_features).t().reshape(shape)
+
+
+@dataclass(frozen=True)
 class ConvSite(StandardWeight):
     """``F.conv{1,2,3}d`` with any stride, padding (incl. 'same' and non-zero modes), dilation and groups."""
 
@@ -345,3 +364,8 @@ def conv_transpose_site(weight: torch.Tensor, has_bias: bool, stride, padding, o
         stride=stride, padding=padding, output_padding=output_padding, dilation=dilation, groups=groups,
         has_bias=has_bias,
     )
+
+
+def matmul_site(weight: torch.Tensor, has_bias: bool) -> MatmulSite:
+    """Build a MatmulSite from the (in, out) weight of ``x @ W`` and whether the call has a bias."""
+    return MatmulSite(in_features=weight.shape[0], out_features=weight.shape[1], has_bias=has_bias)

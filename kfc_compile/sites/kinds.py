@@ -9,15 +9,19 @@ two front ends cannot disagree. Adding a layer kind is one ``SiteKind`` subclass
 """
 from __future__ import annotations
 
+import dataclasses
+import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from kfc_compile.sites.geometry import Site, conv_site, conv_transpose_site, linear_site
+from kfc_compile.sites import patterns
+from kfc_compile.sites.geometry import Site, conv_site, conv_transpose_site, linear_site, matmul_site
 
 ParamOf = Callable[[Any], "nn.Parameter | None"]  # graph value -> the trainable parameter it is, or None
 
@@ -29,7 +33,9 @@ class Candidate:
     ``name`` is the owning module's qualified name for a module call (the layer's name), None for a functional
     call (the layer is then named after its weight). ``node``/``input_node`` are the front end's graph handles (None
     for calls inside black boxes and opaque calls, which are tapped at run time); ``weight_arg``/``bias_arg`` are the
-    graph values passed as weight and bias (the uses of those parameters that this call accounts for).
+    graph values passed as weight and bias; ``claims`` are the ``(user node, parameter node)`` uses of parameters
+    that the call accounts for (set by :func:`match_node`: the call's own weight and bias arguments, and those of a
+    pattern spanning several nodes, such as a transposed view of the weight or a bias added after the call).
     """
 
     weight: nn.Parameter
@@ -41,6 +47,7 @@ class Candidate:
     weight_arg: Any = None
     bias_arg: Any = None
     role: str = "call"  # "call"; the dynamo backend's attention projections: "mha_in", "mha_out"
+    claims: set = field(default_factory=set)
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default=None):
@@ -55,10 +62,14 @@ def _static(v, is_graph_value: Callable[[Any], bool]) -> bool:
 
 
 class SiteKind:
-    """A kind of layer call. Subclasses set ``name``, ``functions`` (call target → weight rank) and ``modules``."""
+    """A kind of layer call. Subclasses set ``name``, ``functions`` (call target → weight rank) and ``modules``.
+
+    ``methods`` (``call_method`` name → the function it calls) lists the tensor methods that are calls of the kind.
+    """
 
     name: str = ""
     functions: dict = {}
+    methods: dict = {}
     modules: tuple[type, ...] = ()
 
     def match(self, target, args: tuple, kwargs: dict, param_of: ParamOf,
@@ -81,6 +92,21 @@ class SiteKind:
         forwards take the input only.
         """
         return ""
+
+    def match_node(self, node, param_of: ParamOf, is_graph_value: Callable[[Any], bool]) -> Candidate | None:
+        """The candidate for the graph node ``node`` (a call of this kind), with its tap node and claimed uses.
+
+        The default: :meth:`match` on the node's arguments, tapped after the node, claiming the weight and bias
+        arguments (a bias that is also the input is not claimed: that use is not a bias).
+        """
+        cand = self.match(node.target, node.args, node.kwargs, param_of, is_graph_value)
+        if cand is None:
+            return None
+        cand.node = node
+        cand.claims.add((node, cand.weight_arg))
+        if cand.bias is not None and cand.bias_arg is not cand.input_node:
+            cand.claims.add((node, cand.bias_arg))
+        return cand
 
 
 class LinearKind(SiteKind):
@@ -136,6 +162,69 @@ class ConvKind(SiteKind):
         return conv_site(m.weight, m.bias is not None, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
 
 
+class MatmulKind(SiteKind):
+    """A 2-d parameter as the weight of a matmul: a linear layer on inputs of any rank (all leading dims positions).
+
+    ``x @ W.T`` (any transposed view of W feeding only this call) is ``F.linear(x, W)``: a :class:`LinearSite`.
+    ``x @ W``, ``torch.mm(x, W)`` and ``torch.addmm(b, x, W)`` (HF's ``Conv1D``) hold W as (in, out): a
+    :class:`~kfc_compile.sites.geometry.MatmulSite`. A bias is ``addmm``'s, or a parameter of shape (out,) added
+    right after the call (``x @ W + b``), which then is the layer output.
+    """
+
+    name = "matmul"
+    functions = {torch.matmul: 2, operator.matmul: 2, torch.mm: 2, torch.addmm: 2, torch.Tensor.matmul: 2,
+                 torch.Tensor.__matmul__: 2, torch.Tensor.mm: 2, torch.Tensor.addmm: 2}
+    methods = {"matmul": torch.matmul, "__matmul__": torch.matmul, "mm": torch.mm, "addmm": torch.addmm}
+    _ADDMM = (torch.addmm, torch.Tensor.addmm)
+
+    def match(self, target, args, kwargs, param_of, is_graph_value):
+        """The candidate for ``x @ W`` / ``x @ Wᵀ`` / ``addmm(b, x, W)`` with a 2-d parameter W, else None.
+
+        None also for an input that is not a graph value or is a parameter itself (no batch rows), and for
+        ``addmm`` with ``alpha``/``beta`` (not the plain linear map). ``addmm``'s bias counts only when it is a
+        parameter of shape (out,); another parameter there stays an other use.
+        """
+        target = self.methods.get(target, target) if isinstance(target, str) else target
+        if target in self._ADDMM:
+            scales = [kwargs.get(k, 1) for k in ("beta", "alpha")]
+            if set(kwargs) - {"input", "mat1", "mat2", "beta", "alpha"} or any(
+                    is_graph_value(v) or v != 1 for v in scales):
+                return None
+            b, x, w = (_arg(args, kwargs, i, name) for i, name in enumerate(("input", "mat1", "mat2")))
+        else:
+            if set(kwargs) - {"input", "other", "mat2"}:  # e.g. out=
+                return None
+            b, x, w = None, _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other", kwargs.get("mat2"))
+        if not is_graph_value(x) or param_of(x) is not None:
+            return None
+        weight, claims = param_of(w), set()
+        if weight is not None and weight.dim() == 2:
+            make = matmul_site
+        else:
+            found = patterns.transposed_param(w, param_of)
+            if found is None:
+                return None
+            (weight, source), make = found, linear_site
+            claims.add((w, source))
+        site, bias = make(weight, b is not None), param_of(b)
+        if bias is not None and tuple(bias.shape) != (site.out_features,):
+            # not a bias of this layer (that parameter's use stays unclaimed): the call is bias-free for W
+            site, bias, b = dataclasses.replace(site, has_bias=False), None, None
+        return Candidate(weight, bias, site, input_node=x, weight_arg=w, bias_arg=b, claims=claims)
+
+    def match_node(self, node, param_of, is_graph_value):
+        """The candidate of :meth:`match`, extended to a bias added right after a bias-free call."""
+        cand = super().match_node(node, param_of, is_graph_value)
+        if cand is None or cand.bias_arg is not None:
+            return cand
+        found = patterns.bias_add_after(node, param_of, cand.site.out_features)
+        if found is not None:
+            cand.node, cand.bias, cand.bias_arg = found
+            cand.site = dataclasses.replace(cand.site, has_bias=True)
+            cand.claims.add((cand.node, cand.bias_arg))
+        return cand
+
+
 _CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _CONVT_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
 
@@ -186,8 +275,9 @@ class ConvTransposeKind(SiteKind):
 
 
 # ConvTransposeKind before ConvKind: _ConvTransposeNd is a _ConvNd subclass (module_site takes the first kind)
-KINDS: tuple[SiteKind, ...] = (LinearKind(), ConvTransposeKind(), ConvKind())
+KINDS: tuple[SiteKind, ...] = (LinearKind(), ConvTransposeKind(), ConvKind(), MatmulKind())
 _BY_FUNCTION = {target: kind for kind in KINDS for target in kind.functions}
+_BY_METHOD = {name: kind for kind in KINDS for name in kind.methods}
 
 
 def kind_of(target) -> SiteKind | None:
@@ -198,11 +288,19 @@ def kind_of(target) -> SiteKind | None:
         return None
 
 
-def match_call(target, args: tuple, kwargs: dict, param_of: ParamOf,
-               is_graph_value: Callable[[Any], bool]) -> Candidate | None:
-    """The candidate for a ``call_function`` node, or None if it is not a layer call KFC can take."""
-    kind = kind_of(target)
-    return None if kind is None else kind.match(target, args, kwargs, param_of, is_graph_value)
+def match_node(node, param_of: ParamOf, is_graph_value: Callable[[Any], bool]) -> Candidate | None:
+    """The candidate for a graph node (``call_function`` or ``call_method``), or None if it is not a layer call.
+
+    What both front ends call on every node; the candidate's ``node`` is where the tap goes and its ``claims`` the
+    parameter uses it accounts for.
+    """
+    if node.op == "call_function":
+        kind = kind_of(node.target)
+    elif node.op == "call_method":
+        kind = _BY_METHOD.get(node.target)
+    else:
+        kind = None
+    return None if kind is None else kind.match_node(node, param_of, is_graph_value)
 
 
 def module_site(m: nn.Module, args: tuple | None = ()) -> tuple[Site | None, str]:
