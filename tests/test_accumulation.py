@@ -62,7 +62,7 @@ def assert_same(one, acc, m1, m2):
         for name in f1:
             torch.testing.assert_close(f2[name].A, f1[name].A, **TOL)
             torch.testing.assert_close(f2[name].G, f1[name].G, **TOL)
-    moved = max(float((p.detach() - q).abs().max()) for p, q in zip(m1.parameters(), net().parameters(), strict=True))
+    moved = max(float((p - q).detach().abs().max()) for p, q in zip(m1.parameters(), net().parameters(), strict=True))
     assert moved > 1e-3  # the runs trained
     for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(q, p, **TOL)

@@ -129,7 +129,7 @@ class ExactGram:
                     f, jv = self.products.outputs_and_jvps(part, directions)
                     grams.append(gram(self.products.spec, f, jv, est.scale))
                     sizes.append(f.shape[0])
-        except (NotImplementedError, RuntimeError) as e:
+        except RuntimeError as e:  # NotImplementedError included
             op = missing_forward_ad(e)
             if op is None:
                 raise
@@ -145,19 +145,24 @@ class ExactGram:
 
 
 def missing_forward_ad(error: BaseException) -> str | None:
-    """The op an error says has no forward-mode AD (a description when unnamed), or None for any other error."""
+    """The op an error says has no forward-mode AD (a description when unnamed), or None for any other error.
+
+    torch raises ``NotImplementedError`` (a ``RuntimeError``) for these; another ``RuntimeError`` counts only when
+    its message is about forward mode.
+    """
+    if not isinstance(error, RuntimeError):
+        return None
     text = str(error)
     named = re.search(r"forward AD with (\S+)", text)
     if named:
         return f"the op {named.group(1)}"
     if not isinstance(error, NotImplementedError) and not re.search(r"forward[- ]mode|forward AD|jvp", text):
         return None
-    fn = None  # a custom autograd.Function without jvp: torch's message does not name it, its apply frame does
+    fn = None  # a custom autograd.Function without jvp: torch's message does not name it, its jvp frame's ctx does
     tb = error.__traceback__
     while tb is not None:
-        cls = tb.tb_frame.f_locals.get("cls")
-        if tb.tb_frame.f_code.co_name == "apply" and isinstance(cls, type):
-            fn = cls
+        ctx = tb.tb_frame.f_locals.get("ctx", tb.tb_frame.f_locals.get("self"))
+        fn = getattr(ctx, "_forward_cls", None) or fn
         tb = tb.tb_next
     return f"the autograd.Function {fn.__qualname__}" if fn is not None else f"an op ({text.splitlines()[0]})"
 

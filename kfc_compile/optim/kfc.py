@@ -293,6 +293,7 @@ class KFC(torch.optim.Optimizer):
         k = self._step_count + 1
         est, o = self._estimator, self.options
         self._sync_layers()
+        resume.require_applied(self._pending_state)
         est.update_statistics()
         kg, fg = self._kfc_group(), self._fallback_group()
         info: dict = {"step": k}

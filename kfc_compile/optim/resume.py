@@ -29,3 +29,17 @@ def load_layers(optimizer: torch.optim.Optimizer, estimator: CurvatureEstimator,
     for s, entry in zip(estimator.states, kfc["layers"], strict=True):
         s.load(entry)
     estimator.rebuild_buckets()
+
+
+def require_applied(pending: dict | None) -> None:
+    """Refuse a step while a loaded state_dict still waits for its layers (it would train as a fresh optimizer).
+
+    Raises:
+        RuntimeError: ``pending`` is a state_dict not applied yet.
+    """
+    if pending is not None:
+        names = [entry["name"] for entry in pending["kfc"]["layers"]]
+        raise RuntimeError(f"the loaded KFC state_dict waits for its layers {names}, but the kfc backend has not "
+                           "compiled any layer of this model yet: run its forward (with grad enabled, through the "
+                           "torch.compile(..., backend='kfc') module) before opt.step(); if dynamo reported hitting "
+                           "its recompile limit, the model ran uncompiled")
