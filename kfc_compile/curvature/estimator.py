@@ -301,7 +301,6 @@ class CurvatureEstimator:
         return {i: (s.running.A, s.running.next_eps(self.stat_decay)) for i, s in enumerate(self.states)
                 if s.running is not None and not s.frozen}
 
-
     def _fold(self, batch: dict[int, Factors]) -> None:
         """Fold batch factors (layer index → Factors) into the moving averages of the layers that collect."""
         for i, f in batch.items():

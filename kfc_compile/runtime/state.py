@@ -235,7 +235,7 @@ class CaptureState:
         self._grad_base = 0
 
     def reset(self) -> None:
-        """Drop the accumulators and the per-pass settings of a driver (moving-average targets, blocks)."""
+        """Drop the accumulators and the per-pass settings of a driver (moving-average targets, block layout)."""
         self.discard_statistics()
         self.ema, self.ema_examples = {}, None
         self.max_factor_dim = None
