@@ -47,7 +47,7 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
     # the whole batch, whatever subsample an optimizer on this model uses for its own statistics
     with state.using_stats_fraction(None):
         state.set_examples(n)
-        with state.armed_forward():
+        with state.preserved_calls(), state.armed_forward():  # not a micro-batch of an optimizer's step
             f = model_output(tm(*args))
         first = True
         for v in output_gradients(spec, fisher, f, targets, mc_samples, generator):

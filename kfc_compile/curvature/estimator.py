@@ -8,7 +8,9 @@ and drives the capture taps (``capture.CaptureState``, through its driver method
   taps are armed before that step's forward (statistics in the user's backward), or, with a subset
   (``stats_fraction < 1``, MC / type-2 Fisher, eager model), a separate forward of the batch's leading subset
   and its sampled-target backward(s) run at ``update_statistics()``;
-* moving averages: F ← εF + (1 − ε)F_batch, ε = min(1 − 1/k, stat_decay) (Ω averaged in the kernels' epilogue);
+* gradient accumulation: a step's batch is all its micro-batches (forwards since the last step or ``zero_grad``);
+* moving averages: F ← εF + (1 − ε)F_batch, ε = min(1 − 1/k, stat_decay) (the subset pass averages Ω in the
+  kernels' epilogue; in-pass Ω is summed first: the number of micro-batches is known only at ``step()``);
 * inverses: recomputed at steps 1–3, every ``inverse_every`` steps and for new / replaced factors, rescaled when
   the damping or the curvature scale changes; non-finite factors are not inverted (the layer's averages restart at
   its next statistics step and it keeps its last inverse);
@@ -28,7 +30,7 @@ from kfc_compile.curvature.factors import Factors, RunningFactors, public_view
 from kfc_compile.curvature.inverses import LayerInverse, compute_inverse, rescale_inverse
 from kfc_compile.curvature.losses import Loss, output_gradients
 from kfc_compile.curvature.precondition import apply_buckets, build_buckets, grad_matrix, split_matrix
-from kfc_compile.curvature.subset import batch_subset, forward_with_private_buffers
+from kfc_compile.curvature.subset import forward_with_private_buffers, leading_subset
 from kfc_compile.registry import KFCLayer
 from kfc_compile.runtime.state import CaptureState
 
@@ -230,7 +232,7 @@ class CurvatureEstimator:
                 st.disarm()
             self._armed = False
             return
-        st.prepare_pass(self._ema_targets(), self._block_targets())
+        st.prepare_pass({}, self.max_factor_dim)
         fisher_pass = self._fisher_pass if self.fisher in ("mc", "type-2") else None
         st.arm(inputs=True, grads=self.fisher == "empirical", batch_mean=self.loss.reduction == "mean",
                fisher_pass=fisher_pass)
@@ -246,9 +248,18 @@ class CurvatureEstimator:
         if self._stats_due:
             self._statistics_pass()
             self._stats_due = False
-        inputs = self.capture.recorded_inputs()
-        n = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
-        self.scale = 1.0 if self.loss.reduction == "mean" else float(n)
+        n = sum(c.batch_size() or 0 for c in self.capture.recorded_calls())
+        self.scale = 1.0 if self.loss.reduction == "mean" else float(max(n, 1))
+
+    def end_step(self, k: int) -> None:
+        """Step k is done: forget its recorded calls and arm the taps for step k + 1 if due."""
+        self.capture.clear_calls()
+        self.schedule(k + 1)
+
+    def discard_micro_batches(self) -> None:
+        """Forget the forwards recorded since the last step (``zero_grad``: their gradients are gone too)."""
+        self.capture.clear_calls()
+        self.capture.discard_statistics()
 
     def _fisher_pass(self, f: torch.Tensor) -> None:
         """Γ from sampled-target (or type-2) backwards, run at the start of the user's backward."""
@@ -267,30 +278,28 @@ class CurvatureEstimator:
         self._fold(batch)
 
     def _statistics_pass(self) -> None:
-        """Statistics from a separate forward of the batch's leading subset.
+        """Statistics from a separate forward of the batch's leading subset, over all micro-batches of the step.
 
-        Ω comes from the first of its sampled-target backward(s), Γ from all; no weight gradients (the backwards
-        target only the taps' slot).
+        One forward per micro-batch the subset reaches, all before the first backward (so the total is known to
+        the epilogue average); then per micro-batch its sampled-target backward(s): Ω from the first, Γ from all;
+        no weight gradients (the backwards target only the taps' slot).
         """
         st = self.capture
-        inputs = batch_subset(st.recorded_inputs(), self.stats_fraction)
-        st.prepare_pass(self._ema_targets(), self._block_targets())
-        with st.preserved_inputs(), torch.enable_grad(), st.armed_forward():  # the output tap sees the subset
-            f = forward_with_private_buffers(self.model, inputs)
-        st.set_examples(f.shape[0])
-        vs = list(output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator))
-        for i, v in enumerate(vs):
-            st.record_backward(f, v, inputs=i == 0, retain_graph=i + 1 < len(vs))
+        parts = leading_subset(st.recorded_calls(), self.stats_fraction)
+        with st.preserved_calls(), torch.enable_grad(), st.armed_forward():  # the output tap sees the subset
+            outputs = [forward_with_private_buffers(self.model, part) for part in parts]
+        st.prepare_pass(self._ema_targets(), self.max_factor_dim, examples=sum(f.shape[0] for f in outputs))
+        for f in outputs:
+            st.begin_micro_batch(f.shape[0])
+            vs = list(output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator))
+            for i, v in enumerate(vs):
+                st.record_backward(f, v, inputs=i == 0, retain_graph=i + 1 < len(vs))
         self._fold(st.take())
 
     def _ema_targets(self) -> dict[int, tuple[torch.Tensor, float]]:
         """Running Ω and the next ε of every collecting layer: the statistics kernels average into them directly."""
         return {i: (s.running.A, s.running.next_eps(self.stat_decay)) for i, s in enumerate(self.states)
                 if s.running is not None and not s.frozen}
-
-    def _block_targets(self) -> dict[int, tuple[int, int]]:
-        """(Ω blocks, Γ blocks) of every layer with block-diagonal factors."""
-        return {i: (s.layout.a_blocks, s.layout.g_blocks) for i, s in enumerate(self.states) if s.layout.blocked}
 
     def _fold(self, batch: dict[int, Factors]) -> None:
         """Fold batch factors (layer index → Factors) into the moving averages of the layers that collect."""

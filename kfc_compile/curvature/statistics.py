@@ -46,6 +46,7 @@ class BatchStatistics(ABC):
     A: torch.Tensor | None = None
     G: torch.Tensor | None = None
     g_rows: int = 0  # N·T of the last completed Γ pass
+    g_rows_done: int = 0  # N·T of the closed micro-batches of this step (gradient accumulation)
     _rows: int = 0  # rows seen in the current pass
 
     @abstractmethod
@@ -81,14 +82,28 @@ class BatchStatistics(ABC):
             self.g_rows = self._rows
             self._rows = 0
 
-    def factors(self, n_examples: int) -> Factors | None:
+    def end_micro_batch(self) -> None:
+        """Close one micro-batch of a step (gradient accumulation): its passes end, the next one's rows add up.
+
+        The Γ passes of one micro-batch (MC samples, type-2 columns) each see its N·T rows once; the rows of
+        successive micro-batches are different examples and add.
+        """
+        self.end_pass()
+        self.g_rows_done += self.g_rows
+        self.g_rows = 0
+
+    def factors(self, n_examples: int, g_scale: float = 1.0) -> Factors | None:
         """Normalised (Ω, Γ), stacked per group; None if this layer saw no input or no gradient.
 
-        In place: the accumulators are not used again (``CaptureState.take`` drops them), and Ω can be large.
+        ``n_examples`` counts all micro-batches; ``g_scale`` multiplies Γ (the rescaling of accumulated batch-mean
+        gradients, ``CaptureState.take``). In place: the accumulators are not used again (``CaptureState.take``
+        drops them), and Ω can be large.
         """
         if self.A is None or self.G is None or n_examples <= 0:
             return None
-        return Factors(self._final_a(n_examples), self.G.div_(self._g_count(n_examples)))
+        count = self._g_count(n_examples)
+        G = self.G.div_(count) if g_scale == 1.0 else self.G.mul_(g_scale / count)
+        return Factors(self._final_a(n_examples), G)
 
     def _final_a(self, n_examples: int) -> torch.Tensor:
         return self.A.div_(n_examples)
@@ -158,7 +173,7 @@ class ExpandStatistics(BatchStatistics):
         self._blocked_update(self.G, site.output_rows(gy), self.g_blocks, self.g_dim, scale * scale, 1.0)
 
     def _g_count(self, n_examples: int) -> int:
-        return self.g_rows
+        return self.g_rows_done + self.g_rows
 
     def _final_a(self, n_examples: int) -> torch.Tensor:
         # an Ω averaged in the epilogue is the running factor itself, already final

@@ -42,6 +42,7 @@ list-of-tensor functions in ``rules.py``; the arguments are validated in ``optio
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator
 
@@ -50,8 +51,7 @@ from torch import nn
 
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import Factors
-from kfc_compile.curvature.subset import batch_subset
-from kfc_compile.optim import fvp
+from kfc_compile.optim import fvp, resume
 from kfc_compile.optim.groups import find_group, hyper_parameters, initial_groups, regroup
 from kfc_compile.optim.model import is_compiled_module, resolve_model, route
 from kfc_compile.optim.options import KFCOptions
@@ -144,7 +144,9 @@ class KFC(torch.optim.Optimizer):
             stats_every=o.stats_every, inverse_every=o.inverse_every, stat_decay=o.stat_decay,
             stats_fraction=o.stats_fraction, damping_method=o.damping_method, max_factor_dim=o.max_factor_dim,
             warned=self._warned)
-        self._fisher_products = fvp.FisherProducts(owner if compiled else tm, o.loss)
+        # the exact Fisher products' Gram matrix on the step's recorded calls (updates.GramFn)
+        self._exact_gram = fvp.ExactGram(fvp.FisherProducts(owner if compiled else tm, o.loss), self._estimator,
+                                         self._warned)
 
         groups, self.fallback_names = initial_groups(self.layers, owner, o, pending)
         self._init_done = False
@@ -155,6 +157,7 @@ class KFC(torch.optim.Optimizer):
         self._owner = owner
         self._owner_params = list(owner.parameters())
         self.last_step: dict = {}
+        self._pending_state: dict | None = None  # a state_dict loaded before the kfc backend compiled any layer
         if o.averaging is not None:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -265,6 +268,14 @@ class KFC(torch.optim.Optimizer):
             names = regroup(self.param_groups, self.defaults, self.layers, self._owner_params, self._owner)
             if names is not None:
                 self.fallback_names = names
+        if self._pending_state is not None and self._estimator.states:
+            resume.load_layers(self, self._estimator, self._pending_state)
+            self._pending_state = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim``'s ``zero_grad``; the forwards since the last step stop being micro-batches of the next."""
+        super().zero_grad(set_to_none)
+        self._estimator.discard_micro_batches()
 
     # -- the step -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -282,6 +293,7 @@ class KFC(torch.optim.Optimizer):
         k = self._step_count + 1
         est, o = self._estimator, self.options
         self._sync_layers()
+        resume.require_applied(self._pending_state)
         est.update_statistics()
         kg, fg = self._kfc_group(), self._fallback_group()
         info: dict = {"step": k}
@@ -302,20 +314,8 @@ class KFC(torch.optim.Optimizer):
             average_iterates_([self.state[p]["average"] for p in params], params, o.averaging)
         self._step_count = k
         self.last_step = info
-        est.schedule(k + 1)
+        est.end_step(k)
         return loss
-
-    def _exact_gram(self, directions: list[dict[torch.Tensor, torch.Tensor]], fraction: float) -> torch.Tensor:
-        """Gram matrix (fp64) of the exact mini-batch Fisher of the objective among ``directions``.
-
-        Directions map parameters to tensors (missing parameters: 0); one JVP each, on the recorded batch's leading
-        ``fraction``.
-        """
-        capture = self._estimator.capture
-        inputs = batch_subset(capture.recorded_inputs(), fraction)
-        with capture.preserved_inputs():
-            f, jv = self._fisher_products.outputs_and_jvps(inputs, directions)
-        return fvp.gram(self.options.loss, f, jv, self._estimator.scale)
 
     def _step_adaptive(self, parts: list[GroupPart], info: dict, loss, closure, k: int) -> None:
         """The adaptive update, and every ``lm_interval`` steps the Levenberg–Marquardt damping rule."""
@@ -346,6 +346,8 @@ class KFC(torch.optim.Optimizer):
     # -- state -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """``torch.optim`` state plus ``"kfc"``: step, curvature scale, per-layer factors and inverses, RNG state."""
+        if self._pending_state is not None:  # loaded, not applied yet: nothing changed since
+            return copy.deepcopy(self._pending_state)
         sd = super().state_dict()
         est = self._estimator
         sd["kfc"] = {
@@ -361,30 +363,26 @@ class KFC(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict` of a KFC on the same layers with the same ``damping_method``."""
+        """Restore a :meth:`state_dict` of a KFC on the same layers with the same ``damping_method``.
+
+        Into a kfc-compiled model with no layer yet, the layer-dependent part waits for them (``resume.py``).
+        """
         kfc = state_dict.get("kfc")
         if kfc is None:
             raise ValueError("not a KFC state_dict (no 'kfc' entry)")
         if kfc.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported KFC state_dict version {kfc.get('version')!r}")
         est, o = self._estimator, self.options
-        saved_names = [entry["name"] for entry in kfc["layers"]]
-        if saved_names != [layer.name for layer in self.layers]:
-            raise ValueError(f"state_dict layers {saved_names} do not match this optimizer's "
-                             f"{[layer.name for layer in self.layers]}")
         if kfc["damping_method"] != o.damping_method:
             raise ValueError(f"state_dict was saved with damping_method={kfc['damping_method']!r}, "
                              f"this optimizer uses {o.damping_method!r}")
-        for s, entry in zip(est.states, kfc["layers"], strict=True):
-            s.check(entry)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfc"})
+        if est.live and not est.states and kfc["layers"]:
+            self._pending_state = state_dict  # applied by _sync_layers once the layers are compiled
+        else:
+            resume.load_layers(self, est, state_dict)
         self._step_count = int(kfc["step"])
-        est.scale = float(kfc["scale"])
         self._warned.clear()
         self._warned.update(kfc.get("warned", ()))
-        for s, entry in zip(est.states, kfc["layers"], strict=True):
-            s.load(entry)
-        est.rebuild_buckets()
         if kfc["generator"] is not None:
             if o.generator is None:
                 warnings.warn("the state_dict has an MC generator state but this optimizer has no generator: "
@@ -392,7 +390,6 @@ class KFC(torch.optim.Optimizer):
             else:
                 o.generator.set_state(kfc["generator"])
         est.schedule(self._step_count + 1)
-
 
 def _as_float(loss) -> float:
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)

@@ -102,16 +102,17 @@ def model_output(out) -> torch.Tensor:
     raise TypeError(f"cannot find the model output tensor in a {type(out).__name__}")
 
 
-def output_tap(out, state: CaptureState, inputs: tuple = ()):
-    """Applied to the model's output: keeps the forward's inputs, and starts the Fisher pass on armed steps.
+def output_tap(out, state: CaptureState, args: tuple = (), kwargs: dict | None = None):
+    """Applied to the model's output: records the forward's call, and starts the Fisher pass on armed steps.
 
-    Keeps a reference to the forward's inputs (for Fisher-vector products on the batch), and on an armed step of a
-    plain loop records the batch size and runs the Fisher pass at the start of the training backward (see
-    ``CaptureState``).
+    Records the call ``model(*args, **kwargs)`` of every forward with grad enabled (references, no copies: the
+    optimizer replays the step's calls on a leading subset for its statistics pass and its exact Fisher products),
+    and on an armed step of a plain loop records the batch size and runs the Fisher pass at the start of the
+    training backward (see ``CaptureState``).
     """
     if not torch.is_grad_enabled():
         return out
-    state.last_inputs = inputs
+    state.add_call(args, {} if kwargs is None else kwargs)
     if not state.armed:
         return out
     return _armed_output_tap(out, state)
@@ -137,5 +138,5 @@ class OutputTap(nn.Module):
         self.state = state
 
     def forward(self, out, *inputs):
-        """The model output, tapped (see :func:`output_tap`); ``inputs`` are the forward's positional inputs."""
+        """The model output, tapped (see :func:`output_tap`); ``inputs`` are the graph's inputs, in order."""
         return output_tap(out, self.state, inputs)

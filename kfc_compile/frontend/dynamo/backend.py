@@ -165,7 +165,7 @@ def _install_output_tap(model: nn.Module, state: CaptureState) -> None:
         return
 
     def forward(*args, **kwargs):
-        return output_tap(compiled_forward(*args, **kwargs), state, args)
+        return output_tap(compiled_forward(*args, **kwargs), state, args, kwargs)
 
     forward._kfc_output_tap = True
     model.forward = forward

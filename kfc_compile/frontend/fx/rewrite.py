@@ -213,7 +213,7 @@ class Instrumenter:
         state = self.state
 
         def forward(self, *args, **kwargs):
-            return output_tap(cls.forward(self, *args, **kwargs), state, args)
+            return output_tap(cls.forward(self, *args, **kwargs), state, args, kwargs)
 
         root.__class__ = type(f"KFC{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
         return root
