@@ -1,14 +1,16 @@
 """The curvature estimator below ``kc.KFC``: per-layer factor state, and statistics → factors → inverses → F̂⁻¹∇h.
 
-One :class:`LayerState` per KFC layer holds everything the optimizer keeps for it (its factor layout, the moving
-averages of Ω and Γ, the damped inverse, the frozen / stale flags). The :class:`CurvatureEstimator` owns the list
-and drives the capture taps (``capture.CaptureState``, through its driver methods only):
+One :class:`~kfc_compile.curvature.layer_state.LayerState` per KFC layer holds everything the optimizer keeps for
+it (its factor layout, the moving averages of Ω and Γ, the damped inverse, the frozen / stale flags). The
+:class:`CurvatureEstimator` owns the list and drives the capture taps (``capture.CaptureState``, through its
+driver methods only):
 
 * statistics schedule: step k collects statistics when (k−1) % stats_every == 0 and some layer is not frozen; the
   taps are armed before that step's forward (statistics in the user's backward), or, with a subset
   (``stats_fraction < 1``, MC / type-2 Fisher, eager model), a separate forward of the batch's leading subset
   and its sampled-target backward(s) run at ``update_statistics()``;
-* moving averages: F ← εF + (1 − ε)F_batch, ε = min(1 − 1/k, stat_decay) (Ω averaged in the kernels' epilogue);
+* moving averages: F ← εF + (1 − ε)F_batch, ε = min(1 − 1/k, stat_decay) (in the subset pass, Ω averaged in the
+  kernels' epilogue; statistics of the user's pass are averaged in by ``update_statistics()``);
 * inverses: recomputed at steps 1–3, every ``inverse_every`` steps and for new / replaced factors, rescaled when
   the damping or the curvature scale changes; non-finite factors are not inverted (the layer's averages restart at
   its next statistics step and it keeps its last inverse), failed decompositions are retried in fp64 and then
@@ -22,98 +24,23 @@ and drives the capture taps (``capture.CaptureState``, through its driver method
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from kfc_compile.curvature.blocks import Layout
-from kfc_compile.curvature.factors import Factors, RunningFactors, public_view
+from kfc_compile.curvature.factors import Factors, RunningFactors
 from kfc_compile.curvature.guard import finite_flags, refresh_layer, restart_factors
 from kfc_compile.curvature.health import Health
-from kfc_compile.curvature.inverses import LayerInverse
+from kfc_compile.curvature.layer_state import LayerState
 from kfc_compile.curvature.losses import Loss, NonFiniteOutputError, output_gradients
-from kfc_compile.curvature.memory import budget_note, plan_layouts
+from kfc_compile.curvature.memory import planned_layouts
 from kfc_compile.curvature.precondition import apply_buckets, build_buckets, grad_matrix, split_matrix
 from kfc_compile.curvature.subset import batch_subset, forward_with_private_buffers
 from kfc_compile.registry import KFCLayer
 from kfc_compile.runtime.state import CaptureState
 
-
-@dataclass(eq=False)
-class LayerState:
-    """What the optimizer keeps for one KFC layer.
-
-    Attributes:
-        layer: the layer (its weight, bias, group and factor sizes).
-        layout: how its factors are stored (dense, or diagonal blocks with ``max_factor_dim``).
-        running: the moving averages of Ω and Γ; None before any statistics (or after a non-finite restart).
-        inverse: the damped inverses / eigendecompositions; None before the first refresh.
-        frozen: statistics are not collected (``KFC.set_factors(..., frozen=True)``).
-        stale: the factors were replaced since the last refresh: the next one recomputes the inverse.
-    """
-
-    layer: KFCLayer
-    layout: Layout
-    running: RunningFactors | None = None
-    inverse: LayerInverse | None = None
-    frozen: bool = False
-    stale: bool = False
-
-    @property
-    def name(self) -> str:
-        """The layer's name."""
-        return self.layer.name
-
-    def nbytes(self) -> int:
-        """Bytes of the tensors held for this layer: the moving averages plus the inverse."""
-        tensors = [] if self.running is None else [self.running.A, self.running.G]
-        if self.inverse is not None:
-            tensors += self.inverse.tensors()
-        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-
-    def dense_factors(self) -> Factors | None:
-        """Copies of the moving averages (Ω, Γ) as dense matrices; None before any statistics.
-
-        2-D for an ungrouped layer, else stacked per group; blocked factors as the block-diagonal matrices they
-        stand for.
-        """
-        if self.running is None:
-            return None
-        A, G = self.running.A, self.running.G
-        if self.layout.blocked:
-            A, G = self.layout.to_dense(A, G)
-        return Factors(public_view(A).clone(), public_view(G).clone())
-
-    def replace_factors(self, A: torch.Tensor, G: torch.Tensor, frozen: bool) -> None:
-        """Set the moving averages to dense (Ω, Γ); the inverse is recomputed at the next refresh.
-
-        Args:
-            A: Ω, ``(groups, a_dim, a_dim)`` or 2-D for an ungrouped layer (a blocked layout keeps its diagonal
-                blocks).
-            G: Γ, ``(groups, g_dim, g_dim)`` or 2-D.
-            frozen: stop collecting statistics for this layer.
-
-        Raises:
-            ValueError: a factor has the wrong shape.
-        """
-        layer = self.layer
-        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-        shapes = ((layer.groups, layer.a_dim, layer.a_dim), (layer.groups, layer.g_dim, layer.g_dim))
-        out = []
-        for t, shape, what in ((A, shapes[0], "A"), (G, shapes[1], "G")):
-            t = torch.as_tensor(t)
-            if t.dim() == 2:
-                t = t.unsqueeze(0)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{what} for layer {layer.name!r} must have shape {shape} (or 2-D when ungrouped), "
-                                 f"got {tuple(t.shape)}")
-            out.append(t.detach().to(dtype=dtype, device=layer.weight.device).clone())
-        if self.layout.blocked:
-            out = list(self.layout.to_blocks(*out))
-        self.running = RunningFactors(out[0], out[1], updates=1)
-        self.frozen = bool(frozen)
-        self.stale = True
+__all__ = ["CurvatureEstimator", "LayerState"]
 
 
 class CurvatureEstimator:
@@ -161,10 +88,7 @@ class CurvatureEstimator:
         info = model.kfc
         self.capture: CaptureState = info.state
         self._version = getattr(info, "version", None)  # a live registry (kfc backend): see sync()
-        self._layouts = plan_layouts(info.layers, max_factor_dim, memory_budget, damping_method)
-        note = budget_note(info.layers, self._layouts, max_factor_dim, memory_budget)
-        if note is not None:
-            warnings.warn(note, stacklevel=3)
+        self._layouts = planned_layouts(info.layers, max_factor_dim, memory_budget, damping_method, None, warned)
         self.states = [LayerState(layer, self._layout_of(layer)) for layer in info.layers]
         # statistics on a subset: a separate forward of the subset where possible, else the subset's rows
         self._separate_pass = stats_fraction < 1.0 and fisher in ("mc", "type-2") and not compiled
@@ -203,12 +127,9 @@ class CurvatureEstimator:
             return False
         self._version = version
         old = {id(s.layer): s for s in self.states}
-        kept = {s.layer.name: s.layout for s in self.states if any(s.layer is layer for layer in info.layers)}
-        self._layouts = plan_layouts(info.layers, self.max_factor_dim, self.memory_budget, self.damping_method, kept)
-        note = budget_note(info.layers, self._layouts, self.max_factor_dim, self.memory_budget)
-        if note is not None and note not in self.warned:
-            self.warned.add(note)
-            warnings.warn(note, stacklevel=4)
+        kept = {s.layer.name: s.layout for s in self.states if id(s.layer) in {id(la) for la in info.layers}}
+        self._layouts = planned_layouts(info.layers, self.max_factor_dim, self.memory_budget, self.damping_method,
+                                        kept, self.warned)
         states = []
         for layer in info.layers:
             s = old.get(id(layer))

@@ -18,6 +18,7 @@ never runs out of memory halfway through its first inverse refresh.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -139,3 +140,14 @@ def budget_note(layers: Sequence[KFCLayer], layouts: Mapping[str, Layout], max_f
         return None
     return (f"memory_budget={budget:,} bytes: {len(changed)} KFC layer(s) keep smaller diagonal blocks of their "
             f"factors than max_factor_dim={max_factor_dim} gives, to fit: " + ", ".join(changed))
+
+
+def planned_layouts(layers: Sequence[KFCLayer], max_factor_dim: int | None, budget: int | None,
+                    damping_method: str, fixed: Mapping[str, Layout] | None, warned: set[str]) -> dict[str, Layout]:
+    """:func:`plan_layouts`, with a once-only warning (``warned``) naming the layers the budget re-blocked."""
+    layouts = plan_layouts(layers, max_factor_dim, budget, damping_method, fixed)
+    note = budget_note(layers, layouts, max_factor_dim, budget)
+    if note is not None and note not in warned:
+        warned.add(note)
+        warnings.warn(note, stacklevel=5)
+    return layouts
