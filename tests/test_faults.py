@@ -445,3 +445,27 @@ def test_compiled_model_skips_a_nan_step(digits):
     assert opt.health.skipped_steps["gradient"] == 1 and opt.steps == 5
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(opt.factors(s.name).A).all() for s in opt.layer_states())
+
+
+def test_a_skipped_step_restores_non_finite_batchnorm_statistics(digits):
+    """The NaN example's forward made the running statistics NaN: a skipped step puts the last applied ones back."""
+    X, Y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 64, 10))
+    opt = kc.KFC(model, **KW)
+    for k in range(3):
+        x = X[k * 64:(k + 1) * 64].clone()
+        before = [b.clone() for b in model[1].buffers()]
+        if k == 2:
+            x[5] = math.nan
+        opt.zero_grad()
+        F.cross_entropy(model(x), Y[k * 64:(k + 1) * 64]).backward()
+        opt.step()
+    after = list(model[1].buffers())
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])  # running mean and var
+    assert after[2] == before[2] + 1  # num_batches_tracked (an int) is not a fault: left as the forward set it
+    assert opt.health.restored_buffers == {"1.running_mean": 1, "1.running_var": 1}
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(X[:64])).all()

@@ -16,6 +16,9 @@ it happens in a run:
 * ``failed_decompositions[layer]``: refreshes whose decomposition failed in float64 too (the layer kept its
   previous inverse, or got the damped identity's before its first); ``consecutive_failures[layer]`` the current
   run (the optimizer raises after ``max_failures``).
+* ``restored_buffers[buffer]``: skipped steps after which a floating-point buffer of the model (a BatchNorm
+  running statistic updated by the non-finite forward) was not finite and was restored to its value after the
+  last applied step.
 * ``last_damping``: the damping of the last applied step (adaptive mode changes it).
 
 The record holds only ints, floats and strings, so it is part of ``state_dict`` and loads with
@@ -32,7 +35,7 @@ logging.getLogger("kfc_compile").addHandler(logging.NullHandler())
 
 SKIP_CAUSES = ("scaler", "loss", "gradient", "update")
 _PER_LAYER = ("dropped_statistics", "restarted_factors", "retried_decompositions", "failed_decompositions",
-              "consecutive_failures")
+              "restored_buffers", "consecutive_failures")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Health:
     restarted_factors: dict[str, int] = field(default_factory=dict)
     retried_decompositions: dict[str, int] = field(default_factory=dict)
     failed_decompositions: dict[str, int] = field(default_factory=dict)
+    restored_buffers: dict[str, int] = field(default_factory=dict)
     consecutive_failures: dict[str, int] = field(default_factory=dict)
     last_damping: float | None = None
     streak_causes: dict[str, int] = field(default_factory=dict)  # causes of the current run of skipped steps
@@ -113,6 +117,12 @@ class Health:
     def decomposition_succeeded(self, layer: str) -> None:
         """A layer's inverse was recomputed: its run of failures ends."""
         self.consecutive_failures.pop(layer, None)
+
+    def buffer_restored(self, name: str) -> None:
+        """A non-finite buffer of the model was restored after a skipped step."""
+        self._bump("restored_buffers", name, f"model buffer {name!r} was not finite after a skipped step (its "
+                                              "forward saw inf/NaN); restored to its value after the last applied "
+                                              "step")
 
     def _bump(self, kind: str, layer: str, message: str) -> None:
         counts = getattr(self, kind)

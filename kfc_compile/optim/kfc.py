@@ -64,7 +64,7 @@ from kfc_compile.optim.groups import find_group, hyper_parameters, initial_group
 from kfc_compile.optim.model import is_compiled_module, resolve_model, route
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import average_iterates_
-from kfc_compile.optim.safety import StepGuard
+from kfc_compile.optim.safety import BufferSnapshot, StepGuard
 from kfc_compile.optim.updates import adam_update, adaptive_lm_update, group_parts, pre_update
 from kfc_compile.registry import KFCInfo, KFCLayer
 
@@ -177,6 +177,7 @@ class KFC(torch.optim.Optimizer):
 
         self._step_count = 0
         self._owner = owner
+        self._buffers = BufferSnapshot(owner)
         self._owner_params = list(owner.parameters())
         self.last_step: dict = {}
         if o.averaging is not None:
@@ -336,6 +337,7 @@ class KFC(torch.optim.Optimizer):
         self._step_count = k
         self.last_step = info
         self.health.step_applied((kg or fg or {}).get("damping", o.damping))
+        self._buffers.take()
         est.schedule(k + 1)
         return loss
 
@@ -347,6 +349,8 @@ class KFC(torch.optim.Optimizer):
         self.last_step = info
         self._estimator.discard()
         self._estimator.schedule(k)
+        for name in self._buffers.restore_non_finite():
+            self.health.buffer_restored(name)
         self._guard.skipped(k, cause, detail, self._kfc_group() or self._fallback_group())
         return loss
 

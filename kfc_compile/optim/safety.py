@@ -11,7 +11,9 @@ in this order:
   scaler's own ``_amp_foreach_non_finite_check_and_unscale_``).
 
 A skipped step (:meth:`StepGuard.skipped`) changes nothing but the health record: the step's statistics are thrown
-away, ``opt.steps`` does not advance, parameters and momentum stay. ``max_skipped_steps`` consecutive skips (not
+away, ``opt.steps`` does not advance, parameters and momentum stay, and the model's floating-point buffers that the
+non-finite forward made non-finite (BatchNorm running statistics) are restored from :class:`BufferSnapshot`, their
+values after the last applied step. ``max_skipped_steps`` consecutive skips (not
 counting the scaler's, which it answers by lowering its scale) raise :class:`TrainingDivergedError`.
 
 The loss scale S of the user's backward (``grad_scale``, else ``KFC(grad_scaler=...)``'s ``get_scale()``) also
@@ -50,6 +52,39 @@ def _non_finite_and_unscale_(grads: Sequence[torch.Tensor], inv_scale: float) ->
                 gs, flag, torch.full((), inv_scale, dtype=torch.float32, device=device))
             found.append(flag > 0)
     return any(bool(f) for f in found)
+
+
+class BufferSnapshot:
+    """The floating-point buffers of a module after the last applied step (one fused copy per step)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.saved: dict[str, torch.Tensor] = {}
+        self.take()
+
+    def _current(self) -> dict[str, torch.Tensor]:
+        return {n: b for n, b in self.module.named_buffers() if b.is_floating_point()}
+
+    def take(self) -> None:
+        """Record the buffers' current values."""
+        current = self._current()
+        if current.keys() != self.saved.keys() or any(self.saved[n].shape != b.shape for n, b in current.items()):
+            self.saved = {n: b.detach().clone() for n, b in current.items()}
+        elif current:
+            torch._foreach_copy_(list(self.saved.values()), [b.detach() for b in current.values()])
+
+    def restore_non_finite(self) -> list[str]:
+        """Put back the recorded value of every buffer that now has inf/NaN entries; returns their names."""
+        current = {n: b for n, b in self._current().items() if n in self.saved}
+        if not current:
+            return []
+        names = list(current)
+        bad = [n for n, flag in zip(names, torch.stack([torch.isfinite(current[n]).all() for n in names]).tolist(),
+                                    strict=True) if not flag]
+        with torch.no_grad():
+            for n in bad:
+                current[n].copy_(self.saved[n])
+        return bad
 
 
 class StepGuard:
