@@ -469,3 +469,32 @@ def test_a_skipped_step_restores_non_finite_batchnorm_statistics(digits):
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(X[:64])).all()
+
+
+def test_adaptive_mode_skips_non_finite_steps_and_models(digits):
+    """mode='adaptive': a NaN gradient skips the step; a NaN output on the Fisher-product subset skips its update."""
+
+    class Net(nn.Sequential):
+        def forward(self, x):
+            return poison_subset_output(super().forward(x))
+
+    X, Y = digits
+    model = Net(*net())
+    opt = kc.KFC(model, lr=1.0, mode="adaptive", damping=1.0, momentum=0.0, clip_fraction=0.25)
+    POISON["size"] = 16  # the Fisher products run on the first quarter of the batch
+    for k in range(8):
+        x, y = X[k * 64:(k + 1) * 64], Y[k * 64:(k + 1) * 64]
+        POISON["on"] = k == 5
+
+        def closure(x=x, y=y, k=k):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            if k == 3:
+                model[0].bias.grad[0] = math.nan
+            return loss
+
+        opt.step(closure)
+    POISON["on"] = False
+    assert opt.health.skipped_steps == {"scaler": 0, "loss": 0, "gradient": 1, "update": 1}
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and opt.steps == 6

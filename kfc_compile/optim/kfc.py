@@ -328,7 +328,8 @@ class KFC(torch.optim.Optimizer):
                 adaptive_lm_update(parts, self.state, o, self._exact_gram, info, loss, closure, k,
                                    self._warned, self.param_groups)
         if info.get("skipped"):
-            return self._skip(k, "update", f"the clipping statistic ν is {info.get('nu')}", loss, info)
+            what = f"the clipping statistic ν is {info.get('nu')}" if o.mode == "pre" else "the α/μ model is not finite"
+            return self._skip(k, "update", what, loss, info)
         if fg is not None and o.fallback == "adam":
             adam_update(fg, self.state)
         if o.averaging is not None:

@@ -109,7 +109,7 @@ def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCO
 
     Δ = −F̂⁻¹∇h, δ₀ the previous update, (α, μ) minimising the quadratic model M from the exact Fisher plus
     (λ + wd)·I (λ, wd, lr, μ > 0 of the first part's group). ``info`` receives α, μ, C, d, the model change and λ.
-    Some part must have a parameter.
+    Some part must have a parameter. A non-finite C or d changes nothing and sets ``info["skipped"]``.
 
     Returns:
         M(δ) − M(0), the change the model predicts (for the Levenberg–Marquardt ratio).
@@ -125,6 +125,9 @@ def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCO
     gram = exact_gram([{p: t for p, t in zip(params, x, strict=True) if t is not None} for x in dirs],
                       options.clip_fraction)
     C, d = quadratic_model(gram, dirs, grads, lam + wd)
+    if not (bool(torch.isfinite(C).all()) and bool(torch.isfinite(d).all())):  # the exact Fisher products overflowed
+        info.update(C=C, d=d, skipped=True)  # the caller skips the step (nothing was changed here)
+        return 0.0
     alpha, mu, model_change = rescaling(C, d, lr)
     info.update(alpha=alpha, mu=mu, C=C, d=d, model_change=model_change, damping=lam)
     for p, upd in zip(params, adaptive_step_(params, deltas, prev if use_mu else None, alpha, mu, lr), strict=True):
@@ -153,7 +156,7 @@ def adaptive_lm_update(parts: list[GroupPart], state: MutableMapping, options: K
             h0 = _as_float(loss) + l2_term(l2_groups)
     lam = parts[0].group["damping"]
     model_change = adaptive_update(parts, state, options, exact_gram, info)
-    if lm_due:
+    if lm_due and not info.get("skipped"):
         with torch.enable_grad():
             h1 = _as_float(closure()) + l2_term(l2_groups)
         rho = reduction_ratio(h0, h1, model_change)
