@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfc_compile as kc
+from kfc_compile.curvature.statistics import products_are_finite
 from kfc_compile.tools.demo.data import load_task
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated",
@@ -498,3 +499,18 @@ def test_adaptive_mode_skips_non_finite_steps_and_models(digits):
     POISON["on"] = False
     assert opt.health.skipped_steps == {"scaler": 0, "loss": 0, "gradient": 1, "update": 1}
     assert all(torch.isfinite(p).all() for p in model.parameters()) and opt.steps == 6
+
+
+def test_the_epilogue_bound_is_sufficient_and_not_vacuous():
+    """products_are_finite: True only where Σ rows·rowsᵀ (and the moving average) cannot overflow the dtype."""
+    width = 32
+    for scale in (1.0, 1e3, 1e8, 1e12, 1e17, 1e19):
+        x = torch.randn(64, width) * scale
+        ok = products_are_finite(x, width, torch.float32)
+        if ok:  # sufficient: the sums of products are finite, with room for the moving average
+            assert torch.isfinite(x.T @ x * 2).all(), scale
+        assert ok == (scale <= 1e12), scale
+    assert not products_are_finite(torch.tensor([[1.0, math.nan]]), 2, torch.float32)
+    assert not products_are_finite(torch.tensor([[1.0, math.inf]]), 2, torch.float32)
+    assert products_are_finite(torch.empty(0, 3), 3, torch.float32)
+    assert products_are_finite(torch.full((4, 4), 1e17, dtype=torch.float64), 4, torch.float64)

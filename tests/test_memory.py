@@ -84,3 +84,20 @@ def test_report_lists_each_layers_curvature_memory():
     assert "peak of a statistics step with an inverse refresh" in text
     blocked = kc.report(tm, max_factor_dim=100)
     assert re.search(r"^3\s+6×86\s+3×100\s", blocked, re.M)  # Ω 513 in 6 blocks of 86, Γ 300 in 3 of 100
+
+
+def test_a_budget_applies_to_layers_a_compiled_model_reveals_later():
+    """The kfc backend: layers join at the first forward; the budget plans them then (and warns once)."""
+    torch._dynamo.reset()
+    model = net()
+    cm = torch.compile(model, backend="kfc", options={"inner": "aot_eager"})
+    layers = kc.transform(net()).kfc.layers
+    free = plan_layouts(layers, 8192, None)
+    budget = peak_bytes([layer_memory(la, free[la.name]) for la in layers]) // 2
+    opt = kc.KFC(cm, lr=0.01, damping=1e-2, memory_budget=budget)
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.warns(UserWarning, match="memory_budget"):
+        F.cross_entropy(cm(x), torch.randint(0, 5, (16,))).backward()
+        opt.step()
+    wide = [s for s in opt.layer_states() if s.layer.a_dim == 513]
+    assert len(wide) == 1 and wide[0].layout == Layout(1, 513, 300, 3, 2)
