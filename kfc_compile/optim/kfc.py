@@ -25,8 +25,8 @@ the update:
   v = −lr·F̂⁻¹∇h; ν = vᵀFv + wd·vᵀv with exact Fisher-vector products (forward-mode JVPs) on the first
   ``clip_fraction`` of the batch (or, with ``clip_curvature="factored"``, ν = vᵀF̂v under the damped
   Kronecker-factored curvature itself, = lr²·⟨F̂⁻¹∇h, ∇h⟩: no extra pass, the kl-clip of kfac-pytorch; fallback
-  parameters then add only wd·vᵀv); if ν > clip, v ← v·sqrt(clip/ν) (a non-finite ν skips the step, with a
-  warning); p ← μp + v; θ ← θ + p; optional iterate averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
+  parameters then add only wd·vᵀv); if ν > clip, v ← v·sqrt(clip/ν); p ← μp + v; θ ← θ + p; optional iterate
+  averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
 * ``mode="adaptive"`` (full K-FAC rescaling; docs/algorithm.md §5.4–6.1): Δ = −F̂⁻¹∇h, δ = lr·(αΔ + μδ₀) with
   (α, μ) minimising the quadratic model M built from the exact mini-batch Fisher (2 JVPs) plus (damping + wd)·I;
   ``lr = 1`` is K-FAC proper, ``momentum = 0`` drops μ. Every ``lm_interval`` steps the damping λ follows the
@@ -38,11 +38,16 @@ the update:
 fallback: ``"sgd"`` joins the same update vector v (identity preconditioner, the same clipping and momentum),
 ``"adam"`` runs a separate Adam step (not clipped, not part of the α/μ solve). The rules themselves are
 list-of-tensor functions in ``rules.py``; the arguments are validated in ``options.py``.
+
+Faults (``safety.py``, ``curvature/guard.py``, counted in ``opt.health``): a non-finite loss or gradient (or a
+GradScaler's inf step) skips the step before anything of it is kept; non-finite statistics are dropped; a failed
+decomposition leaves a layer its previous inverse; ``max_skipped_steps`` / ``max_failures`` in a row raise.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -51,15 +56,17 @@ from torch import nn
 
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import Factors
+from kfc_compile.curvature.guard import finite_flags
+from kfc_compile.curvature.health import Health
 from kfc_compile.optim import fvp, resume
+from kfc_compile.optim.checkpoint import check_kfc_state, kfc_state, restore_layer_state, restore_run_state
 from kfc_compile.optim.groups import find_group, hyper_parameters, initial_groups, regroup
 from kfc_compile.optim.model import is_compiled_module, resolve_model, route
 from kfc_compile.optim.options import KFCOptions
-from kfc_compile.optim.rules import average_iterates_, l2_term, levenberg_marquardt, reduction_ratio
-from kfc_compile.optim.updates import GroupPart, adam_update, adaptive_update, group_parts, pre_update
+from kfc_compile.optim.rules import average_iterates_
+from kfc_compile.optim.safety import BufferSnapshot, StepGuard
+from kfc_compile.optim.updates import adam_update, adaptive_lm_update, group_parts, pre_update
 from kfc_compile.registry import KFCInfo, KFCLayer
-
-_STATE_VERSION = 1
 
 
 class KFC(torch.optim.Optimizer):
@@ -100,11 +107,24 @@ class KFC(torch.optim.Optimizer):
         max_factor_dim: a factor (Ω or Γ, per group) wider than this is kept as ceil(d / max_factor_dim)
             equal diagonal blocks (``curvature/blocks.py``: d·b memory, d·b² inversion instead of d², d³; e.g.
             VGG's 25089-wide Ω); ``None``: always dense.
+        max_failures: consecutive failed decompositions (fp32 and fp64) of one layer that raise a
+            ``DecompositionError`` (``None``: never); until then the layer keeps its previous inverse.
+        max_skipped_steps: consecutive skipped steps (non-finite loss, gradient or update) that raise
+            ``TrainingDivergedError`` (``None``: never).
+        memory_budget: bytes the curvature may take at its peak (``kc.report`` lists each layer's share): layers
+            then get smaller diagonal blocks until it fits, with a warning naming them, or construction fails with
+            ``MemoryBudgetError`` (``None``: no limit).
+        grad_scaler: the ``torch.amp.GradScaler`` whose ``scaler.step(opt)`` calls ``step()``; needed only when
+            ``scaler.unscale_(opt)`` runs before it with ``fisher="empirical"`` (``scaler.step`` hands KFC the
+            scale and the inf flag itself).
 
     ``opt.options`` holds the validated arguments, ``opt.layer_state(name)`` / ``opt.layer_states()`` what is kept
     per KFC layer (factors, inverse, flags), ``opt.last_step`` the scalars of the last step (ν, clip scale, α, μ,
-    ρ, damping ...).
+    ρ, damping ...; ``skipped`` and ``cause`` on a skipped step), ``opt.health`` the fault record
+    (``curvature/health.py``).
     """
+
+    _step_supports_amp_scaling = True  # scaler.step(opt) always calls step() with grad_scale and found_inf
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, damping: float = 1e-3,
                  weight_decay: float = 0.0, stats_every: int = 1, inverse_every: int = 20, stat_decay: float = 0.95,
@@ -115,7 +135,8 @@ class KFC(torch.optim.Optimizer):
                  clip_fraction: float = 0.25, clip_curvature: str = "exact", fallback_lr: float | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
-                 max_factor_dim: int | None = 8192):
+                 max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
+                 memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None):
         self.options = o = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
@@ -123,7 +144,8 @@ class KFC(torch.optim.Optimizer):
             fallback=fallback, mc_samples=mc_samples, generator=generator, clip_fraction=clip_fraction,
             clip_curvature=clip_curvature, fallback_lr=fallback_lr, fallback_betas=fallback_betas,
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
-            max_factor_dim=max_factor_dim)
+            max_factor_dim=max_factor_dim, max_failures=max_failures, max_skipped_steps=max_skipped_steps,
+            memory_budget=memory_budget, grad_scaler=grad_scaler)
         tm, owner, needs_route = resolve_model(model, o.approx)
         info: KFCInfo = tm.kfc
         self.model = tm
@@ -139,11 +161,13 @@ class KFC(torch.optim.Optimizer):
             route(owner, tm)
         compiled = is_compiled_module(tm)
         self._warned: set[str] = set()  # once-only warnings given (shared with the estimator; saved in state_dict)
+        self.health = Health()
+        self._guard = StepGuard(o, self.health, self._warned)
         self._estimator = CurvatureEstimator(
             tm, compiled=compiled, loss=o.loss, fisher=o.fisher, mc_samples=o.mc_samples, generator=o.generator,
             stats_every=o.stats_every, inverse_every=o.inverse_every, stat_decay=o.stat_decay,
             stats_fraction=o.stats_fraction, damping_method=o.damping_method, max_factor_dim=o.max_factor_dim,
-            warned=self._warned)
+            warned=self._warned, health=self.health, max_failures=o.max_failures, memory_budget=o.memory_budget)
         # the exact Fisher products' Gram matrix on the step's recorded calls (updates.GramFn)
         self._exact_gram = fvp.ExactGram(fvp.FisherProducts(owner if compiled else tm, o.loss), self._estimator,
                                          self._warned)
@@ -155,6 +179,7 @@ class KFC(torch.optim.Optimizer):
 
         self._step_count = 0
         self._owner = owner
+        self._buffers = BufferSnapshot(owner)
         self._owner_params = list(owner.parameters())
         self.last_step: dict = {}
         self._pending_state: dict | None = None  # a state_dict loaded before the kfc backend compiled any layer
@@ -269,7 +294,7 @@ class KFC(torch.optim.Optimizer):
             if names is not None:
                 self.fallback_names = names
         if self._pending_state is not None and self._estimator.states:
-            resume.load_layers(self, self._estimator, self._pending_state)
+            self._load_layers(self._pending_state)  # a mismatch raises, and the state keeps waiting
             self._pending_state = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -294,19 +319,29 @@ class KFC(torch.optim.Optimizer):
         est, o = self._estimator, self.options
         self._sync_layers()
         resume.require_applied(self._pending_state)
-        est.update_statistics()
         kg, fg = self._kfc_group(), self._fallback_group()
+        est.loss_scale = self._guard.loss_scale(self, o.fisher == "empirical" and est.capturing_in_pass)
+        fault = self._guard.check(self, loss, est.loss_scale)
+        if fault is not None:
+            return self._skip(k, *fault, loss)
+        est.update_statistics()
         info: dict = {"step": k}
         nat = {}
         if kg is not None:
             est.refresh_inverses(k, kg["damping"] + kg["weight_decay"])
             nat = est.precondition(kg["weight_decay"])
+        if nat and not finite_flags([list(nat.values())])[0]:
+            return self._skip(k, "update", "the preconditioned gradient F̂⁻¹∇h has inf/NaN entries", loss)
         parts = group_parts(kg, fg if o.fallback == "sgd" else None, nat)
         if any(part.params for part in parts):
             if o.mode == "pre":
                 pre_update(parts, self.state, o, self._exact_gram, info)
             else:
-                self._step_adaptive(parts, info, loss, closure, k)
+                adaptive_lm_update(parts, self.state, o, self._exact_gram, info, loss, closure, k,
+                                   self._warned, self.param_groups)
+        if info.get("skipped"):
+            what = f"the clipping statistic ν is {info.get('nu')}" if o.mode == "pre" else "the α/μ model is not finite"
+            return self._skip(k, "update", what, loss, info)
         if fg is not None and o.fallback == "adam":
             adam_update(fg, self.state)
         if o.averaging is not None:
@@ -314,82 +349,56 @@ class KFC(torch.optim.Optimizer):
             average_iterates_([self.state[p]["average"] for p in params], params, o.averaging)
         self._step_count = k
         self.last_step = info
+        self.health.step_applied((kg or fg or {}).get("damping", o.damping))
+        self._buffers.take()
         est.end_step(k)
         return loss
 
-    def _step_adaptive(self, parts: list[GroupPart], info: dict, loss, closure, k: int) -> None:
-        """The adaptive update, and every ``lm_interval`` steps the Levenberg–Marquardt damping rule."""
-        o = self.options
-        l2_groups = [(part.group["params"], part.group["weight_decay"]) for part in parts]
-        lm_due = k % o.lm_interval == 0
-        h0 = None
-        if lm_due:
-            if closure is None or loss is None:
-                if "lm" not in self._warned:
-                    self._warned.add("lm")
-                    warnings.warn("mode='adaptive' adapts the damping (Levenberg–Marquardt) only when step() gets a "
-                                  "closure that re-evaluates the loss; the damping stays fixed", stacklevel=3)
-                lm_due = False
-            else:
-                h0 = _as_float(loss) + l2_term(l2_groups)
-        lam = parts[0].group["damping"]
-        model_change = adaptive_update(parts, self.state, o, self._exact_gram, info)
-        if lm_due:
-            with torch.enable_grad():
-                h1 = _as_float(closure()) + l2_term(l2_groups)
-            rho = reduction_ratio(h0, h1, model_change)
-            new = levenberg_marquardt(lam, rho, o.lm_decay, o.min_damping)
-            for g in self.param_groups:
-                g["damping"] = new
-            info.update(rho=rho, damping=new)
+    def _skip(self, k: int, cause: str, detail: str, loss, info: dict | None = None):
+        """Leave step k unapplied (see ``safety.py``): its statistics are dropped and the taps re-armed for step k."""
+        info = {**(info or {}), "step": k, "skipped": True, "cause": cause}
+        if self.options.clip is not None and self.options.mode == "pre":
+            info.setdefault("nu", math.nan)  # no ν was computed: undefined
+        self.last_step = info
+        self._estimator.discard()
+        self._estimator.discard_micro_batches()  # the skipped step's forwards are not micro-batches of the next
+        self._estimator.schedule(k)
+        for name in self._buffers.restore_non_finite():
+            self.health.buffer_restored(name)
+        self._guard.skipped(k, cause, detail, self._kfc_group() or self._fallback_group())
+        return loss
 
     # -- state -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """``torch.optim`` state plus ``"kfc"``: step, curvature scale, per-layer factors and inverses, RNG state."""
+        """``torch.optim`` state plus ``"kfc"``: the curvature, the health record, the RNG (``checkpoint.py``)."""
         if self._pending_state is not None:  # loaded, not applied yet: nothing changed since
             return copy.deepcopy(self._pending_state)
         sd = super().state_dict()
-        est = self._estimator
-        sd["kfc"] = {
-            "version": _STATE_VERSION,
-            "step": self._step_count,
-            "mode": self.options.mode,
-            "damping_method": self.options.damping_method,
-            "scale": est.scale,
-            "warned": sorted(self._warned),
-            "layers": [s.state() for s in est.states],
-            "generator": None if self.options.generator is None else self.options.generator.get_state(),
-        }
+        sd["kfc"] = kfc_state(self._estimator, self.options, self.health, self._step_count, self._warned,
+                              self.options.approx)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict` of a KFC on the same layers with the same ``damping_method``.
+        """Restore a :meth:`state_dict` of a KFC with the same layers and structural options.
 
-        Into a kfc-compiled model with no layer yet, the layer-dependent part waits for them (``resume.py``).
+        Into a kfc-compiled model with no layer yet, the per-layer part waits for them (applied at the next layer
+        sync, before the step uses them; ``resume.py``); the step count, RNG and health record are restored at once.
+
+        Raises:
+            ValueError: another layer set, ``approx``, ``damping_method`` or factor layout (nothing is loaded).
         """
         kfc = state_dict.get("kfc")
-        if kfc is None:
-            raise ValueError("not a KFC state_dict (no 'kfc' entry)")
-        if kfc.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported KFC state_dict version {kfc.get('version')!r}")
-        est, o = self._estimator, self.options
-        if kfc["damping_method"] != o.damping_method:
-            raise ValueError(f"state_dict was saved with damping_method={kfc['damping_method']!r}, "
-                             f"this optimizer uses {o.damping_method!r}")
-        if est.live and not est.states and kfc["layers"]:
-            self._pending_state = state_dict  # applied by _sync_layers once the layers are compiled
+        est = self._estimator
+        waits = bool(kfc is not None and est.live and not est.states and kfc.get("layers"))
+        check_kfc_state(kfc, est, self.options, self.options.approx, layers=not waits)
+        if waits:
+            self._pending_state = state_dict
         else:
-            resume.load_layers(self, est, state_dict)
-        self._step_count = int(kfc["step"])
-        self._warned.clear()
-        self._warned.update(kfc.get("warned", ()))
-        if kfc["generator"] is not None:
-            if o.generator is None:
-                warnings.warn("the state_dict has an MC generator state but this optimizer has no generator: "
-                              "it is ignored (sampling uses the global RNG)", stacklevel=2)
-            else:
-                o.generator.set_state(kfc["generator"])
+            self._load_layers(state_dict)
+        self._step_count = restore_run_state(kfc, self.options, self.health, self._warned)
         est.schedule(self._step_count + 1)
 
-def _as_float(loss) -> float:
-    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    def _load_layers(self, state_dict: dict) -> None:
+        check_kfc_state(state_dict["kfc"], self._estimator, self.options, self.options.approx)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfc"})
+        restore_layer_state(state_dict["kfc"], self._estimator)

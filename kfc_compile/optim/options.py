@@ -94,6 +94,10 @@ class KFCOptions:
     lm_decay: float
     min_damping: float
     max_factor_dim: int | None
+    max_failures: int | None = 3
+    max_skipped_steps: int | None = 5
+    memory_budget: int | None = None
+    grad_scaler: torch.amp.GradScaler | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -132,6 +136,12 @@ class KFCOptions:
         put("min_damping", real("min_damping", self.min_damping, low=0.0))
         if self.max_factor_dim is not None:
             put("max_factor_dim", positive_int("max_factor_dim", self.max_factor_dim))
+        for name in ("max_failures", "max_skipped_steps", "memory_budget"):
+            if getattr(self, name) is not None:
+                put(name, positive_int(name, getattr(self, name)))
+        if self.grad_scaler is not None and not isinstance(self.grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None, got "
+                             f"{type(self.grad_scaler).__name__}")
 
     @property
     def fallback_learning_rate(self) -> float:

@@ -182,8 +182,14 @@ def adaptive_step_(params: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor
 
 
 def reduction_ratio(h_before: float, h_after: float, model_change: float) -> float:
-    """ρ = (h(θ) − h(θ+δ)) / (M(0) − M(δ)); −∞ when the model predicts no decrease (``model_change`` ≥ 0)."""
-    return (h_before - h_after) / -model_change if model_change < 0 else float("-inf")
+    """ρ = (h(θ) − h(θ+δ)) / (M(0) − M(δ)).
+
+    −∞ when the model predicts no decrease (``model_change`` ≥ 0) or the loss after the update is not finite (a
+    step into a region where the loss overflows: the damping must grow).
+    """
+    if model_change >= 0 or not math.isfinite(h_after):
+        return float("-inf")
+    return (h_before - h_after) / -model_change
 
 
 def levenberg_marquardt(damping: float, rho: float, decay: float, min_damping: float) -> float:
