@@ -276,7 +276,7 @@ class CurvatureEstimator:
         inputs = batch_subset(st.recorded_inputs(), self.stats_fraction)
         st.prepare_pass(self._ema_targets(), self._block_targets())
         with st.preserved_inputs(), torch.enable_grad(), st.armed_forward():  # the output tap sees the subset
-            f = forward_with_private_buffers(self.model, inputs)
+            f = forward_with_private_buffers(self.model, inputs, st.output_fn)
         st.set_examples(f.shape[0])
         vs = list(output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator))
         for i, v in enumerate(vs):

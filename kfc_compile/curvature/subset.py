@@ -29,12 +29,12 @@ def batch_subset(inputs: tuple, fraction: float) -> tuple:
     return tuple(out)
 
 
-def forward_with_private_buffers(model: nn.Module, inputs: tuple) -> torch.Tensor:
+def forward_with_private_buffers(model: nn.Module, inputs: tuple, select=None) -> torch.Tensor:
     """``model(*inputs)``'s output tensor, run on copies of the buffers.
 
     An extra forward thus leaves BatchNorm running statistics alone; the parameters are the model's own, so
-    autograd reaches them and the taps.
+    autograd reaches them and the taps. ``select`` picks the logits from the output (``model_output``).
     """
     params = dict(model.named_parameters())
     bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
-    return model_output(functional_call(model, (params, bufs), inputs))
+    return model_output(functional_call(model, (params, bufs), inputs), select)

@@ -25,9 +25,10 @@ class FisherProducts:
     Buffers are copied so that BatchNorm running statistics are not touched by these extra forwards.
     """
 
-    def __init__(self, model: nn.Module, spec: Loss):
+    def __init__(self, model: nn.Module, spec: Loss, select=None):
         self.model = model
         self.spec = spec
+        self.select = select  # picks the logits from the model's output (``model_output``)
         self.names: dict[int, str] = {}
         for name, p in model.named_parameters():
             self.names.setdefault(id(p), name)
@@ -46,7 +47,7 @@ class FisherProducts:
         if not moving:
             with torch.no_grad():
                 bufs = {n: b.clone() for n, b in buffers.items()}
-                f = model_output(functional_call(model, (params, bufs), inputs))
+                f = model_output(functional_call(model, (params, bufs), inputs), self.select)
             return f, [torch.zeros_like(f) for _ in directions]
 
         f = None
@@ -60,7 +61,7 @@ class FisherProducts:
                              for n, prim in moving.items()}
                     # fresh buffer copies per pass: BatchNorm's in-place running-stat updates stay local
                     bufs = {n: b.clone() for n, b in buffers.items()}
-                    out = model_output(functional_call(self.model, ({**params, **duals}, bufs), inputs))
+                    out = model_output(functional_call(self.model, ({**params, **duals}, bufs), inputs), self.select)
                     primal, tangent = fwAD.unpack_dual(out)
                     f = primal.detach().clone()
                     outs.append(torch.zeros_like(f) if tangent is None else tangent.detach().clone())

@@ -51,9 +51,10 @@ from torch import nn
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import Factors
 from kfc_compile.curvature.subset import batch_subset
+from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo
 from kfc_compile.optim import fvp
 from kfc_compile.optim.groups import find_group, hyper_parameters, initial_groups, regroup
-from kfc_compile.optim.model import is_compiled_module, resolve_model, route
+from kfc_compile.optim.model import resolve_model, route
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import average_iterates_, l2_term, levenberg_marquardt, reduction_ratio
 from kfc_compile.optim.updates import GroupPart, adam_update, adaptive_update, group_parts, pre_update
@@ -100,6 +101,11 @@ class KFC(torch.optim.Optimizer):
         max_factor_dim: a factor (Ω or Γ, per group) wider than this is kept as ceil(d / max_factor_dim)
             equal diagonal blocks (``curvature/blocks.py``: d·b memory, d·b² inversion instead of d², d³; e.g.
             VGG's 25089-wide Ω); ``None``: always dense.
+        frontend: how a plain module is instrumented: ``"auto"`` (the torch.fx pass where it traces the whole
+            forward the same way in train and eval mode, dynamo capture otherwise), ``"fx"`` or ``"dynamo"``
+            (see ``kc.transform``).
+        output: which tensor of the model's output feeds the Fisher (``lambda out: out.logits``); default: the
+            output itself, its ``.logits`` / ``["logits"]``, or the first tensor of a tuple with a batch dim.
 
     ``opt.options`` holds the validated arguments, ``opt.layer_state(name)`` / ``opt.layer_states()`` what is kept
     per KFC layer (factors, inverse, flags), ``opt.last_step`` the scalars of the last step (ν, clip scale, α, μ,
@@ -115,7 +121,7 @@ class KFC(torch.optim.Optimizer):
                  clip_fraction: float = 0.25, clip_curvature: str = "exact", fallback_lr: float | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
-                 max_factor_dim: int | None = 8192):
+                 max_factor_dim: int | None = 8192, frontend: str = "auto", output=None):
         self.options = o = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
@@ -123,8 +129,8 @@ class KFC(torch.optim.Optimizer):
             fallback=fallback, mc_samples=mc_samples, generator=generator, clip_fraction=clip_fraction,
             clip_curvature=clip_curvature, fallback_lr=fallback_lr, fallback_betas=fallback_betas,
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
-            max_factor_dim=max_factor_dim)
-        tm, owner, needs_route = resolve_model(model, o.approx)
+            max_factor_dim=max_factor_dim, frontend=frontend, output=output)
+        tm, owner, needs_route = resolve_model(model, o.approx, o.frontend)
         info: KFCInfo = tm.kfc
         self.model = tm
         # a model compiled with the kfc backend: layers join info.layers when dynamo compiles (_sync_layers)
@@ -137,14 +143,15 @@ class KFC(torch.optim.Optimizer):
                           f"by the {o.fallback!r} fallback", stacklevel=2)
         if needs_route:
             route(owner, tm)
-        compiled = is_compiled_module(tm)
+        compiled = isinstance(info, CompiledKFCInfo)  # torch.compile(backend="kfc"), or dynamo capture
+        info.state.output_fn = o.output
         self._warned: set[str] = set()  # once-only warnings given (shared with the estimator; saved in state_dict)
         self._estimator = CurvatureEstimator(
             tm, compiled=compiled, loss=o.loss, fisher=o.fisher, mc_samples=o.mc_samples, generator=o.generator,
             stats_every=o.stats_every, inverse_every=o.inverse_every, stat_decay=o.stat_decay,
             stats_fraction=o.stats_fraction, damping_method=o.damping_method, max_factor_dim=o.max_factor_dim,
             warned=self._warned)
-        self._fisher_products = fvp.FisherProducts(owner if compiled else tm, o.loss)
+        self._fisher_products = fvp.FisherProducts((info.eager or owner) if compiled else tm, o.loss, o.output)
 
         groups, self.fallback_names = initial_groups(self.layers, owner, o, pending)
         self._init_done = False

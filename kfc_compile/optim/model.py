@@ -8,14 +8,19 @@ grows as dynamo compiles graphs).
 """
 from __future__ import annotations
 
+import logging
 import types
 import warnings
 
 from torch import nn
 
+from kfc_compile.frontend import select
 from kfc_compile.frontend.dynamo.backend import registry_for
+from kfc_compile.frontend.dynamo.plain import capture
 from kfc_compile.registry import KFCInfo
 from kfc_compile.transform import transform
+
+log = logging.getLogger(__name__)
 
 
 def is_compiled_module(model: object) -> bool:
@@ -51,12 +56,14 @@ def _routed_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
-def resolve_model(model: object, approx: str) -> tuple[nn.Module, nn.Module, bool]:
+def resolve_model(model: object, approx: str, frontend: str = "auto") -> tuple[nn.Module, nn.Module, bool]:
     """The modules behind what was passed to ``KFC``.
 
     Args:
         model: a plain or transformed module, or a ``torch.compile`` wrapper of either.
         approx: the KFC approximation (``"expand"``/``"reduce"``); a transformed module must have been built with it.
+        frontend: how to instrument a plain module (``frontend/select.py``): the fx pass (a transformed graph the
+            module is then routed through) or dynamo capture (in place: the module's forward is captured).
 
     Returns:
         (module whose ``.kfc`` registry and forward KFC uses, module whose parameters are trained, whether the
@@ -77,7 +84,12 @@ def resolve_model(model: object, approx: str) -> tuple[nn.Module, nn.Module, boo
         if tm is not model and getattr(tm, "kfc", None) is not info:  # a deepcopy: GraphModule drops .kfc
             tm.kfc = info
         return tm, model, False
+    chosen, plan = select.choose(model, frontend)
+    if chosen == "dynamo":
+        log.info("kfc: dynamo capture for %s (%s)", type(model).__name__, plan.obstacle if plan else "asked for")
+        capture(model, approx)
+        return model, model, False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tm = transform(model, approx)
+        tm = transform(model, approx, frontend="fx")  # traces again: cheap next to the first steps
     return tm, model, True

@@ -6,6 +6,7 @@ them in the constructor's argument order, so the first invalid argument is the o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 
@@ -15,6 +16,7 @@ from torch import nn
 from kfc_compile.curvature.inverses import DAMPING_METHODS
 from kfc_compile.curvature.losses import FISHER_TYPES, Loss, loss_spec
 from kfc_compile.curvature.statistics import check_approx
+from kfc_compile.frontend.select import check_frontend
 
 MODES = ("pre", "adaptive")
 CLIP_CURVATURES = ("exact", "factored")
@@ -94,6 +96,8 @@ class KFCOptions:
     lm_decay: float
     min_damping: float
     max_factor_dim: int | None
+    frontend: str = "auto"
+    output: Callable[[object], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -132,6 +136,10 @@ class KFCOptions:
         put("min_damping", real("min_damping", self.min_damping, low=0.0))
         if self.max_factor_dim is not None:
             put("max_factor_dim", positive_int("max_factor_dim", self.max_factor_dim))
+        check_frontend(self.frontend)
+        if self.output is not None and not callable(self.output):
+            raise ValueError(f"output must be a callable (model output -> logits tensor) or None, got "
+                             f"{type(self.output).__name__}")
 
     @property
     def fallback_learning_rate(self) -> float:

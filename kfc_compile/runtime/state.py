@@ -64,6 +64,7 @@ class CaptureState:
         self.blocks: dict[int, tuple[int, int]] = {}  # layer → (Ω blocks, Γ blocks) of block-diagonal factors
         self._train_flags: tuple[bool, bool, bool] | None = None  # (inputs, grads, grads are of a batch mean)
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
+        self.output_fn: Callable[[object], torch.Tensor] | None = None  # which output tensor is the logits
         self.last_inputs: tuple = ()  # positional inputs of the last forward with grad enabled (no copy)
 
     @property
