@@ -21,7 +21,8 @@ class InvalidModelError(TypeError, ValueError):
 
 def _fx_transform(model: nn.Module, approx: str, graphs: dict) -> tuple[nn.Module, KFCInfo]:
     """The fx pass over ``model``; ``graphs``: its whole-traced graphs by training mode (none: trace with black
-    boxes; two: the forward branches on ``self.training``, and the result switches between both graphs)."""
+    boxes; two: the forward branches on ``self.training``, and the result switches between both graphs).
+    """
     inst = Instrumenter(model, approx)
     root = inst.instrument(model, "", traced=graphs.get(model.training))
     other = inst.instrument(model, "", traced=graphs[not model.training]) if len(graphs) == 2 else None

@@ -59,7 +59,8 @@ def trace_in_mode(model: nn.Module, training: bool) -> tuple[fx.GraphModule | No
 class FxPlan:
     """What the fx pass would do with a model: ``obstacle`` ("" when fx is the tool), and its traced graphs by
     training mode — one entry when the forward computes the same graph in both modes, two when it branches on
-    ``self.training`` (the transformed module then switches between them with ``train()``/``eval()``)."""
+    ``self.training`` (the transformed module then switches between them with ``train()``/``eval()``).
+    """
 
     obstacle: str
     graphs: dict[bool, fx.GraphModule]

@@ -54,7 +54,14 @@ from kfc_compile.curvature.subset import batch_subset
 from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo
 from kfc_compile.optim import fvp
 from kfc_compile.optim.groups import find_group, hyper_parameters, initial_groups, regroup
-from kfc_compile.optim.model import resolve_model, route
+from kfc_compile.optim.model import (
+    check_coverage,
+    resolve_model,
+    restore_routing,
+    route,
+    routing_snapshot,
+    warn_if_uncovered,
+)
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import average_iterates_, l2_term, levenberg_marquardt, reduction_ratio
 from kfc_compile.optim.updates import GroupPart, adam_update, adaptive_update, group_parts, pre_update
@@ -130,17 +137,19 @@ class KFC(torch.optim.Optimizer):
             clip_curvature=clip_curvature, fallback_lr=fallback_lr, fallback_betas=fallback_betas,
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
             max_factor_dim=max_factor_dim, frontend=frontend, output=output)
+        saved = routing_snapshot(model)
+        try:
+            self._setup(model)
+        except BaseException:  # never leave the user's model half-instrumented
+            restore_routing(model, saved)
+            raise
+
+    def _setup(self, model: nn.Module) -> None:
+        o = self.options
         tm, owner, needs_route = resolve_model(model, o.approx, o.frontend)
         info: KFCInfo = tm.kfc
         self.model = tm
-        # a model compiled with the kfc backend: layers join info.layers when dynamo compiles (_sync_layers)
-        pending = getattr(info, "version", None) is not None and not info.graphs
-        if not info.layers and not pending:
-            if o.fallback is None:
-                raise ValueError(f"{type(owner).__name__} has no layer KFC can precondition and fallback=None: "
-                                 "nothing would be trained (use fallback='sgd' or 'adam')")
-            warnings.warn(f"{type(owner).__name__} has no layer KFC can precondition: every parameter is trained "
-                          f"by the {o.fallback!r} fallback", stacklevel=2)
+        pending = check_coverage(owner, info, o.fallback)
         if needs_route:
             route(owner, tm)
         compiled = isinstance(info, CompiledKFCInfo)  # torch.compile(backend="kfc"), or dynamo capture
@@ -272,6 +281,7 @@ class KFC(torch.optim.Optimizer):
             names = regroup(self.param_groups, self.defaults, self.layers, self._owner_params, self._owner)
             if names is not None:
                 self.fallback_names = names
+        warn_if_uncovered(self._owner, self.model.kfc, self.layers, self.options.fallback, self._warned)
 
     # -- the step -------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -93,3 +93,49 @@ def resolve_model(model: object, approx: str, frontend: str = "auto") -> tuple[n
         warnings.simplefilter("ignore")
         tm = transform(model, approx, frontend="fx")  # traces again: cheap next to the first steps
     return tm, model, True
+
+
+_ROUTING = ("forward", "kfc", "train", "_kfc_transformed")  # instance attributes routing and capture add
+
+
+def routing_snapshot(model: object) -> dict:
+    """The instance attributes of ``model`` that routing would change (to undo a failed instrumentation)."""
+    return {k: model.__dict__[k] for k in _ROUTING if isinstance(model, nn.Module) and k in model.__dict__}
+
+
+def restore_routing(model: object, saved: dict) -> None:
+    """Put back what :func:`routing_snapshot` saw: the user's model runs exactly as before."""
+    if not isinstance(model, nn.Module):
+        return
+    for k in _ROUTING:
+        if k in saved:
+            model.__dict__[k] = saved[k]
+        else:
+            model.__dict__.pop(k, None)
+
+
+def check_coverage(owner: nn.Module, info: KFCInfo, fallback: str | None) -> bool:
+    """At construction: an error when nothing would be trained, a warning when nothing is under KFC. Returns
+    whether layers are still pending (a live registry before its first graph: layers join when dynamo compiles).
+    """
+    pending = getattr(info, "version", None) is not None and not info.graphs
+    if not info.layers and not pending:
+        if fallback is None:
+            raise ValueError(f"{type(owner).__name__} has no layer KFC can precondition and fallback=None: "
+                             "nothing would be trained (use fallback='sgd' or 'adam')")
+        warnings.warn(f"{type(owner).__name__} has no layer KFC can precondition: every parameter is trained "
+                      f"by the {fallback!r} fallback", stacklevel=4)
+    return pending
+
+
+def warn_if_uncovered(owner: nn.Module, info: KFCInfo, layers: list, fallback: str | None, warned: set) -> None:
+    """Once, when a live registry has seen the model run but holds no layer (as the fx path warns at once)."""
+    graphs = getattr(info, "graphs", None)
+    if graphs is None or layers or "nolayers" in warned or not (graphs or info.state.recorded_inputs()):
+        return
+    warned.add("nolayers")
+    why = (f"the {graphs} graph(s) compiled so far have no layer KFC can precondition" if graphs else
+           "dynamo compiled no graph for it (it runs frames it cannot trace eagerly, e.g. any frame with an "
+           "nn.LSTM/nn.GRU): use kc.KFC(model) on the plain module")
+    warnings.warn(f"{type(owner).__name__}: {why}; every parameter is trained by the {fallback!r} fallback",
+                  stacklevel=4)

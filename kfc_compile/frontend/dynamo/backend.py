@@ -121,6 +121,7 @@ def _separate_cache(model) -> None:
 
 
 def _install_output_tap(model: nn.Module, state: CaptureState) -> None:
+    """Route the compiled wrapper's output through the capture output tap."""
     compiled_forward = model.__dict__.get("forward")
     if compiled_forward is None or getattr(compiled_forward, "_kfc_output_tap", False):
         return

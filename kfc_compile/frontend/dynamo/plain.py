@@ -10,9 +10,9 @@ arguments work as in the plain module. Layers join the model's live registry whe
 first call, recompiles, each graph around a graph break), exactly as under ``torch.compile(model, backend="kfc")``:
 the same scan, the same site-kind table, the same coverage rules.
 
-``allow_rnn`` is switched on while the forward is traced, so an ``nn.LSTM``/``nn.GRU`` is kept inside the graph
-(its weights are reported as used by the recurrent op and trained by the fallback) instead of dynamo skipping the
-whole frame, which would leave even the Linear head uncovered.
+Dynamo runs a frame it cannot trace eagerly (it skips any frame holding an ``nn.LSTM``/``nn.GRU``: its experimental
+``allow_rnn`` does not survive AOTAutograd); no graph then reaches the backend and ``kc.KFC`` says so at its first
+step. The auto front end takes such models with the fx pass, where the recurrent module is a leaf.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def capture(module: nn.Module, approx: str, inner: str = LIGHT_INNER) -> Compile
     state = info.state
 
     def forward(*args, **kwargs):
-        with torch._dynamo.config.patch(allow_rnn=True), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
             out = compiled(*args, **kwargs)
         return output_tap(out, state, args)
