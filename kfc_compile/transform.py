@@ -20,8 +20,10 @@ class InvalidModelError(TypeError, ValueError):
 
 
 def _fx_transform(model: nn.Module, approx: str, graphs: dict) -> tuple[nn.Module, KFCInfo]:
-    """The fx pass over ``model``; ``graphs``: its whole-traced graphs by training mode (none: trace with black
-    boxes; two: the forward branches on ``self.training``, and the result switches between both graphs).
+    """The fx pass over ``model``.
+
+    ``graphs``: its whole-traced graphs by training mode (none: trace with black boxes; two: the forward branches on
+    ``self.training``, and the result switches between both graphs).
     """
     inst = Instrumenter(model, approx)
     root = inst.instrument(model, "", traced=graphs.get(model.training))

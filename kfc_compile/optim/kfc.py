@@ -129,7 +129,7 @@ class KFC(torch.optim.Optimizer):
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
                  max_factor_dim: int | None = 8192, frontend: str = "auto", output=None):
-        self.options = o = KFCOptions(
+        self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
             loss=loss, approx=approx, mode=mode, clip=clip, averaging=averaging, damping_method=damping_method,

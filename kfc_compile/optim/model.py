@@ -115,8 +115,10 @@ def restore_routing(model: object, saved: dict) -> None:
 
 
 def check_coverage(owner: nn.Module, info: KFCInfo, fallback: str | None) -> bool:
-    """At construction: an error when nothing would be trained, a warning when nothing is under KFC. Returns
-    whether layers are still pending (a live registry before its first graph: layers join when dynamo compiles).
+    """At construction: an error when nothing would be trained, a warning when nothing is under KFC.
+
+    Returns whether layers are still pending (a live registry before its first graph: layers join when dynamo
+    compiles).
     """
     pending = getattr(info, "version", None) is not None and not info.graphs
     if not info.layers and not pending:

@@ -94,9 +94,10 @@ class _OutputTap(torch.autograd.Function):
 
 
 def model_output(out, select: Callable[[object], torch.Tensor] | None = None) -> torch.Tensor:
-    """The tensor the Fisher is built on (the logits): ``select(out)`` when given, else the output itself, its
-    ``.logits`` / ``["logits"]`` (HF ``ModelOutput``s, dicts), or the first tensor with a batch dimension of a
-    tuple / list / dict (a 0-d tensor there is a loss, not the logits).
+    """The tensor the Fisher is built on (the logits).
+
+    ``select(out)`` when given, else the output itself, its ``.logits`` / ``["logits"]`` (HF ``ModelOutput``s,
+    dicts), or the first tensor with a batch dimension of a tuple / list / dict (a 0-d tensor there is a loss).
     """
     if select is not None:
         f = select(out)

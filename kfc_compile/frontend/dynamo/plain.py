@@ -1,6 +1,7 @@
-"""Dynamo capture for plain modules: the front end of ``kc.transform`` / ``kc.KFC`` for the models the fx pass
-cannot take whole (keyword arguments, ``None`` defaults, ``ModelOutput`` returns, branches on ``self.training``,
-untraceable Python: HF transformers, timm models with stochastic depth, ...).
+"""Dynamo capture for plain modules: the front end for the models the fx pass cannot take whole.
+
+That is keyword arguments, ``None`` defaults, ``ModelOutput`` returns, ``*args``/``**kwargs``, untraceable Python
+(HF transformers, ...), for ``kc.transform`` and ``kc.KFC``.
 
 The module's forward runs through ``torch.compile`` with the ``kfc`` backend and a light inner backend: the
 instrumented dynamo graphs run as they are (``"eager"``: no AOTAutograd, no inductor compile time, the same numerics

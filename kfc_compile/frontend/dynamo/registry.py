@@ -167,9 +167,10 @@ def registry_for_graph(params: list[nn.Parameter], device) -> CompiledKFCInfo:
 
 
 def module_registry(orig: nn.Module, approx: str, on_new: Callable[[], None] | None = None) -> CompiledKFCInfo:
-    """The live registry of module ``orig``: its own, else one adopting the registries that already own some of its
-    parameters (graphs compiled before it existed), else a new one (``on_new`` is then called first).
+    """The live registry of module ``orig``.
 
+    Its own, else one adopting the registries that already own some of its parameters (graphs compiled before it
+    existed), else a new one (``on_new`` is then called first).
     Names the parameters after ``orig``'s qualified names and renames layers an orphan registry had to guess.
     """
     info = _MODELS.get(orig)

@@ -228,9 +228,10 @@ class Instrumenter:
 
 
 def mode_switch(gm: fx.GraphModule, other: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` (traced in one training mode) made to run ``other`` (traced in the other mode) whenever its own
-    ``training`` flag differs from the mode it was traced in; ``train()``/``eval()`` switch both.
+    """Make ``gm`` run ``other`` (traced in the other training mode) while its ``training`` flag says so.
 
+    ``gm`` was traced in one mode; whenever its flag differs from that mode, ``other`` runs; ``train()``/``eval()``
+    switch both.
     ``other`` is kept outside the module tree (``__dict__``): both graphs share every parameter and leaf module, so
     ``named_parameters()`` and ``state_dict()`` stay those of one graph. The switch is an instance-level ``forward``
     and ``train`` (the class and its generated code are untouched).
