@@ -43,8 +43,8 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
     the batch); ``loss_fn`` a loss name, a ``kc.CrossEntropy``/``kc.MSE``/``kc.BCEWithLogits`` or the matching ``nn``
     loss; ``output`` picks the logits from the model's output (default: see ``kc.KFC``).
     For each layer, ``kron(G, A)`` is the approximate Fisher block of the per-example loss for the row-major
-    ``[W | b]``; grouped convs give factors stacked per group. One forward; one backward per output vector (1 for mc/empirical, mc_samples for mc,
-    one per output coordinate for type-2), each computing no weight gradients.
+    ``[W | b]``; grouped convs give factors stacked per group. One forward; one backward per output vector (1 for
+    mc/empirical, mc_samples for mc, one per output coordinate for type-2), each computing no weight gradients.
     """
     check_fisher(fisher)
     check_approx(approx)

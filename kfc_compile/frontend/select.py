@@ -60,7 +60,8 @@ class FxPlan:
     """What the fx pass would do with a model.
 
     ``obstacle`` ("" when fx is the tool), and its traced graphs by training mode — one entry when the forward
-    computes the same graph in both modes, two when it branches on ``self.training`` (the transformed module then switches between them with ``train()``/``eval()``).
+    computes the same graph in both modes, two when it branches on ``self.training`` (the transformed module then
+    switches between them with ``train()``/``eval()``).
     """
 
     obstacle: str
