@@ -32,6 +32,20 @@ def is_compiled_module(model: object) -> bool:
     return isinstance(model, OptimizedModule)
 
 
+def _rnn_eagerly(model: nn.Module, approx: str, frontend: str) -> tuple[nn.Module, nn.Module, bool]:
+    """``torch.compile(m, backend="kfc")`` of a model with an ``nn.LSTM``/``nn.GRU``/``nn.RNN``: dynamo skips any
+    frame that holds one (it would run the model eagerly, with no graph for the backend to instrument), so the
+    compiled wrapper runs the instrumented plain module instead (the same layers as ``kc.KFC(m)``), with a warning."""
+    orig = model._orig_mod
+    warnings.warn(f"{type(orig).__name__} holds a recurrent module, which torch.compile does not trace (dynamo would "
+                  "run it eagerly): KFC instruments it without the compiler; the compiled wrapper runs it uncompiled",
+                  stacklevel=4)
+    tm = transform(orig, approx, frontend)
+    model.__dict__["forward"] = tm.forward
+    model.__dict__["kfc"] = tm.kfc
+    return tm, orig, False
+
+
 def route(model: nn.Module, tm: nn.Module) -> None:
     """Send the plain module's forward through its transformed graph, in place.
 
@@ -70,10 +84,13 @@ def resolve_model(model: object, approx: str, frontend: str = "auto") -> tuple[n
         latter must be routed through the former with :func:`route`).
     """
     if is_compiled_module(model):
-        if isinstance(getattr(model._orig_mod, "kfc", None), KFCInfo):  # torch.compile(kc.transform(m))
-            return resolve_model(model._orig_mod, approx)
+        orig = model._orig_mod
+        if isinstance(getattr(orig, "kfc", None), KFCInfo):  # torch.compile(kc.transform(m))
+            return resolve_model(orig, approx)
+        if any(isinstance(m, nn.RNNBase) for m in orig.modules()):
+            return _rnn_eagerly(model, approx, frontend)
         registry_for(model, approx)
-        return model, model._orig_mod, False
+        return model, orig, False
     if not isinstance(model, nn.Module):
         raise TypeError(f"KFC expects an nn.Module or a kc.transform()ed module, got {type(model).__name__}")
     info = getattr(model, "kfc", None)
