@@ -237,7 +237,7 @@ class CurvatureEstimator:
         st = self.capture
         parts = leading_subset(st.recorded_calls(), self.stats_fraction)
         with st.preserved_calls(), torch.enable_grad(), st.armed_forward():  # the output tap sees the subset
-            outputs = [forward_with_private_buffers(self.model, part) for part in parts]
+            outputs = [forward_with_private_buffers(self.model, part, st.output_fn) for part in parts]
         st.prepare_pass(self._ema_targets(), self.max_factor_dim, examples=sum(f.shape[0] for f in outputs))
         for f in outputs:
             st.begin_micro_batch(f.shape[0])

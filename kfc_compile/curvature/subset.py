@@ -52,12 +52,12 @@ def leading_subset(calls: Sequence[RecordedCall], fraction: float) -> list[Recor
     return parts
 
 
-def forward_with_private_buffers(model: nn.Module, call: RecordedCall) -> torch.Tensor:
+def forward_with_private_buffers(model: nn.Module, call: RecordedCall, select=None) -> torch.Tensor:
     """``model(*call.args, **call.kwargs)``'s output tensor, run on copies of the buffers.
 
     An extra forward thus leaves BatchNorm running statistics alone; the parameters are the model's own, so
-    autograd reaches them and the taps.
+    autograd reaches them and the taps. ``select`` picks the logits from the output (``model_output``).
     """
     params = dict(model.named_parameters())
     bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
-    return model_output(functional_call(model, (params, bufs), call.args, call.kwargs))
+    return model_output(functional_call(model, (params, bufs), call.args, call.kwargs), select)

@@ -38,9 +38,10 @@ class FisherProducts:
     Buffers are copied so that BatchNorm running statistics are not touched by these extra forwards.
     """
 
-    def __init__(self, model: nn.Module, spec: Loss):
+    def __init__(self, model: nn.Module, spec: Loss, select=None):
         self.model = model
         self.spec = spec
+        self.select = select  # picks the logits from the model's output (``model_output``)
         self.names: dict[int, str] = {}
         for name, p in model.named_parameters():
             self.names.setdefault(id(p), name)
@@ -65,7 +66,7 @@ class FisherProducts:
         if not moving:
             with torch.no_grad():
                 bufs = {n: b.clone() for n, b in buffers.items()}
-                f = model_output(functional_call(model, (params, bufs), call.args, call.kwargs))
+                f = model_output(functional_call(model, (params, bufs), call.args, call.kwargs), self.select)
             return f, [torch.zeros_like(f) for _ in directions]
 
         f = None
@@ -85,7 +86,7 @@ class FisherProducts:
                     # fresh buffer copies per pass: BatchNorm's in-place running-stat updates stay local
                     bufs = {n: b.clone() for n, b in buffers.items()}
                     out = model_output(functional_call(self.model, ({**params, **duals}, bufs), call.args,
-                                                       call.kwargs))
+                                                       call.kwargs), self.select)
                     primal, tangent = fwAD.unpack_dual(out)
                     f = primal.detach().clone()
                     outs.append(torch.zeros_like(f) if tangent is None else tangent.detach().clone())

@@ -48,8 +48,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -58,12 +56,20 @@ from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import Factors
 from kfc_compile.curvature.guard import finite_flags
 from kfc_compile.curvature.health import Health
+from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo
 from kfc_compile.optim import fvp, resume
 from kfc_compile.optim.checkpoint import check_kfc_state, kfc_state, restore_layer_state, restore_run_state
 from kfc_compile.optim.groups import find_group, hyper_parameters, initial_groups, regroup
-from kfc_compile.optim.model import is_compiled_module, resolve_model, route
+from kfc_compile.optim.model import (
+    check_coverage,
+    resolve_model,
+    restore_routing,
+    route,
+    routing_snapshot,
+    warn_if_uncovered,
+)
 from kfc_compile.optim.options import KFCOptions
-from kfc_compile.optim.rules import average_iterates_
+from kfc_compile.optim.rules import average_iterates_, swapped_in
 from kfc_compile.optim.safety import BufferSnapshot, StepGuard
 from kfc_compile.optim.updates import adam_update, adaptive_lm_update, group_parts, pre_update
 from kfc_compile.registry import KFCInfo, KFCLayer
@@ -117,6 +123,11 @@ class KFC(torch.optim.Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` whose ``scaler.step(opt)`` calls ``step()``; needed only when
             ``scaler.unscale_(opt)`` runs before it with ``fisher="empirical"`` (``scaler.step`` hands KFC the
             scale and the inf flag itself).
+        frontend: how a plain module is instrumented: ``"auto"`` (the torch.fx pass where it traces the whole
+            forward the same way in train and eval mode, dynamo capture otherwise), ``"fx"`` or ``"dynamo"``
+            (see ``kc.transform``).
+        output: which tensor of the model's output feeds the Fisher (``lambda out: out.logits``); default: the
+            output itself, its ``.logits`` / ``["logits"]``, or the first tensor of a tuple with a batch dim.
 
     ``opt.options`` holds the validated arguments, ``opt.layer_state(name)`` / ``opt.layer_states()`` what is kept
     per KFC layer (factors, inverse, flags), ``opt.last_step`` the scalars of the last step (ν, clip scale, α, μ,
@@ -136,8 +147,9 @@ class KFC(torch.optim.Optimizer):
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
                  max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
-                 memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None):
-        self.options = o = KFCOptions(
+                 memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None,
+                 frontend: str = "auto", output=None):
+        self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
             loss=loss, approx=approx, mode=mode, clip=clip, averaging=averaging, damping_method=damping_method,
@@ -145,21 +157,24 @@ class KFC(torch.optim.Optimizer):
             clip_curvature=clip_curvature, fallback_lr=fallback_lr, fallback_betas=fallback_betas,
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
             max_factor_dim=max_factor_dim, max_failures=max_failures, max_skipped_steps=max_skipped_steps,
-            memory_budget=memory_budget, grad_scaler=grad_scaler)
-        tm, owner, needs_route = resolve_model(model, o.approx)
+            memory_budget=memory_budget, grad_scaler=grad_scaler, frontend=frontend, output=output)
+        saved = routing_snapshot(model)
+        try:
+            self._setup(model)
+        except BaseException:  # never leave the user's model half-instrumented
+            restore_routing(model, saved)
+            raise
+
+    def _setup(self, model: nn.Module) -> None:
+        o = self.options
+        tm, owner, needs_route = resolve_model(model, o.approx, o.frontend)
         info: KFCInfo = tm.kfc
         self.model = tm
-        # a model compiled with the kfc backend: layers join info.layers when dynamo compiles (_sync_layers)
-        pending = getattr(info, "version", None) is not None and not info.graphs
-        if not info.layers and not pending:
-            if o.fallback is None:
-                raise ValueError(f"{type(owner).__name__} has no layer KFC can precondition and fallback=None: "
-                                 "nothing would be trained (use fallback='sgd' or 'adam')")
-            warnings.warn(f"{type(owner).__name__} has no layer KFC can precondition: every parameter is trained "
-                          f"by the {o.fallback!r} fallback", stacklevel=2)
+        pending = check_coverage(owner, info, o.fallback)
         if needs_route:
             route(owner, tm)
-        compiled = is_compiled_module(tm)
+        compiled = isinstance(info, CompiledKFCInfo)  # torch.compile(backend="kfc"), or dynamo capture
+        info.state.output_fn = o.output
         self._warned: set[str] = set()  # once-only warnings given (shared with the estimator; saved in state_dict)
         self.health = Health()
         self._guard = StepGuard(o, self.health, self._warned)
@@ -169,8 +184,8 @@ class KFC(torch.optim.Optimizer):
             stats_fraction=o.stats_fraction, damping_method=o.damping_method, max_factor_dim=o.max_factor_dim,
             warned=self._warned, health=self.health, max_failures=o.max_failures, memory_budget=o.memory_budget)
         # the exact Fisher products' Gram matrix on the step's recorded calls (updates.GramFn)
-        self._exact_gram = fvp.ExactGram(fvp.FisherProducts(owner if compiled else tm, o.loss), self._estimator,
-                                         self._warned)
+        self._exact_gram = fvp.ExactGram(fvp.FisherProducts((info.eager or owner) if compiled else tm, o.loss,
+                                                            o.output), self._estimator, self._warned)
 
         groups, self.fallback_names = initial_groups(self.layers, owner, o, pending)
         self._init_done = False
@@ -260,22 +275,10 @@ class KFC(torch.optim.Optimizer):
             raise RuntimeError("iterate averaging is off: construct KFC with averaging=tau")
         return [self.state[p]["average"] for g in self.param_groups for p in g["params"]]
 
-    @contextlib.contextmanager
-    def swap_averaged(self) -> Iterator[None]:
-        """Inside the block the parameters hold the averaged iterates θ̄ (e.g. for evaluation)."""
-        if self.options.averaging is None:
-            raise RuntimeError("iterate averaging is off: construct KFC with averaging=tau")
+    def swap_averaged(self) -> contextlib.AbstractContextManager[None]:
+        """Inside the ``with`` block the parameters hold the averaged iterates θ̄ (e.g. for evaluation)."""
         params = [p for g in self.param_groups for p in g["params"]]
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p in params:
-                p.copy_(self.state[p]["average"])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved, strict=True):
-                    p.copy_(s)
+        return swapped_in(params, self.averaged_parameters())
 
     # -- parameter groups ----------------------------------------------------------------------------------------
     def _kfc_group(self) -> dict | None:
@@ -293,6 +296,7 @@ class KFC(torch.optim.Optimizer):
             names = regroup(self.param_groups, self.defaults, self.layers, self._owner_params, self._owner)
             if names is not None:
                 self.fallback_names = names
+        warn_if_uncovered(self._owner, self.model.kfc, self.layers, self.options.fallback, self._warned)
         if self._pending_state is not None and self._estimator.states:
             self._load_layers(self._pending_state)  # a mismatch raises, and the state keeps waiting
             self._pending_state = None

@@ -6,6 +6,7 @@ them in the constructor's argument order, so the first invalid argument is the o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 
@@ -15,6 +16,7 @@ from torch import nn
 from kfc_compile.curvature.inverses import DAMPING_METHODS
 from kfc_compile.curvature.losses import FISHER_TYPES, Loss, loss_spec
 from kfc_compile.curvature.statistics import check_approx
+from kfc_compile.frontend.select import check_frontend
 
 MODES = ("pre", "adaptive")
 CLIP_CURVATURES = ("exact", "factored")
@@ -98,6 +100,8 @@ class KFCOptions:
     max_skipped_steps: int | None = 5
     memory_budget: int | None = None
     grad_scaler: torch.amp.GradScaler | None = None
+    frontend: str = "auto"
+    output: Callable[[object], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -142,6 +146,10 @@ class KFCOptions:
         if self.grad_scaler is not None and not isinstance(self.grad_scaler, torch.amp.GradScaler):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None, got "
                              f"{type(self.grad_scaler).__name__}")
+        check_frontend(self.frontend)
+        if self.output is not None and not callable(self.output):
+            raise ValueError(f"output must be a callable (model output -> logits tensor) or None, got "
+                             f"{type(self.output).__name__}")
 
     @property
     def fallback_learning_rate(self) -> float:

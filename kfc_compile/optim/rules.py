@@ -13,13 +13,27 @@ tensors in a fixed order (the KFC layers, then the fallback parameters), so the 
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch.optim.adam import adam
 
 # -- shared --------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def swapped_in(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Inside the block ``params`` hold ``values`` (copied in); their own values are put back after."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        torch._foreach_copy_(list(params), list(values))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(list(params), saved)
 
 
 def sum_squares(tensors: Iterable[torch.Tensor]) -> float:

@@ -76,6 +76,7 @@ class CaptureState:
         self._closed = (0, 0)  # (examples, examples used) of this step's closed micro-batches
         self._grad_base = 0  # N of the first micro-batch whose batch-mean gradients are recorded (Γ rescale)
         self._driven = False  # inside armed_forward(): a driver's own pass, not a plain loop's forward
+        self.output_fn: Callable[[object], torch.Tensor] | None = None  # which output tensor is the logits
 
     @property
     def sites(self) -> list[SiteEntry]:

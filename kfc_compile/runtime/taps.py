@@ -12,6 +12,8 @@ backward that reaches every tap but computes no weight gradients: that is the Fi
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import nn
 
@@ -91,15 +93,28 @@ class _OutputTap(torch.autograd.Function):
         return grad, torch.zeros((), dtype=state.slot.dtype, device=grad.device), None
 
 
-def model_output(out) -> torch.Tensor:
-    """The tensor the loss is computed from: the output itself, or the first tensor of a tuple/list/dict."""
+def model_output(out, select: Callable[[object], torch.Tensor] | None = None) -> torch.Tensor:
+    """The tensor the Fisher is built on (the logits).
+
+    ``select(out)`` when given, else the output itself, its ``.logits`` / ``["logits"]`` (HF ``ModelOutput``s,
+    dicts), or the first tensor with a batch dimension of a tuple / list / dict (a 0-d tensor there is a loss).
+    """
+    if select is not None:
+        f = select(out)
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"output= returned a {type(f).__name__}, not the logits tensor")
+        return f
     if isinstance(out, torch.Tensor):
         return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
     for v in values:
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
             return v
-    raise TypeError(f"cannot find the model output tensor in a {type(out).__name__}")
+    raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}: pass "
+                    "output=lambda out: ... (to kc.KFC, kc.curvature or kc.compile_step) to select them")
 
 
 def output_tap(out, state: CaptureState, args: tuple = (), kwargs: dict | None = None):
@@ -120,7 +135,7 @@ def output_tap(out, state: CaptureState, args: tuple = (), kwargs: dict | None =
 
 @torch.compiler.disable
 def _armed_output_tap(out, state: CaptureState):
-    f = model_output(out)
+    f = model_output(out, state.output_fn)
     state.on_output(f.shape[0])
     if state.fisher_pass is None or not f.requires_grad:
         return out
