@@ -153,7 +153,7 @@ def check_coverage(owner: nn.Module, info: KFCInfo, fallback: str | None) -> boo
 def warn_if_uncovered(owner: nn.Module, info: KFCInfo, layers: list, fallback: str | None, warned: set) -> None:
     """Once, when a live registry has seen the model run but holds no layer (as the fx path warns at once)."""
     graphs = getattr(info, "graphs", None)
-    if graphs is None or layers or "nolayers" in warned or not (graphs or info.state.recorded_inputs()):
+    if graphs is None or layers or "nolayers" in warned or not (graphs or info.state.recorded_calls()):
         return
     warned.add("nolayers")
     why = (f"the {graphs} graph(s) compiled so far have no layer KFC can precondition" if graphs else

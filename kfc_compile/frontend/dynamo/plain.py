@@ -58,7 +58,7 @@ def capture(module: nn.Module, approx: str, inner: str = LIGHT_INNER) -> Compile
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
             out = compiled(*args, **kwargs)
-        return output_tap(out, state, args)
+        return output_tap(out, state, args, kwargs)
 
     forward._kfc_captured = True
     module.forward = forward
