@@ -35,9 +35,9 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from user_models import MODELS, UserModel, kfc_options  # noqa: E402
-
 import kfc_compile as kc  # noqa: E402
+
+from user_models import MODELS, UserModel, kfc_options  # noqa: E402
 
 PATHS = ("eager", "compiled")
 

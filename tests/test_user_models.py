@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from user_models import MODELS, UserModel, kfc_options, logits
 
 import kfc_compile as kc
 from kfc_compile.curvature.factors import Factors
 from kfc_compile.optim import kfc as kfc_module
+
+from user_models import MODELS, UserModel, kfc_options, logits
 
 PATHS = ("eager", "compiled")
 SEED = 0
