@@ -67,30 +67,64 @@ class Tap(nn.Module):
         return f"site={self.site_index}"
 
 
+class _FisherTrigger:
+    """The Fisher pass of one armed forward: run once, by the first backward that reaches one of its output taps.
+
+    That is the tapped logits, or a loss the model computed itself from them (HF ``labels=``: ``out.loss`` is not
+    computed from the tapped tensor, so a backward from it never reaches the logits' tap).
+    """
+
+    def __init__(self, state: CaptureState):
+        self.state = state
+        self.done = False
+
+    def fire(self, f: torch.Tensor) -> None:
+        state = self.state
+        fisher_pass = state.fisher_pass
+        if self.done or fisher_pass is None:
+            return
+        self.done = True
+        # the Fisher pass starts from f, so it re-enters f's tap: that passes through (done; no fisher_pass)
+        train_flags = (state.capture_input, state.capture_grad, state.grad_scale)
+        state.fisher_pass = None
+        try:
+            with torch.enable_grad():
+                fisher_pass(f)
+        finally:
+            state.fisher_pass = fisher_pass
+            state.set_capture(*train_flags)
+
+
 class _OutputTap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f, slot, state):  # noqa: D401 - autograd signature
-        ctx.state = state
+    def forward(ctx, f, slot, state, trigger):  # noqa: D401 - autograd signature
+        ctx.state, ctx.trigger = state, trigger
         ctx.save_for_backward(f)
         ctx.mark_dirty(f)
         return f
 
     @staticmethod
     def backward(ctx, grad):
-        state = ctx.state
-        fisher_pass = state.fisher_pass
-        if fisher_pass is not None:
-            # f is this node's own output (marked dirty), so the Fisher pass re-enters here: pass through then.
-            (f,) = ctx.saved_tensors
-            train_flags = (state.capture_input, state.capture_grad, state.grad_scale)
-            state.fisher_pass = None
-            try:
-                with torch.enable_grad():
-                    fisher_pass(f)
-            finally:
-                state.fisher_pass = fisher_pass
-                state.set_capture(*train_flags)
-        return grad, torch.zeros((), dtype=state.slot.dtype, device=grad.device), None
+        (f,) = ctx.saved_tensors
+        ctx.trigger.fire(f)
+        return grad, torch.zeros((), dtype=ctx.state.slot.dtype, device=grad.device), None, None
+
+
+class _LossTap(torch.autograd.Function):
+    """On a loss the model returns next to its logits: a backward from it starts the Fisher pass from the logits."""
+
+    @staticmethod
+    def forward(ctx, loss, trigger, logits):  # noqa: D401 - autograd signature
+        # logits: (the tapped logits,) in a tuple, so that they are no input of this node (no gradient edge); their
+        # graph is alive at the start of this backward
+        (ctx.f,), ctx.trigger = logits, trigger
+        ctx.mark_dirty(loss)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.trigger.fire(ctx.f)
+        return grad, None, None
 
 
 def model_output(out, select: Callable[[object], torch.Tensor] | None = None) -> torch.Tensor:
@@ -139,10 +173,15 @@ def _armed_output_tap(out, state: CaptureState):
     state.on_output(f.shape[0])
     if state.fisher_pass is None or not f.requires_grad:
         return out
-    tapped = _OutputTap.apply(f, state.slot, state)
+    trigger = _FisherTrigger(state)
+    tapped = _OutputTap.apply(f, state.slot, state, trigger)
     if isinstance(out, torch.Tensor):
         return tapped
-    return out  # f was marked dirty in place: the container already holds the tapped tensor
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    for loss in values:  # the model's own loss (a 0-d tensor next to the logits)
+        if isinstance(loss, torch.Tensor) and loss is not f and loss.dim() == 0 and loss.requires_grad:
+            _LossTap.apply(loss, trigger, (tapped,))
+    return out  # f and any loss were marked dirty in place: the container already holds the tapped tensors
 
 
 class OutputTap(nn.Module):
