@@ -220,11 +220,7 @@ def test_eval_mode_matches_original(name, path):
 
 # -- the layers, and the Fisher on the logits ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", [
-    pytest.param("gpt2", marks=pytest.mark.xfail(strict=True, reason=(
-        "GPT-2's projections are transformers' Conv1D (torch.addmm with an (in, out) weight): not a site kind; "
-        "lm_head is tied to the token embedding"))),
-    *[n for n in NAMES if n != "gpt2"]])
+@pytest.mark.parametrize("name", NAMES)
 def test_layers_registered(name):
     rec = session(name, "eager").check()
     assert rec.layers, f"{name}: no layer under KFC"
@@ -271,17 +267,15 @@ def test_kfc_steps_decrease_loss(name, path):
     assert all(b < a for a, b in zip(rec.losses[:-1], rec.losses[1:], strict=True)), rec.losses
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "issue 13 item 5: the exact ν (clip_curvature='exact', the default) uses forward-mode AD, which CPU LSTM "
-    "(mkldnn_rnn_layer) does not have; it should fall back to the factored ν with a warning naming the op"))
 def test_lstm_default_clipping():
+    """The default exact ν needs forward-mode AD, which CPU LSTM (mkldnn_rnn_layer) lacks: factored ν, one warning."""
     um = MODELS["lstm"]
     model, batch = um.build(), um.batch()
     opt = kc.KFC(model, lr=0.1, damping=0.1, loss=um.loss)
     um.training_loss(model, batch).backward()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt.step()  # today: NotImplementedError from the forward-mode pass
+        opt.step()
     assert [w for w in caught if "mkldnn_rnn_layer" in str(w.message)]
     assert all(p.isfinite().all() for p in model.parameters())
 
