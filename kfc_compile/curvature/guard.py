@@ -22,12 +22,24 @@ from kfc_compile.curvature.health import Health
 from kfc_compile.curvature.inverses import compute_inverse, inverse_kind, rescale_inverse
 
 
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: every entry of ``t`` is finite (no host sync).
+
+    From ``aminmax`` (NaN propagates to both, ±inf shows in one): a read of ``t`` without the bool temporary of
+    ``isfinite(t).all()``, which is an order of magnitude slower on CPU.
+    """
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t.detach())
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 def finite_flags(groups: Sequence[Sequence[torch.Tensor]]) -> list[bool]:
     """For each (non-empty) group of tensors, whether all of its entries are finite.
 
     One host sync in all when the tensors share a device (one per tensor otherwise).
     """
-    flags = [torch.stack([torch.isfinite(t).all() for t in ts]).all() for ts in groups]
+    flags = [torch.stack([all_finite(t) for t in ts]).all() for ts in groups]
     if not flags:
         return []
     if len({f.device for f in flags}) == 1:

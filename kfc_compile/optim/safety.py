@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kfc_compile.curvature.guard import all_finite
 from kfc_compile.curvature.health import Health
 from kfc_compile.optim.options import KFCOptions
 
@@ -45,7 +46,7 @@ def _non_finite_and_unscale_(grads: Sequence[torch.Tensor], inv_scale: float) ->
         by_kind[(g.device, g.dtype)].append(g)
     for (device, _), gs in by_kind.items():
         if inv_scale == 1.0:
-            found.append(~torch.stack([torch.isfinite(g).all() for g in gs]).all())
+            found.append(~torch.stack([all_finite(g) for g in gs]).all())
         else:
             flag = torch.zeros((), dtype=torch.float32, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(
@@ -79,7 +80,7 @@ class BufferSnapshot:
         if not current:
             return []
         names = list(current)
-        bad = [n for n, flag in zip(names, torch.stack([torch.isfinite(current[n]).all() for n in names]).tolist(),
+        bad = [n for n, flag in zip(names, torch.stack([all_finite(current[n]) for n in names]).tolist(),
                                     strict=True) if not flag]
         with torch.no_grad():
             for n in bad:
