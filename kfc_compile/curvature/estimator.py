@@ -24,10 +24,12 @@ import torch
 from torch import nn
 
 from kfc_compile.curvature.blocks import Layout
+from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.factors import Factors, RunningFactors, public_view
-from kfc_compile.curvature.inverses import LayerInverse, compute_inverse, rescale_inverse
+from kfc_compile.curvature.inverses import LayerInverse
 from kfc_compile.curvature.losses import Loss, output_gradients
 from kfc_compile.curvature.precondition import apply_buckets, build_buckets, grad_matrix, split_matrix
+from kfc_compile.curvature.sharding import LocalInverses
 from kfc_compile.curvature.subset import batch_subset, forward_with_private_buffers
 from kfc_compile.registry import KFCLayer
 from kfc_compile.runtime.state import CaptureState
@@ -149,12 +151,13 @@ class CurvatureEstimator:
         damping_method: ``"factored"`` or ``"eigen"``.
         max_factor_dim: factors wider than this are stored as diagonal blocks (None: dense).
         warned: once-only warnings already given (shared with the optimizer, part of its state).
+        distributed: what the ranks of a distributed run share (``curvature/distributed.py``); None: one process.
     """
 
     def __init__(self, model: nn.Module, *, compiled: bool, loss: Loss, fisher: str,
                  mc_samples: int, generator: torch.Generator | None, stats_every: int, inverse_every: int,
                  stat_decay: float, stats_fraction: float, damping_method: str, max_factor_dim: int | None,
-                 warned: set[str]):
+                 warned: set[str], distributed: Distributed | None = None):
         self.model = model
         self.loss = loss
         self.fisher = fisher
@@ -167,6 +170,8 @@ class CurvatureEstimator:
         self.damping_method = damping_method
         self.max_factor_dim = max_factor_dim
         self.warned = warned
+        self.distributed = distributed  # distributed KFC: hooks in _fold, refresh_inverses, schedule, scale
+        self._inverses = LocalInverses() if distributed is None else distributed.inverses
         info = model.kfc
         self.capture: CaptureState = info.state
         self._version = getattr(info, "version", None)  # a live registry (kfc backend): see sync()
@@ -222,6 +227,8 @@ class CurvatureEstimator:
     def schedule(self, k: int) -> None:
         """Arm the capture taps for the forward of step k if it is a statistics step, else disarm them."""
         st = self.capture
+        if self.distributed is not None:  # this rank's MC stream for step k
+            self.generator = self.distributed.mc_generator(k)
         layers_pending = self.live and not self.states  # kfc backend, nothing compiled yet
         due = (k - 1) % self.stats_every == 0 and (any(not s.frozen for s in self.states) or layers_pending)
         self._stats_due = due and self._separate_pass
@@ -249,6 +256,8 @@ class CurvatureEstimator:
         inputs = self.capture.recorded_inputs()
         n = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
         self.scale = 1.0 if self.loss.reduction == "mean" else float(n)
+        if self.distributed is not None:
+            self.scale = self.distributed.curvature_scale(self.scale, self.loss.reduction)
 
     def _fisher_pass(self, f: torch.Tensor) -> None:
         """Γ from sampled-target (or type-2) backwards, run at the start of the user's backward."""
@@ -302,6 +311,8 @@ class CurvatureEstimator:
                 s.running = RunningFactors(f.A, f.G, updates=1)
             else:
                 s.running.update(f, self.stat_decay)
+        if self.distributed is not None:  # the running factors become their mean over ranks
+            self.distributed.average_factors(self.states, batch, self.capture.examples_used())
 
     # -- inverses ------------------------------------------------------------------------------------------------
     def refresh_inverses(self, k: int | None, eta: float) -> None:
@@ -314,6 +325,8 @@ class CurvatureEstimator:
         statistics subset) are not inverted: their moving averages restart at the next statistics step, the layer
         keeps its last inverse, and a RuntimeWarning names it.
         """
+        if self._inverses.takes_over_refresh():  # distributed: owners compute, then the inverses are shared
+            return self._inverses.refresh(self, k, eta)
         due = k is not None and (k <= 3 or k % self.inverse_every == 0)
         changed = False
         for s in self.states:
@@ -330,10 +343,10 @@ class CurvatureEstimator:
                               RuntimeWarning, stacklevel=4)
                 continue
             if recompute:
-                s.inverse = compute_inverse(self.damping_method, rf.A, rf.G, eta, self.scale, name, s.layout)
+                s.inverse = self._inverses.compute(self.damping_method, rf.A, rf.G, eta, self.scale, name, s.layout)
                 changed = True
             elif inv.eta != eta or inv.scale != self.scale:
-                s.inverse = rescale_inverse(inv, eta, self.scale, rf.A, rf.G, name)
+                s.inverse = self._inverses.rescale(inv, eta, self.scale, rf.A, rf.G, name)
                 changed = True
         for s in self.states:
             s.stale = False
