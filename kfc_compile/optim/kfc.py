@@ -48,10 +48,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from kfc_compile.curvature.distributed import Distributed
+from kfc_compile.curvature.distributed import setup as setup_distributed
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import Factors
 from kfc_compile.curvature.subset import batch_subset
 from kfc_compile.optim import fvp
+from kfc_compile.optim.checkpoint import STATE_VERSION, checked_entry
 from kfc_compile.optim.groups import find_group, hyper_parameters, initial_groups, regroup
 from kfc_compile.optim.model import is_compiled_module, resolve_model, route
 from kfc_compile.optim.options import KFCOptions
@@ -59,15 +62,14 @@ from kfc_compile.optim.rules import average_iterates_, l2_term, levenberg_marqua
 from kfc_compile.optim.updates import GroupPart, adam_update, adaptive_update, group_parts, pre_update
 from kfc_compile.registry import KFCInfo, KFCLayer
 
-_STATE_VERSION = 1
-
 
 class KFC(torch.optim.Optimizer):
     """KFC / K-FAC natural-gradient optimizer (KFC-pre or adaptive) with a fallback for uncovered parameters.
 
     Args:
         model: a plain ``nn.Module`` (transformed here; its forward is routed through the instrumented graph in
-            place, so ``model(x)`` keeps working and feeds the statistics) or a ``kc.transform``ed module.
+            place, so ``model(x)`` keeps working and feeds the statistics) or a ``kc.transform``ed module; either
+            inside ``DistributedDataParallel`` for distributed KFC.
         lr: learning rate (``mode="adaptive"``: a multiplier on the α/μ-rescaled update, 1 for K-FAC proper).
         momentum: μ of KFC-pre (``p ← μp + v``); in adaptive mode 0 disables the μ direction.
         damping: γ (the identity weight of the curvature, added to the weight decay): factored strength
@@ -100,6 +102,9 @@ class KFC(torch.optim.Optimizer):
         max_factor_dim: a factor (Ω or Γ, per group) wider than this is kept as ceil(d / max_factor_dim)
             equal diagonal blocks (``curvature/blocks.py``: d·b memory, d·b² inversion instead of d², d³; e.g.
             VGG's 25089-wide Ω); ``None``: always dense.
+        distributed: ``None`` (on for a DDP model), ``True`` / ``"broadcast"`` (each layer's inverse computed by one
+            rank and gathered by all), ``"replicate"`` (every rank computes all) or ``False``; see
+            ``curvature/distributed.py``. Every rank calls ``step()`` (and ``precondition()``) together.
 
     ``opt.options`` holds the validated arguments, ``opt.layer_state(name)`` / ``opt.layer_states()`` what is kept
     per KFC layer (factors, inverse, flags), ``opt.last_step`` the scalars of the last step (ν, clip scale, α, μ,
@@ -115,7 +120,7 @@ class KFC(torch.optim.Optimizer):
                  clip_fraction: float = 0.25, clip_curvature: str = "exact", fallback_lr: float | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
-                 max_factor_dim: int | None = 8192):
+                 max_factor_dim: int | None = 8192, distributed: bool | str | None = None):
         self.options = o = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
@@ -123,10 +128,11 @@ class KFC(torch.optim.Optimizer):
             fallback=fallback, mc_samples=mc_samples, generator=generator, clip_fraction=clip_fraction,
             clip_curvature=clip_curvature, fallback_lr=fallback_lr, fallback_betas=fallback_betas,
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
-            max_factor_dim=max_factor_dim)
+            max_factor_dim=max_factor_dim, distributed=distributed)
         tm, owner, needs_route = resolve_model(model, o.approx)
         info: KFCInfo = tm.kfc
         self.model = tm
+        self._dist = setup_distributed(model, o, info.layers, getattr(info, "version", None) is not None)
         # a model compiled with the kfc backend: layers join info.layers when dynamo compiles (_sync_layers)
         pending = getattr(info, "version", None) is not None and not info.graphs
         if not info.layers and not pending:
@@ -143,7 +149,7 @@ class KFC(torch.optim.Optimizer):
             tm, compiled=compiled, loss=o.loss, fisher=o.fisher, mc_samples=o.mc_samples, generator=o.generator,
             stats_every=o.stats_every, inverse_every=o.inverse_every, stat_decay=o.stat_decay,
             stats_fraction=o.stats_fraction, damping_method=o.damping_method, max_factor_dim=o.max_factor_dim,
-            warned=self._warned)
+            warned=self._warned, distributed=self._dist)
         self._fisher_products = fvp.FisherProducts(owner if compiled else tm, o.loss)
 
         groups, self.fallback_names = initial_groups(self.layers, owner, o, pending)
@@ -315,7 +321,8 @@ class KFC(torch.optim.Optimizer):
         inputs = batch_subset(capture.recorded_inputs(), fraction)
         with capture.preserved_inputs():
             f, jv = self._fisher_products.outputs_and_jvps(inputs, directions)
-        return fvp.gram(self.options.loss, f, jv, self._estimator.scale)
+        C = fvp.gram(self.options.loss, f, jv, self._estimator.scale)
+        return C if self._dist is None else self._dist.mean("fisher", C)
 
     def _step_adaptive(self, parts: list[GroupPart], info: dict, loss, closure, k: int) -> None:
         """The adaptive update, and every ``lm_interval`` steps the Levenberg–Marquardt damping rule."""
@@ -331,12 +338,12 @@ class KFC(torch.optim.Optimizer):
                                   "closure that re-evaluates the loss; the damping stays fixed", stacklevel=3)
                 lm_due = False
             else:
-                h0 = _as_float(loss) + l2_term(l2_groups)
+                h0 = _as_float(loss, self._dist) + l2_term(l2_groups)
         lam = parts[0].group["damping"]
         model_change = adaptive_update(parts, self.state, o, self._exact_gram, info)
         if lm_due:
             with torch.enable_grad():
-                h1 = _as_float(closure()) + l2_term(l2_groups)
+                h1 = _as_float(closure(), self._dist) + l2_term(l2_groups)
             rho = reduction_ratio(h0, h1, model_change)
             new = levenberg_marquardt(lam, rho, o.lm_decay, o.min_damping)
             for g in self.param_groups:
@@ -349,7 +356,7 @@ class KFC(torch.optim.Optimizer):
         sd = super().state_dict()
         est = self._estimator
         sd["kfc"] = {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "step": self._step_count,
             "mode": self.options.mode,
             "damping_method": self.options.damping_method,
@@ -357,26 +364,14 @@ class KFC(torch.optim.Optimizer):
             "warned": sorted(self._warned),
             "layers": [s.state() for s in est.states],
             "generator": None if self.options.generator is None else self.options.generator.get_state(),
+            "distributed": None if self._dist is None else self._dist.state(),
         }
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict` of a KFC on the same layers with the same ``damping_method``."""
-        kfc = state_dict.get("kfc")
-        if kfc is None:
-            raise ValueError("not a KFC state_dict (no 'kfc' entry)")
-        if kfc.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported KFC state_dict version {kfc.get('version')!r}")
         est, o = self._estimator, self.options
-        saved_names = [entry["name"] for entry in kfc["layers"]]
-        if saved_names != [layer.name for layer in self.layers]:
-            raise ValueError(f"state_dict layers {saved_names} do not match this optimizer's "
-                             f"{[layer.name for layer in self.layers]}")
-        if kfc["damping_method"] != o.damping_method:
-            raise ValueError(f"state_dict was saved with damping_method={kfc['damping_method']!r}, "
-                             f"this optimizer uses {o.damping_method!r}")
-        for s, entry in zip(est.states, kfc["layers"], strict=True):
-            s.check(entry)
+        kfc = checked_entry(state_dict, est.states, o.damping_method)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfc"})
         self._step_count = int(kfc["step"])
         est.scale = float(kfc["scale"])
@@ -385,6 +380,8 @@ class KFC(torch.optim.Optimizer):
         for s, entry in zip(est.states, kfc["layers"], strict=True):
             s.load(entry)
         est.rebuild_buckets()
+        if self._dist is not None:
+            self._dist.load(kfc.get("distributed"))
         if kfc["generator"] is not None:
             if o.generator is None:
                 warnings.warn("the state_dict has an MC generator state but this optimizer has no generator: "
@@ -394,5 +391,6 @@ class KFC(torch.optim.Optimizer):
         est.schedule(self._step_count + 1)
 
 
-def _as_float(loss) -> float:
-    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+def _as_float(loss, dist: Distributed | None = None) -> float:
+    v = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    return v if dist is None else dist.mean("loss", v)  # distributed: the mean of the ranks' losses

@@ -4,7 +4,8 @@ A plain module is routed through its transformed graph.
 
 ``KFC`` accepts a plain ``nn.Module`` (transformed here, its forward routed in place), a ``kc.transform``ed module,
 ``torch.compile(kc.transform(m))``, or ``torch.compile(m, backend="kfc")`` (whose registry of layers is live: it
-grows as dynamo compiles graphs).
+grows as dynamo compiles graphs). A ``DistributedDataParallel`` wrapper is looked through: its ``module`` is
+instrumented and trained (routed in place, so DDP's own forward, and with it its gradient all-reduce, still runs).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import types
 import warnings
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from kfc_compile.frontend.dynamo.backend import registry_for
 from kfc_compile.registry import KFCInfo
@@ -62,6 +64,8 @@ def resolve_model(model: object, approx: str) -> tuple[nn.Module, nn.Module, boo
         (module whose ``.kfc`` registry and forward KFC uses, module whose parameters are trained, whether the
         latter must be routed through the former with :func:`route`).
     """
+    if isinstance(model, DistributedDataParallel):  # DDP's forward calls model.module, routed here
+        return resolve_model(model.module, approx)
     if is_compiled_module(model):
         if isinstance(getattr(model._orig_mod, "kfc", None), KFCInfo):  # torch.compile(kc.transform(m))
             return resolve_model(model._orig_mod, approx)

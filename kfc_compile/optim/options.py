@@ -12,6 +12,7 @@ from numbers import Real
 import torch
 from torch import nn
 
+from kfc_compile.curvature.distributed import check_setting
 from kfc_compile.curvature.inverses import DAMPING_METHODS
 from kfc_compile.curvature.losses import FISHER_TYPES, Loss, loss_spec
 from kfc_compile.curvature.statistics import check_approx
@@ -94,6 +95,7 @@ class KFCOptions:
     lm_decay: float
     min_damping: float
     max_factor_dim: int | None
+    distributed: bool | str | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -132,6 +134,7 @@ class KFCOptions:
         put("min_damping", real("min_damping", self.min_damping, low=0.0))
         if self.max_factor_dim is not None:
             put("max_factor_dim", positive_int("max_factor_dim", self.max_factor_dim))
+        check_setting(self.distributed)
 
     @property
     def fallback_learning_rate(self) -> float:
