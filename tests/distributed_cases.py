@@ -17,12 +17,27 @@ import kfc_compile as kc
 from kfc_compile.curvature import inverses, losses
 
 
-def make_model() -> nn.Module:
-    """The test model, float64, the same initial parameters in every process."""
+class Mask(nn.Module):
+    """Multiplies by a fixed 0/1 mask (a buffer): the inputs it zeroes are silent coordinates of the next Ω."""
+
+    def __init__(self, n: int, silent: int):
+        super().__init__()
+        self.register_buffer("mask", (torch.arange(n) >= silent).double())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask
+
+
+def make_model(silent: bool = False) -> nn.Module:
+    """The test model, float64, the same initial parameters in every process.
+
+    ``silent``: the 101-wide Ω of the first linear layer has 20 silent coordinates (inverted on its live block).
+    """
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Tanh(),
-        nn.Flatten(), nn.Linear(4 * 5 * 5, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 3),
+        nn.Flatten(), Mask(100, 20 if silent else 0), nn.Linear(4 * 5 * 5, 6), nn.LayerNorm(6), nn.ReLU(),
+        nn.Linear(6, 3),
     ).double()
 
 
@@ -100,7 +115,7 @@ def train(rank: int, world: int, cfg: dict) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     X, Y = global_batch(sum(cfg["sizes"]))
-    model = make_model()
+    model = make_model(cfg.get("silent", False))
     if world:
         src = 0 if cfg.get("same_data") else rank  # same_data: every rank trains on the first shard
         x, y = shard(X, cfg["sizes"], src), shard(Y, cfg["sizes"], src)
@@ -108,6 +123,8 @@ def train(rank: int, world: int, cfg: dict) -> dict:
     else:
         x, y, wrapped = X, Y, model
     kwargs = dict(cfg["kfc"])
+    if not world:
+        kwargs.pop("distributed", None)
     if "seed" in cfg:
         kwargs["generator"] = torch.Generator().manual_seed(cfg["seed"])
     counts: dict[str, int] = {}
@@ -115,7 +132,9 @@ def train(rank: int, world: int, cfg: dict) -> dict:
     with counting_inverses(counts), recording_samples(drawn):
         opt = kc.KFC(wrapped, **kwargs)
         out = run_steps(wrapped, opt, x, y, cfg["steps"], cfg.get("closure", False))
-    out.update(computes=counts, drawn=drawn, last_step=opt.last_step, damping=opt.param_groups[0]["damping"])
+    out.update(computes=counts, drawn=drawn, last_step=opt.last_step, damping=opt.param_groups[0]["damping"],
+               live={s.name: s.inverse.live is not None for s in opt.layer_states()},
+               blocked={s.name: s.inverse.layout is not None for s in opt.layer_states()})
     return out
 
 
@@ -198,6 +217,15 @@ def bad_setups(rank: int, world: int) -> dict:
         warnings.simplefilter("always")
         kc.KFC(make_model(), lr=0.1)
     out["plain_module_warning"] = [str(w.message) for w in caught]
+    def refresh_failure():  # damping 0: the 101-wide Ω of 8 examples is singular on its owner
+        model = make_model()
+        ddp = DDP(model)
+        opt = kc.KFC(ddp, lr=0.1, damping=0.0, fisher="empirical", stats_fraction=1.0)
+        x, y = data(world, rank, {"sizes": [4] * world})
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+
+    out["refresh_failure"] = error(refresh_failure)
     mesh = init_device_mesh("cpu", (world,))
     sharded = nn.Linear(4, 4).double()
     sharded.weight = nn.Parameter(distribute_tensor(sharded.weight.detach(), mesh))

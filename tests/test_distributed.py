@@ -25,16 +25,23 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _configs(world: int) -> list[dict]:
-    """Equal shards: 5 steps of each Fisher / damping / mode; unequal shards (3 ranks): the first step's factors."""
+    """The configurations: 5 steps on equal shards, or the first step's factors on unequal ones.
+
+    Equal shards: each Fisher, damping method and mode, live-block and blocked inverses; unequal shards (3 ranks).
+    """
     eq = [4] * world
     cfgs = [
         {"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="empirical", damping_method="factored")},
         {"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="type-2", damping_method="eigen")},
+        {"sizes": eq, "steps": STEPS, "silent": True, "kfc": dict(BASE, fisher="type-2", damping_method="eigen")},
+        {"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="empirical", max_factor_dim=40)},
         {"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="type-2", approx="reduce", fallback="adam",
                                                   clip_curvature="factored")},
         {"sizes": eq, "steps": STEPS, "closure": True,
          "kfc": dict(BASE, fisher="empirical", mode="adaptive", lr=1.0, lm_interval=2, damping_method="factored")},
     ]
+    if world == 2:  # every rank inverts every layer
+        cfgs.append({"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="type-2", distributed="replicate")})
     if world == 3:
         cfgs.append({"sizes": [3, 4, 6], "steps": 1, "kfc": dict(BASE, fisher="type-2")})
     return cfgs
@@ -58,15 +65,24 @@ def test_ddp_matches_single_process(world):
             for r in runs:
                 assert rel(r["factors"][name].A, f.A) <= 1e-12, (c, name)
                 assert rel(r["factors"][name].G, f.G) <= 1e-12, (c, name)
+                assert torch.equal(r["factors"][name].A, runs[0]["factors"][name].A)  # the same on every rank
+                assert torch.equal(r["factors"][name].G, runs[0]["factors"][name].G)
         owners = {}
-        for rank, r in enumerate(runs):
+        if cfg["kfc"].get("distributed") == "replicate":
+            assert all(r["computes"] == ref["computes"] for r in runs), c
+            runs_owned = []
+        else:
+            runs_owned = runs
+        for rank, r in enumerate(runs_owned):
             for name, n in r["computes"].items():
                 assert name not in owners, f"config {c}: layer {name} inverted on ranks {owners[name]} and {rank}"
                 owners[name] = rank
                 assert n == ref["computes"][name], (c, name, n, ref["computes"][name])
-        assert set(owners) == set(ref["computes"]), c
+        assert not runs_owned or set(owners) == set(ref["computes"]), c
         if world == 3:
             assert len(set(owners.values())) == 3 and len(owners) == 4
+        for r in runs:  # the inverse kinds the configuration is there for reached every rank
+            assert r["live"]["6"] == cfg.get("silent", False) and r["blocked"]["6"] == ("max_factor_dim" in cfg["kfc"])
         if len(set(cfg["sizes"])) > 1:
             continue
         for step in range(cfg["steps"]):
@@ -109,7 +125,8 @@ def test_mc_streams_checkpoints_and_refused_setups(tmp_path):
       statistics subset: the streams resume too); a single-process checkpoint continues in DDP as the single
       process does, and a DDP checkpoint continues in a single process as DDP does (≤ 1e-10).
     * Refused: distributed=False with DDP, options or layers that differ between ranks, DTensor parameters; a plain
-      module under a multi-rank process group warns.
+      module under a multi-rank process group warns; a singular factor (damping 0) on its owner raises on every
+      rank.
     """
     sizes = [4, 4]
     mc = dict(BASE, fisher="mc", stats_fraction=0.5, damping_method="eigen")
@@ -151,3 +168,7 @@ def test_mc_streams_checkpoints_and_refused_setups(tmp_path):
         assert "has other KFC layers" in bad["layers_differ"]
         assert bad["dtensor"].startswith("NotImplementedError: parameters are sharded DTensors")
         assert any("drift apart" in m for m in bad["plain_module_warning"])
+    failures = [out[rank]["bad"]["refresh_failure"] for rank in range(2)]  # raised everywhere, nobody left waiting
+    assert any(f.startswith("SingularFactorError") for f in failures)
+    assert all(f.startswith(("SingularFactorError", "RuntimeError: the KFC inverse refresh failed on rank"))
+               for f in failures)

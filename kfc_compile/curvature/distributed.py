@@ -1,7 +1,7 @@
 """Distributed KFC over ``torch.distributed`` (``kc.KFC(DDP(model))``): what the ranks share so they stay identical.
 
 Each rank runs the user's step on its own shard of the global batch; DDP averages the gradients. KFC adds
-(docs/algorithm.md §11):
+(docs/algorithm.md §12):
 
 * **factors**: after the statistics of a step are folded into the moving averages, every layer's running Ω and Γ
   become their mean over ranks, weighted by the examples each rank's statistics used (its batch, or the leading
@@ -91,6 +91,8 @@ def setup(model: nn.Module, options, layers: list, live: bool) -> Distributed | 
 
 
 def _has_dtensors(model: nn.Module) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):  # a DTensor needs a process group
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - a torch without DTensor cannot have any
@@ -145,50 +147,42 @@ class Distributed:
             batch: the layers this rank recorded statistics for (layer index → batch factors).
             examples: the examples this rank's statistics used (its weight).
         """
-        entries = [(i, s) for i, s in enumerate(states) if not s.frozen]
         groups: dict[tuple, list] = {}
-        for i, s in entries:
-            w = float(examples) if i in batch and s.running is not None else 0.0
-            groups.setdefault((_factor_dtype(s), s.layer.weight.device), []).append((s, w))
+        for i, s in enumerate(states):
+            if not s.frozen:
+                recorded = i in batch and s.running is not None
+                groups.setdefault((_factor_dtype(s), s.layer.weight.device), []).append((s, recorded))
         for (dtype, device), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            self._average_group(members, dtype, device)
+            self._average_group(members, float(examples), dtype, device)
 
-    def _average_group(self, members: list, dtype: torch.dtype, device: torch.device) -> None:
-        parts, shapes = [], []
-        for s, w in members:
-            for shape, t in zip(s.layout.shapes(), (None, None) if w == 0 else (s.running.A, s.running.G),
-                                strict=True):
-                iu = _triu(shape[-1], device)
-                parts.append(torch.zeros(shape[0] * iu.shape[1], dtype=dtype, device=device) if t is None
-                             else (t[:, iu[0], iu[1]] * w).reshape(-1))
-                shapes.append(shape)
-        parts.append(torch.tensor([w for _, w in members], dtype=dtype, device=device))
-        buf = self.comm.all_reduce_("factors", torch.cat(parts))
-        weights = buf[-len(members):].tolist()
-        offset, k = 0, 0
-        for (s, w), total in zip(members, weights, strict=True):
-            mats = []
-            for _ in range(2):
-                shape = shapes[k]
+    def _average_group(self, members: list, weight: float, dtype: torch.dtype, device: torch.device) -> None:
+        """One all-reduce of [w·triu(Ω), w·triu(Γ) per layer..., w per layer] (w = 0 for a layer not recorded)."""
+        parts, segments = [], []
+        for s, recorded in members:
+            for which, shape in zip(("A", "G"), s.layout.shapes(), strict=True):
                 iu = _triu(shape[-1], device)
                 n = shape[0] * iu.shape[1]
+                parts.append(getattr(s.running, which)[:, iu[0], iu[1]].reshape(-1) if recorded
+                             else torch.zeros(n, dtype=dtype, device=device))
+                segments.append((which, shape, iu, n))
+        parts.append(torch.tensor([float(recorded) for _, recorded in members], dtype=dtype, device=device))
+        buf = torch.cat(parts).mul_(weight)
+        self.comm.all_reduce_("factors", buf)
+        totals = buf[-len(members):].tolist()
+        offset = 0
+        for j, ((s, recorded), total) in enumerate(zip(members, totals, strict=True)):
+            if total > 0 and s.running is None:  # the layer's first statistics, recorded by other ranks only
+                zeros = [torch.zeros(shape, dtype=dtype, device=device) for shape in s.layout.shapes()]
+                s.running = RunningFactors(*zeros, updates=1)
+            elif total > 0 and not recorded:  # the other ranks folded a step in: so does this one
+                s.running.updates += 1
+            for which, _, iu, n in segments[2 * j: 2 * j + 2]:
                 if total > 0:
-                    vals = buf[offset:offset + n].reshape(shape[0], -1) / total
-                    M = torch.zeros(shape, dtype=dtype, device=device)
+                    vals = buf[offset:offset + n].view(-1, iu.shape[1]).div_(total)
+                    M = getattr(s.running, which)
                     M[:, iu[0], iu[1]] = vals
                     M[:, iu[1], iu[0]] = vals
-                    mats.append(M)
                 offset += n
-                k += 1
-            if total <= 0:  # no rank recorded this layer: nothing changes anywhere
-                continue
-            if s.running is None:  # the layer's first statistics, recorded by other ranks only
-                s.running = RunningFactors(mats[0], mats[1], updates=1)
-                continue
-            s.running.A.copy_(mats[0])
-            s.running.G.copy_(mats[1])
-            if w == 0:  # the other ranks folded a step in: so does this one
-                s.running.updates += 1
 
     # -- objective terms -----------------------------------------------------------------------------------------
     def mean(self, name: str, value: float | torch.Tensor) -> float | torch.Tensor:

@@ -13,7 +13,10 @@ every rank takes the same decisions (which layers to recompute, rescale or skip)
 and note that the owner will send a new one. After the loop the owners' inverses of the touched layers (whatever
 the loop left in ``state.inverse``, so a refresh failure the loop handles on the owner is shared as it was
 handled) travel in one object gather (kind, η, scale, layout, tensor shapes, the small index tensors) and one flat
-gather per float dtype (the matrices), and the buckets are rebuilt. A refresh that touches no layer communicates
+gather per float dtype (the matrices; a symmetric one, e.g. a Cholesky inverse, as its upper triangle, since the
+owner's copy is exactly symmetric). Every rank, the owner included, then rebuilds the inverse from the gathered
+bytes, so all hold the same values in the same memory layout (a Fortran-ordered eigenbasis and its contiguous copy
+can round differently in a product), and the buckets are rebuilt. A refresh that touches no layer communicates
 nothing. An exception that leaves the loop on any rank is shared in the same gather, and every rank raises (the
 owner its own exception, the others a ``RuntimeError`` naming the rank and the error) rather than waiting in a
 collective; the ranks' inverses may then differ: resume from a checkpoint.
@@ -24,7 +27,7 @@ does it itself; a factored rescale is a new Cholesky, done by the owner and shar
 Option B (the owner preconditions its layers' gradients and the results are all-gathered every step) would keep
 each inverse on one rank only (memory ∝ 1/world size) at the price of a gather of every KFC gradient at every step;
 option A gathers the inverses once per refresh (every ``inverse_every`` steps) and keeps every step free of
-communication beyond DDP's own: docs/algorithm.md §11 has the trade-off. :class:`LocalInverses` is the
+communication beyond DDP's own: docs/algorithm.md §12 has the trade-off. :class:`LocalInverses` is the
 single-process (and ``distributed="replicate"``) behaviour: every rank computes every inverse.
 """
 from __future__ import annotations
@@ -164,29 +167,45 @@ class ShardedInverses(LocalInverses):
         dtypes = sorted({spec[2] for _, ms in gathered for _, m in ms if m is not None for spec in m["floats"]})
         rows = {}
         for dt in dtypes:
-            lengths = [sum(_numel(spec[1]) for _, m in ms if m is not None for spec in m["floats"] if spec[2] == dt)
-                       for _, ms in gathered]
-            mine = [t.reshape(-1) for t in floats if str(t.dtype) == dt]
+            lengths = [sum(_packed_numel(spec[1], spec[3]) for _, m in ms if m is not None for spec in m["floats"]
+                           if spec[2] == dt) for _, ms in gathered]
+            mine = [t for t in floats if str(t.dtype) == dt]
             dtype = getattr(torch, dt.removeprefix("torch."))
             buf = torch.zeros(max(lengths), dtype=dtype, device=self._device())
             if mine:
                 flat = torch.cat(mine)
                 buf[: flat.numel()] = flat
             rows[dt] = self.comm.all_gather("inverses", buf)
-        for r, (_, ms) in enumerate(gathered):
-            if r == rank:
-                continue
+        for r, (_, ms) in enumerate(gathered):  # the owner too: every rank then holds the same bytes in one layout
             offsets = dict.fromkeys(dtypes, 0)
             for name, meta in ms:
                 s = self._states[name]
                 s.inverse = None if meta is None else _rebuild(meta, rows, r, offsets, s.layer.weight.device)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def _packed_numel(shape: tuple[int, ...], sym: bool) -> int:
+    """Entries sent for a tensor of this shape: its upper triangles when it is symmetric."""
     n = 1
-    for d in shape:
+    for d in shape[:-2] if sym else shape:
         n *= d
-    return n
+    return n * shape[-1] * (shape[-1] + 1) // 2 if sym else n
+
+
+def _triu_values(t: torch.Tensor) -> torch.Tensor:
+    """The upper triangles of a stack of symmetric matrices, flat (the lower ones are their mirror)."""
+    iu = torch.triu_indices(t.shape[-1], t.shape[-1], device=t.device)
+    return t[..., iu[0], iu[1]].reshape(-1)
+
+
+def _from_triu(vals: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The stack of symmetric matrices of ``shape`` whose upper triangles are ``vals``."""
+    d = shape[-1]
+    iu = torch.triu_indices(d, d, device=vals.device)
+    out = vals.new_empty(shape)
+    v = vals.reshape(*shape[:-2], -1)
+    out[..., iu[0], iu[1]] = v
+    out[..., iu[1], iu[0]] = v
+    return out
 
 
 def _describe(inv: LayerInverse | None) -> tuple[dict | None, list[torch.Tensor]]:
@@ -198,8 +217,9 @@ def _describe(inv: LayerInverse | None) -> tuple[dict | None, list[torch.Tensor]
     floats = []
     for attr, t in state["tensors"].items():
         if t.is_floating_point():
-            meta["floats"].append((attr, tuple(t.shape), str(t.dtype)))
-            floats.append(t)
+            sym = t.dim() >= 2 and t.shape[-1] == t.shape[-2] and torch.equal(t, t.mT)
+            meta["floats"].append((attr, tuple(t.shape), str(t.dtype), sym))
+            floats.append(_triu_values(t) if sym else t.reshape(-1))
         else:  # index tensors (the live / silent coordinates): small, they travel in the metadata
             meta["others"][attr] = t.cpu()
     return meta, floats
@@ -209,9 +229,10 @@ def _rebuild(meta: dict, rows: dict[str, torch.Tensor], rank: int, offsets: dict
              device: torch.device) -> LayerInverse:
     """The inverse described by ``meta``, its float tensors read from ``rank``'s gathered rows at ``offsets``."""
     tensors = dict(meta["others"])
-    for attr, shape, dt in meta["floats"]:
-        n = _numel(shape)
-        tensors[attr] = rows[dt][rank, offsets[dt]: offsets[dt] + n].reshape(shape).clone()
+    for attr, shape, dt, sym in meta["floats"]:
+        n = _packed_numel(shape, sym)
+        vals = rows[dt][rank, offsets[dt]: offsets[dt] + n]
+        tensors[attr] = _from_triu(vals, shape) if sym else vals.reshape(shape).clone()
         offsets[dt] += n
     state = {k: v for k, v in meta.items() if k not in ("floats", "others")}
     return LayerInverse.from_state({**state, "tensors": tensors}, device)
