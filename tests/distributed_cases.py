@@ -90,13 +90,14 @@ def recording_samples(drawn: list):
         losses.CrossEntropy.sample = orig
 
 
-def run_steps(model: nn.Module, opt: kc.KFC, x: torch.Tensor, y: torch.Tensor, steps: int, closure: bool) -> dict:
+def run_steps(model: nn.Module, opt: kc.KFC, x: torch.Tensor, y: torch.Tensor, steps: int, closure: bool,
+              reduction: str = "mean") -> dict:
     """``steps`` training steps; the parameters after each, the factors after the first."""
     out = {"params": [], "factors": None}
     for _ in range(steps):
         def loss_fn():
             opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y, reduction=reduction)
             loss.backward()
             return loss
         if closure:
@@ -123,6 +124,8 @@ def train(rank: int, world: int, cfg: dict) -> dict:
     else:
         x, y, wrapped = X, Y, model
     kwargs = dict(cfg["kfc"])
+    reduction = cfg.get("reduction", "mean")
+    kwargs["loss"] = nn.CrossEntropyLoss(reduction=reduction)
     if not world:
         kwargs.pop("distributed", None)
     if "seed" in cfg:
@@ -131,8 +134,9 @@ def train(rank: int, world: int, cfg: dict) -> dict:
     drawn: list = []
     with counting_inverses(counts), recording_samples(drawn):
         opt = kc.KFC(wrapped, **kwargs)
-        out = run_steps(wrapped, opt, x, y, cfg["steps"], cfg.get("closure", False))
+        out = run_steps(wrapped, opt, x, y, cfg["steps"], cfg.get("closure", False), reduction)
     out.update(computes=counts, drawn=drawn, last_step=opt.last_step, damping=opt.param_groups[0]["damping"],
+               scale=opt._estimator.scale,
                live={s.name: s.inverse.live is not None for s in opt.layer_states()},
                blocked={s.name: s.inverse.layout is not None for s in opt.layer_states()})
     return out

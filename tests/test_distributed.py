@@ -44,6 +44,7 @@ def _configs(world: int) -> list[dict]:
         cfgs.append({"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="type-2", distributed="replicate")})
     if world == 3:
         cfgs.append({"sizes": [3, 4, 6], "steps": 1, "kfc": dict(BASE, fisher="type-2")})
+        cfgs.append({"sizes": [3, 4, 6], "steps": 2, "reduction": "sum", "kfc": dict(BASE, fisher="empirical")})
     return cfgs
 
 
@@ -53,8 +54,9 @@ def test_ddp_matches_single_process(world):
 
     Every refresh computes each layer's inverse on exactly one rank (the computes are counted at
     ``LayerInverse.compute``), as often as the single process does; with 3 ranks and 4 layers some rank owns two.
-    With unequal shards the factors are still the global batch's (an example-weighted mean); the parameters are
-    not compared there, since DDP's gradient is then the mean of the shards' mean gradients.
+    With unequal shards the factors are still the global batch's (an example-weighted mean) and the ranks agree;
+    the parameters are not compared with the single process there, since DDP's gradient is then the mean of the
+    shards' gradients (and a sum loss's curvature scale the mean shard size).
     """
     cfgs = _configs(world)
     results = run_ranks(world, train_many, cfgs)
@@ -83,7 +85,10 @@ def test_ddp_matches_single_process(world):
             assert len(set(owners.values())) == 3 and len(owners) == 4
         for r in runs:  # the inverse kinds the configuration is there for reached every rank
             assert r["live"]["6"] == cfg.get("silent", False) and r["blocked"]["6"] == ("max_factor_dim" in cfg["kfc"])
-        if len(set(cfg["sizes"])) > 1:
+        if len(set(cfg["sizes"])) > 1:  # the ranks still agree; a sum loss's scale is the mean shard size
+            for r in runs:
+                assert all(torch.equal(a, b) for a, b in zip(r["params"][-1], runs[0]["params"][-1], strict=True))
+                assert r["scale"] == (sum(cfg["sizes"]) / world if cfg.get("reduction") == "sum" else 1.0)
             continue
         for step in range(cfg["steps"]):
             for r in runs:
