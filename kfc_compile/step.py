@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kfc_compile.curvature.losses import LOSSES
+from kfc_compile.curvature.losses import LOSSES, Loss
 from kfc_compile.frontend.dynamo.backend import kfc_backend
 from kfc_compile.optim import KFC
 from kfc_compile.runtime.taps import model_output
@@ -38,11 +38,12 @@ class CompiledStep:
     ``compile=False``); ``step.optimizer`` the ``KFC`` optimizer.
     """
 
-    def __init__(self, model: nn.Module, optimizer, loss_fn, compiled: bool):
+    def __init__(self, model: nn.Module, optimizer, loss_fn, compiled: bool, on_logits: bool = True):
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.compiled = compiled
+        self.on_logits = on_logits  # loss_fn takes the logits (a torch / kc loss) or the model's whole output
 
     @property
     def compiles(self) -> int:
@@ -53,14 +54,17 @@ class CompiledStep:
     def __call__(self, inputs, targets) -> torch.Tensor:
         """One training step: forward, loss, backward and ``optimizer.step``; returns the loss, detached.
 
-        ``inputs`` is the model's input, or a tuple of its positional inputs.
+        ``inputs`` is the model's input, a tuple of its positional inputs, or a dict of its keyword inputs.
         """
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        args, kwargs = (((), inputs) if isinstance(inputs, dict) else
+                        ((inputs, {}) if isinstance(inputs, tuple) else ((inputs,), {})))
         opt = self.optimizer
+        select = opt.options.output
 
         def closure():
             opt.zero_grad(set_to_none=True)
-            loss = self.loss_fn(model_output(self.model(*args)), targets)
+            out = self.model(*args, **kwargs)
+            loss = self.loss_fn(model_output(out, select) if self.on_logits else out, targets)
             loss.backward()
             return loss
 
@@ -86,8 +90,10 @@ def compile_step(model: nn.Module, loss_fn, *, compile: bool = True, dynamic: bo
                  backend_options: dict | None = None, **kfc_options) -> CompiledStep:
     """A training step for ``model`` with the ``KFC`` optimizer, compiled with ``torch.compile``.
 
-    ``loss_fn(output, targets)`` is a torch loss module (``nn.CrossEntropyLoss``, ``nn.MSELoss``,
-    ``nn.BCEWithLogitsLoss``), a loss name, or any callable together with ``loss=`` naming its Fisher model;
+    ``loss_fn(logits, targets)`` is a torch loss module (``nn.CrossEntropyLoss``, ``nn.MSELoss``,
+    ``nn.BCEWithLogitsLoss``), a ``kc`` loss spec or a loss name — it gets the logits (``output=`` selects them from
+    the model's output) — or any other callable, which gets the model's whole output (e.g. ``lambda out, y:
+    out.loss`` for a model that computes its own loss), together with ``loss=`` naming the Fisher model;
     ``kfc_options`` are ``kc.KFC``'s keyword arguments (``lr`` is required). ``compile=False`` gives the eager
     ``transform`` + ``KFC`` step with the same numerics (for comparison and debugging). ``dynamic`` and
     ``backend_options`` go to ``torch.compile`` (e.g. ``{"inner": "aot_eager"}``, inductor options, ...).
@@ -103,4 +109,4 @@ def compile_step(model: nn.Module, loss_fn, *, compile: bool = True, dynamic: bo
     else:
         runner = model
     optimizer = KFC(runner, **kfc_options)
-    return CompiledStep(runner, optimizer, loss, compile)
+    return CompiledStep(runner, optimizer, loss, compile, on_logits=isinstance(loss_fn, (str, nn.Module, Loss)))

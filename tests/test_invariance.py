@@ -113,7 +113,7 @@ def run(make_opt, steps=5, seed=0, on_step=lambda opt: None):
 
 def kfc(**kw):
     base = dict(lr=0.01, momentum=0.9, damping=0.0, weight_decay=0.0, clip=None, loss="mse", fisher="mc",
-                inverse_every=2, fallback=None)
+                inverse_every=2, fallback=None, frontend="fx")  # one front end for both twins
     base.update(kw)
     return lambda m: kc.KFC(m, generator=torch.Generator().manual_seed(7), **base)
 

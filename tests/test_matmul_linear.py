@@ -389,8 +389,8 @@ def test_hf_gpt2_conv1d_layers_are_under_kfc_on_both_paths():
     cm = torch.compile(model, backend="kfc", options=AOT)
     ct = torch.compile(twin, backend="kfc", options=AOT)
     infos = [registry_for(cm), registry_for(ct)]
-    cm(ids), ct(ids)
-    for kfc in (infos[0], tm.kfc):  # compiled, and eager (Conv1D modules traced inside black-boxed blocks)
+    cm(ids), ct(ids), tm(ids)  # live registries (the eager one: dynamo capture, HF forwards take None defaults)
+    for kfc in (infos[0], tm.kfc):  # compiled, and eager
         conv = {la.name: la for la in kfc.layers if la.kind == "matmul"}
         assert sorted(conv) == sorted(names), sorted(conv)
         assert all(la.bias is not None for la in conv.values())

@@ -12,8 +12,9 @@ from torch import nn
 
 import kfc_compile as kc
 from kfc_compile.curvature.losses import CrossEntropy, loss_spec
-from kfc_compile.curvature.subset import batch_subset
+from kfc_compile.curvature.subset import leading_subset
 from kfc_compile.optim import fvp
+from kfc_compile.runtime.calls import RecordedCall
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -296,7 +297,8 @@ def test_clipping_rescales_update_to_the_threshold():
 
 def test_clip_fraction_uses_first_examples():
     x = torch.arange(10.0).reshape(10, 1)
-    (sub, other) = batch_subset((x, torch.ones(3)), 0.25)
+    [call] = leading_subset([RecordedCall((x, torch.ones(3)))], 0.25)
+    sub, other = call.args
     assert sub.shape[0] == 3 and torch.equal(sub[:, 0], torch.tensor([0.0, 1.0, 2.0])) and other.shape == (3,)
 
 

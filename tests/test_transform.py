@@ -196,7 +196,7 @@ class WithGate(nn.Module):
 def test_data_dependent_if_becomes_black_box():
     torch.manual_seed(0)
     model = WithGate().double()
-    tm = kc.transform(model)
+    tm = kc.transform(model, frontend="fx")  # the fx pass's black boxes (auto would capture it with dynamo)
     assert [b.name for b in tm.kfc.black_boxes] == ["gate"]
     assert "gate" in kc.report(tm)
     assert sorted(layer.name for layer in tm.kfc.layers) == ["gate.conv", "head", "stem"]

@@ -4,7 +4,8 @@ Damped Cholesky inverses with the trace-norm π split, eigendecompositions, the 
 and silent Ω coordinates.
 
 Everything works on factors stacked per group or per block, ``(B, d, d)``, in the factors' dtype (fp32, fp64 for
-fp64 models); a failed fp32 Cholesky / eigh is retried in fp64.
+fp64 models); a failed fp32 Cholesky / eigh is retried in fp64 (inside :func:`counting_retries` each retry is
+noted), and one that fails in fp64 too raises :class:`DecompositionError` (never a torch ``LinAlgError``).
 
 Without damping (η = 0) the inverses are exact, so a singular factor raises :class:`SingularFactorError`. Cholesky
 and eigh of a numerically singular matrix often *succeed* through rounding, so singularity is decided by the
@@ -14,6 +15,10 @@ the smallest eigenvalue is indistinguishable from the rounding errors of M itsel
 group, each diagonal block) is tested on its own.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 
@@ -26,6 +31,42 @@ SILENT_MIN_DIM = 64  # ... and Ω is at least this wide (below, the gathers cost
 
 class SingularFactorError(RuntimeError):
     """An undamped (damping = weight_decay = 0) factor is singular, so its exact inverse does not exist."""
+
+
+class DecompositionError(RuntimeError):
+    """A damped factor's Cholesky / eigendecomposition failed in its own dtype and again in float64.
+
+    ``what`` names the factor (``"factor Ω of layer 'fc'"``).
+    """
+
+    def __init__(self, message: str, what: str = "?"):
+        super().__init__(message)
+        self.what = what
+
+
+_RETRIES: ContextVar[list[str] | None] = ContextVar("kfc_decomposition_retries", default=None)
+
+
+@contextlib.contextmanager
+def counting_retries() -> Iterator[list[str]]:
+    """Inside the block, each fp32 decomposition that failed and was redone in fp64 appends its method to the list."""
+    retries: list[str] = []
+    token = _RETRIES.set(retries)
+    try:
+        yield retries
+    finally:
+        _RETRIES.reset(token)
+
+
+def _note_retry(method: str) -> None:
+    retries = _RETRIES.get()
+    if retries is not None:
+        retries.append(method)
+
+
+def _fp64_failure(method: str, what: str, error: Exception | None = None) -> DecompositionError:
+    detail = f": {error}" if error is not None else ""
+    return DecompositionError(f"{method} of {what} failed in float64 too{detail}", what)
 
 
 def pi_split(ta: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
@@ -60,29 +101,45 @@ def check_nonsingular(lam: torch.Tensor, what: str) -> None:
                                   "damping > 0 or weight_decay > 0")
 
 
-def _eigvalsh(M: torch.Tensor) -> torch.Tensor:
+def _eigvalsh(M: torch.Tensor, what: str = "a factor") -> torch.Tensor:
     """Eigenvalues of symmetric matrices in M's dtype; an fp32 failure is retried in fp64."""
     try:
         lam = torch.linalg.eigvalsh(M)
         if bool(torch.isfinite(lam).all()):
             return lam
-    except torch.linalg.LinAlgError:
-        if M.dtype == torch.float64:
-            raise
-    return torch.linalg.eigvalsh(M.double()).to(M.dtype)
+        error = None
+    except torch.linalg.LinAlgError as e:
+        error = e
+    if M.dtype == torch.float64:
+        raise _fp64_failure("eigvalsh", what, error)
+    _note_retry("eigvalsh")
+    try:
+        lam = torch.linalg.eigvalsh(M.double())
+    except torch.linalg.LinAlgError as e:
+        raise _fp64_failure("eigvalsh", what, e) from e
+    if not bool(torch.isfinite(lam).all()):
+        raise _fp64_failure("eigvalsh", what)
+    return lam.to(M.dtype)
 
 
-def _spd_inverse(M: torch.Tensor, what: str) -> torch.Tensor:
-    """Inverse of a batch of SPD matrices by Cholesky; fp32 failures are retried in fp64."""
+def _spd_inverse(M: torch.Tensor, what: str, exact: bool) -> torch.Tensor:
+    """Inverse of a batch of SPD matrices by Cholesky; fp32 failures are retried in fp64.
+
+    A failure in fp64 too is a singular factor when ``exact`` (no damping: :class:`SingularFactorError`), else a
+    failed decomposition (:class:`DecompositionError`).
+    """
     L, info = torch.linalg.cholesky_ex(M)
-    if not bool((info == 0).all()):
-        if M.dtype != torch.float64:
-            L64, info = torch.linalg.cholesky_ex(M.double())
-            if bool((info == 0).all()):
-                return torch.cholesky_inverse(L64).to(M.dtype)
+    if bool((info == 0).all()):
+        return torch.cholesky_inverse(L)
+    if M.dtype != torch.float64:
+        _note_retry("cholesky")
+        L64, info = torch.linalg.cholesky_ex(M.double())
+        if bool((info == 0).all()):
+            return torch.cholesky_inverse(L64).to(M.dtype)
+    if exact:
         raise SingularFactorError(
             f"{what} is singular (not positive definite even in float64); use damping > 0 or weight_decay > 0")
-    return torch.cholesky_inverse(L)
+    raise DecompositionError(f"Cholesky of damped {what} failed in float64 too (not positive definite)", what)
 
 
 def factored_inverses(A: torch.Tensor, G: torch.Tensor, eta: float, scale: float = 1.0, name: str = "?",
@@ -118,29 +175,59 @@ def factored_inverses(A: torch.Tensor, G: torch.Tensor, eta: float, scale: float
     Ad = bl.pad_identity_(A + ca * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device), lay.a_blocks, lay.a_dim)
     Gd = bl.pad_identity_(G + cg * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device), lay.g_blocks, lay.g_dim)
     what_a, what_g = f"factor Ω of layer {name!r}", f"factor Γ of layer {name!r}"
-    if eta <= 0:
-        check_nonsingular(_eigvalsh(Ad), what_a)
-        check_nonsingular(_eigvalsh(Gd), what_g)
-    return _spd_inverse(Ad, what_a), _spd_inverse(Gd, what_g), ca
+    exact = eta <= 0
+    if exact:
+        check_nonsingular(_eigvalsh(Ad, what_a), what_a)
+        check_nonsingular(_eigvalsh(Gd, what_g), what_g)
+    return _spd_inverse(Ad, what_a, exact), _spd_inverse(Gd, what_g, exact), ca
 
 
-def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def finite(lam: torch.Tensor, Q: torch.Tensor) -> bool:
+        return bool(torch.isfinite(lam).all()) and bool(torch.isfinite(Q).all())
+
     try:
         lam, Q = torch.linalg.eigh(M)
-        if bool(torch.isfinite(lam).all()) and bool(torch.isfinite(Q).all()):
+        if finite(lam, Q):
             return lam, Q
-    except torch.linalg.LinAlgError:
-        if M.dtype == torch.float64:
-            raise
-    lam, Q = torch.linalg.eigh(M.double())
+        error = None
+    except torch.linalg.LinAlgError as e:
+        error = e
+    if M.dtype == torch.float64:
+        raise _fp64_failure("eigh", what, error)
+    _note_retry("eigh")
+    try:
+        lam, Q = torch.linalg.eigh(M.double())
+    except torch.linalg.LinAlgError as e:
+        raise _fp64_failure("eigh", what, e) from e
+    if not finite(lam, Q):
+        raise _fp64_failure("eigh", what)
     return lam.to(M.dtype), Q.to(M.dtype)
 
 
-def eigendecompose(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(QA, lA, QG, lG) of the symmetric factors, eigenvalues clamped at 0 (the factors are PSD)."""
-    lA, QA = _eigh(A)
-    lG, QG = _eigh(G)
+def eigendecompose(A: torch.Tensor, G: torch.Tensor,
+                   name: str = "?") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(QA, lA, QG, lG) of the symmetric factors, eigenvalues clamped at 0 (the factors are PSD).
+
+    Raises:
+        DecompositionError: eigh failed in float64 too (``name`` is the layer's, for the message).
+    """
+    lA, QA = _eigh(A, f"factor Ω of layer {name!r}")
+    lG, QG = _eigh(G, f"factor Γ of layer {name!r}")
     return QA, lA.clamp_min(0), QG, lG.clamp_min(0)
+
+
+def spectrum_summary(M: torch.Tensor) -> str:
+    """``"trace …, smallest eigenvalue …"`` of the worst matrix of a stack (for error messages; fp64, never raises)."""
+    M = M.detach().double().cpu()
+    trace = torch.diagonal(M, dim1=-2, dim2=-1).sum(-1)
+    try:
+        lam = torch.linalg.eigvalsh(M).amin(-1)
+        i = int(torch.nan_to_num(lam, nan=-float("inf")).argmin())
+        smallest = f"{float(lam[i]):.6g}"
+    except (torch.linalg.LinAlgError, RuntimeError):
+        i, smallest = 0, "not computable"
+    return f"trace {float(trace[i]):.6g}, smallest eigenvalue {smallest}"
 
 
 def check_eigen_invertible(lA: torch.Tensor, lG: torch.Tensor, name: str) -> None:

@@ -84,8 +84,9 @@ def setup(model: nn.Module, options, layers: list, live: bool) -> Distributed | 
                              "differ and their parameters drift apart; leave distributed at None (or True)")
         return None
     if live:
-        raise NotImplementedError("distributed KFC with torch.compile(..., backend='kfc') is not supported yet: "
-                                  "use the eager model, kc.KFC(DDP(model))")
+        raise NotImplementedError("distributed KFC with torch.compile(..., backend='kfc') or dynamo capture "
+                                  "(frontend='dynamo', or a model the fx pass cannot trace) is not supported yet: "
+                                  "use an fx-traceable eager model, kc.KFC(DDP(model), frontend='fx')")
     mode = "broadcast" if setting is True or setting is None else setting
     return Distributed(Comm(model.process_group if ddp else None), mode, layers, options)
 

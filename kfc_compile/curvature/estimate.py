@@ -22,37 +22,56 @@ def transformed(model: nn.Module, approx: str) -> nn.Module:
     return transform(model, approx)
 
 
+def _call_inputs(inputs) -> tuple[tuple, dict]:
+    """(args, kwargs) of a model call given as a tensor, a tuple of positional inputs or a dict of keywords."""
+    if isinstance(inputs, torch.Tensor):
+        args, kwargs = (inputs,), {}
+    elif isinstance(inputs, dict):
+        args, kwargs = (), dict(inputs)
+    else:
+        args, kwargs = tuple(inputs), {}
+    if not any(isinstance(t, torch.Tensor) and t.dim() > 0 for t in (*args, *kwargs.values())):
+        raise ValueError("inputs must be a tensor, a tuple or a dict of model inputs with at least one batched tensor")
+    return args, kwargs
+
+
 def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", approx: str = "expand",
-              mc_samples: int = 1, generator: torch.Generator | None = None) -> dict[str, Factors]:
+              mc_samples: int = 1, generator: torch.Generator | None = None, output=None) -> dict[str, Factors]:
     """KFC factors of one batch, keyed by layer name, in the paper's scaling.
 
-    ``inputs`` is a tensor or a tuple of positional inputs (dim 0 is the batch); ``loss_fn`` a loss name or
-    ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss``. For each layer, ``kron(G, A)`` is the
-    approximate Fisher block of the per-example loss for the row-major ``[W | b]``; grouped convs give factors
-    stacked per group. One forward; one backward per output vector (1 for mc/empirical, mc_samples for mc,
-    one per output coordinate for type-2), each computing no weight gradients.
+    ``inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs (dim 0 of the first tensor is
+    the batch); ``loss_fn`` a loss name, a ``kc.CrossEntropy``/``kc.MSE``/``kc.BCEWithLogits`` or the matching ``nn``
+    loss; ``output`` picks the logits from the model's output (default: see ``kc.KFC``).
+    For each layer, ``kron(G, A)`` is the approximate Fisher block of the per-example loss for the row-major
+    ``[W | b]``; grouped convs give factors stacked per group. One forward; one backward per output vector (1 for
+    mc/empirical, mc_samples for mc, one per output coordinate for type-2), each computing no weight gradients.
     """
     check_fisher(fisher)
     check_approx(approx)
     spec = loss_spec(loss_fn)
     tm = transformed(model, approx)
-    args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    if not args or not isinstance(args[0], torch.Tensor):
-        raise ValueError("inputs must be a tensor or a non-empty tuple whose first element is a tensor")
-    if not tm.kfc.layers:
+    args, kwargs = _call_inputs(inputs)
+    live = getattr(tm.kfc, "version", None) is not None  # dynamo capture: layers join at the first call
+    if not tm.kfc.layers and not live:
         return {}  # nothing under KFC (transform warned); the output may not even depend on a parameter
-    n = args[0].shape[0]
+    n = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0).shape[0]
     state = tm.kfc.state
     state.reset()
+    selector, state.output_fn = state.output_fn, output
     # the whole batch, whatever subsample an optimizer on this model uses for its own statistics
-    with state.using_stats_fraction(None):
-        state.set_examples(n)
-        with state.armed_forward():
-            f = model_output(tm(*args))
-        first = True
-        for v in output_gradients(spec, fisher, f, targets, mc_samples, generator):
-            state.record_backward(f, v, inputs=first)
-            first = False
-        batch = state.take()
+    try:
+        with state.using_stats_fraction(None):
+            state.set_examples(n)
+            with state.preserved_calls(), state.armed_forward():  # not a micro-batch of an optimizer's step
+                f = model_output(tm(*args, **kwargs), output)
+            if not tm.kfc.layers:  # dynamo capture: the forward compiled no layer either
+                return {}
+            first = True
+            for v in output_gradients(spec, fisher, f, targets, mc_samples, generator):
+                state.record_backward(f, v, inputs=first)
+                first = False
+            batch = state.take()
+    finally:
+        state.output_fn = selector
     return {layer.name: Factors(public_view(batch[i].A), public_view(batch[i].G))
             for i, layer in enumerate(tm.kfc.layers) if i in batch}

@@ -1,140 +1,50 @@
 """The curvature estimator below ``kc.KFC``: per-layer factor state, and statistics → factors → inverses → F̂⁻¹∇h.
 
-One :class:`LayerState` per KFC layer holds everything the optimizer keeps for it (its factor layout, the moving
-averages of Ω and Γ, the damped inverse, the frozen / stale flags). The :class:`CurvatureEstimator` owns the list
-and drives the capture taps (``capture.CaptureState``, through its driver methods only):
+One :class:`~kfc_compile.curvature.layer_state.LayerState` per KFC layer holds everything the optimizer keeps for
+it (its factor layout, the moving averages of Ω and Γ, the damped inverse, the frozen / stale flags). The
+:class:`CurvatureEstimator` owns the list and drives the capture taps (``capture.CaptureState``, through its
+driver methods only):
 
 * statistics schedule: step k collects statistics when (k−1) % stats_every == 0 and some layer is not frozen; the
   taps are armed before that step's forward (statistics in the user's backward), or, with a subset
   (``stats_fraction < 1``, MC / type-2 Fisher, eager model), a separate forward of the batch's leading subset
   and its sampled-target backward(s) run at ``update_statistics()``;
-* moving averages: F ← εF + (1 − ε)F_batch, ε = min(1 − 1/k, stat_decay) (Ω averaged in the kernels' epilogue);
+* gradient accumulation: a step's batch is all its micro-batches (forwards since the last step or ``zero_grad``);
+* moving averages: F ← εF + (1 − ε)F_batch, ε = min(1 − 1/k, stat_decay) (the subset pass averages Ω in the
+  kernels' epilogue; in-pass Ω is summed over the micro-batches first and averaged in by ``update_statistics()``,
+  so a step skipped after the user's backward leaves the averages untouched);
 * inverses: recomputed at steps 1–3, every ``inverse_every`` steps and for new / replaced factors, rescaled when
   the damping or the curvature scale changes; non-finite factors are not inverted (the layer's averages restart at
-  its next statistics step and it keeps its last inverse);
+  its next statistics step and it keeps its last inverse), failed decompositions are retried in fp64 and then
+  leave the layer its previous inverse (``guard.py``);
+* faults: a layer's batch statistics with non-finite entries are dropped, not averaged in, and so are all of a
+  step's when the model output is not finite; ``discard()`` throws away a skipped step's statistics; everything
+  is counted in the shared :class:`~kfc_compile.curvature.health.Health` record;
 * a live registry (``torch.compile(m, backend="kfc")``): layers appear and disappear as dynamo compiles graphs, and
   each layer's state follows it.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from kfc_compile.curvature.blocks import Layout
 from kfc_compile.curvature.distributed import Distributed
-from kfc_compile.curvature.factors import Factors, RunningFactors, public_view
-from kfc_compile.curvature.inverses import LayerInverse
-from kfc_compile.curvature.losses import Loss, output_gradients
+from kfc_compile.curvature.factors import Factors, RunningFactors
+from kfc_compile.curvature.guard import finite_flags, refresh_layer, restart_factors
+from kfc_compile.curvature.health import Health
+from kfc_compile.curvature.layer_state import LayerState
+from kfc_compile.curvature.losses import Loss, NonFiniteOutputError, output_gradients
+from kfc_compile.curvature.memory import planned_layouts
 from kfc_compile.curvature.precondition import apply_buckets, build_buckets, grad_matrix, split_matrix
 from kfc_compile.curvature.sharding import LocalInverses
-from kfc_compile.curvature.subset import batch_subset, forward_with_private_buffers
+from kfc_compile.curvature.subset import forward_with_private_buffers, leading_subset
 from kfc_compile.registry import KFCLayer
 from kfc_compile.runtime.state import CaptureState
 
-
-@dataclass(eq=False)
-class LayerState:
-    """What the optimizer keeps for one KFC layer.
-
-    Attributes:
-        layer: the layer (its weight, bias, group and factor sizes).
-        layout: how its factors are stored (dense, or diagonal blocks with ``max_factor_dim``).
-        running: the moving averages of Ω and Γ; None before any statistics (or after a non-finite restart).
-        inverse: the damped inverses / eigendecompositions; None before the first refresh.
-        frozen: statistics are not collected (``KFC.set_factors(..., frozen=True)``).
-        stale: the factors were replaced since the last refresh: the next one recomputes the inverse.
-    """
-
-    layer: KFCLayer
-    layout: Layout
-    running: RunningFactors | None = None
-    inverse: LayerInverse | None = None
-    frozen: bool = False
-    stale: bool = False
-
-    @property
-    def name(self) -> str:
-        """The layer's name."""
-        return self.layer.name
-
-    def nbytes(self) -> int:
-        """Bytes of the tensors held for this layer: the moving averages plus the inverse."""
-        tensors = [] if self.running is None else [self.running.A, self.running.G]
-        if self.inverse is not None:
-            tensors += self.inverse.tensors()
-        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-
-    def dense_factors(self) -> Factors | None:
-        """Copies of the moving averages (Ω, Γ) as dense matrices; None before any statistics.
-
-        2-D for an ungrouped layer, else stacked per group; blocked factors as the block-diagonal matrices they
-        stand for.
-        """
-        if self.running is None:
-            return None
-        A, G = self.running.A, self.running.G
-        if self.layout.blocked:
-            A, G = self.layout.to_dense(A, G)
-        return Factors(public_view(A).clone(), public_view(G).clone())
-
-    def replace_factors(self, A: torch.Tensor, G: torch.Tensor, frozen: bool) -> None:
-        """Set the moving averages to dense (Ω, Γ); the inverse is recomputed at the next refresh.
-
-        Args:
-            A: Ω, ``(groups, a_dim, a_dim)`` or 2-D for an ungrouped layer (a blocked layout keeps its diagonal
-                blocks).
-            G: Γ, ``(groups, g_dim, g_dim)`` or 2-D.
-            frozen: stop collecting statistics for this layer.
-
-        Raises:
-            ValueError: a factor has the wrong shape.
-        """
-        layer = self.layer
-        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-        shapes = ((layer.groups, layer.a_dim, layer.a_dim), (layer.groups, layer.g_dim, layer.g_dim))
-        out = []
-        for t, shape, what in ((A, shapes[0], "A"), (G, shapes[1], "G")):
-            t = torch.as_tensor(t)
-            if t.dim() == 2:
-                t = t.unsqueeze(0)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{what} for layer {layer.name!r} must have shape {shape} (or 2-D when ungrouped), "
-                                 f"got {tuple(t.shape)}")
-            out.append(t.detach().to(dtype=dtype, device=layer.weight.device).clone())
-        if self.layout.blocked:
-            out = list(self.layout.to_blocks(*out))
-        self.running = RunningFactors(out[0], out[1], updates=1)
-        self.frozen = bool(frozen)
-        self.stale = True
-
-    def state(self) -> dict:
-        """This layer's entry of ``KFC.state_dict()`` (copies of its tensors)."""
-        rf = self.running
-        return {"name": self.layer.name,
-                "factors": None if rf is None else {"A": rf.A.clone(), "G": rf.G.clone(), "updates": rf.updates},
-                "frozen": self.frozen,
-                "inverse": None if self.inverse is None else self.inverse.state()}
-
-    def check(self, entry: dict) -> None:
-        """Raise ``ValueError`` if the factors of an entry of :meth:`state` do not have this layout's shapes."""
-        fac = entry["factors"]
-        if fac is not None and (tuple(fac["A"].shape), tuple(fac["G"].shape)) != self.layout.shapes():
-            raise ValueError(f"state_dict factors of layer {entry['name']!r} have shapes "
-                             f"{(tuple(fac['A'].shape), tuple(fac['G'].shape))}, this optimizer stores "
-                             f"{self.layout.shapes()} (saved with another max_factor_dim?)")
-
-    def load(self, entry: dict) -> None:
-        """Restore the factors, frozen flag and inverse from an entry of :meth:`state` (on the layer's device)."""
-        dev = self.layer.weight.device
-        fac = entry["factors"]
-        self.running = None if fac is None else RunningFactors(fac["A"].to(dev).clone(), fac["G"].to(dev).clone(),
-                                                               int(fac["updates"]))
-        self.frozen = bool(entry["frozen"])
-        self.inverse = None if entry["inverse"] is None else LayerInverse.from_state(entry["inverse"], dev)
-        self.stale = False
+__all__ = ["CurvatureEstimator", "LayerState"]
 
 
 class CurvatureEstimator:
@@ -151,13 +61,18 @@ class CurvatureEstimator:
         damping_method: ``"factored"`` or ``"eigen"``.
         max_factor_dim: factors wider than this are stored as diagonal blocks (None: dense).
         warned: once-only warnings already given (shared with the optimizer, part of its state).
+        health: the fault record (shared with the optimizer, part of its state).
+        max_failures: consecutive failed decompositions of a layer that raise (None: never).
+        memory_budget: bytes the curvature may take (``memory.plan_layouts``: smaller blocks for the widest
+            layers when it would not fit); None: no limit.
         distributed: what the ranks of a distributed run share (``curvature/distributed.py``); None: one process.
     """
 
     def __init__(self, model: nn.Module, *, compiled: bool, loss: Loss, fisher: str,
                  mc_samples: int, generator: torch.Generator | None, stats_every: int, inverse_every: int,
                  stat_decay: float, stats_fraction: float, damping_method: str, max_factor_dim: int | None,
-                 warned: set[str], distributed: Distributed | None = None):
+                 warned: set[str], health: Health | None = None, max_failures: int | None = None,
+                 memory_budget: int | None = None, distributed: Distributed | None = None):
         self.model = model
         self.loss = loss
         self.fisher = fisher
@@ -170,11 +85,17 @@ class CurvatureEstimator:
         self.damping_method = damping_method
         self.max_factor_dim = max_factor_dim
         self.warned = warned
+        self.health = health if health is not None else Health()
+        self.max_failures = max_failures
+        self.memory_budget = memory_budget
+        self.loss_scale = 1.0  # the user's backward was of loss·loss_scale (a GradScaler): in-pass Γ is unscaled
+        self._output_failed = False  # the Fisher pass of the user's backward found a non-finite output
         self.distributed = distributed  # distributed KFC: hooks in _fold, refresh_inverses, schedule, scale
         self._inverses = LocalInverses() if distributed is None else distributed.inverses
         info = model.kfc
         self.capture: CaptureState = info.state
         self._version = getattr(info, "version", None)  # a live registry (kfc backend): see sync()
+        self._layouts = planned_layouts(info.layers, max_factor_dim, memory_budget, damping_method, None, warned)
         self.states = [LayerState(layer, self._layout_of(layer)) for layer in info.layers]
         # statistics on a subset: a separate forward of the subset where possible, else the subset's rows
         self._separate_pass = stats_fraction < 1.0 and fisher in ("mc", "type-2") and not compiled
@@ -185,6 +106,11 @@ class CurvatureEstimator:
         self.scale = 1.0  # curvature of the objective = scale · F̂ (N for a sum over the batch, 1 for a mean)
 
     # -- layers --------------------------------------------------------------------------------------------------
+    @property
+    def capturing_in_pass(self) -> bool:
+        """The taps are armed: the user's forward and backward of this step record statistics."""
+        return self._armed
+
     @property
     def live(self) -> bool:
         """The layers come from a live registry (kfc backend) that changes as dynamo compiles graphs."""
@@ -208,6 +134,9 @@ class CurvatureEstimator:
             return False
         self._version = version
         old = {id(s.layer): s for s in self.states}
+        kept = {s.layer.name: s.layout for s in self.states if id(s.layer) in {id(la) for la in info.layers}}
+        self._layouts = planned_layouts(info.layers, self.max_factor_dim, self.memory_budget, self.damping_method,
+                                        kept, self.warned)
         states = []
         for layer in info.layers:
             s = old.get(id(layer))
@@ -221,7 +150,7 @@ class CurvatureEstimator:
         return True
 
     def _layout_of(self, layer: KFCLayer) -> Layout:
-        return Layout.of(layer.groups, layer.a_dim, layer.g_dim, self.max_factor_dim)
+        return self._layouts.get(layer.name) or Layout.of(layer.groups, layer.a_dim, layer.g_dim, self.max_factor_dim)
 
     # -- statistics ----------------------------------------------------------------------------------------------
     def schedule(self, k: int) -> None:
@@ -237,7 +166,9 @@ class CurvatureEstimator:
                 st.disarm()
             self._armed = False
             return
-        st.prepare_pass(self._ema_targets(), self._block_targets())
+        # no moving average in the kernel epilogue: the step may still be skipped after the user's backward
+        st.prepare_pass({}, self.max_factor_dim)
+        self._output_failed = False
         fisher_pass = self._fisher_pass if self.fisher in ("mc", "type-2") else None
         st.arm(inputs=True, grads=self.fisher == "empirical", batch_mean=self.loss.reduction == "mean",
                fisher_pass=fisher_pass)
@@ -253,19 +184,31 @@ class CurvatureEstimator:
         if self._stats_due:
             self._statistics_pass()
             self._stats_due = False
-        inputs = self.capture.recorded_inputs()
-        n = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
-        self.scale = 1.0 if self.loss.reduction == "mean" else float(n)
+        n = sum(c.batch_size() or 0 for c in self.capture.recorded_calls())
+        self.scale = 1.0 if self.loss.reduction == "mean" else float(max(n, 1))
         if self.distributed is not None:
             self.scale = self.distributed.curvature_scale(self.scale, self.loss.reduction)
+
+    def end_step(self, k: int) -> None:
+        """Step k is done: forget its recorded calls and arm the taps for step k + 1 if due."""
+        self.capture.clear_calls()
+        self.schedule(k + 1)
+
+    def discard_micro_batches(self) -> None:
+        """Forget the forwards recorded since the last step (``zero_grad``: their gradients are gone too)."""
+        self.capture.clear_calls()
+        self.capture.discard_statistics()
 
     def _fisher_pass(self, f: torch.Tensor) -> None:
         """Γ from sampled-target (or type-2) backwards, run at the start of the user's backward."""
         # retain_graph through a kfc-backend graph: it is compiled without AOT donated buffers, and AOT's runtime
         # check reads the same flag (frontend/dynamo/backend.py)
         with torch._functorch.config.patch(donated_buffer=False):
-            for v in output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator):
-                self.capture.record_backward(f, v, inputs=False)
+            try:
+                for v in output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator):
+                    self.capture.record_backward(f, v, inputs=False)
+            except NonFiniteOutputError:  # never out of the user's backward: this step's statistics are dropped
+                self._output_failed = True
 
     def _collect(self) -> None:
         """Fold the statistics recorded in the user's pass into the moving averages."""
@@ -273,46 +216,94 @@ class CurvatureEstimator:
             return
         batch = self.capture.finish_armed_step()
         self._armed = False
+        if self._output_failed:
+            self._dropped_all("the model output is not finite")
+            self._share_factors({})
+            return
+        if self.fisher == "empirical" and self.loss_scale != 1.0:  # Γ of a GradScaler's scaled backward
+            for f in batch.values():
+                f.G.div_(self.loss_scale ** 2)
         self._fold(batch)
 
-    def _statistics_pass(self) -> None:
-        """Statistics from a separate forward of the batch's leading subset.
+    def discard(self) -> None:
+        """Throw away the statistics recorded for a step that is skipped (nothing of it is averaged in)."""
+        if self._armed:
+            self.capture.finish_armed_step()
+            self._armed = False
+        self._stats_due = False
 
-        Ω comes from the first of its sampled-target backward(s), Γ from all; no weight gradients (the backwards
-        target only the taps' slot).
+    def _dropped_all(self, why: str) -> None:
+        for s in self.states:
+            if not s.frozen:
+                self.health.statistics_dropped(s.layer.name, why)
+
+    def _statistics_pass(self) -> None:
+        """Statistics from a separate forward of the batch's leading subset, over all micro-batches of the step.
+
+        One forward per micro-batch the subset reaches, all before the first backward (so the total is known to
+        the epilogue average); then per micro-batch its sampled-target backward(s): Ω from the first, Γ from all;
+        no weight gradients (the backwards target only the taps' slot).
         """
         st = self.capture
-        inputs = batch_subset(st.recorded_inputs(), self.stats_fraction)
-        st.prepare_pass(self._ema_targets(), self._block_targets())
-        with st.preserved_inputs(), torch.enable_grad(), st.armed_forward():  # the output tap sees the subset
-            f = forward_with_private_buffers(self.model, inputs)
-        st.set_examples(f.shape[0])
-        vs = list(output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator))
-        for i, v in enumerate(vs):
-            st.record_backward(f, v, inputs=i == 0, retain_graph=i + 1 < len(vs))
+        parts = leading_subset(st.recorded_calls(), self.stats_fraction)
+        with st.preserved_calls(), torch.enable_grad(), st.armed_forward():  # the output tap sees the subset
+            outputs = [forward_with_private_buffers(self.model, part, st.output_fn) for part in parts]
+        st.prepare_pass(self._ema_targets(), self.max_factor_dim, examples=sum(f.shape[0] for f in outputs))
+        for f in outputs:
+            st.begin_micro_batch(f.shape[0])
+            try:
+                vs = list(output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator))
+            except NonFiniteOutputError:
+                st.reset()
+                self._dropped_all("the model output on the statistics subset is not finite")
+                self._share_factors({})
+                return
+            for i, v in enumerate(vs):
+                st.record_backward(f, v, inputs=i == 0, retain_graph=i + 1 < len(vs))
+        for i, stats in st.stats.items():  # inputs that could not be averaged into the running Ω in the epilogue
+            if stats.poisoned:
+                self.health.statistics_dropped(self.states[i].layer.name, "non-finite layer input")
         self._fold(st.take())
 
     def _ema_targets(self) -> dict[int, tuple[torch.Tensor, float]]:
-        """Running Ω and the next ε of every collecting layer: the statistics kernels average into them directly."""
-        return {i: (s.running.A, s.running.next_eps(self.stat_decay)) for i, s in enumerate(self.states)
-                if s.running is not None and not s.frozen}
+        """Running Ω and the next ε of every collecting layer: the statistics kernels average into them directly.
 
-    def _block_targets(self) -> dict[int, tuple[int, int]]:
-        """(Ω blocks, Γ blocks) of every layer with block-diagonal factors."""
-        return {i: (s.layout.a_blocks, s.layout.g_blocks) for i, s in enumerate(self.states) if s.layout.blocked}
+        Only for layers with one call site: an input of a later site that cannot be added safely could no longer
+        leave the running Ω as it was.
+        """
+        return {i: (s.running.A, s.running.next_eps(self.stat_decay)) for i, s in enumerate(self.states)
+                if s.running is not None and not s.frozen and len(s.layer.sites) == 1}
 
     def _fold(self, batch: dict[int, Factors]) -> None:
-        """Fold batch factors (layer index → Factors) into the moving averages of the layers that collect."""
+        """Fold batch factors (layer index → Factors) into the moving averages of the layers that collect.
+
+        A layer's batch factors with non-finite entries are dropped (counted in the health record). Ω already
+        averaged in the kernel epilogue stays (its inputs were checked there); if it is not finite, the layer's
+        averages restart.
+        """
+        finite = dict(zip(batch, finite_flags([(f.A, f.G) for f in batch.values()]), strict=True))
+        folded = {}
         for i, f in batch.items():
             s = self.states[i]
             if s.frozen:
+                continue
+            if not finite[i]:
+                if s.running is not None and f.A is s.running.A and not finite_flags([(f.A,)])[0]:
+                    restart_factors(s, self.health, stacklevel=6)  # the running Ω itself was not finite
+                else:
+                    self.health.statistics_dropped(s.layer.name, "non-finite batch factors")
                 continue
             if s.running is None:  # the first update has ε = 0: the batch factors become the average (no copy)
                 s.running = RunningFactors(f.A, f.G, updates=1)
             else:
                 s.running.update(f, self.stat_decay)
-        if self.distributed is not None:  # the running factors become their mean over ranks
-            self.distributed.average_factors(self.states, batch, self.capture.examples_used())
+            folded[i] = f
+        self._share_factors(folded)
+
+    def _share_factors(self, folded: dict[int, Factors]) -> None:
+        """Distributed: the running factors become their mean over ranks (every rank joins, even with none folded)."""
+        if self.distributed is not None:
+            self.distributed.average_factors(self.states, folded, self.capture.last_examples if folded else 0)
 
     # -- inverses ------------------------------------------------------------------------------------------------
     def refresh_inverses(self, k: int | None, eta: float) -> None:
@@ -321,33 +312,20 @@ class CurvatureEstimator:
         Recomputed when due at step k (steps 1–3 and every inverse_every steps) and for layers whose factors are
         new or were replaced; rescaled when (η, scale) changed; k=None: only the latter.
 
-        Factors with non-finite entries (an overflowing statistics pass: e.g. train-mode BatchNorm over a tiny
-        statistics subset) are not inverted: their moving averages restart at the next statistics step, the layer
-        keeps its last inverse, and a RuntimeWarning names it.
+        Factors with non-finite entries (e.g. replaced by ``set_factors``) are not inverted: their moving averages
+        restart at the next statistics step, the layer keeps its last inverse, and a RuntimeWarning names it.
+        A decomposition that fails in fp32 and fp64 leaves the layer its previous inverse (``guard.refresh_layer``).
         """
         if self._inverses.takes_over_refresh():  # distributed: owners compute, then the inverses are shared
             return self._inverses.refresh(self, k, eta)
         due = k is not None and (k <= 3 or k % self.inverse_every == 0)
         changed = False
         for s in self.states:
-            rf, inv, name = s.running, s.inverse, s.layer.name
-            if rf is None:
+            if s.running is None:
                 continue
-            recompute = due or inv is None or s.stale
-            if (recompute or inv.eta != eta or inv.scale != self.scale) and not (
-                    bool(torch.isfinite(rf.A).all()) and bool(torch.isfinite(rf.G).all())):
-                s.running = None
-                warnings.warn(f"KFC layer {name!r}: its factors are not finite (inf/NaN in the statistics pass); "
-                              "their moving averages restart at the next statistics step and the layer keeps its "
-                              "last inverse" + ("" if inv is not None else " (none yet: unpreconditioned)"),
-                              RuntimeWarning, stacklevel=4)
-                continue
-            if recompute:
-                s.inverse = self._inverses.compute(self.damping_method, rf.A, rf.G, eta, self.scale, name, s.layout)
-                changed = True
-            elif inv.eta != eta or inv.scale != self.scale:
-                s.inverse = self._inverses.rescale(inv, eta, self.scale, rf.A, rf.G, name)
-                changed = True
+            recompute = due or s.inverse is None or s.stale
+            changed |= refresh_layer(s, recompute, eta, self.scale, self.damping_method, self.health,
+                                     self.max_failures, self._inverses)
         for s in self.states:
             s.stale = False
         if changed or self._buckets is None:

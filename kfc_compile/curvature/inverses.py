@@ -163,12 +163,28 @@ class LayerInverse(ABC):
                 "layout": None if self.layout is None else astuple(self.layout)}
 
     @classmethod
-    def from_state(cls, s: dict, device: torch.device) -> LayerInverse:
-        """The inverse saved by :meth:`state` (of any kind: its ``"method"`` decides), on ``device``."""
+    def from_state(cls, s: dict, device: torch.device, dtype: torch.dtype | None = None) -> LayerInverse:
+        """The inverse saved by :meth:`state` (of any kind: its ``"method"`` decides), on ``device``.
+
+        ``dtype`` (optional) casts its floating-point tensors (the index tensors stay integer).
+        """
         layout = s.get("layout")
+
+        def put(v: torch.Tensor) -> torch.Tensor:
+            return v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+
         return inverse_kind(s["method"])(eta=float(s["eta"]), scale=float(s["scale"]),
                                          layout=None if layout is None else Layout(*layout),
-                                         **{k: v.to(device) for k, v in s["tensors"].items()})
+                                         **{k: put(v) for k, v in s["tensors"].items()})
+
+    @classmethod
+    @abstractmethod
+    def identity(cls, layout: Layout, eta: float, scale: float, dtype: torch.dtype,
+                 device: torch.device) -> LayerInverse:
+        """The damped identity's inverse (zero factors: F̂ = η I, so the update is ∇h / η), built without decompositions.
+
+        It stands in for a layer whose first decomposition failed.
+        """
 
 
 @dataclass(eq=False, kw_only=True)
@@ -193,6 +209,16 @@ class FactoredInverse(LayerInverse):
         Ainv, Ginv, ca = factored_inverses(A, G, eta, scale, name, live)
         return cls(eta=eta, scale=scale, live=live, silent=silent, Ainv=Ainv, Ginv=Ginv,
                    silent_scale=None if live is None else 1.0 / ca)
+
+    @classmethod
+    def identity(cls, layout: Layout, eta: float, scale: float, dtype: torch.dtype,
+                 device: torch.device) -> FactoredInverse:
+        """Ω_d = Γ_d = √η I (π = 1 for zero traces): Ω_d⁻¹ = Γ_d⁻¹ = I / √η."""
+        (na, ba, _), (ng, bg, _) = layout.shapes()
+        c = 1.0 / eta ** 0.5
+        Ainv = (c * torch.eye(ba, dtype=dtype, device=device)).expand(na, ba, ba).clone()
+        Ginv = (c * torch.eye(bg, dtype=dtype, device=device)).expand(ng, bg, bg).clone()
+        return cls(eta=eta, scale=scale, layout=layout if layout.blocked else None, Ainv=Ainv, Ginv=Ginv)
 
     def rescale(self, eta: float, scale: float, A: torch.Tensor, G: torch.Tensor, name: str) -> FactoredInverse:
         """A new Cholesky (the damping enters the factors before inversion)."""
@@ -258,10 +284,21 @@ class EigenInverse(LayerInverse):
             live, silent = silent_split(A, eta, name)
             if live is not None:
                 A = A.index_select(-1, live).index_select(-2, live)
-        QA, lA, QG, lG = eigendecompose(A, G)
+        QA, lA, QG, lG = eigendecompose(A, G, name)
         if eta <= 0:
             check_eigen_invertible(lA, lG, name)
         return cls(eta=eta, scale=scale, layout=layout, live=live, silent=silent, QA=QA, lA=lA, QG=QG, lG=lG)
+
+    @classmethod
+    def identity(cls, layout: Layout, eta: float, scale: float, dtype: torch.dtype,
+                 device: torch.device) -> EigenInverse:
+        """Identity eigenbases and zero eigenvalues: the update is ∇h / η."""
+        (na, ba, _), (ng, bg, _) = layout.shapes()
+        return cls(eta=eta, scale=scale, layout=layout if layout.blocked else None,
+                   QA=torch.eye(ba, dtype=dtype, device=device).expand(na, ba, ba).clone(),
+                   lA=torch.zeros(na, ba, dtype=dtype, device=device),
+                   QG=torch.eye(bg, dtype=dtype, device=device).expand(ng, bg, bg).clone(),
+                   lG=torch.zeros(ng, bg, dtype=dtype, device=device))
 
     def rescale(self, eta: float, scale: float, A: torch.Tensor, G: torch.Tensor, name: str) -> EigenInverse:
         """Free: the eigendecompositions do not depend on (η, scale)."""

@@ -34,6 +34,10 @@ FISHER_TYPES = ("mc", "empirical", "type-2")
 REDUCTIONS = ("mean", "sum")
 
 
+class NonFiniteOutputError(FloatingPointError):
+    """The model output has inf/NaN entries: no Fisher targets or output gradients can be drawn from it."""
+
+
 class Loss(ABC):
     """A supported loss with its reduction.
 
@@ -313,9 +317,17 @@ def output_gradients(spec: Loss, fisher: str, f: torch.Tensor, targets: torch.Te
 
     Yields:
         Tensors shaped like ``f``: 1 for empirical, ``mc_samples`` for mc, one per output coordinate for type-2.
+
+    Raises:
+        NonFiniteOutputError: ``f`` has inf/NaN entries (checked before anything is sampled: ``torch.multinomial``
+            and ``torch.bernoulli`` would fail on the probabilities, and the gradients would be NaN).
     """
     check_fisher(fisher)
     f = f.detach()
+    if not bool(torch.isfinite(f).all()):
+        bad = int((~torch.isfinite(f)).reshape(f.shape[0], -1).any(1).sum()) if f.dim() else 1
+        raise NonFiniteOutputError(f"the model output has inf/NaN entries ({bad} of {f.shape[0] if f.dim() else 1} "
+                                   "examples): no Fisher targets can be drawn from it")
     c = spec.term_weight(f)
     if fisher == "empirical":
         if targets is None:

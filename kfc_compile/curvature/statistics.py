@@ -17,6 +17,7 @@ rows (patches with their ones coordinate, or output gradients) are then split in
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -46,7 +47,9 @@ class BatchStatistics(ABC):
     A: torch.Tensor | None = None
     G: torch.Tensor | None = None
     g_rows: int = 0  # N·T of the last completed Γ pass
+    g_rows_done: int = 0  # N·T of the closed micro-batches of this step (gradient accumulation)
     _rows: int = 0  # rows seen in the current pass
+    poisoned: bool = False  # an input that could not be averaged in safely was seen: this step's sums are void
 
     @abstractmethod
     def add_input(self, site, x: torch.Tensor) -> None:
@@ -81,14 +84,28 @@ class BatchStatistics(ABC):
             self.g_rows = self._rows
             self._rows = 0
 
-    def factors(self, n_examples: int) -> Factors | None:
+    def end_micro_batch(self) -> None:
+        """Close one micro-batch of a step (gradient accumulation): its passes end, the next one's rows add up.
+
+        The Γ passes of one micro-batch (MC samples, type-2 columns) each see its N·T rows once; the rows of
+        successive micro-batches are different examples and add.
+        """
+        self.end_pass()
+        self.g_rows_done += self.g_rows
+        self.g_rows = 0
+
+    def factors(self, n_examples: int, g_scale: float = 1.0) -> Factors | None:
         """Normalised (Ω, Γ), stacked per group; None if this layer saw no input or no gradient.
 
-        In place: the accumulators are not used again (``CaptureState.take`` drops them), and Ω can be large.
+        ``n_examples`` counts all micro-batches; ``g_scale`` multiplies Γ (the rescaling of accumulated batch-mean
+        gradients, ``CaptureState.take``). In place: the accumulators are not used again (``CaptureState.take``
+        drops them), and Ω can be large.
         """
-        if self.A is None or self.G is None or n_examples <= 0:
+        if self.A is None or self.G is None or n_examples <= 0 or self.poisoned:
             return None
-        return Factors(self._final_a(n_examples), self.G.div_(self._g_count(n_examples)))
+        count = self._g_count(n_examples)
+        G = self.G.div_(count) if g_scale == 1.0 else self.G.mul_(g_scale / count)
+        return Factors(self._final_a(n_examples), G)
 
     def _final_a(self, n_examples: int) -> torch.Tensor:
         return self.A.div_(n_examples)
@@ -126,7 +143,17 @@ class ExpandStatistics(BatchStatistics):
         self.ema = (running, eps, (1.0 - eps) / n_examples)
 
     def add_input(self, site, x: torch.Tensor) -> None:
-        """Outer products of the site's input rows (with their ones coordinate for a bias)."""
+        """Outer products of the site's input rows (with their ones coordinate for a bias).
+
+        Averaged straight into a running factor (:meth:`average_into`), an input whose products could be non-finite
+        is not added: the statistics are marked :attr:`poisoned` (void for this step) and the running factor is
+        left as it was.
+        """
+        if self.poisoned:
+            return
+        if self.ema is not None and not products_are_finite(x, self.a_dim, self.dtype):
+            self.poisoned = True
+            return
         ones = site.has_bias
         target_dim = site.a_dim + ones
         alpha, beta = 1.0, 1.0
@@ -153,12 +180,14 @@ class ExpandStatistics(BatchStatistics):
             self.A[:, :target_dim, :target_dim] += part
 
     def _add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
+        if self.poisoned:
+            return
         if self.G is None:
             self.G = self._new(self.g_dim, self.g_blocks).zero_()
         self._blocked_update(self.G, site.output_rows(gy), self.g_blocks, self.g_dim, scale * scale, 1.0)
 
     def _g_count(self, n_examples: int) -> int:
-        return self.g_rows
+        return self.g_rows_done + self.g_rows
 
     def _final_a(self, n_examples: int) -> torch.Tensor:
         # an Ω averaged in the epilogue is the running factor itself, already final
@@ -210,6 +239,20 @@ class ReduceStatistics(BatchStatistics):
 
     def _g_count(self, n_examples: int) -> int:
         return n_examples
+
+
+def products_are_finite(x: torch.Tensor, width: int, dtype: torch.dtype) -> bool:
+    """Whether every sum of products of ``x``'s entries over its rows, at most ``width`` per row, is finite in dtype.
+
+    A sufficient test (one reduction): with m = max |x|, every entry of Σ rows·rowsᵀ is at most
+    m² · numel(x) · width (each patch row holds ≤ width entries of x, each entry of x lies in ≤ width rows), and the
+    moving average adds at most as much again; NaN fails it.
+    """
+    if x.numel() == 0:
+        return True
+    m = float(x.detach().abs().amax())
+    limit = torch.finfo(dtype).max / (4.0 * x.numel() * max(width, 1))
+    return math.isfinite(m) and m * m < limit
 
 
 STATISTICS: dict[str, type[BatchStatistics]] = {k.approx: k for k in (ExpandStatistics, ReduceStatistics)}

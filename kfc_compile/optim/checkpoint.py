@@ -1,39 +1,141 @@
-"""What ``KFC.load_state_dict`` checks before it changes anything: the entry's version, layers and layouts.
+"""The ``"kfc"`` entry of ``KFC.state_dict()``: the optimizer's own state, its format version and its checks.
 
-A state_dict that does not fit the optimizer raises ``ValueError`` naming the mismatch, so a failed load leaves the
-optimizer as it was.
+Format version 2 (version 1, without ``"options"``, per-layer ``"layout"`` and ``"health"``, still loads)::
+
+    {"version": 2, "step": int, "mode": str, "scale": float, "warned": [str],
+     "options": {"approx", "damping_method", "max_factor_dim", "memory_budget"},   # the structural options
+     "layers": [{"name", "layout": (groups, a_dim, g_dim, a_blocks, g_blocks), "frozen": bool,
+                 "factors": None | {"A", "G", "updates"}, "inverse": None | LayerInverse.state()}],
+     "generator": None | uint8 tensor, "health": Health.state(),
+     "distributed": None | {"seed", "world_size", "mode"}}   # Distributed.state(): the same on every rank
+
+Distributed KFC saves the same entry on every rank (rank 0's is enough) and loads it at any world size, or into a
+single process; a single-process state loads into a distributed run (its MC seed is then the run's own).
+
+Only tensors, numbers, strings, None, lists, tuples and dicts, so ``torch.load(..., weights_only=True)`` reads it.
+Tensors are restored on each layer's device and in its factor dtype (fp32, fp64 for fp64 layers), so a state
+saved on another device or in another precision (``map_location``, a ``.double()`` run) loads; the generator state
+goes back to the CPU, where ``torch.Generator.set_state`` wants it.
+
+A state saved with other structural options is refused with a ``ValueError`` that names the mismatch: another
+layer set, ``approx``, ``damping_method``, or factor layouts (``max_factor_dim`` / ``memory_budget``).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from dataclasses import astuple
 
-STATE_VERSION = 1
+import torch
+
+from kfc_compile.curvature.distributed import Distributed
+from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
+from kfc_compile.curvature.factors import RunningFactors
+from kfc_compile.curvature.health import Health
+from kfc_compile.curvature.inverses import LayerInverse
+from kfc_compile.optim.options import KFCOptions
+
+STATE_VERSION = 2
+LOADABLE_VERSIONS = (1, 2)
 
 
-def checked_entry(state_dict: dict, states: Sequence, damping_method: str) -> dict:
-    """The ``"kfc"`` entry of a ``KFC.state_dict()``, checked against this optimizer's layer states.
+def _factor_dtype(s: LayerState) -> torch.dtype:
+    return torch.float64 if s.layer.weight.dtype == torch.float64 else torch.float32
 
-    Args:
-        state_dict: what ``KFC.state_dict()`` returned (possibly on another process or world size).
-        states: the optimizer's ``LayerState`` list.
-        damping_method: the optimizer's damping method (its inverses are of that kind).
 
-    Raises:
-        ValueError: not a KFC state_dict, another version, other layers, another damping method, or factors of
-            another layout.
+def layer_entry(s: LayerState) -> dict:
+    """One layer's entry (copies of its tensors)."""
+    rf = s.running
+    return {"name": s.layer.name, "layout": astuple(s.layout), "frozen": s.frozen,
+            "factors": None if rf is None else {"A": rf.A.clone(), "G": rf.G.clone(), "updates": rf.updates},
+            "inverse": None if s.inverse is None else s.inverse.state()}
+
+
+def kfc_state(est: CurvatureEstimator, options: KFCOptions, health: Health, step: int, warned: set[str],
+              approx: str, dist: Distributed | None = None) -> dict:
+    """The ``"kfc"`` entry of ``state_dict()`` (see the module docstring)."""
+    return {
+        "version": STATE_VERSION,
+        "step": step,
+        "mode": options.mode,
+        "damping_method": options.damping_method,
+        "options": {"approx": approx, "damping_method": options.damping_method,
+                    "max_factor_dim": options.max_factor_dim, "memory_budget": options.memory_budget},
+        "scale": est.scale,
+        "warned": sorted(warned),
+        "layers": [layer_entry(s) for s in est.states],
+        "generator": None if options.generator is None else options.generator.get_state(),
+        "health": health.state(),
+        "distributed": None if dist is None else dist.state(),
+    }
+
+
+def check_kfc_state(kfc: dict | None, est: CurvatureEstimator, options: KFCOptions, approx: str,
+                    layers: bool = True) -> None:
+    """Raise ``ValueError`` naming the first mismatch between a saved ``"kfc"`` entry and this optimizer.
+
+    ``layers=False``: only what does not depend on the layers (a compiled model's layers may not exist yet).
     """
-    kfc = state_dict.get("kfc")
     if kfc is None:
         raise ValueError("not a KFC state_dict (no 'kfc' entry)")
-    if kfc.get("version") != STATE_VERSION:
-        raise ValueError(f"unsupported KFC state_dict version {kfc.get('version')!r}")
+    version = kfc.get("version")
+    if version not in LOADABLE_VERSIONS:
+        raise ValueError(f"unsupported KFC state_dict version {version!r} (this kfc_compile reads versions "
+                         f"{LOADABLE_VERSIONS})")
+    saved = kfc.get("options", {"damping_method": kfc["damping_method"]})
+    for key, now in (("approx", approx), ("damping_method", options.damping_method)):
+        if key in saved and saved[key] != now:
+            raise ValueError(f"state_dict was saved with {key}={saved[key]!r}, this optimizer uses {key}={now!r}")
+    if not layers:
+        return
     saved_names = [entry["name"] for entry in kfc["layers"]]
-    names = [s.layer.name for s in states]
+    names = [s.layer.name for s in est.states]
     if saved_names != names:
-        raise ValueError(f"state_dict layers {saved_names} do not match this optimizer's {names}")
-    if kfc["damping_method"] != damping_method:
-        raise ValueError(f"state_dict was saved with damping_method={kfc['damping_method']!r}, "
-                         f"this optimizer uses {damping_method!r}")
-    for s, entry in zip(states, kfc["layers"], strict=True):
-        s.check(entry)
-    return kfc
+        missing = [n for n in names if n not in saved_names]
+        extra = [n for n in saved_names if n not in names]
+        raise ValueError(f"state_dict layers {saved_names} do not match this optimizer's {names} (not in the "
+                         f"state: {missing}; only in the state: {extra}; same names in another order if both "
+                         "are empty): it was saved for another model or layer set")
+    for s, entry in zip(est.states, kfc["layers"], strict=True):
+        fac = entry["factors"]
+        shapes = None if fac is None else (tuple(fac["A"].shape), tuple(fac["G"].shape))
+        layout = entry.get("layout")
+        if (layout is not None and tuple(layout) != astuple(s.layout)) or (
+                shapes is not None and shapes != s.layout.shapes()):
+            why = (f"saved with max_factor_dim={saved['max_factor_dim']!r}, memory_budget={saved['memory_budget']!r}"
+                   if "max_factor_dim" in saved else "saved with another max_factor_dim?")
+            raise ValueError(f"state_dict factors of layer {entry['name']!r} have layout {layout} / shapes "
+                             f"{shapes}, this optimizer stores {astuple(s.layout)} / {s.layout.shapes()} ({why}; "
+                             f"this optimizer: max_factor_dim={options.max_factor_dim!r}, "
+                             f"memory_budget={options.memory_budget!r})")
+
+
+def restore_layer_state(kfc: dict, est: CurvatureEstimator) -> None:
+    """Restore the per-layer part of a checked ``"kfc"`` entry: curvature scale, factors, inverses, flags."""
+    est.scale = float(kfc["scale"])
+    for s, entry in zip(est.states, kfc["layers"], strict=True):
+        dev, dt = s.layer.weight.device, _factor_dtype(s)
+        fac = entry["factors"]
+        s.running = None if fac is None else RunningFactors(fac["A"].to(dev, dt).clone(), fac["G"].to(dev, dt).clone(),
+                                                            int(fac["updates"]))
+        s.frozen = bool(entry["frozen"])
+        s.inverse = None if entry["inverse"] is None else LayerInverse.from_state(entry["inverse"], dev, dt)
+        s.stale = False
+    est.rebuild_buckets()
+
+
+def restore_run_state(kfc: dict, options: KFCOptions, health: Health, warned: set[str],
+                      dist: Distributed | None = None) -> int:
+    """Restore what does not depend on the layers (health, once-only warnings, MC RNG / seed); returns the step."""
+    warned.clear()
+    warned.update(kfc.get("warned", ()))
+    if "health" in kfc:
+        health.load(kfc["health"])
+    if kfc["generator"] is not None:
+        if options.generator is None:
+            warnings.warn("the state_dict has an MC generator state but this optimizer has no generator: "
+                          "it is ignored (sampling uses the global RNG)", stacklevel=3)
+        else:
+            options.generator.set_state(kfc["generator"].to("cpu", torch.uint8))
+    if dist is not None:
+        dist.load(kfc.get("distributed"))
+    return int(kfc["step"])

@@ -6,8 +6,17 @@ Fisher, exact for these exponential-family losses: ``Loss.fisher_inner`` in ``cu
 F is the Fisher of the per-example loss averaged over examples, i.e. the curvature of a batch-mean objective;
 ``scale`` (N for a sum objective) multiplies it. One JVP per direction gives all inner products among the
 directions (2 JVPs for the 4 scalars of §6.1).
+
+:class:`ExactGram` runs them on the leading examples of the step's recorded calls (all micro-batches of gradient
+accumulation). Where the model has an op without forward-mode AD (CPU ``nn.LSTM`` / ``nn.GRU``, a custom
+``autograd.Function`` without ``jvp``, some fused kernels) the step falls back to the Kronecker-factored curvature
+(:func:`factored_gram`), with one warning naming the op.
 """
 from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -15,7 +24,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kfc_compile.curvature.distributed import Distributed
+from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.losses import Loss
+from kfc_compile.curvature.precondition import grad_matrix
+from kfc_compile.curvature.subset import leading_subset
+from kfc_compile.runtime.calls import RecordedCall
 from kfc_compile.runtime.taps import model_output
 
 
@@ -25,19 +39,26 @@ class FisherProducts:
     Buffers are copied so that BatchNorm running statistics are not touched by these extra forwards.
     """
 
-    def __init__(self, model: nn.Module, spec: Loss):
+    def __init__(self, model: nn.Module, spec: Loss, select=None):
         self.model = model
         self.spec = spec
+        self.select = select  # picks the logits from the model's output (``model_output``)
         self.names: dict[int, str] = {}
         for name, p in model.named_parameters():
             self.names.setdefault(id(p), name)
 
-    def outputs_and_jvps(self, inputs: tuple, directions: list[dict[torch.Tensor, torch.Tensor]]
+    def outputs_and_jvps(self, call: RecordedCall | tuple, directions: list[dict[torch.Tensor, torch.Tensor]]
                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Model output f on ``inputs`` and ``J·d`` for each direction (dict parameter → tensor of its shape).
+        """Model output f of ``call`` and ``J·d`` for each direction (dict parameter → tensor of its shape).
 
-        Parameters missing from a direction get a zero tangent; parameters the model does not use are ignored.
+        ``call`` is a recorded call or a tuple of positional inputs. Parameters missing from a direction get a zero
+        tangent; parameters the model does not use are ignored.
+
+        Raises:
+            NotImplementedError: an op of the model has no forward-mode AD (torch's error, naming it).
         """
+        if not isinstance(call, RecordedCall):
+            call = RecordedCall(tuple(call), {})
         model = self.model
         params = {n: p.detach() for n, p in model.named_parameters()}
         buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -46,7 +67,7 @@ class FisherProducts:
         if not moving:
             with torch.no_grad():
                 bufs = {n: b.clone() for n, b in buffers.items()}
-                f = model_output(functional_call(model, (params, bufs), inputs))
+                f = model_output(functional_call(model, (params, bufs), call.args, call.kwargs), self.select)
             return f, [torch.zeros_like(f) for _ in directions]
 
         f = None
@@ -56,11 +77,17 @@ class FisherProducts:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             for d in named:
                 with fwAD.dual_level():
-                    duals = {n: fwAD.make_dual(prim, d[n].to(prim.dtype) if n in d else torch.zeros_like(prim))
-                             for n, prim in moving.items()}
+                    with warnings.catch_warnings():
+                        # the first make_dual imports torch's JVP decompositions, which call the deprecated
+                        # torch.jit.script: torch's own warning, not the user's concern
+                        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                                category=FutureWarning)
+                        duals = {n: fwAD.make_dual(prim, d[n].to(prim.dtype) if n in d else torch.zeros_like(prim))
+                                 for n, prim in moving.items()}
                     # fresh buffer copies per pass: BatchNorm's in-place running-stat updates stay local
                     bufs = {n: b.clone() for n, b in buffers.items()}
-                    out = model_output(functional_call(self.model, ({**params, **duals}, bufs), inputs))
+                    out = model_output(functional_call(self.model, ({**params, **duals}, bufs), call.args,
+                                                       call.kwargs), self.select)
                     primal, tangent = fwAD.unpack_dual(out)
                     f = primal.detach().clone()
                     outs.append(torch.zeros_like(f) if tangent is None else tangent.detach().clone())
@@ -76,3 +103,103 @@ def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1
             C[i, j] = C[j, i] = float(spec.fisher_inner(f, jvps[i], jvps[j])) * scale
     return C
 
+
+
+class ExactGram:
+    """The Gram matrix of the objective's exact Fisher among directions, on the step's leading examples.
+
+    ``gram(directions, fraction)`` (``updates.GramFn``): one JVP per direction and per recorded call that the
+    leading ``fraction`` of the step's batch reaches, the per-call matrices averaged with their examples as
+    weights; times the estimator's curvature scale. Falls back to :func:`factored_gram` for the step when an op
+    has no forward-mode AD (one warning per optimizer, naming the op). Distributed (``distributed``): the mean of
+    the ranks' matrices, the Fisher of the objective DDP differentiates.
+    """
+
+    def __init__(self, products: FisherProducts, estimator: CurvatureEstimator, warned: set[str],
+                 distributed: Distributed | None = None):
+        self.products = products
+        self.estimator = estimator
+        self.warned = warned
+        self.distributed = distributed
+
+    def __call__(self, directions: list[dict[torch.Tensor, torch.Tensor]], fraction: float) -> torch.Tensor:
+        """Gram matrix (fp64) among ``directions`` (parameter → tensor; missing parameters: 0)."""
+        C = self._local(directions, fraction)
+        return C if self.distributed is None else self.distributed.mean("fisher", C)
+
+    def _local(self, directions: list[dict[torch.Tensor, torch.Tensor]], fraction: float) -> torch.Tensor:
+        est = self.estimator
+        capture = est.capture
+        parts = leading_subset(capture.recorded_calls(), fraction)
+        grams, sizes = [], []
+        try:
+            with capture.preserved_calls():
+                for part in parts:
+                    f, jv = self.products.outputs_and_jvps(part, directions)
+                    grams.append(gram(self.products.spec, f, jv, est.scale))
+                    sizes.append(f.shape[0])
+        except RuntimeError as e:  # NotImplementedError included
+            op = missing_forward_ad(e)
+            if op is None:
+                raise
+            if "forward-ad" not in self.warned:
+                self.warned.add("forward-ad")
+                warnings.warn(f"{op} has no forward-mode AD: the exact Fisher products (clip_curvature='exact', "
+                              "mode='adaptive') use the Kronecker-factored curvature of the KFC layers instead "
+                              "(0 on the other parameters) on the steps where it runs", RuntimeWarning, stacklevel=4)
+            return factored_gram(est.states, directions, est.scale)
+        if len(grams) == 1:
+            return grams[0]
+        return sum(c * n for c, n in zip(grams, sizes, strict=True)) / sum(sizes)
+
+
+def missing_forward_ad(error: BaseException) -> str | None:
+    """The op an error says has no forward-mode AD (a description when unnamed), or None for any other error.
+
+    torch raises ``NotImplementedError`` (a ``RuntimeError``) for these; another ``RuntimeError`` counts only when
+    its message is about forward mode.
+    """
+    if not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    named = re.search(r"forward AD with (\S+)", text)
+    if named:
+        return f"the op {named.group(1)}"
+    if not isinstance(error, NotImplementedError) and not re.search(r"forward[- ]mode|forward AD|jvp", text):
+        return None
+    fn = None  # a custom autograd.Function without jvp: torch's message does not name it, its jvp frame's ctx does
+    tb = error.__traceback__
+    while tb is not None:
+        ctx = tb.tb_frame.f_locals.get("ctx", tb.tb_frame.f_locals.get("self"))
+        fn = getattr(ctx, "_forward_cls", None) or fn
+        tb = tb.tb_next
+    return f"the autograd.Function {fn.__qualname__}" if fn is not None else f"an op ({text.splitlines()[0]})"
+
+
+def factored_gram(states: Sequence[LayerState], directions: list[dict[torch.Tensor, torch.Tensor]],
+                  scale: float = 1.0) -> torch.Tensor:
+    """Matrix of ``scale·uᵢᵀ F̂ uⱼ`` under the Kronecker-factored curvature (fp64, symmetric).
+
+    F̂ is the undamped block-diagonal ``kron(Γ, Ω)`` of the KFC layers' moving averages, as the exact Fisher it
+    replaces (damping and weight decay are added by the callers); parameters outside KFC and layers without
+    factors yet contribute 0.
+    """
+    k = len(directions)
+    C = torch.zeros(k, k, dtype=torch.float64)
+    for s in states:
+        if s.running is None:
+            continue
+        A, G = s.running.A, s.running.G
+        if s.layout.blocked:
+            A, G = s.layout.to_dense(A, G)
+        layer = s.layer
+        mats = [grad_matrix(layer, 0.0, (d.get(layer.weight), None if layer.bias is None else d.get(layer.bias)))
+                for d in directions]
+        mats = [None if m is None else m.double() for m in mats]
+        prods = [None if m is None else G.double() @ m @ A.double() for m in mats]
+        for i in range(k):
+            for j in range(i, k):
+                if mats[i] is not None and prods[j] is not None:
+                    C[i, j] += float((mats[i] * prods[j]).sum())
+                    C[j, i] = C[i, j]
+    return C * scale

@@ -25,8 +25,8 @@ the update:
   v = −lr·F̂⁻¹∇h; ν = vᵀFv + wd·vᵀv with exact Fisher-vector products (forward-mode JVPs) on the first
   ``clip_fraction`` of the batch (or, with ``clip_curvature="factored"``, ν = vᵀF̂v under the damped
   Kronecker-factored curvature itself, = lr²·⟨F̂⁻¹∇h, ∇h⟩: no extra pass, the kl-clip of kfac-pytorch; fallback
-  parameters then add only wd·vᵀv); if ν > clip, v ← v·sqrt(clip/ν) (a non-finite ν skips the step, with a
-  warning); p ← μp + v; θ ← θ + p; optional iterate averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
+  parameters then add only wd·vᵀv); if ν > clip, v ← v·sqrt(clip/ν); p ← μp + v; θ ← θ + p; optional iterate
+  averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
 * ``mode="adaptive"`` (full K-FAC rescaling; docs/algorithm.md §5.4–6.1): Δ = −F̂⁻¹∇h, δ = lr·(αΔ + μδ₀) with
   (α, μ) minimising the quadratic model M built from the exact mini-batch Fisher (2 JVPs) plus (damping + wd)·I;
   ``lr = 1`` is K-FAC proper, ``momentum = 0`` drops μ. Every ``lm_interval`` steps the damping λ follows the
@@ -38,28 +38,41 @@ the update:
 fallback: ``"sgd"`` joins the same update vector v (identity preconditioner, the same clipping and momentum),
 ``"adam"`` runs a separate Adam step (not clipped, not part of the α/μ solve). The rules themselves are
 list-of-tensor functions in ``rules.py``; the arguments are validated in ``options.py``.
+
+Faults (``safety.py``, ``curvature/guard.py``, counted in ``opt.health``): a non-finite loss or gradient (or a
+GradScaler's inf step) skips the step before anything of it is kept; non-finite statistics are dropped; a failed
+decomposition leaves a layer its previous inverse; ``max_skipped_steps`` / ``max_failures`` in a row raise.
 """
 from __future__ import annotations
 
 import contextlib
-import warnings
-from collections.abc import Iterator
+import copy
+import math
 
 import torch
 from torch import nn
 
-from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.distributed import setup as setup_distributed
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import Factors
-from kfc_compile.curvature.subset import batch_subset
-from kfc_compile.optim import fvp
-from kfc_compile.optim.checkpoint import STATE_VERSION, checked_entry
+from kfc_compile.curvature.guard import finite_flags
+from kfc_compile.curvature.health import Health
+from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo
+from kfc_compile.optim import fvp, resume
+from kfc_compile.optim.checkpoint import check_kfc_state, kfc_state, restore_layer_state, restore_run_state
 from kfc_compile.optim.groups import find_group, hyper_parameters, initial_groups, regroup
-from kfc_compile.optim.model import is_compiled_module, resolve_model, route
+from kfc_compile.optim.model import (
+    check_coverage,
+    resolve_model,
+    restore_routing,
+    route,
+    routing_snapshot,
+    warn_if_uncovered,
+)
 from kfc_compile.optim.options import KFCOptions
-from kfc_compile.optim.rules import average_iterates_, l2_term, levenberg_marquardt, reduction_ratio
-from kfc_compile.optim.updates import GroupPart, adam_update, adaptive_update, group_parts, pre_update
+from kfc_compile.optim.rules import average_iterates_, swapped_in
+from kfc_compile.optim.safety import BufferSnapshot, StepGuard
+from kfc_compile.optim.updates import adam_update, adaptive_lm_update, group_parts, pre_update
 from kfc_compile.registry import KFCInfo, KFCLayer
 
 
@@ -68,8 +81,7 @@ class KFC(torch.optim.Optimizer):
 
     Args:
         model: a plain ``nn.Module`` (transformed here; its forward is routed through the instrumented graph in
-            place, so ``model(x)`` keeps working and feeds the statistics) or a ``kc.transform``ed module; either
-            inside ``DistributedDataParallel`` for distributed KFC.
+            place, so ``model(x)`` keeps working and feeds the statistics) or a ``kc.transform``ed module.
         lr: learning rate (``mode="adaptive"``: a multiplier on the α/μ-rescaled update, 1 for K-FAC proper).
         momentum: μ of KFC-pre (``p ← μp + v``); in adaptive mode 0 disables the μ direction.
         damping: γ (the identity weight of the curvature, added to the weight decay): factored strength
@@ -102,14 +114,32 @@ class KFC(torch.optim.Optimizer):
         max_factor_dim: a factor (Ω or Γ, per group) wider than this is kept as ceil(d / max_factor_dim)
             equal diagonal blocks (``curvature/blocks.py``: d·b memory, d·b² inversion instead of d², d³; e.g.
             VGG's 25089-wide Ω); ``None``: always dense.
+        max_failures: consecutive failed decompositions (fp32 and fp64) of one layer that raise a
+            ``DecompositionError`` (``None``: never); until then the layer keeps its previous inverse.
+        max_skipped_steps: consecutive skipped steps (non-finite loss, gradient or update) that raise
+            ``TrainingDivergedError`` (``None``: never).
+        memory_budget: bytes the curvature may take at its peak (``kc.report`` lists each layer's share): layers
+            then get smaller diagonal blocks until it fits, with a warning naming them, or construction fails with
+            ``MemoryBudgetError`` (``None``: no limit).
+        grad_scaler: the ``torch.amp.GradScaler`` whose ``scaler.step(opt)`` calls ``step()``; needed only when
+            ``scaler.unscale_(opt)`` runs before it with ``fisher="empirical"`` (``scaler.step`` hands KFC the
+            scale and the inf flag itself).
+        frontend: how a plain module is instrumented: ``"auto"`` (the torch.fx pass where it traces the whole
+            forward the same way in train and eval mode, dynamo capture otherwise), ``"fx"`` or ``"dynamo"``
+            (see ``kc.transform``).
+        output: which tensor of the model's output feeds the Fisher (``lambda out: out.logits``); default: the
+            output itself, its ``.logits`` / ``["logits"]``, or the first tensor of a tuple with a batch dim.
         distributed: ``None`` (on for a DDP model), ``True`` / ``"broadcast"`` (each layer's inverse computed by one
             rank and gathered by all), ``"replicate"`` (every rank computes all) or ``False``; see
             ``curvature/distributed.py``. Every rank calls ``step()`` (and ``precondition()``) together.
 
     ``opt.options`` holds the validated arguments, ``opt.layer_state(name)`` / ``opt.layer_states()`` what is kept
     per KFC layer (factors, inverse, flags), ``opt.last_step`` the scalars of the last step (ν, clip scale, α, μ,
-    ρ, damping ...).
+    ρ, damping ...; ``skipped`` and ``cause`` on a skipped step), ``opt.health`` the fault record
+    (``curvature/health.py``).
     """
+
+    _step_supports_amp_scaling = True  # scaler.step(opt) always calls step() with grad_scale and found_inf
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, damping: float = 1e-3,
                  weight_decay: float = 0.0, stats_every: int = 1, inverse_every: int = 20, stat_decay: float = 0.95,
@@ -120,37 +150,50 @@ class KFC(torch.optim.Optimizer):
                  clip_fraction: float = 0.25, clip_curvature: str = "exact", fallback_lr: float | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
-                 max_factor_dim: int | None = 8192, distributed: bool | str | None = None):
-        self.options = o = KFCOptions(
+                 max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
+                 memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None,
+                 frontend: str = "auto", output=None, distributed: bool | str | None = None):
+        self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
             loss=loss, approx=approx, mode=mode, clip=clip, averaging=averaging, damping_method=damping_method,
             fallback=fallback, mc_samples=mc_samples, generator=generator, clip_fraction=clip_fraction,
             clip_curvature=clip_curvature, fallback_lr=fallback_lr, fallback_betas=fallback_betas,
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
-            max_factor_dim=max_factor_dim, distributed=distributed)
-        tm, owner, needs_route = resolve_model(model, o.approx)
+            max_factor_dim=max_factor_dim, max_failures=max_failures, max_skipped_steps=max_skipped_steps,
+            memory_budget=memory_budget, grad_scaler=grad_scaler, frontend=frontend, output=output,
+            distributed=distributed)
+        saved = routing_snapshot(model)
+        try:
+            self._setup(model)
+        except BaseException:  # never leave the user's model half-instrumented
+            restore_routing(model, saved)
+            raise
+
+    def _setup(self, model: nn.Module) -> None:
+        o = self.options
+        tm, owner, needs_route = resolve_model(model, o.approx, o.frontend)
         info: KFCInfo = tm.kfc
         self.model = tm
         self._dist = setup_distributed(model, o, info.layers, getattr(info, "version", None) is not None)
-        # a model compiled with the kfc backend: layers join info.layers when dynamo compiles (_sync_layers)
-        pending = getattr(info, "version", None) is not None and not info.graphs
-        if not info.layers and not pending:
-            if o.fallback is None:
-                raise ValueError(f"{type(owner).__name__} has no layer KFC can precondition and fallback=None: "
-                                 "nothing would be trained (use fallback='sgd' or 'adam')")
-            warnings.warn(f"{type(owner).__name__} has no layer KFC can precondition: every parameter is trained "
-                          f"by the {o.fallback!r} fallback", stacklevel=2)
+        pending = check_coverage(owner, info, o.fallback)
         if needs_route:
             route(owner, tm)
-        compiled = is_compiled_module(tm)
+        compiled = isinstance(info, CompiledKFCInfo)  # torch.compile(backend="kfc"), or dynamo capture
+        info.state.output_fn = o.output
         self._warned: set[str] = set()  # once-only warnings given (shared with the estimator; saved in state_dict)
+        self.health = Health()
+        self._guard = StepGuard(o, self.health, self._warned)
         self._estimator = CurvatureEstimator(
             tm, compiled=compiled, loss=o.loss, fisher=o.fisher, mc_samples=o.mc_samples, generator=o.generator,
             stats_every=o.stats_every, inverse_every=o.inverse_every, stat_decay=o.stat_decay,
             stats_fraction=o.stats_fraction, damping_method=o.damping_method, max_factor_dim=o.max_factor_dim,
-            warned=self._warned, distributed=self._dist)
-        self._fisher_products = fvp.FisherProducts(owner if compiled else tm, o.loss)
+            warned=self._warned, health=self.health, max_failures=o.max_failures, memory_budget=o.memory_budget,
+            distributed=self._dist)
+        # the exact Fisher products' Gram matrix on the step's recorded calls (updates.GramFn)
+        self._exact_gram = fvp.ExactGram(fvp.FisherProducts((info.eager or owner) if compiled else tm, o.loss,
+                                                            o.output), self._estimator, self._warned,
+                                       self._dist)
 
         groups, self.fallback_names = initial_groups(self.layers, owner, o, pending)
         self._init_done = False
@@ -159,8 +202,10 @@ class KFC(torch.optim.Optimizer):
 
         self._step_count = 0
         self._owner = owner
+        self._buffers = BufferSnapshot(owner)
         self._owner_params = list(owner.parameters())
         self.last_step: dict = {}
+        self._pending_state: dict | None = None  # a state_dict loaded before the kfc backend compiled any layer
         if o.averaging is not None:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -238,22 +283,10 @@ class KFC(torch.optim.Optimizer):
             raise RuntimeError("iterate averaging is off: construct KFC with averaging=tau")
         return [self.state[p]["average"] for g in self.param_groups for p in g["params"]]
 
-    @contextlib.contextmanager
-    def swap_averaged(self) -> Iterator[None]:
-        """Inside the block the parameters hold the averaged iterates θ̄ (e.g. for evaluation)."""
-        if self.options.averaging is None:
-            raise RuntimeError("iterate averaging is off: construct KFC with averaging=tau")
+    def swap_averaged(self) -> contextlib.AbstractContextManager[None]:
+        """Inside the ``with`` block the parameters hold the averaged iterates θ̄ (e.g. for evaluation)."""
         params = [p for g in self.param_groups for p in g["params"]]
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p in params:
-                p.copy_(self.state[p]["average"])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved, strict=True):
-                    p.copy_(s)
+        return swapped_in(params, self.averaged_parameters())
 
     # -- parameter groups ----------------------------------------------------------------------------------------
     def _kfc_group(self) -> dict | None:
@@ -271,6 +304,15 @@ class KFC(torch.optim.Optimizer):
             names = regroup(self.param_groups, self.defaults, self.layers, self._owner_params, self._owner)
             if names is not None:
                 self.fallback_names = names
+        warn_if_uncovered(self._owner, self.model.kfc, self.layers, self.options.fallback, self._warned)
+        if self._pending_state is not None and self._estimator.states:
+            self._load_layers(self._pending_state)  # a mismatch raises, and the state keeps waiting
+            self._pending_state = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim``'s ``zero_grad``; the forwards since the last step stop being micro-batches of the next."""
+        super().zero_grad(set_to_none)
+        self._estimator.discard_micro_batches()
 
     # -- the step -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -288,19 +330,30 @@ class KFC(torch.optim.Optimizer):
         k = self._step_count + 1
         est, o = self._estimator, self.options
         self._sync_layers()
-        est.update_statistics()
+        resume.require_applied(self._pending_state)
         kg, fg = self._kfc_group(), self._fallback_group()
+        est.loss_scale = self._guard.loss_scale(self, o.fisher == "empirical" and est.capturing_in_pass)
+        fault = self._guard.check(self, loss, est.loss_scale)
+        if fault is not None:
+            return self._skip(k, *fault, loss)
+        est.update_statistics()
         info: dict = {"step": k}
         nat = {}
         if kg is not None:
             est.refresh_inverses(k, kg["damping"] + kg["weight_decay"])
             nat = est.precondition(kg["weight_decay"])
+        if nat and not finite_flags([list(nat.values())])[0]:
+            return self._skip(k, "update", "the preconditioned gradient F̂⁻¹∇h has inf/NaN entries", loss)
         parts = group_parts(kg, fg if o.fallback == "sgd" else None, nat)
         if any(part.params for part in parts):
             if o.mode == "pre":
                 pre_update(parts, self.state, o, self._exact_gram, info)
             else:
-                self._step_adaptive(parts, info, loss, closure, k)
+                adaptive_lm_update(parts, self.state, o, self._exact_gram, info, loss, closure, k,
+                                   self._warned, self.param_groups, self._dist)
+        if info.get("skipped"):
+            what = f"the clipping statistic ν is {info.get('nu')}" if o.mode == "pre" else "the α/μ model is not finite"
+            return self._skip(k, "update", what, loss, info)
         if fg is not None and o.fallback == "adam":
             adam_update(fg, self.state)
         if o.averaging is not None:
@@ -308,89 +361,56 @@ class KFC(torch.optim.Optimizer):
             average_iterates_([self.state[p]["average"] for p in params], params, o.averaging)
         self._step_count = k
         self.last_step = info
-        est.schedule(k + 1)
+        self.health.step_applied((kg or fg or {}).get("damping", o.damping))
+        self._buffers.take()
+        est.end_step(k)
         return loss
 
-    def _exact_gram(self, directions: list[dict[torch.Tensor, torch.Tensor]], fraction: float) -> torch.Tensor:
-        """Gram matrix (fp64) of the exact mini-batch Fisher of the objective among ``directions``.
-
-        Directions map parameters to tensors (missing parameters: 0); one JVP each, on the recorded batch's leading
-        ``fraction``.
-        """
-        capture = self._estimator.capture
-        inputs = batch_subset(capture.recorded_inputs(), fraction)
-        with capture.preserved_inputs():
-            f, jv = self._fisher_products.outputs_and_jvps(inputs, directions)
-        C = fvp.gram(self.options.loss, f, jv, self._estimator.scale)
-        return C if self._dist is None else self._dist.mean("fisher", C)
-
-    def _step_adaptive(self, parts: list[GroupPart], info: dict, loss, closure, k: int) -> None:
-        """The adaptive update, and every ``lm_interval`` steps the Levenberg–Marquardt damping rule."""
-        o = self.options
-        l2_groups = [(part.group["params"], part.group["weight_decay"]) for part in parts]
-        lm_due = k % o.lm_interval == 0
-        h0 = None
-        if lm_due:
-            if closure is None or loss is None:
-                if "lm" not in self._warned:
-                    self._warned.add("lm")
-                    warnings.warn("mode='adaptive' adapts the damping (Levenberg–Marquardt) only when step() gets a "
-                                  "closure that re-evaluates the loss; the damping stays fixed", stacklevel=3)
-                lm_due = False
-            else:
-                h0 = _as_float(loss, self._dist) + l2_term(l2_groups)
-        lam = parts[0].group["damping"]
-        model_change = adaptive_update(parts, self.state, o, self._exact_gram, info)
-        if lm_due:
-            with torch.enable_grad():
-                h1 = _as_float(closure(), self._dist) + l2_term(l2_groups)
-            rho = reduction_ratio(h0, h1, model_change)
-            new = levenberg_marquardt(lam, rho, o.lm_decay, o.min_damping)
-            for g in self.param_groups:
-                g["damping"] = new
-            info.update(rho=rho, damping=new)
+    def _skip(self, k: int, cause: str, detail: str, loss, info: dict | None = None):
+        """Leave step k unapplied (see ``safety.py``): its statistics are dropped and the taps re-armed for step k."""
+        info = {**(info or {}), "step": k, "skipped": True, "cause": cause}
+        if self.options.clip is not None and self.options.mode == "pre":
+            info.setdefault("nu", math.nan)  # no ν was computed: undefined
+        self.last_step = info
+        self._estimator.discard()
+        self._estimator.discard_micro_batches()  # the skipped step's forwards are not micro-batches of the next
+        self._estimator.schedule(k)
+        for name in self._buffers.restore_non_finite():
+            self.health.buffer_restored(name)
+        self._guard.skipped(k, cause, detail, self._kfc_group() or self._fallback_group())
+        return loss
 
     # -- state -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """``torch.optim`` state plus ``"kfc"``: step, curvature scale, per-layer factors and inverses, RNG state."""
+        """``torch.optim`` state plus ``"kfc"``: the curvature, the health record, the RNG (``checkpoint.py``)."""
+        if self._pending_state is not None:  # loaded, not applied yet: nothing changed since
+            return copy.deepcopy(self._pending_state)
         sd = super().state_dict()
-        est = self._estimator
-        sd["kfc"] = {
-            "version": STATE_VERSION,
-            "step": self._step_count,
-            "mode": self.options.mode,
-            "damping_method": self.options.damping_method,
-            "scale": est.scale,
-            "warned": sorted(self._warned),
-            "layers": [s.state() for s in est.states],
-            "generator": None if self.options.generator is None else self.options.generator.get_state(),
-            "distributed": None if self._dist is None else self._dist.state(),
-        }
+        sd["kfc"] = kfc_state(self._estimator, self.options, self.health, self._step_count, self._warned,
+                              self.options.approx, self._dist)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict` of a KFC on the same layers with the same ``damping_method``."""
-        est, o = self._estimator, self.options
-        kfc = checked_entry(state_dict, est.states, o.damping_method)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfc"})
-        self._step_count = int(kfc["step"])
-        est.scale = float(kfc["scale"])
-        self._warned.clear()
-        self._warned.update(kfc.get("warned", ()))
-        for s, entry in zip(est.states, kfc["layers"], strict=True):
-            s.load(entry)
-        est.rebuild_buckets()
-        if self._dist is not None:
-            self._dist.load(kfc.get("distributed"))
-        if kfc["generator"] is not None:
-            if o.generator is None:
-                warnings.warn("the state_dict has an MC generator state but this optimizer has no generator: "
-                              "it is ignored (sampling uses the global RNG)", stacklevel=2)
-            else:
-                o.generator.set_state(kfc["generator"])
+        """Restore a :meth:`state_dict` of a KFC with the same layers and structural options.
+
+        Into a kfc-compiled model with no layer yet, the per-layer part waits for them (applied at the next layer
+        sync, before the step uses them; ``resume.py``); the step count, RNG and health record are restored at once.
+
+        Raises:
+            ValueError: another layer set, ``approx``, ``damping_method`` or factor layout (nothing is loaded).
+        """
+        kfc = state_dict.get("kfc")
+        est = self._estimator
+        waits = bool(kfc is not None and est.live and not est.states and kfc.get("layers"))
+        check_kfc_state(kfc, est, self.options, self.options.approx, layers=not waits)
+        if waits:
+            self._pending_state = state_dict
+        else:
+            self._load_layers(state_dict)
+        self._step_count = restore_run_state(kfc, self.options, self.health, self._warned, self._dist)
         est.schedule(self._step_count + 1)
 
-
-def _as_float(loss, dist: Distributed | None = None) -> float:
-    v = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-    return v if dist is None else dist.mean("loss", v)  # distributed: the mean of the ranks' losses
+    def _load_layers(self, state_dict: dict) -> None:
+        check_kfc_state(state_dict["kfc"], self._estimator, self.options, self.options.approx)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfc"})
+        restore_layer_state(state_dict["kfc"], self._estimator)

@@ -9,15 +9,20 @@ instrumented and trained (routed in place, so DDP's own forward, and with it its
 """
 from __future__ import annotations
 
+import logging
 import types
 import warnings
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kfc_compile.frontend import select
 from kfc_compile.frontend.dynamo.backend import registry_for
+from kfc_compile.frontend.dynamo.plain import capture
 from kfc_compile.registry import KFCInfo
 from kfc_compile.transform import transform
+
+log = logging.getLogger(__name__)
 
 
 def is_compiled_module(model: object) -> bool:
@@ -27,6 +32,23 @@ def is_compiled_module(model: object) -> bool:
     except Exception:  # pragma: no cover - dynamo unavailable
         return False
     return isinstance(model, OptimizedModule)
+
+
+def _rnn_eagerly(model: nn.Module, approx: str, frontend: str) -> tuple[nn.Module, nn.Module, bool]:
+    """Route ``torch.compile(m, backend="kfc")`` of a model with an ``nn.LSTM``/``GRU``/``RNN`` to the plain module.
+
+    Dynamo skips any frame that holds one (it would run the model eagerly, with no graph for the backend to
+    instrument), so the compiled wrapper runs the instrumented plain module instead (the same layers as
+    ``kc.KFC(m)``), with a warning.
+    """
+    orig = model._orig_mod
+    warnings.warn(f"{type(orig).__name__} holds a recurrent module, which torch.compile does not trace (dynamo would "
+                  "run it eagerly): KFC instruments it without the compiler; the compiled wrapper runs it uncompiled",
+                  stacklevel=4)
+    tm = transform(orig, approx, frontend)
+    model.__dict__["forward"] = tm.forward
+    model.__dict__["kfc"] = tm.kfc
+    return tm, orig, False
 
 
 def route(model: nn.Module, tm: nn.Module) -> None:
@@ -53,24 +75,29 @@ def _routed_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
-def resolve_model(model: object, approx: str) -> tuple[nn.Module, nn.Module, bool]:
+def resolve_model(model: object, approx: str, frontend: str = "auto") -> tuple[nn.Module, nn.Module, bool]:
     """The modules behind what was passed to ``KFC``.
 
     Args:
         model: a plain or transformed module, or a ``torch.compile`` wrapper of either.
         approx: the KFC approximation (``"expand"``/``"reduce"``); a transformed module must have been built with it.
+        frontend: how to instrument a plain module (``frontend/select.py``): the fx pass (a transformed graph the
+            module is then routed through) or dynamo capture (in place: the module's forward is captured).
 
     Returns:
         (module whose ``.kfc`` registry and forward KFC uses, module whose parameters are trained, whether the
         latter must be routed through the former with :func:`route`).
     """
     if isinstance(model, DistributedDataParallel):  # DDP's forward calls model.module, routed here
-        return resolve_model(model.module, approx)
+        return resolve_model(model.module, approx, frontend)
     if is_compiled_module(model):
-        if isinstance(getattr(model._orig_mod, "kfc", None), KFCInfo):  # torch.compile(kc.transform(m))
-            return resolve_model(model._orig_mod, approx)
+        orig = model._orig_mod
+        if isinstance(getattr(orig, "kfc", None), KFCInfo):  # torch.compile(kc.transform(m))
+            return resolve_model(orig, approx)
+        if any(isinstance(m, nn.RNNBase) for m in orig.modules()):
+            return _rnn_eagerly(model, approx, frontend)
         registry_for(model, approx)
-        return model, model._orig_mod, False
+        return model, orig, False
     if not isinstance(model, nn.Module):
         raise TypeError(f"KFC expects an nn.Module or a kc.transform()ed module, got {type(model).__name__}")
     info = getattr(model, "kfc", None)
@@ -81,7 +108,62 @@ def resolve_model(model: object, approx: str) -> tuple[nn.Module, nn.Module, boo
         if tm is not model and getattr(tm, "kfc", None) is not info:  # a deepcopy: GraphModule drops .kfc
             tm.kfc = info
         return tm, model, False
+    chosen, plan = select.choose(model, frontend)
+    if chosen == "dynamo":
+        log.info("kfc: dynamo capture for %s (%s)", type(model).__name__, plan.obstacle if plan else "asked for")
+        capture(model, approx)
+        return model, model, False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tm = transform(model, approx)
+        tm = transform(model, approx, frontend="fx")  # traces again: cheap next to the first steps
     return tm, model, True
+
+
+_ROUTING = ("forward", "kfc", "train", "_kfc_transformed")  # instance attributes routing and capture add
+
+
+def routing_snapshot(model: object) -> dict:
+    """The instance attributes of ``model`` that routing would change (to undo a failed instrumentation)."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model  # what is routed
+    return {k: model.__dict__[k] for k in _ROUTING if isinstance(model, nn.Module) and k in model.__dict__}
+
+
+def restore_routing(model: object, saved: dict) -> None:
+    """Put back what :func:`routing_snapshot` saw: the user's model runs exactly as before."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    if not isinstance(model, nn.Module):
+        return
+    for k in _ROUTING:
+        if k in saved:
+            model.__dict__[k] = saved[k]
+        else:
+            model.__dict__.pop(k, None)
+
+
+def check_coverage(owner: nn.Module, info: KFCInfo, fallback: str | None) -> bool:
+    """At construction: an error when nothing would be trained, a warning when nothing is under KFC.
+
+    Returns whether layers are still pending (a live registry before its first graph: layers join when dynamo
+    compiles).
+    """
+    pending = getattr(info, "version", None) is not None and not info.graphs
+    if not info.layers and not pending:
+        if fallback is None:
+            raise ValueError(f"{type(owner).__name__} has no layer KFC can precondition and fallback=None: "
+                             "nothing would be trained (use fallback='sgd' or 'adam')")
+        warnings.warn(f"{type(owner).__name__} has no layer KFC can precondition: every parameter is trained "
+                      f"by the {fallback!r} fallback", stacklevel=4)
+    return pending
+
+
+def warn_if_uncovered(owner: nn.Module, info: KFCInfo, layers: list, fallback: str | None, warned: set) -> None:
+    """Once, when a live registry has seen the model run but holds no layer (as the fx path warns at once)."""
+    graphs = getattr(info, "graphs", None)
+    if graphs is None or layers or "nolayers" in warned or not (graphs or info.state.recorded_calls()):
+        return
+    warned.add("nolayers")
+    why = (f"the {graphs} graph(s) compiled so far have no layer KFC can precondition" if graphs else
+           "dynamo compiled no graph for it (it runs frames it cannot trace eagerly, e.g. any frame with an "
+           "nn.LSTM/nn.GRU): use kc.KFC(model) on the plain module")
+    warnings.warn(f"{type(owner).__name__}: {why}; every parameter is trained by the {fallback!r} fallback",
+                  stacklevel=4)

@@ -6,6 +6,7 @@ them in the constructor's argument order, so the first invalid argument is the o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 
@@ -16,6 +17,7 @@ from kfc_compile.curvature.distributed import check_setting
 from kfc_compile.curvature.inverses import DAMPING_METHODS
 from kfc_compile.curvature.losses import FISHER_TYPES, Loss, loss_spec
 from kfc_compile.curvature.statistics import check_approx
+from kfc_compile.frontend.select import check_frontend
 
 MODES = ("pre", "adaptive")
 CLIP_CURVATURES = ("exact", "factored")
@@ -95,6 +97,12 @@ class KFCOptions:
     lm_decay: float
     min_damping: float
     max_factor_dim: int | None
+    max_failures: int | None = 3
+    max_skipped_steps: int | None = 5
+    memory_budget: int | None = None
+    grad_scaler: torch.amp.GradScaler | None = None
+    frontend: str = "auto"
+    output: Callable[[object], torch.Tensor] | None = None
     distributed: bool | str | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +142,16 @@ class KFCOptions:
         put("min_damping", real("min_damping", self.min_damping, low=0.0))
         if self.max_factor_dim is not None:
             put("max_factor_dim", positive_int("max_factor_dim", self.max_factor_dim))
+        for name in ("max_failures", "max_skipped_steps", "memory_budget"):
+            if getattr(self, name) is not None:
+                put(name, positive_int(name, getattr(self, name)))
+        if self.grad_scaler is not None and not isinstance(self.grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None, got "
+                             f"{type(self.grad_scaler).__name__}")
+        check_frontend(self.frontend)
+        if self.output is not None and not callable(self.output):
+            raise ValueError(f"output must be a callable (model output -> logits tensor) or None, got "
+                             f"{type(self.output).__name__}")
         check_setting(self.distributed)
 
     @property

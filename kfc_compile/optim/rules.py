@@ -13,13 +13,27 @@ tensors in a fixed order (the KFC layers, then the fallback parameters), so the 
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch.optim.adam import adam
 
 # -- shared --------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def swapped_in(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Inside the block ``params`` hold ``values`` (copied in); their own values are put back after."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        torch._foreach_copy_(list(params), list(values))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(list(params), saved)
 
 
 def sum_squares(tensors: Iterable[torch.Tensor]) -> float:
@@ -182,8 +196,14 @@ def adaptive_step_(params: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor
 
 
 def reduction_ratio(h_before: float, h_after: float, model_change: float) -> float:
-    """ρ = (h(θ) − h(θ+δ)) / (M(0) − M(δ)); −∞ when the model predicts no decrease (``model_change`` ≥ 0)."""
-    return (h_before - h_after) / -model_change if model_change < 0 else float("-inf")
+    """ρ = (h(θ) − h(θ+δ)) / (M(0) − M(δ)).
+
+    −∞ when the model predicts no decrease (``model_change`` ≥ 0) or the loss after the update is not finite (a
+    step into a region where the loss overflows: the damping must grow).
+    """
+    if model_change >= 0 or not math.isfinite(h_after):
+        return float("-inf")
+    return (h_before - h_after) / -model_change
 
 
 def levenberg_marquardt(damping: float, rho: float, decay: float, min_damping: float) -> float:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.precondition import regularised_grad
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import (
@@ -22,8 +23,11 @@ from kfc_compile.optim.rules import (
     adaptive_step_,
     clip_scale,
     factored_nu,
+    l2_term,
+    levenberg_marquardt,
     momentum_step_,
     quadratic_model,
+    reduction_ratio,
     rescaling,
     sum_squares,
 )
@@ -68,7 +72,8 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
 
     ν is vᵀFv + wd·vᵀv with the exact Fisher on the batch's first ``clip_fraction`` (``clip_curvature="exact"``,
     wd of the first part) or vᵀF̂v = lr²·⟨F̂⁻¹∇h, ∇h⟩ plus the fallback's wd·vᵀv (``"factored"``). A non-finite ν
-    skips the step with a warning. ``info`` receives ν and the clipping scale. Some part must have a parameter.
+    changes nothing and sets ``info["skipped"]`` (the optimizer then skips the step). ``info`` receives ν and the
+    clipping scale. Some part must have a parameter.
     """
     updates = [[u.mul(-part.group["lr"]) for u in part.naturals] for part in parts]
     scale = None
@@ -87,11 +92,8 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
                 elif part.group["weight_decay"]:
                     nu += part.group["weight_decay"] * sum_squares(ts)
         info["nu"] = nu
-        if not math.isfinite(nu):  # inf/NaN in the gradient or the model's output: no safe step size exists
-            info["skipped"] = True
-            warnings.warn(f"KFC step {info['step']} skipped: the clipping statistic ν is {nu} (the gradient "
-                          "or the model output is not finite); parameters and momentum are unchanged",
-                          RuntimeWarning, stacklevel=3)
+        if not math.isfinite(nu):  # inf/NaN in the model's output on the clip subset: no safe step size exists
+            info["skipped"] = True  # the caller skips the step (nothing was changed here)
             return
         scale = clip_scale(nu, options.clip)
         info["clip_scale"] = 1.0 if scale is None else scale
@@ -108,7 +110,7 @@ def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCO
 
     Δ = −F̂⁻¹∇h, δ₀ the previous update, (α, μ) minimising the quadratic model M from the exact Fisher plus
     (λ + wd)·I (λ, wd, lr, μ > 0 of the first part's group). ``info`` receives α, μ, C, d, the model change and λ.
-    Some part must have a parameter.
+    Some part must have a parameter. A non-finite C or d changes nothing and sets ``info["skipped"]``.
 
     Returns:
         M(δ) − M(0), the change the model predicts (for the Levenberg–Marquardt ratio).
@@ -124,11 +126,52 @@ def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCO
     gram = exact_gram([{p: t for p, t in zip(params, x, strict=True) if t is not None} for x in dirs],
                       options.clip_fraction)
     C, d = quadratic_model(gram, dirs, grads, lam + wd)
+    if not (bool(torch.isfinite(C).all()) and bool(torch.isfinite(d).all())):  # the exact Fisher products overflowed
+        info.update(C=C, d=d, skipped=True)  # the caller skips the step (nothing was changed here)
+        return 0.0
     alpha, mu, model_change = rescaling(C, d, lr)
     info.update(alpha=alpha, mu=mu, C=C, d=d, model_change=model_change, damping=lam)
     for p, upd in zip(params, adaptive_step_(params, deltas, prev if use_mu else None, alpha, mu, lr), strict=True):
         state[p]["momentum_buffer"] = upd
     return model_change
+
+
+def adaptive_lm_update(parts: list[GroupPart], state: MutableMapping, options: KFCOptions, exact_gram: GramFn,
+                       info: dict, loss, closure, k: int, warned: set[str], param_groups: list[dict],
+                       dist: Distributed | None = None) -> None:
+    """The adaptive update, and every ``lm_interval`` steps the Levenberg–Marquardt damping rule.
+
+    The rule needs ``closure`` (re-evaluated after the update; without one a once-only warning says the damping
+    stays fixed); the new λ is written into every group of ``param_groups``. Distributed (``dist``): the loss
+    values are their mean over ranks (the objective DDP differentiates), so every rank takes the same λ.
+    """
+    l2_groups = [(part.group["params"], part.group["weight_decay"]) for part in parts]
+    lm_due = k % options.lm_interval == 0
+    h0 = None
+    if lm_due:
+        if closure is None or loss is None:
+            if "lm" not in warned:
+                warned.add("lm")
+                warnings.warn("mode='adaptive' adapts the damping (Levenberg–Marquardt) only when step() gets a "
+                              "closure that re-evaluates the loss; the damping stays fixed", stacklevel=4)
+            lm_due = False
+        else:
+            h0 = _as_float(loss, dist) + l2_term(l2_groups)
+    lam = parts[0].group["damping"]
+    model_change = adaptive_update(parts, state, options, exact_gram, info)
+    if lm_due and not info.get("skipped"):
+        with torch.enable_grad():
+            h1 = _as_float(closure(), dist) + l2_term(l2_groups)
+        rho = reduction_ratio(h0, h1, model_change)
+        new = levenberg_marquardt(lam, rho, options.lm_decay, options.min_damping)
+        for g in param_groups:
+            g["damping"] = new
+        info.update(rho=rho, damping=new)
+
+
+def _as_float(loss, dist: Distributed | None = None) -> float:
+    v = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    return v if dist is None else dist.mean("loss", v)  # distributed: the mean of the ranks' losses
 
 
 def adam_update(group: dict, state: MutableMapping) -> None:

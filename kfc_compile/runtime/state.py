@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kfc_compile.curvature.blocks import block_count
 from kfc_compile.curvature.factors import Factors
 from kfc_compile.curvature.statistics import BatchStatistics, new_statistics
 from kfc_compile.registry import KFCLayer
 from kfc_compile.runtime import record as record_op
+from kfc_compile.runtime.calls import NO_CALLS, CallLog, RecordedCall
 from kfc_compile.sites.geometry import Site
 
 
@@ -45,7 +47,12 @@ class CaptureState:
     * from a plain training loop (the optimizer): ``arm(...)`` before the forward of a statistics step. The
       output tap then records the batch size, sets the capture flags for the user's own ``loss.backward()``, and
       at the start of that backward calls ``fisher_pass(output)`` (e.g. a sampled-target backward that feeds Γ)
-      while the graph is still alive. The driver calls ``end_pass()`` and ``take(n)`` afterwards.
+      while the graph is still alive. The driver calls ``finish_armed_step()`` afterwards.
+
+    Gradient accumulation: every armed forward of a plain loop is one micro-batch of the step
+    (:meth:`begin_micro_batch`). The sums run over all of them and :meth:`take` divides by the examples of all of
+    them; Γ from the user's own gradients of a batch-mean loss is rescaled to the per-example loss, assuming the
+    accumulated gradient is that of the mean over all the step's examples (README, "Gradient accumulation").
     """
 
     def __init__(self, layers: list[KFCLayer], sites: list[SiteEntry], approx: str):
@@ -61,10 +68,16 @@ class CaptureState:
         self.n_examples = 0  # batch size of the armed forward (set by drivers or the output tap)
         self.stats_fraction: float | None = None  # statistics from the first subset_size(N, fraction) examples
         self.ema: dict[int, tuple[torch.Tensor, float]] = {}  # layer → (running Ω, ε): average in the epilogue
-        self.blocks: dict[int, tuple[int, int]] = {}  # layer → (Ω blocks, Γ blocks) of block-diagonal factors
+        self.ema_examples: int | None = None  # examples the epilogue average divides by (None: examples_used())
+        self.max_factor_dim: int | None = None  # wider factors are block-diagonal (curvature/blocks.py); None: dense
         self._train_flags: tuple[bool, bool, bool] | None = None  # (inputs, grads, grads are of a batch mean)
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
-        self.last_inputs: tuple = ()  # positional inputs of the last forward with grad enabled (no copy)
+        self.call_log: CallLog = NO_CALLS  # forwards with grad enabled since clear_calls() (no copies)
+        self._closed = (0, 0)  # (examples, examples used) of this step's closed micro-batches
+        self.last_examples = 0  # examples the factors of the last take() used, all micro-batches (0: none taken)
+        self._grad_base = 0  # N of the first micro-batch whose batch-mean gradients are recorded (Γ rescale)
+        self._driven = False  # inside armed_forward(): a driver's own pass, not a plain loop's forward
+        self.output_fn: Callable[[object], torch.Tensor] | None = None  # which output tensor is the logits
 
     @property
     def sites(self) -> list[SiteEntry]:
@@ -92,12 +105,13 @@ class CaptureState:
         if stats is None:
             layer = self.layers[layer_index]
             dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-            a_blocks, g_blocks = self.blocks.get(layer_index, (1, 1))
+            a_blocks, g_blocks = (block_count(d, self.max_factor_dim) for d in (layer.a_dim, layer.g_dim))
             stats = new_statistics(self.approx, layer.groups, layer.a_dim, layer.g_dim, layer.bias is not None,
                                    dtype, layer.weight.device, a_blocks=a_blocks, g_blocks=g_blocks)
             ema = self.ema.get(layer_index)
             if ema is not None and stats.averages_in_epilogue:
-                stats.average_into(ema[0], ema[1], self.examples_used())
+                n = self.examples_used() if self.ema_examples is None else self.ema_examples
+                stats.average_into(ema[0], ema[1], n)
             self.stats[layer_index] = stats
         used = self.examples_used()
         if used < self.n_examples:  # leading dim is N (or N·L for inputs flattened inside the model)
@@ -110,21 +124,47 @@ class CaptureState:
                 stats.add_output_grad(site, gy.detach(), self.grad_scale)
 
     def on_output(self, n_examples: int) -> None:
-        """Called by the output tap's forward on an armed step of a plain training loop."""
+        """Called by the output tap's forward on an armed step: the forward's batch size.
+
+        On a step armed by :meth:`arm` (a plain loop, not inside :meth:`armed_forward`) the forward is the next
+        micro-batch of the step, and the capture flags are set for its backward. Gradients of a batch-mean loss
+        are recorded times the first micro-batch's N (the per-example gradients when there is one micro-batch;
+        :meth:`take` rescales Γ by (examples / that N)² otherwise).
+        """
+        if self._train_flags is None or self._driven:
+            self.n_examples = n_examples
+            return
+        self.begin_micro_batch(n_examples)
+        inputs, grads, batch_mean = self._train_flags
+        if grads and batch_mean and not self._grad_base:
+            self._grad_base = n_examples
+        self.set_capture(inputs, grads, float(self._grad_base) if grads and batch_mean else 1.0)
+
+    def begin_micro_batch(self, n_examples: int) -> None:
+        """Start recording the next micro-batch of the step, of ``n_examples``; closes the previous one if any.
+
+        Closing ends its passes (KFAC-reduce flushes its per-example sums) and adds its examples to the step's.
+        """
+        if self.n_examples > 0:
+            for s in self.stats.values():
+                s.end_micro_batch()
+            total, used = self._closed
+            self._closed = (total + self.n_examples, used + self.examples_used())
         self.n_examples = n_examples
-        if self._train_flags is not None:
-            inputs, grads, batch_mean = self._train_flags
-            self.set_capture(inputs, grads, float(n_examples) if batch_mean else 1.0)
 
     # -- explicit driving ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def armed_forward(self) -> Iterator[None]:
-        """Forward passes inside this block get live taps (statistics may be taken in their backward)."""
-        prev, self.armed = self.armed, True
+        """Forward passes inside this block get live taps (statistics may be taken in their backward).
+
+        They are a driver's own passes: the driver sets their sizes (no micro-batch of a plain loop's step).
+        """
+        prev = self.armed, self._driven
+        self.armed = self._driven = True
         try:
             yield
         finally:
-            self.armed = prev
+            self.armed, self._driven = prev
 
     @contextlib.contextmanager
     def backward_pass(self, *, inputs: bool, grads: bool, grad_scale: float = 1.0) -> Iterator[None]:
@@ -173,35 +213,52 @@ class CaptureState:
     def take(self, n_examples: int | None = None) -> dict[int, Factors]:
         """Normalised factors of the step just recorded (layer index → Factors); resets the accumulators.
 
-        ``n_examples`` defaults to the armed forward's batch size; a statistics subsample is accounted for.
+        ``n_examples`` sets the current (last) micro-batch's batch size, by default the armed forward's; the
+        examples of earlier micro-batches and a statistics subsample are accounted for.
         """
         if n_examples is not None:
             self.n_examples = n_examples
-        used = self.examples_used()
+        total, used = self._closed
+        total, used = total + self.n_examples, used + self.examples_used()
+        self.last_examples = used
+        g_scale = (total / self._grad_base) ** 2 if self._grad_base else 1.0
         out = {}
         for i, s in self.stats.items():
-            f = s.factors(used)
+            f = s.factors(used, g_scale)
             if f is not None:
                 out[i] = f
         self.reset()
         return out
 
-    def reset(self) -> None:
-        """Drop the accumulators and the per-pass settings of a driver (moving-average targets, blocks)."""
+    def discard_statistics(self) -> None:
+        """Drop what this step recorded so far (accumulators, micro-batch counts); the pass's targets stay."""
         self.stats = {}
-        self.ema = {}
-        self.blocks = {}
+        self.n_examples = 0
+        self._closed = (0, 0)
+        self._grad_base = 0
+
+    def reset(self) -> None:
+        """Drop the accumulators and the per-pass settings of a driver (moving-average targets, block layout)."""
+        self.discard_statistics()
+        self.ema, self.ema_examples = {}, None
+        self.max_factor_dim = None
 
     # -- driver interface: what drivers (the curvature estimator, kc.curvature) set and read -------------------
-    def prepare_pass(self, ema: dict[int, tuple[torch.Tensor, float]], blocks: dict[int, tuple[int, int]]) -> None:
+    def prepare_pass(self, ema: dict[int, tuple[torch.Tensor, float]], max_factor_dim: int | None,
+                     examples: int | None = None) -> None:
         """Drop the accumulators and set the targets of the next statistics pass.
 
         Args:
-            ema: layer index → (running Ω, ε): the statistics kernels average this pass's Ω straight into it.
-            blocks: layer index → (Ω blocks, Γ blocks) of the layers with block-diagonal factors.
+            ema: layer index → (running Ω, ε): the statistics kernels average this pass's Ω straight into it. Only
+                for a pass whose number of examples is known before it starts (``examples``).
+            max_factor_dim: factors wider than this are recorded as diagonal blocks (``curvature/blocks.py``;
+                None: dense), decided per layer when its statistics start (with a live registry the layers of the
+                next forward may not be known when the pass is prepared).
+            examples: the examples of the whole pass, all micro-batches (what the epilogue average divides by);
+                None: those of the first micro-batch.
         """
         self.reset()
-        self.ema, self.blocks = ema, blocks
+        self.ema, self.max_factor_dim, self.ema_examples = ema, max_factor_dim, examples
 
     def set_examples(self, n_examples: int) -> None:
         """Set the batch size of the recorded forward (normally the output tap's job)."""
@@ -221,22 +278,30 @@ class CaptureState:
         finally:
             self.stats_fraction = saved
 
-    def recorded_inputs(self) -> tuple:
-        """Positional inputs of the last forward run with grad enabled (the tensors themselves, no copy)."""
-        return self.last_inputs
+    def add_call(self, args: tuple, kwargs: dict) -> None:
+        """Record one forward's arguments (called by the output tap for every forward with grad enabled)."""
+        self.call_log = CallLog(args, kwargs, self.call_log)
+
+    def recorded_calls(self) -> list[RecordedCall]:
+        """The forwards run with grad enabled since :meth:`clear_calls`, oldest first: the step's micro-batches."""
+        return self.call_log.calls()
+
+    def clear_calls(self) -> None:
+        """Forget the recorded calls (the optimizer does at the end of ``step()`` and in ``zero_grad()``)."""
+        self.call_log = NO_CALLS
 
     @contextlib.contextmanager
-    def preserved_inputs(self) -> Iterator[None]:
-        """Extra forwards inside the block leave the recorded inputs as they were.
+    def preserved_calls(self) -> Iterator[None]:
+        """Extra forwards inside the block leave the recorded calls as they were.
 
         The output tap sees a statistics subset or the Fisher products' forwards too, but they are not the training
         batch.
         """
-        saved = self.last_inputs
+        saved = self.call_log
         try:
             yield
         finally:
-            self.last_inputs = saved
+            self.call_log = saved
 
     def record_backward(self, f: torch.Tensor, v: torch.Tensor, *, inputs: bool, retain_graph: bool = True) -> None:
         """One backward from the model output ``f`` with output gradient ``v`` through the armed taps.
@@ -253,6 +318,7 @@ class CaptureState:
         Closes the pass, takes the factors (none when no armed forward ran) and disarms the taps.
         """
         self.end_pass()
+        self.last_examples = 0
         batch = self.take() if self.n_examples > 0 else {}
         self.reset()
         self.disarm()

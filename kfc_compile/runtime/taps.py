@@ -12,6 +12,8 @@ backward that reaches every tap but computes no weight gradients: that is the Fi
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import nn
 
@@ -65,53 +67,101 @@ class Tap(nn.Module):
         return f"site={self.site_index}"
 
 
+class _FisherTrigger:
+    """The Fisher pass of one armed forward: run once, by the first backward that reaches one of its output taps.
+
+    That is the tapped logits, or a loss the model computed itself from them (HF ``labels=``: ``out.loss`` is not
+    computed from the tapped tensor, so a backward from it never reaches the logits' tap).
+    """
+
+    def __init__(self, state: CaptureState):
+        self.state = state
+        self.done = False
+
+    def fire(self, f: torch.Tensor) -> None:
+        state = self.state
+        fisher_pass = state.fisher_pass
+        if self.done or fisher_pass is None:
+            return
+        self.done = True
+        # the Fisher pass starts from f, so it re-enters f's tap: that passes through (done; no fisher_pass)
+        train_flags = (state.capture_input, state.capture_grad, state.grad_scale)
+        state.fisher_pass = None
+        try:
+            with torch.enable_grad():
+                fisher_pass(f)
+        finally:
+            state.fisher_pass = fisher_pass
+            state.set_capture(*train_flags)
+
+
 class _OutputTap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f, slot, state):  # noqa: D401 - autograd signature
-        ctx.state = state
+    def forward(ctx, f, slot, state, trigger):  # noqa: D401 - autograd signature
+        ctx.state, ctx.trigger = state, trigger
         ctx.save_for_backward(f)
         ctx.mark_dirty(f)
         return f
 
     @staticmethod
     def backward(ctx, grad):
-        state = ctx.state
-        fisher_pass = state.fisher_pass
-        if fisher_pass is not None:
-            # f is this node's own output (marked dirty), so the Fisher pass re-enters here: pass through then.
-            (f,) = ctx.saved_tensors
-            train_flags = (state.capture_input, state.capture_grad, state.grad_scale)
-            state.fisher_pass = None
-            try:
-                with torch.enable_grad():
-                    fisher_pass(f)
-            finally:
-                state.fisher_pass = fisher_pass
-                state.set_capture(*train_flags)
-        return grad, torch.zeros((), dtype=state.slot.dtype, device=grad.device), None
+        (f,) = ctx.saved_tensors
+        ctx.trigger.fire(f)
+        return grad, torch.zeros((), dtype=ctx.state.slot.dtype, device=grad.device), None, None
 
 
-def model_output(out) -> torch.Tensor:
-    """The tensor the loss is computed from: the output itself, or the first tensor of a tuple/list/dict."""
+class _LossTap(torch.autograd.Function):
+    """On a loss the model returns next to its logits: a backward from it starts the Fisher pass from the logits."""
+
+    @staticmethod
+    def forward(ctx, loss, trigger, logits):  # noqa: D401 - autograd signature
+        # logits: (the tapped logits,) in a tuple, so that they are no input of this node (no gradient edge); their
+        # graph is alive at the start of this backward
+        (ctx.f,), ctx.trigger = logits, trigger
+        ctx.mark_dirty(loss)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.trigger.fire(ctx.f)
+        return grad, None, None
+
+
+def model_output(out, select: Callable[[object], torch.Tensor] | None = None) -> torch.Tensor:
+    """The tensor the Fisher is built on (the logits).
+
+    ``select(out)`` when given, else the output itself, its ``.logits`` / ``["logits"]`` (HF ``ModelOutput``s,
+    dicts), or the first tensor with a batch dimension of a tuple / list / dict (a 0-d tensor there is a loss).
+    """
+    if select is not None:
+        f = select(out)
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"output= returned a {type(f).__name__}, not the logits tensor")
+        return f
     if isinstance(out, torch.Tensor):
         return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
     for v in values:
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
             return v
-    raise TypeError(f"cannot find the model output tensor in a {type(out).__name__}")
+    raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}: pass "
+                    "output=lambda out: ... (to kc.KFC, kc.curvature or kc.compile_step) to select them")
 
 
-def output_tap(out, state: CaptureState, inputs: tuple = ()):
-    """Applied to the model's output: keeps the forward's inputs, and starts the Fisher pass on armed steps.
+def output_tap(out, state: CaptureState, args: tuple = (), kwargs: dict | None = None):
+    """Applied to the model's output: records the forward's call, and starts the Fisher pass on armed steps.
 
-    Keeps a reference to the forward's inputs (for Fisher-vector products on the batch), and on an armed step of a
-    plain loop records the batch size and runs the Fisher pass at the start of the training backward (see
-    ``CaptureState``).
+    Records the call ``model(*args, **kwargs)`` of every forward with grad enabled (references, no copies: the
+    optimizer replays the step's calls on a leading subset for its statistics pass and its exact Fisher products),
+    and on an armed step of a plain loop records the batch size and runs the Fisher pass at the start of the
+    training backward (see ``CaptureState``).
     """
     if not torch.is_grad_enabled():
         return out
-    state.last_inputs = inputs
+    state.add_call(args, {} if kwargs is None else kwargs)
     if not state.armed:
         return out
     return _armed_output_tap(out, state)
@@ -119,14 +169,19 @@ def output_tap(out, state: CaptureState, inputs: tuple = ()):
 
 @torch.compiler.disable
 def _armed_output_tap(out, state: CaptureState):
-    f = model_output(out)
+    f = model_output(out, state.output_fn)
     state.on_output(f.shape[0])
     if state.fisher_pass is None or not f.requires_grad:
         return out
-    tapped = _OutputTap.apply(f, state.slot, state)
+    trigger = _FisherTrigger(state)
+    tapped = _OutputTap.apply(f, state.slot, state, trigger)
     if isinstance(out, torch.Tensor):
         return tapped
-    return out  # f was marked dirty in place: the container already holds the tapped tensor
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    for loss in values:  # the model's own loss (a 0-d tensor next to the logits)
+        if isinstance(loss, torch.Tensor) and loss is not f and loss.dim() == 0 and loss.requires_grad:
+            _LossTap.apply(loss, trigger, (tapped,))
+    return out  # f and any loss were marked dirty in place: the container already holds the tapped tensors
 
 
 class OutputTap(nn.Module):
@@ -137,5 +192,5 @@ class OutputTap(nn.Module):
         self.state = state
 
     def forward(self, out, *inputs):
-        """The model output, tapped (see :func:`output_tap`); ``inputs`` are the forward's positional inputs."""
+        """The model output, tapped (see :func:`output_tap`); ``inputs`` are the graph's inputs, in order."""
         return output_tap(out, self.state, inputs)

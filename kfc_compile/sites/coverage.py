@@ -123,4 +123,6 @@ def leaf_reason(m: nn.Module, name: str) -> str:
         return f"{cls} '{name}': normalization layer (not conv/linear)"
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
         return f"{cls} '{name}': embedding (not conv/linear)"
+    if isinstance(m, nn.RNNBase):
+        return f"{cls} '{name}': recurrent layer (its weights act through the recurrence, not as one conv/linear call)"
     return f"{cls} '{name}': not a conv/linear layer"

@@ -30,10 +30,9 @@ import logging
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from kfc_compile.curvature.statistics import check_approx
-from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo, new_info, own, owner, registry_for_graph
+from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo, module_registry, owner, registry_for_graph
 from kfc_compile.frontend.dynamo.scan import GraphScan, source_guess
 from kfc_compile.runtime import attention as mha
 from kfc_compile.runtime import record as ops
@@ -43,7 +42,6 @@ from kfc_compile.sites import coverage
 
 log = logging.getLogger(__name__)
 
-_MODELS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # original module -> its registry (lives as long as it)
 STATS = {"graphs": 0, "sites": 0}  # graphs instrumented and taps inserted by this process (tests, benchmarks)
 
 
@@ -63,10 +61,7 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
     check_approx(approx)
     info = model.__dict__.get("kfc") if isinstance(model, nn.Module) else None
     if isinstance(info, CompiledKFCInfo):
-        if info.approx != approx:
-            if info.layers and info.state.stats:
-                raise ValueError(f"model's kfc registry uses approx={info.approx!r}, not {approx!r}")
-            info.approx = info.state.approx = approx
+        info.use_approx(approx)
         return info
     if not _is_compiled_module(model):
         raise TypeError("registry_for expects a module compiled with torch.compile(model, backend='kfc'); "
@@ -76,39 +71,7 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
         raise NotImplementedError(f"KFC on a model compiled with backend {getattr(backend, '__name__', backend)!r} "
                                   "(no capture taps) is not supported: use torch.compile(model, backend='kfc'), or "
                                   "torch.compile(kc.transform(model))")
-    orig = model._orig_mod
-    info = _MODELS.get(orig)
-    if info is not None:  # the same module compiled again
-        model.__dict__["kfc"] = info
-        _install_output_tap(model, info.state)
-        return registry_for(model, approx)
-    params = list(orig.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    found = []
-    for p in params:
-        o = owner(p)
-        if o is not None and o not in found:
-            found.append(o)
-    if not found:  # nothing compiled for this module yet: keep other modules' graphs away from it
-        _separate_cache(model)
-    named = [o for o in found if not o.orphan]
-    info = named[0] if named else new_info(approx, device, orphan=False)
-    info.orphan = False
-    for other in found:
-        if other is not info:
-            info.merge(other)
-    for name, p in orig.named_parameters(remove_duplicate=False):
-        info.names.setdefault(id(p), name)
-    for p in params:
-        own(p, info)
-        if not any(p is q for q in info.params):
-            info.params.append(p)
-    if info.approx != approx:
-        info.approx = info.state.approx = approx
-    for layer in info.layers:  # names seen by an orphan registry were guessed from dynamo sources
-        layer.name = info.layer_name(layer.weight, layer.name)
-    info.refresh()
-    _MODELS[orig] = info
+    info = module_registry(model._orig_mod, approx, on_new=lambda: _separate_cache(model))
     model.__dict__["kfc"] = info
     _install_output_tap(model, info.state)
     return info
@@ -160,12 +123,13 @@ def _separate_cache(model) -> None:
 
 
 def _install_output_tap(model: nn.Module, state: CaptureState) -> None:
+    """Route the compiled wrapper's output through the capture output tap."""
     compiled_forward = model.__dict__.get("forward")
     if compiled_forward is None or getattr(compiled_forward, "_kfc_output_tap", False):
         return
 
     def forward(*args, **kwargs):
-        return output_tap(compiled_forward(*args, **kwargs), state, args)
+        return output_tap(compiled_forward(*args, **kwargs), state, args, kwargs)
 
     forward._kfc_output_tap = True
     model.forward = forward

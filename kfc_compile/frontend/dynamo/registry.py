@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from kfc_compile.sites import coverage
 # one exists, on the compiled graph (``backend.kfc_backend``).
 _OWNER: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _SLOTS: dict[torch.device, nn.Parameter] = {}
+_MODELS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # original module -> its registry (lives as long as it)
 
 
 def owner(p: torch.Tensor) -> CompiledKFCInfo | None:
@@ -61,6 +63,13 @@ class CompiledKFCInfo(KFCInfo):
     version: int = 0
     graphs: int = 0  # dynamo graphs instrumented for this model
     orphan: bool = False
+    eager: nn.Module | None = field(default=None, repr=False)  # the uninstrumented module (forward-mode products)
+
+    def use_approx(self, approx: str) -> None:
+        """Switch to ``approx`` while no statistics were taken; an error after that."""
+        if self.approx != approx and self.layers and self.state.stats:
+            raise ValueError(f"model's kfc registry uses approx={self.approx!r}, not {approx!r}")
+        self.approx = self.state.approx = approx
 
     def layer_of(self, weight: torch.Tensor) -> int | None:
         """Index of the layer whose weight is ``weight``, or None."""
@@ -154,4 +163,44 @@ def registry_for_graph(params: list[nn.Parameter], device) -> CompiledKFCInfo:
             own(p, info)
             if info.orphan:
                 info.params.append(p)
+    return info
+
+
+def module_registry(orig: nn.Module, approx: str, on_new: Callable[[], None] | None = None) -> CompiledKFCInfo:
+    """The live registry of module ``orig``.
+
+    Its own, else one adopting the registries that already own some of its parameters (graphs compiled before it
+    existed), else a new one (``on_new`` is then called first).
+    Names the parameters after ``orig``'s qualified names and renames layers an orphan registry had to guess.
+    """
+    info = _MODELS.get(orig)
+    if info is not None:  # the same module compiled again
+        info.use_approx(approx)
+        return info
+    params = list(orig.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    found = []
+    for p in params:
+        o = owner(p)
+        if o is not None and o not in found:
+            found.append(o)
+    if not found and on_new is not None:  # nothing compiled for this module yet
+        on_new()
+    named = [o for o in found if not o.orphan]
+    info = named[0] if named else new_info(approx, device, orphan=False)
+    info.orphan = False
+    for other in found:
+        if other is not info:
+            info.merge(other)
+    for name, p in orig.named_parameters(remove_duplicate=False):
+        info.names.setdefault(id(p), name)
+    for p in params:
+        own(p, info)
+        if not any(p is q for q in info.params):
+            info.params.append(p)
+    info.use_approx(approx)
+    for layer in info.layers:  # names seen by an orphan registry were guessed from dynamo sources
+        layer.name = info.layer_name(layer.weight, layer.name)
+    info.refresh()
+    _MODELS[orig] = info
     return info

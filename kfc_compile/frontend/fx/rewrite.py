@@ -8,6 +8,7 @@ original model, which is never modified.
 from __future__ import annotations
 
 import copy
+import types
 from collections import defaultdict
 
 import torch.fx as fx
@@ -59,13 +60,13 @@ class Instrumenter:
             self.names.setdefault(id(p), name)
 
     # -- instrumentation ---------------------------------------------------------------------------------------
-    def instrument(self, module: nn.Module, prefix: str) -> nn.Module:
+    def instrument(self, module: nn.Module, prefix: str, traced: fx.GraphModule | None = None) -> nn.Module:
         """Trace ``module`` (``prefix`` in the model), tap its sites, wrap its opaque calls, recurse into black boxes.
 
         Returns the module to use in its place: the instrumented graph module, or a wrapper that taps the sites at run
-        time when the module's own forward cannot be traced.
+        time when the module's own forward cannot be traced. ``traced``: the module's graph, already traced whole.
         """
-        gm, boxes = trace_with_fallback(module)
+        gm, boxes = (traced, []) if traced is not None else trace_with_fallback(module)
         if gm is None:
             if not any(b.name == (prefix or "<root>") for b in self.black_boxes):  # the parent's trace may have it
                 self.black_boxes.append(BlackBox(prefix or "<root>", boxes[0].reason))
@@ -156,8 +157,13 @@ class Instrumenter:
         return new
 
     # -- decision ------------------------------------------------------------------------------------------------
-    def finish(self, root: nn.Module) -> tuple[nn.Module, KFCInfo]:
-        """Decide which weights are under KFC, remove taps of the others, add the output tap, build ``tm.kfc``."""
+    def finish(self, root: nn.Module, other_mode: fx.GraphModule | None = None) -> tuple[nn.Module, KFCInfo]:
+        """Decide which weights are under KFC, remove taps of the others, add the output tap, build ``tm.kfc``.
+
+        ``other_mode``: the instrumented graph of the other training mode (the model branches on
+        ``self.training``); its sites were instrumented by this instrumenter too, so one decision covers both graphs,
+        and the result switches between them (:func:`mode_switch`).
+        """
         other_uses: dict[int, list[str]] = defaultdict(list)
         for use in self.uses:
             other_uses[id(use.param)].append(use.reason)
@@ -187,6 +193,8 @@ class Instrumenter:
                 owner.graph.erase_node(tap_node)
                 owner.delete_submodule(tap_node.target)
         root = self._add_output_tap(root)
+        if other_mode is not None:
+            root = mode_switch(root, self._add_output_tap(other_mode))
         for owner in {id(o): o for o, _ in self.site_taps}.values():  # once per graph, not once per site
             if isinstance(owner, fx.GraphModule):
                 owner.recompile()
@@ -213,7 +221,37 @@ class Instrumenter:
         state = self.state
 
         def forward(self, *args, **kwargs):
-            return output_tap(cls.forward(self, *args, **kwargs), state, args)
+            return output_tap(cls.forward(self, *args, **kwargs), state, args, kwargs)
 
         root.__class__ = type(f"KFC{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
         return root
+
+
+def mode_switch(gm: fx.GraphModule, other: fx.GraphModule) -> fx.GraphModule:
+    """Make ``gm`` run ``other`` (traced in the other training mode) while its ``training`` flag says so.
+
+    ``gm`` was traced in one mode; whenever its flag differs from that mode, ``other`` runs; ``train()``/``eval()``
+    switch both.
+    ``other`` is kept outside the module tree (``__dict__``): both graphs share every parameter and leaf module, so
+    ``named_parameters()`` and ``state_dict()`` stay those of one graph. The switch is an instance-level ``forward``
+    and ``train`` (the class and its generated code are untouched).
+    """
+    traced_training = gm.training
+    graph_forward = type(gm).forward
+    gm.__dict__["_kfc_other_mode"] = other
+
+    def forward(*args, **kwargs):
+        if gm.training != traced_training:
+            return other(*args, **kwargs)
+        return graph_forward(gm, *args, **kwargs)
+
+    gm.forward = forward
+    gm.train = types.MethodType(_switch_train, gm)
+    other.train(traced_training)
+    return gm
+
+
+def _switch_train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
+    type(self).train(self, mode)
+    self.__dict__["_kfc_other_mode"].train(mode)
+    return self

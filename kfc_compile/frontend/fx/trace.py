@@ -8,7 +8,10 @@ what is inside it separately. Tracing therefore never fails on a model merely be
 from __future__ import annotations
 
 import logging
+import os
+import traceback
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
@@ -65,9 +68,18 @@ class KFCTracer(fx.Tracer):
         return out
 
 
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+
+
 def _reason(e: Exception) -> str:
+    """What stopped tracing, in words, and where: the innermost frame of the model's own code (file:line)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"[:200]
+    where = ""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if not frame.filename.startswith(_LIBRARY_DIRS) and not frame.filename.startswith("<"):
+            where = f" at {os.path.basename(frame.filename)}:{frame.lineno} ({(frame.line or '').strip()[:80]})"
+            break
+    return f"{type(e).__name__}: {text[:200]}{where}"
 
 
 def trace_with_fallback(module: nn.Module) -> tuple[fx.GraphModule | None, list[BlackBox]]:
