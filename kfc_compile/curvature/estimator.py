@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from kfc_compile.curvature.blocks import Layout
+from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.factors import Factors, RunningFactors
 from kfc_compile.curvature.guard import finite_flags, refresh_layer, restart_factors
 from kfc_compile.curvature.health import Health
@@ -38,6 +39,7 @@ from kfc_compile.curvature.layer_state import LayerState
 from kfc_compile.curvature.losses import Loss, NonFiniteOutputError, output_gradients
 from kfc_compile.curvature.memory import planned_layouts
 from kfc_compile.curvature.precondition import apply_buckets, build_buckets, grad_matrix, split_matrix
+from kfc_compile.curvature.sharding import LocalInverses
 from kfc_compile.curvature.subset import forward_with_private_buffers, leading_subset
 from kfc_compile.registry import KFCLayer
 from kfc_compile.runtime.state import CaptureState
@@ -63,13 +65,14 @@ class CurvatureEstimator:
         max_failures: consecutive failed decompositions of a layer that raise (None: never).
         memory_budget: bytes the curvature may take (``memory.plan_layouts``: smaller blocks for the widest
             layers when it would not fit); None: no limit.
+        distributed: what the ranks of a distributed run share (``curvature/distributed.py``); None: one process.
     """
 
     def __init__(self, model: nn.Module, *, compiled: bool, loss: Loss, fisher: str,
                  mc_samples: int, generator: torch.Generator | None, stats_every: int, inverse_every: int,
                  stat_decay: float, stats_fraction: float, damping_method: str, max_factor_dim: int | None,
                  warned: set[str], health: Health | None = None, max_failures: int | None = None,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, distributed: Distributed | None = None):
         self.model = model
         self.loss = loss
         self.fisher = fisher
@@ -87,6 +90,8 @@ class CurvatureEstimator:
         self.memory_budget = memory_budget
         self.loss_scale = 1.0  # the user's backward was of loss·loss_scale (a GradScaler): in-pass Γ is unscaled
         self._output_failed = False  # the Fisher pass of the user's backward found a non-finite output
+        self.distributed = distributed  # distributed KFC: hooks in _fold, refresh_inverses, schedule, scale
+        self._inverses = LocalInverses() if distributed is None else distributed.inverses
         info = model.kfc
         self.capture: CaptureState = info.state
         self._version = getattr(info, "version", None)  # a live registry (kfc backend): see sync()
@@ -151,6 +156,8 @@ class CurvatureEstimator:
     def schedule(self, k: int) -> None:
         """Arm the capture taps for the forward of step k if it is a statistics step, else disarm them."""
         st = self.capture
+        if self.distributed is not None:  # this rank's MC stream for step k
+            self.generator = self.distributed.mc_generator(k)
         layers_pending = self.live and not self.states  # kfc backend, nothing compiled yet
         due = (k - 1) % self.stats_every == 0 and (any(not s.frozen for s in self.states) or layers_pending)
         self._stats_due = due and self._separate_pass
@@ -179,6 +186,8 @@ class CurvatureEstimator:
             self._stats_due = False
         n = sum(c.batch_size() or 0 for c in self.capture.recorded_calls())
         self.scale = 1.0 if self.loss.reduction == "mean" else float(max(n, 1))
+        if self.distributed is not None:
+            self.scale = self.distributed.curvature_scale(self.scale, self.loss.reduction)
 
     def end_step(self, k: int) -> None:
         """Step k is done: forget its recorded calls and arm the taps for step k + 1 if due."""
@@ -209,6 +218,7 @@ class CurvatureEstimator:
         self._armed = False
         if self._output_failed:
             self._dropped_all("the model output is not finite")
+            self._share_factors({})
             return
         if self.fisher == "empirical" and self.loss_scale != 1.0:  # Γ of a GradScaler's scaled backward
             for f in batch.values():
@@ -246,6 +256,7 @@ class CurvatureEstimator:
             except NonFiniteOutputError:
                 st.reset()
                 self._dropped_all("the model output on the statistics subset is not finite")
+                self._share_factors({})
                 return
             for i, v in enumerate(vs):
                 st.record_backward(f, v, inputs=i == 0, retain_graph=i + 1 < len(vs))
@@ -271,6 +282,7 @@ class CurvatureEstimator:
         averages restart.
         """
         finite = dict(zip(batch, finite_flags([(f.A, f.G) for f in batch.values()]), strict=True))
+        folded = {}
         for i, f in batch.items():
             s = self.states[i]
             if s.frozen:
@@ -285,6 +297,13 @@ class CurvatureEstimator:
                 s.running = RunningFactors(f.A, f.G, updates=1)
             else:
                 s.running.update(f, self.stat_decay)
+            folded[i] = f
+        self._share_factors(folded)
+
+    def _share_factors(self, folded: dict[int, Factors]) -> None:
+        """Distributed: the running factors become their mean over ranks (every rank joins, even with none folded)."""
+        if self.distributed is not None:
+            self.distributed.average_factors(self.states, folded, self.capture.last_examples if folded else 0)
 
     # -- inverses ------------------------------------------------------------------------------------------------
     def refresh_inverses(self, k: int | None, eta: float) -> None:
@@ -297,6 +316,8 @@ class CurvatureEstimator:
         restart at the next statistics step, the layer keeps its last inverse, and a RuntimeWarning names it.
         A decomposition that fails in fp32 and fp64 leaves the layer its previous inverse (``guard.refresh_layer``).
         """
+        if self._inverses.takes_over_refresh():  # distributed: owners compute, then the inverses are shared
+            return self._inverses.refresh(self, k, eta)
         due = k is not None and (k <= 3 or k % self.inverse_every == 0)
         changed = False
         for s in self.states:
@@ -304,7 +325,7 @@ class CurvatureEstimator:
                 continue
             recompute = due or s.inverse is None or s.stale
             changed |= refresh_layer(s, recompute, eta, self.scale, self.damping_method, self.health,
-                                     self.max_failures)
+                                     self.max_failures, self._inverses)
         for s in self.states:
             s.stale = False
         if changed or self._buckets is None:

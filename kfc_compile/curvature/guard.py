@@ -58,7 +58,7 @@ def restart_factors(s, health: Health, stacklevel: int) -> None:
 
 
 def refresh_layer(s, recompute: bool, eta: float, scale: float, method: str, health: Health,
-                  max_failures: int | None) -> bool:
+                  max_failures: int | None, inverses: object | None = None) -> bool:
     """Recompute (``recompute``) or rescale one layer's inverse for (η, scale); returns whether it changed.
 
     Args:
@@ -71,12 +71,17 @@ def refresh_layer(s, recompute: bool, eta: float, scale: float, method: str, hea
         method: the damping method.
         health: the run's health record (restarts, retries and failures are counted there).
         max_failures: consecutive failed refreshes of a layer that raise (None: never).
+        inverses: what computes and rescales the inverse, with the signatures of ``compute_inverse`` and
+            ``rescale_inverse`` as its ``compute`` / ``rescale`` (``sharding.py``: distributed KFC computes it on
+            the layer's owner rank only); None: those two functions.
 
     Raises:
         DecompositionError: the layer's decomposition failed ``max_failures`` times in a row, or failed with η = 0.
         SingularFactorError: η = 0 and a factor is singular.
     """
     rf, inv, name = s.running, s.inverse, s.layer.name
+    compute, rescale = (compute_inverse, rescale_inverse) if inverses is None else (inverses.compute,
+                                                                                     inverses.rescale)
     if not recompute and inv is not None and inv.eta == eta and inv.scale == scale:
         return False
     if not finite_flags([(rf.A, rf.G)])[0]:
@@ -85,9 +90,9 @@ def refresh_layer(s, recompute: bool, eta: float, scale: float, method: str, hea
     with counting_retries() as retries:
         try:
             if recompute or inv is None:
-                new = compute_inverse(method, rf.A, rf.G, eta, scale, name, s.layout)
+                new = compute(method, rf.A, rf.G, eta, scale, name, s.layout)
             else:
-                new = rescale_inverse(inv, eta, scale, rf.A, rf.G, name)
+                new = rescale(inv, eta, scale, rf.A, rf.G, name)
         except DecompositionError as e:
             if retries:
                 health.decomposition_retried(name, list(retries))

@@ -6,7 +6,11 @@ Format version 2 (version 1, without ``"options"``, per-layer ``"layout"`` and `
      "options": {"approx", "damping_method", "max_factor_dim", "memory_budget"},   # the structural options
      "layers": [{"name", "layout": (groups, a_dim, g_dim, a_blocks, g_blocks), "frozen": bool,
                  "factors": None | {"A", "G", "updates"}, "inverse": None | LayerInverse.state()}],
-     "generator": None | uint8 tensor, "health": Health.state()}
+     "generator": None | uint8 tensor, "health": Health.state(),
+     "distributed": None | {"seed", "world_size", "mode"}}   # Distributed.state(): the same on every rank
+
+Distributed KFC saves the same entry on every rank (rank 0's is enough) and loads it at any world size, or into a
+single process; a single-process state loads into a distributed run (its MC seed is then the run's own).
 
 Only tensors, numbers, strings, None, lists, tuples and dicts, so ``torch.load(..., weights_only=True)`` reads it.
 Tensors are restored on each layer's device and in its factor dtype (fp32, fp64 for fp64 layers), so a state
@@ -23,6 +27,7 @@ from dataclasses import astuple
 
 import torch
 
+from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import RunningFactors
 from kfc_compile.curvature.health import Health
@@ -46,7 +51,7 @@ def layer_entry(s: LayerState) -> dict:
 
 
 def kfc_state(est: CurvatureEstimator, options: KFCOptions, health: Health, step: int, warned: set[str],
-              approx: str) -> dict:
+              approx: str, dist: Distributed | None = None) -> dict:
     """The ``"kfc"`` entry of ``state_dict()`` (see the module docstring)."""
     return {
         "version": STATE_VERSION,
@@ -60,6 +65,7 @@ def kfc_state(est: CurvatureEstimator, options: KFCOptions, health: Health, step
         "layers": [layer_entry(s) for s in est.states],
         "generator": None if options.generator is None else options.generator.get_state(),
         "health": health.state(),
+        "distributed": None if dist is None else dist.state(),
     }
 
 
@@ -117,8 +123,9 @@ def restore_layer_state(kfc: dict, est: CurvatureEstimator) -> None:
     est.rebuild_buckets()
 
 
-def restore_run_state(kfc: dict, options: KFCOptions, health: Health, warned: set[str]) -> int:
-    """Restore what does not depend on the layers (health record, once-only warnings, MC RNG); returns the step."""
+def restore_run_state(kfc: dict, options: KFCOptions, health: Health, warned: set[str],
+                      dist: Distributed | None = None) -> int:
+    """Restore what does not depend on the layers (health, once-only warnings, MC RNG / seed); returns the step."""
     warned.clear()
     warned.update(kfc.get("warned", ()))
     if "health" in kfc:
@@ -129,4 +136,6 @@ def restore_run_state(kfc: dict, options: KFCOptions, health: Health, warned: se
                           "it is ignored (sampling uses the global RNG)", stacklevel=3)
         else:
             options.generator.set_state(kfc["generator"].to("cpu", torch.uint8))
+    if dist is not None:
+        dist.load(kfc.get("distributed"))
     return int(kfc["step"])

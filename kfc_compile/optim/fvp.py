@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.losses import Loss
 from kfc_compile.curvature.precondition import grad_matrix
@@ -110,16 +111,23 @@ class ExactGram:
     ``gram(directions, fraction)`` (``updates.GramFn``): one JVP per direction and per recorded call that the
     leading ``fraction`` of the step's batch reaches, the per-call matrices averaged with their examples as
     weights; times the estimator's curvature scale. Falls back to :func:`factored_gram` for the step when an op
-    has no forward-mode AD (one warning per optimizer, naming the op).
+    has no forward-mode AD (one warning per optimizer, naming the op). Distributed (``distributed``): the mean of
+    the ranks' matrices, the Fisher of the objective DDP differentiates.
     """
 
-    def __init__(self, products: FisherProducts, estimator: CurvatureEstimator, warned: set[str]):
+    def __init__(self, products: FisherProducts, estimator: CurvatureEstimator, warned: set[str],
+                 distributed: Distributed | None = None):
         self.products = products
         self.estimator = estimator
         self.warned = warned
+        self.distributed = distributed
 
     def __call__(self, directions: list[dict[torch.Tensor, torch.Tensor]], fraction: float) -> torch.Tensor:
         """Gram matrix (fp64) among ``directions`` (parameter → tensor; missing parameters: 0)."""
+        C = self._local(directions, fraction)
+        return C if self.distributed is None else self.distributed.mean("fisher", C)
+
+    def _local(self, directions: list[dict[torch.Tensor, torch.Tensor]], fraction: float) -> torch.Tensor:
         est = self.estimator
         capture = est.capture
         parts = leading_subset(capture.recorded_calls(), fraction)

@@ -52,6 +52,7 @@ import math
 import torch
 from torch import nn
 
+from kfc_compile.curvature.distributed import setup as setup_distributed
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import Factors
 from kfc_compile.curvature.guard import finite_flags
@@ -128,6 +129,9 @@ class KFC(torch.optim.Optimizer):
             (see ``kc.transform``).
         output: which tensor of the model's output feeds the Fisher (``lambda out: out.logits``); default: the
             output itself, its ``.logits`` / ``["logits"]``, or the first tensor of a tuple with a batch dim.
+        distributed: ``None`` (on for a DDP model), ``True`` / ``"broadcast"`` (each layer's inverse computed by one
+            rank and gathered by all), ``"replicate"`` (every rank computes all) or ``False``; see
+            ``curvature/distributed.py``. Every rank calls ``step()`` (and ``precondition()``) together.
 
     ``opt.options`` holds the validated arguments, ``opt.layer_state(name)`` / ``opt.layer_states()`` what is kept
     per KFC layer (factors, inverse, flags), ``opt.last_step`` the scalars of the last step (ν, clip scale, α, μ,
@@ -148,7 +152,7 @@ class KFC(torch.optim.Optimizer):
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
                  max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
                  memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None,
-                 frontend: str = "auto", output=None):
+                 frontend: str = "auto", output=None, distributed: bool | str | None = None):
         self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
@@ -157,7 +161,8 @@ class KFC(torch.optim.Optimizer):
             clip_curvature=clip_curvature, fallback_lr=fallback_lr, fallback_betas=fallback_betas,
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
             max_factor_dim=max_factor_dim, max_failures=max_failures, max_skipped_steps=max_skipped_steps,
-            memory_budget=memory_budget, grad_scaler=grad_scaler, frontend=frontend, output=output)
+            memory_budget=memory_budget, grad_scaler=grad_scaler, frontend=frontend, output=output,
+            distributed=distributed)
         saved = routing_snapshot(model)
         try:
             self._setup(model)
@@ -170,6 +175,7 @@ class KFC(torch.optim.Optimizer):
         tm, owner, needs_route = resolve_model(model, o.approx, o.frontend)
         info: KFCInfo = tm.kfc
         self.model = tm
+        self._dist = setup_distributed(model, o, info.layers, getattr(info, "version", None) is not None)
         pending = check_coverage(owner, info, o.fallback)
         if needs_route:
             route(owner, tm)
@@ -182,10 +188,12 @@ class KFC(torch.optim.Optimizer):
             tm, compiled=compiled, loss=o.loss, fisher=o.fisher, mc_samples=o.mc_samples, generator=o.generator,
             stats_every=o.stats_every, inverse_every=o.inverse_every, stat_decay=o.stat_decay,
             stats_fraction=o.stats_fraction, damping_method=o.damping_method, max_factor_dim=o.max_factor_dim,
-            warned=self._warned, health=self.health, max_failures=o.max_failures, memory_budget=o.memory_budget)
+            warned=self._warned, health=self.health, max_failures=o.max_failures, memory_budget=o.memory_budget,
+            distributed=self._dist)
         # the exact Fisher products' Gram matrix on the step's recorded calls (updates.GramFn)
         self._exact_gram = fvp.ExactGram(fvp.FisherProducts((info.eager or owner) if compiled else tm, o.loss,
-                                                            o.output), self._estimator, self._warned)
+                                                            o.output), self._estimator, self._warned,
+                                       self._dist)
 
         groups, self.fallback_names = initial_groups(self.layers, owner, o, pending)
         self._init_done = False
@@ -342,7 +350,7 @@ class KFC(torch.optim.Optimizer):
                 pre_update(parts, self.state, o, self._exact_gram, info)
             else:
                 adaptive_lm_update(parts, self.state, o, self._exact_gram, info, loss, closure, k,
-                                   self._warned, self.param_groups)
+                                   self._warned, self.param_groups, self._dist)
         if info.get("skipped"):
             what = f"the clipping statistic ν is {info.get('nu')}" if o.mode == "pre" else "the α/μ model is not finite"
             return self._skip(k, "update", what, loss, info)
@@ -379,7 +387,7 @@ class KFC(torch.optim.Optimizer):
             return copy.deepcopy(self._pending_state)
         sd = super().state_dict()
         sd["kfc"] = kfc_state(self._estimator, self.options, self.health, self._step_count, self._warned,
-                              self.options.approx)
+                              self.options.approx, self._dist)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -399,7 +407,7 @@ class KFC(torch.optim.Optimizer):
             self._pending_state = state_dict
         else:
             self._load_layers(state_dict)
-        self._step_count = restore_run_state(kfc, self.options, self.health, self._warned)
+        self._step_count = restore_run_state(kfc, self.options, self.health, self._warned, self._dist)
         est.schedule(self._step_count + 1)
 
     def _load_layers(self, state_dict: dict) -> None:

@@ -4,7 +4,8 @@ A plain module is routed through its transformed graph.
 
 ``KFC`` accepts a plain ``nn.Module`` (transformed here, its forward routed in place), a ``kc.transform``ed module,
 ``torch.compile(kc.transform(m))``, or ``torch.compile(m, backend="kfc")`` (whose registry of layers is live: it
-grows as dynamo compiles graphs).
+grows as dynamo compiles graphs). A ``DistributedDataParallel`` wrapper is looked through: its ``module`` is
+instrumented and trained (routed in place, so DDP's own forward, and with it its gradient all-reduce, still runs).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import types
 import warnings
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from kfc_compile.frontend import select
 from kfc_compile.frontend.dynamo.backend import registry_for
@@ -86,6 +88,8 @@ def resolve_model(model: object, approx: str, frontend: str = "auto") -> tuple[n
         (module whose ``.kfc`` registry and forward KFC uses, module whose parameters are trained, whether the
         latter must be routed through the former with :func:`route`).
     """
+    if isinstance(model, DistributedDataParallel):  # DDP's forward calls model.module, routed here
+        return resolve_model(model.module, approx, frontend)
     if is_compiled_module(model):
         orig = model._orig_mod
         if isinstance(getattr(orig, "kfc", None), KFCInfo):  # torch.compile(kc.transform(m))
@@ -120,11 +124,13 @@ _ROUTING = ("forward", "kfc", "train", "_kfc_transformed")  # instance attribute
 
 def routing_snapshot(model: object) -> dict:
     """The instance attributes of ``model`` that routing would change (to undo a failed instrumentation)."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model  # what is routed
     return {k: model.__dict__[k] for k in _ROUTING if isinstance(model, nn.Module) and k in model.__dict__}
 
 
 def restore_routing(model: object, saved: dict) -> None:
     """Put back what :func:`routing_snapshot` saw: the user's model runs exactly as before."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
     if not isinstance(model, nn.Module):
         return
     for k in _ROUTING:

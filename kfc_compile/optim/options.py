@@ -13,6 +13,7 @@ from numbers import Real
 import torch
 from torch import nn
 
+from kfc_compile.curvature.distributed import check_setting
 from kfc_compile.curvature.inverses import DAMPING_METHODS
 from kfc_compile.curvature.losses import FISHER_TYPES, Loss, loss_spec
 from kfc_compile.curvature.statistics import check_approx
@@ -102,6 +103,7 @@ class KFCOptions:
     grad_scaler: torch.amp.GradScaler | None = None
     frontend: str = "auto"
     output: Callable[[object], torch.Tensor] | None = None
+    distributed: bool | str | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -150,6 +152,7 @@ class KFCOptions:
         if self.output is not None and not callable(self.output):
             raise ValueError(f"output must be a callable (model output -> logits tensor) or None, got "
                              f"{type(self.output).__name__}")
+        check_setting(self.distributed)
 
     @property
     def fallback_learning_rate(self) -> float:

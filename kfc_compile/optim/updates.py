@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.precondition import regularised_grad
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import (
@@ -136,11 +137,13 @@ def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCO
 
 
 def adaptive_lm_update(parts: list[GroupPart], state: MutableMapping, options: KFCOptions, exact_gram: GramFn,
-                       info: dict, loss, closure, k: int, warned: set[str], param_groups: list[dict]) -> None:
+                       info: dict, loss, closure, k: int, warned: set[str], param_groups: list[dict],
+                       dist: Distributed | None = None) -> None:
     """The adaptive update, and every ``lm_interval`` steps the Levenberg–Marquardt damping rule.
 
     The rule needs ``closure`` (re-evaluated after the update; without one a once-only warning says the damping
-    stays fixed); the new λ is written into every group of ``param_groups``.
+    stays fixed); the new λ is written into every group of ``param_groups``. Distributed (``dist``): the loss
+    values are their mean over ranks (the objective DDP differentiates), so every rank takes the same λ.
     """
     l2_groups = [(part.group["params"], part.group["weight_decay"]) for part in parts]
     lm_due = k % options.lm_interval == 0
@@ -153,12 +156,12 @@ def adaptive_lm_update(parts: list[GroupPart], state: MutableMapping, options: K
                               "closure that re-evaluates the loss; the damping stays fixed", stacklevel=4)
             lm_due = False
         else:
-            h0 = _as_float(loss) + l2_term(l2_groups)
+            h0 = _as_float(loss, dist) + l2_term(l2_groups)
     lam = parts[0].group["damping"]
     model_change = adaptive_update(parts, state, options, exact_gram, info)
     if lm_due and not info.get("skipped"):
         with torch.enable_grad():
-            h1 = _as_float(closure()) + l2_term(l2_groups)
+            h1 = _as_float(closure(), dist) + l2_term(l2_groups)
         rho = reduction_ratio(h0, h1, model_change)
         new = levenberg_marquardt(lam, rho, options.lm_decay, options.min_damping)
         for g in param_groups:
@@ -166,8 +169,9 @@ def adaptive_lm_update(parts: list[GroupPart], state: MutableMapping, options: K
         info.update(rho=rho, damping=new)
 
 
-def _as_float(loss) -> float:
-    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+def _as_float(loss, dist: Distributed | None = None) -> float:
+    v = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    return v if dist is None else dist.mean("loss", v)  # distributed: the mean of the ranks' losses
 
 
 def adam_update(group: dict, state: MutableMapping) -> None:

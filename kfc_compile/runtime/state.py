@@ -74,6 +74,7 @@ class CaptureState:
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
         self.call_log: CallLog = NO_CALLS  # forwards with grad enabled since clear_calls() (no copies)
         self._closed = (0, 0)  # (examples, examples used) of this step's closed micro-batches
+        self.last_examples = 0  # examples the factors of the last take() used, all micro-batches (0: none taken)
         self._grad_base = 0  # N of the first micro-batch whose batch-mean gradients are recorded (Γ rescale)
         self._driven = False  # inside armed_forward(): a driver's own pass, not a plain loop's forward
         self.output_fn: Callable[[object], torch.Tensor] | None = None  # which output tensor is the logits
@@ -219,6 +220,7 @@ class CaptureState:
             self.n_examples = n_examples
         total, used = self._closed
         total, used = total + self.n_examples, used + self.examples_used()
+        self.last_examples = used
         g_scale = (total / self._grad_base) ** 2 if self._grad_base else 1.0
         out = {}
         for i, s in self.stats.items():
@@ -316,6 +318,7 @@ class CaptureState:
         Closes the pass, takes the factors (none when no armed forward ran) and disarms the taps.
         """
         self.end_pass()
+        self.last_examples = 0
         batch = self.take() if self.n_examples > 0 else {}
         self.reset()
         self.disarm()
