@@ -81,4 +81,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def output_grads(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor,
+                 y: torch.Tensor) -> list[torch.Tensor]:
+    """Per-example output gradients of every call of ``layer``.
+
+    A sum-reduced MSE on the model, so each example's gradient is its own loss's.
+    """
+    outs = []
+
+    def hook(mod, inp, out):
+        out.retain_grad()
+        outs.append(out)
+
+    h = layer.register_forward_hook(hook)
+    try:
+        F.mse_loss(model(x), y, reduction="sum").backward()
+    finally:
+        h.remove()
+    model.zero_grad()
+    return [o.grad.detach() for o in outs]
+
+
 sys.modules.setdefault("kfc_test_helpers", sys.modules[__name__])

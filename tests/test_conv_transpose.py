@@ -22,6 +22,8 @@ from torch import nn
 import kfc_compile as kc
 from kfc_compile.frontend.dynamo.backend import registry_for
 
+from kfc_test_helpers import output_grads
+
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 DIRECT = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -169,23 +171,6 @@ def build(geo) -> nn.Module:
                            dilation=geo["dilation"]).double()
 
 
-def per_example_output_grads(model: nn.Module, layer: nn.Module, x, y) -> torch.Tensor:
-    """Output gradients of ``layer``'s call under a sum-reduced MSE (each example's is its own loss's gradient)."""
-    outs = []
-
-    def hook(mod, inp, out):
-        out.retain_grad()
-        outs.append(out)
-
-    h = layer.register_forward_hook(hook)
-    try:
-        nn.MSELoss(reduction="sum")(model(x), y).backward()
-    finally:
-        h.remove()
-    model.zero_grad()
-    return outs[0].grad.detach()
-
-
 @settings(max_examples=40, **SETTINGS)
 @given(geometries())
 def test_factors_match_brute_force(geo):
@@ -201,7 +186,7 @@ def test_factors_match_brute_force(geo):
         y_ref = y_ref + conv.bias.detach().reshape(1, -1, *[1] * geo["d"])
     close(y_ref, conv(x).detach())
 
-    gy = per_example_output_grads(model, conv, x, y)
+    (gy,) = output_grads(model, conv, x, y)
     A, G = brute_factors(P, grad_rows(gy, geo["groups"]), geo["bias"], geo["approx"])
     tm = kc.transform(model, approx=geo["approx"])
     (layer,) = tm.kfc.layers
@@ -244,7 +229,7 @@ def test_functional_calls_match_brute_force(approx):
     close(mirror(x), model(x))
     h = torch.tanh(c2(x)).flatten(2).detach()
     for conv, xin, name in ((c2, x, "w2"), (c1, h, "w1")):
-        gy = per_example_output_grads(mirror, conv, x, y)
+        (gy,) = output_grads(mirror, conv, x, y)
         A, G = brute_factors(brute_patches(xin, conv), grad_rows(gy, conv.groups), conv.bias is not None, approx)
         close(stacked(f[name].A), A)
         close(stacked(f[name].G), G)

@@ -20,6 +20,8 @@ from torch import nn
 
 import kfc_compile as kc
 
+from kfc_test_helpers import output_grads
+
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -100,23 +102,6 @@ def brute_factors(P: np.ndarray, grads: np.ndarray, has_bias: bool, approx: str)
                 A[g] += np.outer(xm, xm) / N
                 Gm[g] += np.outer(gs, gs) / N
     return A, Gm
-
-
-def output_grads(model: nn.Module, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    """Per-example output gradients of every call of ``layer`` (sum-reduced MSE on the original model)."""
-    outs = []
-
-    def hook(mod, inp, out):
-        out.retain_grad()
-        outs.append(out)
-
-    h = layer.register_forward_hook(hook)
-    try:
-        nn.MSELoss(reduction="sum")(model(x), y).backward()
-    finally:
-        h.remove()
-    model.zero_grad()
-    return [o.grad.detach() for o in outs]
 
 
 def conv_grads_rows(gy: torch.Tensor, groups: int) -> np.ndarray:
