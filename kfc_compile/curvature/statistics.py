@@ -9,7 +9,11 @@ estimator) and normalises the sums into :class:`~kfc_compile.curvature.factors.F
 * reduce (:class:`ReduceStatistics`): Ω = (1/N) Σ_n x̃_n x̃_nᵀ with x̃_n the mean of x̄ over positions,
   Γ = (1/N) Σ_n (Σ_t g)(Σ_t g)ᵀ;
 
-where g is the gradient of the *per-example* loss. Factors are stored stacked per group, ``(groups, d, d)``, or,
+where g is the gradient of the *per-example* loss. With a term mask (labels ``ignore_index``, docs/algorithm.md §2.7),
+a token-aligned site hands the rows it keeps (``keep``): expand sums Ω over the kept rows and divides Γ by their
+count (the real tokens) instead of N·T, unless some backward put a nonzero gradient on a dropped row (real tokens
+depend on that position, e.g. a masked prompt under attention): then the layer keeps every row (:attr:`leaked`).
+Factors are stored stacked per group, ``(groups, d, d)``, or,
 for a side with ``a_blocks``/``g_blocks`` > 1, as that many diagonal blocks per group (``blocks.py``): the
 rows (patches with their ones coordinate, or output gradients) are then split into blocks before the products.
 
@@ -50,14 +54,21 @@ class BatchStatistics(ABC):
     g_rows_done: int = 0  # N·T of the closed micro-batches of this step (gradient accumulation)
     _rows: int = 0  # rows seen in the current pass
     poisoned: bool = False  # an input that could not be averaged in safely was seen: this step's sums are void
+    masked: bool = False  # some site handed a row mask (``keep``) this step
+    leaked: bool = False  # a dropped row carried a nonzero output gradient: keep every row
+    g_kept: int = 0  # kept rows of the last completed Γ pass / of the closed micro-batches / the current pass
+    g_kept_done: int = 0
+    _kept: int = 0
 
     @abstractmethod
-    def add_input(self, site, x: torch.Tensor) -> None:
-        """Add one site's input contribution to Ω."""
+    def add_input(self, site, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Add one site's input contribution to Ω (``keep``: which rows of a token-aligned linear site count)."""
 
     @abstractmethod
     def _add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
         """Add one site's output-gradient contribution to Γ (see :meth:`add_output_grad`)."""
+
+    supports_masks: ClassVar[bool] = False  # whether add_input / add_output_grad use ``keep``
 
     @abstractmethod
     def _g_count(self, n_examples: int) -> int:
@@ -70,19 +81,34 @@ class BatchStatistics(ABC):
         """
         raise TypeError(f"{self.approx} statistics cannot average Ω in the kernel epilogue")
 
-    def add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
+    def add_output_grad(self, site, gy: torch.Tensor, scale: float, keep: torch.Tensor | None = None) -> None:
         """Add one site's output-gradient contribution to Γ.
 
         ``scale`` maps the backward's gradient to the per-example loss's gradient (e.g. N for a batch-mean loss).
+        ``keep`` (rows of a token-aligned linear site): every row is summed (a dropped row's gradient is zero unless
+        :attr:`leaked`), only the kept ones are counted.
         """
-        self._rows += gy.numel() // (site.g_dim * site.groups)
+        rows = gy.numel() // (site.g_dim * site.groups)
+        self._rows += rows
+        if keep is not None and self.supports_masks:
+            self.masked = True
+            self._kept += int(keep.sum())
+            if not self.leaked and bool(gy.reshape(-1, site.g_dim)[~keep].any()):
+                self.leaked = True
+        else:
+            self._kept += rows
         self._add_output_grad(site, gy, scale)
+
+    def note_leak(self, site, gy: torch.Tensor, keep: torch.Tensor) -> None:
+        """An input-only pass's output gradient: a nonzero one on a dropped row means the layer keeps every row."""
+        if self.supports_masks and not self.leaked and bool(gy.reshape(-1, site.g_dim)[~keep].any()):
+            self.leaked = True
 
     def end_pass(self) -> None:
         """Close one backward pass."""
         if self._rows:
-            self.g_rows = self._rows
-            self._rows = 0
+            self.g_rows, self.g_kept = self._rows, self._kept
+            self._rows = self._kept = 0
 
     def end_micro_batch(self) -> None:
         """Close one micro-batch of a step (gradient accumulation): its passes end, the next one's rows add up.
@@ -92,7 +118,8 @@ class BatchStatistics(ABC):
         """
         self.end_pass()
         self.g_rows_done += self.g_rows
-        self.g_rows = 0
+        self.g_kept_done += self.g_kept
+        self.g_rows = self.g_kept = 0
 
     def factors(self, n_examples: int, g_scale: float = 1.0) -> Factors | None:
         """Normalised (Ω, Γ), stacked per group; None if this layer saw no input or no gradient.
@@ -104,6 +131,8 @@ class BatchStatistics(ABC):
         if self.A is None or self.G is None or n_examples <= 0 or self.poisoned:
             return None
         count = self._g_count(n_examples)
+        if count <= 0:  # a masked layer without any kept row: no statistics this step
+            return None
         G = self.G.div_(count) if g_scale == 1.0 else self.G.mul_(g_scale / count)
         return Factors(self._final_a(n_examples), G)
 
@@ -137,20 +166,39 @@ class ExpandStatistics(BatchStatistics):
     # Ω ← ε·Ω + (1 − ε)/n · Σ x̄x̄ᵀ straight into the running factor, with no accumulator and no averaging pass
     ema: tuple[torch.Tensor, float, float] | None = None
     a_is_average: bool = False
+    supports_masks: ClassVar[bool] = True
+    A_dropped: torch.Tensor | None = None  # Ω's sum over the rows a mask dropped (used if the layer leaked)
 
     def average_into(self, running: torch.Tensor, eps: float, n_examples: int) -> None:
         """Average Ω into ``running`` in the kernels' epilogue (set before the first input arrives)."""
         self.ema = (running, eps, (1.0 - eps) / n_examples)
 
-    def add_input(self, site, x: torch.Tensor) -> None:
+    def add_input(self, site, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Outer products of the site's input rows (with their ones coordinate for a bias).
 
         Averaged straight into a running factor (:meth:`average_into`), an input whose products could be non-finite
         is not added: the statistics are marked :attr:`poisoned` (void for this step) and the running factor is
-        left as it was.
+        left as it was. With ``keep`` (a linear site's rows; never with an epilogue average, see
+        ``CaptureState``) the kept rows go to Ω and the dropped ones to :attr:`A_dropped`.
         """
         if self.poisoned:
             return
+        if keep is not None and self.ema is not None:
+            self.leaked = True  # Ω goes straight into a running average: every row counts
+        elif keep is not None:
+            self.masked = True
+            rows = x.reshape(-1, site.a_dim)
+            self._add_rows(site, rows[keep])
+            A, self.A = self.A, self.A_dropped
+            try:
+                self._add_rows(site, rows[~keep])
+            finally:
+                self.A_dropped, self.A = self.A, A
+            return
+        self._add_rows(site, x)
+
+    def _add_rows(self, site, x: torch.Tensor) -> None:
+        """Add the outer products of ``x``'s rows (a site input) to :attr:`A`."""
         if self.ema is not None and not products_are_finite(x, self.a_dim, self.dtype):
             self.poisoned = True
             return
@@ -187,11 +235,17 @@ class ExpandStatistics(BatchStatistics):
         self._blocked_update(self.G, site.output_rows(gy), self.g_blocks, self.g_dim, scale * scale, 1.0)
 
     def _g_count(self, n_examples: int) -> int:
+        if self.masked and not self.leaked:
+            return self.g_kept_done + self.g_kept
         return self.g_rows_done + self.g_rows
 
     def _final_a(self, n_examples: int) -> torch.Tensor:
         # an Ω averaged in the epilogue is the running factor itself, already final
-        return self.A if self.a_is_average else super()._final_a(n_examples)
+        if self.a_is_average:
+            return self.A
+        if self.leaked and self.A_dropped is not None:
+            self.A.add_(self.A_dropped)
+        return super()._final_a(n_examples)
 
 
 @dataclass
@@ -207,8 +261,11 @@ class ReduceStatistics(BatchStatistics):
     _a_positions: int = 0
     _g_pending: torch.Tensor | None = None  # per-example sums of g, (N, groups, g_dim)
 
-    def add_input(self, site, x: torch.Tensor) -> None:
-        """Per-example sums of the site's inputs (the ones coordinate counts the positions)."""
+    def add_input(self, site, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Per-example sums of the site's inputs (the ones coordinate counts the positions).
+
+        Reduce does not drop masked positions (``keep`` is not used; the capture state reports such layers).
+        """
         sums = site.input_sums(x).to(self.dtype)  # (N, groups, a_in)
         t = site.positions(x)
         pad = self.a_dim - sums.shape[-1]

@@ -94,13 +94,14 @@ class FisherProducts:
         return f, outs
 
 
-def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
-    """Matrix of ``scale·(J u_i)ᵀ H (J u_j)`` over the given JVPs (fp64, symmetric)."""
+def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1.0,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Matrix of ``scale·(J u_i)ᵀ H (J u_j)`` over the given JVPs (fp64, symmetric; H over ``mask``'s real terms)."""
     k = len(jvps)
     C = torch.zeros(k, k, dtype=torch.float64)
     for i in range(k):
         for j in range(i, k):
-            C[i, j] = C[j, i] = float(spec.fisher_inner(f, jvps[i], jvps[j])) * scale
+            C[i, j] = C[j, i] = float(spec.fisher_inner(f, jvps[i], jvps[j], mask)) * scale
     return C
 
 
@@ -136,7 +137,7 @@ class ExactGram:
             with capture.preserved_calls():
                 for part in parts:
                     f, jv = self.products.outputs_and_jvps(part, directions)
-                    grams.append(gram(self.products.spec, f, jv, est.scale))
+                    grams.append(gram(self.products.spec, f, jv, est.scale, est.term_mask(part, f)))
                     sizes.append(f.shape[0])
         except RuntimeError as e:  # NotImplementedError included
             op = missing_forward_ad(e)
