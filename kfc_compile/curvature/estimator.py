@@ -254,14 +254,16 @@ class CurvatureEstimator:
         with st.preserved_calls(), torch.enable_grad(), st.armed_forward():  # the output tap sees the subset
             outputs = [forward_with_private_buffers(self.model, part, st.output_fn) for part in parts]
         masks = [self.term_mask(part, f) for part, f in zip(parts, outputs, strict=True)]
+        weights = [self.term_weight(call, f) for call, f in zip(st.recorded_calls(), outputs, strict=False)]
         # Ω averaged in the kernel epilogue has no rows left to drop: none with masked positions
         ema = self._ema_targets() if all(m is None for m in masks) else {}
         st.prepare_pass(ema, self.max_factor_dim, examples=sum(f.shape[0] for f in outputs))
-        for f, mask in zip(outputs, masks, strict=True):
+        for f, mask, c in zip(outputs, masks, weights, strict=True):
             st.begin_micro_batch(f.shape[0])
             st.term_mask = mask
             try:
-                vs = list(output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator, mask))
+                vs = list(output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator, mask,
+                                           c))
             except NonFiniteOutputError:
                 st.reset()
                 self._dropped_all("the model output on the statistics subset is not finite")
@@ -277,6 +279,13 @@ class CurvatureEstimator:
     def term_mask(self, call: RecordedCall, f: torch.Tensor) -> torch.Tensor | None:
         """The term mask of the logits ``f`` of a recorded call, from its visible labels (None: all terms count)."""
         return self.labels.mask(call, f)
+
+    def term_weight(self, call: RecordedCall, f: torch.Tensor) -> float | None:
+        """The term weight c = N/M of a whole recorded call with visible labels (None: the loss's default).
+
+        ``f``: the logits of a leading part of it (statistics subset, Fisher products).
+        """
+        return self.labels.term_weight(call, f)
 
     def _ema_targets(self) -> dict[int, tuple[torch.Tensor, float]]:
         """Running Ω and the next ε of every collecting layer: the statistics kernels average into them directly.

@@ -81,6 +81,22 @@ class LabelSource:
             return F.pad(labels, (0, 1), value=ignore)[..., 1:]
         return labels
 
+    def term_weight(self, call: RecordedCall, f: torch.Tensor) -> float | None:
+        """The weight c = N/M of a whole recorded call with visible labels and a mean loss (None: the default).
+
+        ``f``: the logits of a leading part of the call. The statistics subset and the Fisher products on such a
+        part use it: ℓ_n is the whole batch's per-example loss.
+        """
+        labels = self.labels(call)
+        if labels is None or self.spec.reduction != "mean" or not hasattr(self.spec, "ignore_index"):
+            return None
+        try:
+            self.spec.term_mask(f, labels[: f.shape[0]])
+        except ValueError:  # not the logits' labels (reported by mask())
+            return None
+        real = int((labels != self.spec.ignore_index).sum())
+        return labels.shape[0] / real if real else 0.0
+
     def mask(self, call: RecordedCall, f: torch.Tensor) -> torch.Tensor | None:
         """The term mask of the logits ``f`` of ``call`` (None: every term counts)."""
         labels = self.labels(call)

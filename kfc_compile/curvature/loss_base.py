@@ -104,12 +104,13 @@ class Loss(ABC):
     def _inner_sum(self, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Σ over examples and terms of ``uᵀ ∇²φ w`` (tensors already promoted to at least fp32)."""
 
-    def fisher_inner(self, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    def fisher_inner(self, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None,
+                     c: float | None = None) -> torch.Tensor:
         """Mean over examples of ``uₙᵀ Hₙ wₙ`` (a 0-d tensor, at least fp32) for output directions u, w.
 
         u and w have f's shape; Hₙ is the Hessian of the per-example loss ℓ_n w.r.t. example n's output (over the
-        real terms of ``mask`` when given).
+        real terms of ``mask`` when given). ``c``: the term weight of ℓ_n (default :meth:`term_weight`; a leading
+        subset of a batch passes the whole batch's).
         """
         dt = torch.promote_types(f.dtype, torch.float32)
         f, u, w = f.detach().to(dt), u.to(dt), w.to(dt)
@@ -118,4 +119,5 @@ class Loss(ABC):
             u = u * m
             w = u if same else w * m
         n = f.shape[0]
-        return self._inner_sum(f, u, w) * (self.term_weight(f, mask) / max(n, 1))
+        c = self.term_weight(f, mask) if c is None else c
+        return self._inner_sum(f, u, w) * (c / max(n, 1))

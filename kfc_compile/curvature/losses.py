@@ -286,7 +286,7 @@ def check_fisher(fisher: str) -> str:
 
 def output_gradients(spec: Loss, fisher: str, f: torch.Tensor, targets: torch.Tensor | None = None,
                      mc_samples: int = 1, generator: torch.Generator | None = None,
-                     mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                     mask: torch.Tensor | None = None, c: float | None = None) -> Iterator[torch.Tensor]:
     """Vectors to back-propagate from the model output ``f`` for one statistics step (see module docstring).
 
     Args:
@@ -298,6 +298,8 @@ def output_gradients(spec: Loss, fisher: str, f: torch.Tensor, targets: torch.Te
         generator: random generator for the ``"mc"`` samples (None: the global RNG).
         mask: the term mask of the visible labels (``spec.term_mask``; None: every term counts). For
             ``"empirical"`` it defaults to that of ``targets``.
+        c: the term weight of ℓ_n (default ``spec.term_weight(f, mask)``; a leading subset of a batch passes
+            the whole batch's, so that ℓ_n is the batch's per-example loss).
 
     Yields:
         Tensors shaped like ``f``: 1 for empirical, ``mc_samples`` for mc, one per output coordinate for type-2
@@ -320,8 +322,8 @@ def output_gradients(spec: Loss, fisher: str, f: torch.Tensor, targets: torch.Te
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
     if mask is None and fisher == "empirical":
         mask = spec.term_mask(f, targets)
-    c = spec.term_weight(f, mask)
-    if c == 0.0:  # no real term: the loss does not depend on the output
+    c = spec.term_weight(f, mask) if c is None else c
+    if c == 0.0 or (mask is not None and not bool(mask.any())):  # no real term: the loss does not depend on the output
         return
     if fisher == "empirical":
         yield c * spec.target_grad(f, targets)
