@@ -104,6 +104,25 @@ def _with_delta(seen, d, run):
     return run()
 
 
+def brute_reduce(run, module, mask, counted=None):
+    """Type-2 KFAC-reduce (Ω, Γ): x̃_n the mean of x̄ over the counted positions, Γ from Σ_t of the gradients."""
+    f, x, J = _jacobian(run, module)
+    n = f.shape[0]
+    c = n / int(mask.sum())
+    counted = mask if counted is None else counted
+    p = torch.softmax(f, -1)
+    xb = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)
+    A = G = 0.0
+    for i in range(n):
+        xm = (xb[i] * counted[i].unsqueeze(-1)).sum(0) / counted[i].sum()
+        A = A + torch.outer(xm, xm) / n
+        K = J[i, :, :, i].sum(2)  # (T, V, d_out): Σ_t of ∂f_{i,s}/∂(layer output at t)
+        for s in range(T):
+            if mask[i, s]:
+                G = G + K[s].T @ (c * (torch.diag(p[i, s]) - torch.outer(p[i, s], p[i, s]))) @ K[s] / n
+    return A, G
+
+
 def brute_factors(run, module, mask, fisher="type-2", targets=None, smoothing=0.0, counted=None):
     """(Ω, Γ) of ``module`` by the definition; ``counted`` (B, T) the positions that count (default: ``mask``)."""
     f, x, J = _jacobian(run, module)
@@ -154,6 +173,20 @@ def test_padded_batch_against_brute_force_and_twin(fisher):
         _close(got[name], A, G)
         _close(twin[name], A, G)
     assert float(got["head"].A[-1, -1]) == pytest.approx(int(mask.sum()) / B)  # bias–bias: real tokens per example
+
+
+def test_reduce_averages_over_the_real_positions():
+    """KFAC-reduce: x̃_n is the mean over example n's real positions (l1 under a masked prompt: all of them)."""
+    m, t = _twins()
+    x, y = _batch()
+    y[0, 0] = IGNORE  # a masked prompt token of example 0: l1 keeps every position
+    mask = y != IGNORE
+    got = kc.curvature(m, kc.CrossEntropy(class_dim=-1), x, y, fisher="type-2", approx="reduce")
+    twin = kc.curvature(t, kc.CrossEntropy(), x, y, fisher="type-2", approx="reduce")
+    for name, counted in (("head", None), ("l1", torch.ones_like(mask))):
+        A, G = brute_reduce(lambda: m(x), getattr(m, name), mask, counted)
+        _close(got[name], A, G)
+        _close(twin[name], A, G)
 
 
 def test_padded_batch_equals_the_unpadded_examples_one_by_one():

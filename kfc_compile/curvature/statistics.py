@@ -13,6 +13,7 @@ where g is the gradient of the *per-example* loss. With a term mask (labels ``ig
 a token-aligned site hands the rows it keeps (``keep``): expand sums Ω over the kept rows and divides Γ by their
 count (the real tokens) instead of N·T, unless some backward put a nonzero gradient on a dropped row (real tokens
 depend on that position, e.g. a masked prompt under attention): then the layer keeps every row (:attr:`leaked`).
+Reduce averages x̄ over the kept positions of each example instead (Γ's sums are unchanged: dropped rows are 0).
 Factors are stored stacked per group, ``(groups, d, d)``, or,
 for a side with ``a_blocks``/``g_blocks`` > 1, as that many diagonal blocks per group (``blocks.py``): the
 rows (patches with their ones coordinate, or output gradients) are then split into blocks before the products.
@@ -68,8 +69,6 @@ class BatchStatistics(ABC):
     def _add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
         """Add one site's output-gradient contribution to Γ (see :meth:`add_output_grad`)."""
 
-    supports_masks: ClassVar[bool] = False  # whether add_input / add_output_grad use ``keep``
-
     @abstractmethod
     def _g_count(self, n_examples: int) -> int:
         """What Γ's sums are divided by."""
@@ -90,7 +89,7 @@ class BatchStatistics(ABC):
         """
         rows = gy.numel() // (site.g_dim * site.groups)
         self._rows += rows
-        if keep is not None and self.supports_masks:
+        if keep is not None:
             self.masked = True
             self._kept += int(keep.sum())
             if not self.leaked and bool(gy.reshape(-1, site.g_dim)[~keep].any()):
@@ -101,7 +100,7 @@ class BatchStatistics(ABC):
 
     def note_leak(self, site, gy: torch.Tensor, keep: torch.Tensor) -> None:
         """An input-only pass's output gradient: a nonzero one on a dropped row means the layer keeps every row."""
-        if self.supports_masks and not self.leaked and bool(gy.reshape(-1, site.g_dim)[~keep].any()):
+        if not self.leaked and bool(gy.reshape(-1, site.g_dim)[~keep].any()):
             self.leaked = True
 
     def end_pass(self) -> None:
@@ -166,7 +165,6 @@ class ExpandStatistics(BatchStatistics):
     # Ω ← ε·Ω + (1 − ε)/n · Σ x̄x̄ᵀ straight into the running factor, with no accumulator and no averaging pass
     ema: tuple[torch.Tensor, float, float] | None = None
     a_is_average: bool = False
-    supports_masks: ClassVar[bool] = True
     A_dropped: torch.Tensor | None = None  # Ω's sum over the rows a mask dropped (used if the layer leaked)
 
     def average_into(self, running: torch.Tensor, eps: float, n_examples: int) -> None:
@@ -260,20 +258,41 @@ class ReduceStatistics(BatchStatistics):
     _a_pending: torch.Tensor | None = None  # per-example sums, (N, groups, a_dim)
     _a_positions: int = 0
     _g_pending: torch.Tensor | None = None  # per-example sums of g, (N, groups, g_dim)
+    # the same over the rows a mask keeps (per-example counts), and Ω from their means (used unless leaked)
+    _k_pending: torch.Tensor | None = None
+    _k_counts: torch.Tensor | None = None
+    _pass_masked: bool = False
+    A_kept: torch.Tensor | None = None
 
     def add_input(self, site, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Per-example sums of the site's inputs (the ones coordinate counts the positions).
 
-        Reduce does not drop masked positions (``keep`` is not used; the capture state reports such layers).
+        With ``keep`` (a token-aligned linear site's rows) also the sums and counts over the kept positions.
         """
-        sums = site.input_sums(x).to(self.dtype)  # (N, groups, a_in)
+        n = x.shape[0]
+        sums = self._padded_sums(site.input_sums(x), float(site.positions(x)) if site.has_bias else 0.0)
         t = site.positions(x)
+        if keep is None:
+            k_sums, counts = sums, torch.full((n,), float(t), dtype=self.dtype, device=sums.device)
+        else:
+            self._pass_masked = True
+            k = keep.reshape(x.shape[:-1])
+            counts = k.reshape(n, -1).sum(1).to(self.dtype)
+            k_sums = self._padded_sums(site.input_sums(x * k.unsqueeze(-1).to(x.dtype)),
+                                       counts.view(-1, 1, 1) if site.has_bias else 0.0)
+        self._a_pending = sums if self._a_pending is None else self._a_pending + sums
+        self._k_pending = k_sums if self._k_pending is None else self._k_pending + k_sums
+        self._k_counts = counts if self._k_counts is None else self._k_counts + counts
+        self._a_positions += t
+
+    def _padded_sums(self, sums: torch.Tensor, ones) -> torch.Tensor:
+        """(N, groups, a_dim) sums with the bias coordinate (``ones``: the positions counted, or 0) appended."""
+        sums = sums.to(self.dtype)
         pad = self.a_dim - sums.shape[-1]
         if pad:
-            extra = sums.new_full((*sums.shape[:-1], pad), float(t) if site.has_bias else 0.0)
+            extra = torch.zeros(*sums.shape[:-1], pad, dtype=self.dtype, device=sums.device) + ones
             sums = torch.cat([sums, extra], dim=-1)
-        self._a_pending = sums if self._a_pending is None else self._a_pending + sums
-        self._a_positions += t
+        return sums
 
     def _add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
         sums = site.output_sums(gy).to(self.dtype) * scale
@@ -282,6 +301,14 @@ class ReduceStatistics(BatchStatistics):
     def end_pass(self) -> None:
         """Close one backward pass: flush the per-example sums into outer products."""
         if self._a_pending is not None:
+            if self._pass_masked and self.A_kept is None:  # earlier passes had no mask: kept = all so far
+                self.A_kept = self.A.clone() if self.A is not None else self._new(self.a_dim, self.a_blocks).zero_()
+            if self.A_kept is not None:
+                k_mean = (self._k_pending / self._k_counts.clamp(min=1).view(-1, 1, 1)).transpose(0, 1)
+                self._blocked_update(self.A_kept, k_mean, self.a_blocks, self.a_dim, 1.0, 1.0)
+            self.masked |= self._pass_masked
+            self._k_pending = self._k_counts = None
+            self._pass_masked = False
             mean = (self._a_pending / self._a_positions).transpose(0, 1)  # (groups, N, a_dim)
             if self.A is None:
                 self.A = self._new(self.a_dim, self.a_blocks).zero_()
@@ -296,6 +323,10 @@ class ReduceStatistics(BatchStatistics):
 
     def _g_count(self, n_examples: int) -> int:
         return n_examples
+
+    def _final_a(self, n_examples: int) -> torch.Tensor:
+        kept = self.masked and not self.leaked and self.A_kept is not None
+        return (self.A_kept if kept else self.A).div_(n_examples)
 
 
 def products_are_finite(x: torch.Tensor, width: int, dtype: torch.dtype) -> bool:

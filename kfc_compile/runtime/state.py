@@ -130,7 +130,7 @@ class CaptureState:
             x = x[: x.shape[0] * used // self.n_examples]
             gy = gy[: gy.shape[0] * used // self.n_examples]
             mask = None if mask is None else mask[:used]
-        keep = None if mask is None else self._aligned(layer_index, site, x, gy, mask, stats)
+        keep = None if mask is None else self._aligned(layer_index, site, x, gy, mask)
         with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
             if self.capture_input:
                 stats.add_input(site, x.detach(), keep)
@@ -139,8 +139,8 @@ class CaptureState:
             if self.capture_grad:
                 stats.add_output_grad(site, gy.detach(), self.grad_scale, keep)
 
-    def _aligned(self, layer_index: int, site: Site, x: torch.Tensor, gy: torch.Tensor, mask: torch.Tensor,
-                 stats: BatchStatistics) -> torch.Tensor | None:
+    def _aligned(self, layer_index: int, site: Site, x: torch.Tensor, gy: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor | None:
         """The rows of a token-aligned site that the term mask keeps, or None (and the reason noted) if not aligned.
 
         Token-aligned: a linear site whose input and output gradient are (N, T…, features) with the mask's (N, T…),
@@ -149,8 +149,6 @@ class CaptureState:
         why = None
         if not isinstance(site, LinearSite):
             why = f"a {site.kind} layer is not token-aligned"
-        elif not stats.supports_masks:
-            why = f"approx={stats.approx!r} keeps every position"
         else:
             lead, nd = tuple(mask.shape), mask.dim()
             for t, width in ((x, site.in_features), (gy, site.out_features)):
