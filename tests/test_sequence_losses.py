@@ -366,3 +366,40 @@ def test_unknown_hf_loss_type_is_reported_once_and_not_guessed():
     assert any("not used to drop ignore_index" in str(e.message) for e in w)
     ref = kc.curvature(m, spec, x, torch.randint(0, V, (B, T)), fisher="type-2")  # all positions count
     torch.testing.assert_close(got["l1"].A, ref["l1"].A)
+
+
+def test_subset_pass_and_exact_fisher_products_see_compile_steps_targets():
+    """compile_step's targets reach the separate subset pass (stats_fraction) and the exact Fisher products.
+
+    On a leading subset ℓ_n stays the whole batch's per-example loss: c = N/M of the batch.
+    """
+    m = TokenLM()
+    x, y = _batch()
+    spec = kc.CrossEntropy(class_dim=-1)
+    step = kc.compile_step(m, spec, compile=False, lr=0.0, fisher="type-2", stats_fraction=0.5)
+    step(x, y)
+    c_batch = B / int((y != IGNORE).sum())
+    sub = kc.curvature(TokenLM(), spec, x[:2], y[:2], fisher="type-2")
+    ratio = c_batch / (2 / int((y[:2] != IGNORE).sum()))
+    for name in ("l1", "head"):
+        _close(step.optimizer.factors(name), sub[name].A, sub[name].G * ratio)
+    # exact Fisher products on the batch the step recorded: uᵀFu = mean_n (Ju)ₙᵀ Hₙ (Ju)ₙ over the real tokens
+    g = torch.Generator().manual_seed(5)
+    params = dict(m.named_parameters())
+    u = {p: torch.randn(p.shape, dtype=p.dtype, generator=g) for p in params.values()}
+    out = m(x)  # records the call (with its targets) for the products
+    with step.optimizer.model.kfc.state.visible_labels(y):
+        m(x)
+    del out
+    calls = step.optimizer.model.kfc.state.recorded_calls()
+    assert len(calls) == 2 and calls[1].labels is y and calls[0].labels is None
+    gram = step.optimizer._exact_gram([u], 1.0)
+    f, ju = torch.func.jvp(lambda *ps: torch.func.functional_call(m, dict(zip(params, ps, strict=True)), (x,)),
+                           tuple(params.values()), tuple(u[p] for p in params.values()))
+    p = torch.softmax(f, -1)
+    quad = (p * ju * ju).sum(-1) - (p * ju).sum(-1) ** 2  # (Ju)ᵀ(diag p − p pᵀ)(Ju) per position
+    ref = c_batch * (quad * (y != IGNORE)).sum() / B
+    sizes = [c.batch_size() for c in calls]
+    # the first recorded call has no visible labels (all its positions count), the second has them: mean over both
+    plain = (1 / T) * quad.sum() / B
+    torch.testing.assert_close(gram[0, 0], (plain * sizes[0] + ref * sizes[1]) / sum(sizes), rtol=1e-10, atol=0)
