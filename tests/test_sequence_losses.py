@@ -241,6 +241,12 @@ def test_labels_keyword_masks_like_targets():
         c_ratio = 1.0 if fraction == 1.0 else (B / int((y != IGNORE).sum())) / (2 / int((y[:2] != IGNORE).sum()))
         for name in ref:  # the subset's ℓ_n is the whole batch's: c = N/M of the batch
             _close(opt.factors(name), sub[name].A, sub[name].G * c_ratio)
+    emp = kc.curvature(m, spec, x, y, fisher="empirical")  # the user's own backward of the model's masked loss
+    opt = kc.KFC(lm, lr=0.0, loss=spec, fisher="empirical")
+    lm(x, labels=y)["loss"].backward()
+    opt.step()
+    for name in emp:
+        _close(opt.factors(name), emp[name].A, emp[name].G)
 
 
 def test_hf_gpt2_causal_shift_against_brute_force():
