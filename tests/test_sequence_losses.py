@@ -233,7 +233,8 @@ def test_labels_keyword_masks_like_targets():
     assert set(got) == set(ref) == {"l1", "head"}
     for name in ref:
         _close(got[name], ref[name].A, ref[name].G)
-    for fraction in (1.0, 0.5):  # the statistics in the user's backward / in a separate pass on the subset
+    for fraction in (1.0, 0.5):  # the statistics in the user's backward / on the subset's rows
+        lm = LabelledLM()
         opt = kc.KFC(lm, lr=0.0, loss=spec, fisher="type-2", stats_fraction=fraction)
         lm(x, labels=y)["loss"].backward()
         opt.step()
@@ -242,7 +243,8 @@ def test_labels_keyword_masks_like_targets():
         for name in ref:  # the subset's ℓ_n is the whole batch's: c = N/M of the batch
             _close(opt.factors(name), sub[name].A, sub[name].G * c_ratio)
     emp = kc.curvature(m, spec, x, y, fisher="empirical")  # the user's own backward of the model's masked loss
-    opt = kc.KFC(lm, lr=0.0, loss=spec, fisher="empirical")
+    lm = LabelledLM()
+    opt = kc.KFC(lm, lr=0.0, loss=spec, fisher="empirical", stats_fraction=1.0)
     lm(x, labels=y)["loss"].backward()
     opt.step()
     for name in emp:
