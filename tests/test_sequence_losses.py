@@ -411,3 +411,31 @@ def test_subset_pass_and_exact_fisher_products_see_compile_steps_targets():
     # the first recorded call has no visible labels (all its positions count), the second has them: mean over both
     plain = (1 / T) * quad.sum() / B
     torch.testing.assert_close(gram[0, 0], (plain * sizes[0] + ref * sizes[1]) / sum(sizes), rtol=1e-10, atol=0)
+
+
+class ConvTokens(nn.Module):
+    """A pointwise Conv1d over (B, C, T) — not token-aligned in the (B, T, ·) sense — then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv1d(D_IN, D, 1), nn.Linear(D, V)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x.transpose(1, 2))).transpose(1, 2))
+
+
+def test_a_layer_that_is_not_token_aligned_keeps_its_rows_and_says_so():
+    """The conv's Ω counts every position (bias–bias entry T), its Γ comes from the masked loss over N·T rows."""
+    model = kc.transform(ConvTokens())
+    x, y = _batch()
+    mask = y != IGNORE
+    got = kc.curvature(model, kc.CrossEntropy(class_dim=-1), x, y, fisher="type-2")
+    masking = model.kfc.state.masking
+    assert masking["head"] == "masked" and "conv1d layer is not token-aligned" in masking["conv"]
+    assert float(got["conv"].A[-1, -1]) == pytest.approx(T)
+    assert float(got["head"].A[-1, -1]) == pytest.approx(int(mask.sum()) / B)
+    plain = kc.curvature(model, kc.CrossEntropy(class_dim=-1), x, y.clamp(min=0), fisher="type-2")
+    torch.testing.assert_close(got["conv"].A, plain["conv"].A, rtol=1e-12, atol=0)  # the same rows
+    assert not torch.allclose(got["conv"].G, plain["conv"].G)  # but the masked loss's Γ
