@@ -76,16 +76,13 @@ def _jacobian(run, module: nn.Module):
         seen["x"] = inputs[0].detach()
         return out + seen["delta"]
 
-    with torch.no_grad():
-        out = run()
     seen["delta"] = torch.zeros_like(_out_of(module, run), requires_grad=True)
     handle = module.register_forward_hook(hook)
     try:
         f = run()
-        J = torch.autograd.functional.jacobian(lambda d: _with_delta(seen, d, run), seen["delta"])
+        J = torch.autograd.functional.jacobian(lambda d: _with_delta(seen, d, run), seen["delta"], vectorize=True)
     finally:
         handle.remove()
-    del out
     return f.detach(), seen["x"], J
 
 
@@ -395,10 +392,9 @@ def test_subset_pass_and_exact_fisher_products_see_compile_steps_targets():
     g = torch.Generator().manual_seed(5)
     params = dict(m.named_parameters())
     u = {p: torch.randn(p.shape, dtype=p.dtype, generator=g) for p in params.values()}
-    out = m(x)  # records the call (with its targets) for the products
+    m(x)  # two recorded calls for the products: one without visible labels, one with compile_step's targets
     with step.optimizer.model.kfc.state.visible_labels(y):
         m(x)
-    del out
     calls = step.optimizer.model.kfc.state.recorded_calls()
     assert len(calls) == 2 and calls[1].labels is y and calls[0].labels is None
     gram = step.optimizer._exact_gram([u], 1.0)
