@@ -186,14 +186,21 @@ class ExpandStatistics(BatchStatistics):
         elif keep is not None:
             self.masked = True
             rows = x.reshape(-1, site.a_dim)
-            self._add_rows(site, rows[keep])
+            self._add_some_rows(site, rows[keep])
             A, self.A = self.A, self.A_dropped
             try:
-                self._add_rows(site, rows[~keep])
+                self._add_some_rows(site, rows[~keep])
             finally:
                 self.A_dropped, self.A = self.A, A
             return
         self._add_rows(site, x)
+
+    def _add_some_rows(self, site, rows: torch.Tensor) -> None:
+        """:meth:`_add_rows` for a row subset that may be empty (no kernel launch on zero rows)."""
+        if rows.shape[0]:
+            self._add_rows(site, rows)
+        elif self.A is None:
+            self.A = self._new(self.a_dim, self.a_blocks).zero_()
 
     def _add_rows(self, site, x: torch.Tensor) -> None:
         """Add the outer products of ``x``'s rows (a site input) to :attr:`A`."""
