@@ -61,9 +61,13 @@ class CompiledStep:
         opt = self.optimizer
         select = opt.options.output
 
+        state = opt.model.kfc.state
+        labels = targets if self.on_logits and isinstance(targets, torch.Tensor) else None
+
         def closure():
             opt.zero_grad(set_to_none=True)
-            out = self.model(*args, **kwargs)
+            with state.visible_labels(labels):  # the targets of the logits: ignore_index positions are masked
+                out = self.model(*args, **kwargs)
             loss = self.loss_fn(model_output(out, select) if self.on_logits else out, targets)
             loss.backward()
             return loss

@@ -5,9 +5,11 @@ import torch
 from torch import nn
 
 from kfc_compile.curvature.factors import Factors, public_view
+from kfc_compile.curvature.labels import LabelSource
 from kfc_compile.curvature.losses import check_fisher, loss_spec, output_gradients
 from kfc_compile.curvature.statistics import check_approx
 from kfc_compile.registry import KFCInfo
+from kfc_compile.runtime.calls import RecordedCall
 from kfc_compile.runtime.taps import model_output
 from kfc_compile.transform import transform
 
@@ -45,6 +47,13 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
     For each layer, ``kron(G, A)`` is the approximate Fisher block of the per-example loss for the row-major
     ``[W | b]``; grouped convs give factors stacked per group. One forward; one backward per output vector (1 for
     mc/empirical, mc_samples for mc, one per output coordinate for type-2), each computing no weight gradients.
+
+    The labels are visible (README, "Sequence losses"): ``targets`` (those of the logits), else a ``labels=``
+    keyword input read as the model's own loss reads it; positions labelled ``ignore_index`` are then no loss
+    terms (for every ``fisher``), and the layers' ``masking`` record says which layers dropped them.
+
+    Raises:
+        ValueError: an unknown fisher / approx / loss, or visible labels that are all ``ignore_index``.
     """
     check_fisher(fisher)
     check_approx(approx)
@@ -66,8 +75,13 @@ def curvature(model: nn.Module, loss_fn, inputs, targets, fisher: str = "mc", ap
                 f = model_output(tm(*args, **kwargs), output)
             if not tm.kfc.layers:  # dynamo capture: the forward compiled no layer either
                 return {}
+            mask = (spec.term_mask(f, targets) if targets is not None else
+                    LabelSource.of(model, spec).mask(RecordedCall(args, kwargs), f))
+            if mask is not None and not bool(mask.any()):
+                raise ValueError(f"every label is ignore_index={spec.ignore_index}: the loss has no term")
+            state.term_mask = mask
             first = True
-            for v in output_gradients(spec, fisher, f, targets, mc_samples, generator):
+            for v in output_gradients(spec, fisher, f, targets, mc_samples, generator, mask):
                 state.record_backward(f, v, inputs=first)
                 first = False
             batch = state.take()

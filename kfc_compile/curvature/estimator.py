@@ -35,6 +35,7 @@ from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.factors import Factors, RunningFactors
 from kfc_compile.curvature.guard import finite_flags, refresh_layer, restart_factors
 from kfc_compile.curvature.health import Health
+from kfc_compile.curvature.labels import LabelSource
 from kfc_compile.curvature.layer_state import LayerState
 from kfc_compile.curvature.losses import Loss, NonFiniteOutputError, output_gradients
 from kfc_compile.curvature.memory import planned_layouts
@@ -42,6 +43,7 @@ from kfc_compile.curvature.precondition import apply_buckets, build_buckets, gra
 from kfc_compile.curvature.sharding import LocalInverses
 from kfc_compile.curvature.subset import forward_with_private_buffers, leading_subset
 from kfc_compile.registry import KFCLayer
+from kfc_compile.runtime.calls import RecordedCall
 from kfc_compile.runtime.state import CaptureState
 
 __all__ = ["CurvatureEstimator", "LayerState"]
@@ -94,6 +96,8 @@ class CurvatureEstimator:
         self._inverses = LocalInverses() if distributed is None else distributed.inverses
         info = model.kfc
         self.capture: CaptureState = info.state
+        self.labels = LabelSource.of(model, loss)  # visible labels → term masks (ignore_index positions)
+        self.capture.mask_fn = self.labels.mask
         self._version = getattr(info, "version", None)  # a live registry (kfc backend): see sync()
         self._layouts = planned_layouts(info.layers, max_factor_dim, memory_budget, damping_method, None, warned)
         self.states = [LayerState(layer, self._layout_of(layer)) for layer in info.layers]
@@ -205,7 +209,8 @@ class CurvatureEstimator:
         # check reads the same flag (frontend/dynamo/backend.py)
         with torch._functorch.config.patch(donated_buffer=False):
             try:
-                for v in output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator):
+                for v in output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator,
+                                          self.capture.term_mask):
                     self.capture.record_backward(f, v, inputs=False)
             except NonFiniteOutputError:  # never out of the user's backward: this step's statistics are dropped
                 self._output_failed = True
@@ -248,11 +253,17 @@ class CurvatureEstimator:
         parts = leading_subset(st.recorded_calls(), self.stats_fraction)
         with st.preserved_calls(), torch.enable_grad(), st.armed_forward():  # the output tap sees the subset
             outputs = [forward_with_private_buffers(self.model, part, st.output_fn) for part in parts]
-        st.prepare_pass(self._ema_targets(), self.max_factor_dim, examples=sum(f.shape[0] for f in outputs))
-        for f in outputs:
+        masks = [self.term_mask(part, f) for part, f in zip(parts, outputs, strict=True)]
+        weights = [self.term_weight(call, f) for call, f in zip(st.recorded_calls(), outputs, strict=False)]
+        # Ω averaged in the kernel epilogue has no rows left to drop: none with masked positions
+        ema = self._ema_targets() if all(m is None for m in masks) else {}
+        st.prepare_pass(ema, self.max_factor_dim, examples=sum(f.shape[0] for f in outputs))
+        for f, mask, c in zip(outputs, masks, weights, strict=True):
             st.begin_micro_batch(f.shape[0])
+            st.term_mask = mask
             try:
-                vs = list(output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator))
+                vs = list(output_gradients(self.loss, self.fisher, f, None, self.mc_samples, self.generator, mask,
+                                           c))
             except NonFiniteOutputError:
                 st.reset()
                 self._dropped_all("the model output on the statistics subset is not finite")
@@ -264,6 +275,17 @@ class CurvatureEstimator:
             if stats.poisoned:
                 self.health.statistics_dropped(self.states[i].layer.name, "non-finite layer input")
         self._fold(st.take())
+
+    def term_mask(self, call: RecordedCall, f: torch.Tensor) -> torch.Tensor | None:
+        """The term mask of the logits ``f`` of a recorded call, from its visible labels (None: all terms count)."""
+        return self.labels.mask(call, f)
+
+    def term_weight(self, call: RecordedCall, f: torch.Tensor) -> float | None:
+        """The term weight c = N/M of a whole recorded call with visible labels (None: the loss's default).
+
+        ``f``: the logits of a leading part of it (statistics subset, Fisher products).
+        """
+        return self.labels.term_weight(call, f)
 
     def _ema_targets(self) -> dict[int, tuple[torch.Tensor, float]]:
         """Running Ω and the next ε of every collecting layer: the statistics kernels average into them directly.

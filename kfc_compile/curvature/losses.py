@@ -14,6 +14,11 @@ the output-space Fisher, used for the exact Fisher products of ``optim/fvp.py`` 
 * MSE: ``2c·I``,
 * BCE with logits: ``c·σ(1−σ)`` elementwise.
 
+Where the labels are visible (docs/algorithm.md §3.1), a *term mask* (True for a loss term that counts, False
+for a cross-entropy position labelled ``ignore_index``) restricts everything to the real terms: ℓ_n = c·Σ_{k real}
+φ_k with c = N/M for a mean over the M real terms of the batch (what ``F.cross_entropy(..., ignore_index=...)``
+divides by), and the output vectors, Hessian columns and Fisher inner products are zero at the ignored terms.
+
 The public names are ``CrossEntropy``, ``MSE`` and ``BCEWithLogits``; :func:`loss_spec` also accepts their
 string names and the matching ``torch.nn`` loss modules.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -30,110 +35,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FISHER_TYPES = ("mc", "empirical", "type-2")
-REDUCTIONS = ("mean", "sum")
+from kfc_compile.curvature.loss_base import FISHER_TYPES, REDUCTIONS, Loss, NonFiniteOutputError
 
-
-class NonFiniteOutputError(FloatingPointError):
-    """The model output has inf/NaN entries: no Fisher targets or output gradients can be drawn from it."""
-
-
-class Loss(ABC):
-    """A supported loss with its reduction.
-
-    Subclasses (frozen dataclasses) know the loss's sampling, gradient and Hessian.
-    """
-
-    name: ClassVar[str]  # the public string name
-    module: ClassVar[type[nn.Module]]  # the matching torch loss module
-    reduction: str  # "mean" or "sum": a dataclass field of every subclass
-
-    def __post_init__(self) -> None:
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"loss reduction {self.reduction!r} is not supported: use 'mean' or 'sum'")
-
-    @classmethod
-    def from_module(cls, loss: nn.Module) -> Loss:
-        """The loss for an instance of :attr:`module`, rejecting the options the Fisher does not model."""
-        return cls(reduction=loss.reduction)
-
-    def terms_per_example(self, f: torch.Tensor) -> int:
-        """K: loss terms per example of the output ``f`` (dim 0 is the batch)."""
-        n = f.shape[0]
-        return f.numel() // n if n else 1
-
-    def term_weight(self, f: torch.Tensor) -> float:
-        """The term weight c in ℓ_n = c·Σ_k φ_k: 1/K for a mean, 1 for a sum."""
-        return 1.0 / self.terms_per_example(f) if self.reduction == "mean" else 1.0
-
-    def per_example_scale(self, n_examples: int) -> float:
-        """Factor turning the gradient of the batch loss into the gradient of the per-example loss."""
-        return float(n_examples) if self.reduction == "mean" else 1.0
-
-    def batch_loss(self, f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The batch loss, as the torch loss module computes it."""
-        return self.module(reduction=self.reduction)(f, targets)
-
-    def __call__(self, f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """:meth:`batch_loss`, so that an instance can serve as the training loss (e.g. ``compile_step``'s)."""
-        return self.batch_loss(f, targets)
-
-    @abstractmethod
-    def sample(self, f: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Targets drawn from the model's predictive distribution at the output ``f``."""
-
-    @abstractmethod
-    def term_grad(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """∇_f φ of every term for the targets ``y`` (shaped like ``f``, not divided by anything)."""
-
-    @abstractmethod
-    def hessian_sqrt_columns(self, f: torch.Tensor, c: float) -> Iterator[torch.Tensor]:
-        """Columns of a square root of each term's output Hessian times ``c``, one term at a time.
-
-        There is no cross-term mixing; their outer products sum to c·∇²_f Σ_k φ_k.
-        """
-
-    @abstractmethod
-    def _inner_sum(self, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Σ over examples and terms of ``uᵀ ∇²φ w`` (tensors already promoted to at least fp32)."""
-
-    def fisher_inner(self, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Mean over examples of ``uₙᵀ Hₙ wₙ`` (a 0-d tensor, at least fp32) for output directions u, w.
-
-        u and w have f's shape; Hₙ is the Hessian of the per-example loss ℓ_n w.r.t. example n's output.
-        """
-        dt = torch.promote_types(f.dtype, torch.float32)
-        f, u, w = f.detach().to(dt), u.to(dt), w.to(dt)
-        n = f.shape[0]
-        return self._inner_sum(f, u, w) * (self.term_weight(f) / max(n, 1))
+__all__ = ["FISHER_TYPES", "REDUCTIONS", "LOSSES", "LOSS_KINDS", "BCEWithLogits", "CrossEntropy", "Loss", "MSE",
+           "NonFiniteOutputError", "check_fisher", "loss_spec", "output_gradients"]
 
 
 @dataclass(frozen=True)
 class CrossEntropy(Loss):
-    """Softmax cross-entropy over the logits' ``class_dim``.
+    """Softmax cross-entropy over the logits' ``class_dim``, as ``F.cross_entropy`` with the same options.
 
     ``class_dim`` is 1 as in ``nn.CrossEntropyLoss``; negative values count from the end, e.g. -1 for
     language-model logits (B, T, V) with targets (B, T). Every other non-batch position is one loss term.
+    Positions labelled ``ignore_index`` are no loss terms where the labels are visible (docs/algorithm.md §3.1).
+    ``label_smoothing`` ε: targets q = (1 − ε)·onehot(y) + ε/C, whose loss Σ_k q_k(−log p_k) has the output
+    Hessian (Σ_k q_k)(diag p − p pᵀ) = diag p − p pᵀ, so the MC and type-2 Fisher are those of ε = 0; the
+    empirical Fisher uses the smoothed gradient p − q.
     """
 
     name: ClassVar[str] = "cross_entropy"
     module: ClassVar[type[nn.Module]] = nn.CrossEntropyLoss
     class_dim: int = 1
+    ignore_index: int = -100
     reduction: str = "mean"
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.class_dim, bool) or not isinstance(self.class_dim, int):
             raise TypeError(f"class_dim must be an int, got {self.class_dim!r}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int (the label of positions without a loss term, -100 by "
+                            f"default), got {self.ignore_index!r}")
+        eps = self.label_smoothing
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < 1.0:
+            raise ValueError(f"label_smoothing must be a float in [0, 1), got {eps!r}")
 
     @classmethod
     def from_module(cls, loss: nn.Module) -> Loss:
-        """Also rejects class weights and label smoothing (not the model's likelihood)."""
-        spec = super().from_module(loss)
-        if loss.weight is not None or loss.label_smoothing != 0.0:
-
-            raise ValueError("CrossEntropyLoss with class weights or label smoothing is not supported")
-        return spec
+        """Maps ``ignore_index`` and ``label_smoothing``; rejects class weights (not the model's likelihood)."""
+        if loss.weight is not None:
+            raise ValueError("CrossEntropyLoss with class weights is not supported: the weighted loss is not the "
+                             "model's likelihood; use CrossEntropyLoss() without weight=")
+        return cls(ignore_index=loss.ignore_index, reduction=loss.reduction, label_smoothing=loss.label_smoothing)
 
     def _dim(self, f: torch.Tensor) -> int:
         """The class dimension of ``f`` as a non-negative index (0 for a 1-D ``f``)."""
@@ -159,8 +103,26 @@ class CrossEntropy(Loss):
         return k // f.shape[self._dim(f)] if f.dim() > 1 else k
 
     def batch_loss(self, f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``nn.CrossEntropyLoss`` with the class dim moved to 1."""
-        return F.cross_entropy(f.movedim(self._dim(f), 1) if f.dim() > 1 else f, targets, reduction=self.reduction)
+        """``nn.CrossEntropyLoss`` with the class dim moved to 1 (and this spec's ignore_index, label smoothing)."""
+        return F.cross_entropy(f.movedim(self._dim(f), 1) if f.dim() > 1 else f, targets, reduction=self.reduction,
+                               ignore_index=self.ignore_index, label_smoothing=self.label_smoothing)
+
+    def term_mask(self, f: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """``labels != ignore_index`` (f's shape without the class dim); None when no position is ignored.
+
+        Raises:
+            ValueError: the labels are not shaped like ``f`` without its class dim.
+        """
+        terms = self._class_last(f).shape[:-1] if f.dim() > 1 else f.shape[:1]
+        if tuple(labels.shape) != tuple(terms):
+            raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits of shape {tuple(f.shape)} "
+                             f"with class_dim={self.class_dim}: expected {tuple(terms)}")
+        mask = labels.to(f.device) != self.ignore_index
+        return None if bool(mask.all()) else mask
+
+    def spread_mask(self, mask: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """The term mask with the class dim inserted."""
+        return mask.to(f.dtype).unsqueeze(self._dim(f)) if f.dim() > 1 else mask.to(f.dtype)
 
     def sample(self, f: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Class indices drawn from the softmax (in fp32), shaped like ``f`` without its class dim."""
@@ -174,17 +136,35 @@ class CrossEntropy(Loss):
         g = torch.softmax(fl, dim=-1) - F.one_hot(y, fl.shape[-1]).to(f.dtype)
         return self._class_back(g, f)
 
-    def hessian_sqrt_columns(self, f: torch.Tensor, c: float) -> Iterator[torch.Tensor]:
-        """Per term, sqrt(c·p_j)·(e_j − p) for every class j: Σ_j of their outer products is c·(diag p − p pᵀ)."""
+    def target_grad(self, f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The smoothed gradient p − q, q = (1 − ε)·onehot(y) + ε/C; zero where y is ``ignore_index``."""
+        fl = self._class_last(f)
+        real = targets != self.ignore_index
+        y = torch.where(real, targets, torch.zeros_like(targets))
+        n_classes = fl.shape[-1]
+        q = F.one_hot(y, n_classes).to(f.dtype) * (1.0 - self.label_smoothing) + self.label_smoothing / n_classes
+        g = (torch.softmax(fl, dim=-1) - q) * real.unsqueeze(-1).to(f.dtype)
+        return self._class_back(g, f)
+
+    def hessian_sqrt_columns(self, f: torch.Tensor, c: float,
+                             mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Per term, sqrt(c·p_j)·(e_j − p) for every class j: Σ_j of their outer products is c·(diag p − p pᵀ).
+
+        Rows of examples whose term is masked out are zero; a term position masked in every example is skipped.
+        """
         fl = self._class_last(f)
         p = torch.softmax(fl, dim=-1)
         n_classes = p.shape[-1]
         eye = torch.eye(n_classes, dtype=f.dtype, device=f.device)
         for k in itertools.product(*map(range, p.shape[1:-1])):
             pk = p[(slice(None), *k)]  # (N, C)
+            real = None if mask is None else mask[(slice(None), *k)].to(f.dtype).unsqueeze(-1)  # (N, 1)
+            if real is not None and not bool(real.any()):
+                continue
             for cls in range(n_classes):
                 v = torch.zeros_like(fl)
-                v[(slice(None), *k)] = math.sqrt(c) * pk[:, cls : cls + 1].sqrt() * (eye[cls] - pk)
+                col = math.sqrt(c) * pk[:, cls : cls + 1].sqrt() * (eye[cls] - pk)
+                v[(slice(None), *k)] = col if real is None else col * real
                 yield self._class_back(v, f)
 
     def _inner_sum(self, f: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -204,8 +184,9 @@ class _Elementwise(Loss):
     def hessian_diagonal(self, f: torch.Tensor) -> torch.Tensor:
         """∇²φ of every element's term (shaped like ``f``)."""
 
-    def hessian_sqrt_columns(self, f: torch.Tensor, c: float) -> Iterator[torch.Tensor]:
-        """One column per output coordinate: sqrt(c·h) at that coordinate, 0 elsewhere."""
+    def hessian_sqrt_columns(self, f: torch.Tensor, c: float,
+                             mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """One column per output coordinate: sqrt(c·h) at that coordinate, 0 elsewhere (these losses have no mask)."""
         flat_h = self.hessian_diagonal(f).reshape(f.shape[0], -1)
         for j in range(flat_h.shape[1]):
             v = torch.zeros_like(flat_h)
@@ -281,7 +262,7 @@ def loss_spec(loss: str | nn.Module | Loss) -> Loss:
 
     Raises:
         ValueError: for an unknown name, an unsupported module, or a module option (reduction 'none', class
-            weights, label smoothing, pos_weight) that the Fisher does not model.
+            weights, pos_weight) that the Fisher does not model.
     """
     if isinstance(loss, Loss):
         return loss
@@ -304,7 +285,8 @@ def check_fisher(fisher: str) -> str:
 
 
 def output_gradients(spec: Loss, fisher: str, f: torch.Tensor, targets: torch.Tensor | None = None,
-                     mc_samples: int = 1, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                     mc_samples: int = 1, generator: torch.Generator | None = None,
+                     mask: torch.Tensor | None = None, c: float | None = None) -> Iterator[torch.Tensor]:
     """Vectors to back-propagate from the model output ``f`` for one statistics step (see module docstring).
 
     Args:
@@ -314,9 +296,15 @@ def output_gradients(spec: Loss, fisher: str, f: torch.Tensor, targets: torch.Te
         targets: the training targets (needed by ``"empirical"`` only).
         mc_samples: sampled targets per example for ``"mc"``.
         generator: random generator for the ``"mc"`` samples (None: the global RNG).
+        mask: the term mask of the visible labels (``spec.term_mask``; None: every term counts). For
+            ``"empirical"`` it defaults to that of ``targets``.
+        c: the term weight of ℓ_n (default ``spec.term_weight(f, mask)``; a leading subset of a batch passes
+            the whole batch's, so that ℓ_n is the batch's per-example loss).
 
     Yields:
-        Tensors shaped like ``f``: 1 for empirical, ``mc_samples`` for mc, one per output coordinate for type-2.
+        Tensors shaped like ``f``: 1 for empirical, ``mc_samples`` for mc, one per output coordinate for type-2
+        (one per real term position's coordinate with a mask), all zero at the masked terms; nothing when the
+        mask has no real term.
 
     Raises:
         NonFiniteOutputError: ``f`` has inf/NaN entries (checked before anything is sampled: ``torch.multinomial``
@@ -328,16 +316,22 @@ def output_gradients(spec: Loss, fisher: str, f: torch.Tensor, targets: torch.Te
         bad = int((~torch.isfinite(f)).reshape(f.shape[0], -1).any(1).sum()) if f.dim() else 1
         raise NonFiniteOutputError(f"the model output has inf/NaN entries ({bad} of {f.shape[0] if f.dim() else 1} "
                                    "examples): no Fisher targets can be drawn from it")
-    c = spec.term_weight(f)
+    if fisher == "empirical" and targets is None:
+        raise ValueError("fisher='empirical' needs the training targets")
+    if fisher == "mc" and mc_samples < 1:
+        raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+    if mask is None and fisher == "empirical":
+        mask = spec.term_mask(f, targets)
+    c = spec.term_weight(f, mask) if c is None else c
+    if c == 0.0 or (mask is not None and not bool(mask.any())):  # no real term: the loss does not depend on the output
+        return
     if fisher == "empirical":
-        if targets is None:
-            raise ValueError("fisher='empirical' needs the training targets")
-        yield c * spec.term_grad(f, targets)
+        yield c * spec.target_grad(f, targets)
     elif fisher == "mc":
-        if mc_samples < 1:
-            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
         w = math.sqrt(c / mc_samples)
+        m = None if mask is None else spec.spread_mask(mask, f)
         for _ in range(mc_samples):
-            yield w * spec.term_grad(f, spec.sample(f, generator))
+            v = w * spec.term_grad(f, spec.sample(f, generator))
+            yield v if m is None else v * m
     else:
-        yield from spec.hessian_sqrt_columns(f, c)
+        yield from spec.hessian_sqrt_columns(f, c, mask)

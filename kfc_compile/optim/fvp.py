@@ -94,13 +94,17 @@ class FisherProducts:
         return f, outs
 
 
-def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
-    """Matrix of ``scale·(J u_i)ᵀ H (J u_j)`` over the given JVPs (fp64, symmetric)."""
+def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1.0,
+         mask: torch.Tensor | None = None, c: float | None = None) -> torch.Tensor:
+    """Matrix of ``scale·(J u_i)ᵀ H (J u_j)`` over the given JVPs (fp64, symmetric).
+
+    H over ``mask``'s real terms with the term weight ``c`` (``Loss.fisher_inner``) where labels are visible.
+    """
     k = len(jvps)
     C = torch.zeros(k, k, dtype=torch.float64)
     for i in range(k):
         for j in range(i, k):
-            C[i, j] = C[j, i] = float(spec.fisher_inner(f, jvps[i], jvps[j])) * scale
+            C[i, j] = C[j, i] = float(spec.fisher_inner(f, jvps[i], jvps[j], mask, c)) * scale
     return C
 
 
@@ -130,13 +134,15 @@ class ExactGram:
     def _local(self, directions: list[dict[torch.Tensor, torch.Tensor]], fraction: float) -> torch.Tensor:
         est = self.estimator
         capture = est.capture
-        parts = leading_subset(capture.recorded_calls(), fraction)
+        calls = capture.recorded_calls()
+        parts = leading_subset(calls, fraction)
         grams, sizes = [], []
         try:
             with capture.preserved_calls():
-                for part in parts:
+                for part, call in zip(parts, calls, strict=False):
                     f, jv = self.products.outputs_and_jvps(part, directions)
-                    grams.append(gram(self.products.spec, f, jv, est.scale))
+                    grams.append(gram(self.products.spec, f, jv, est.scale, est.term_mask(part, f),
+                                      est.term_weight(call, f)))
                     sizes.append(f.shape[0])
         except RuntimeError as e:  # NotImplementedError included
             op = missing_forward_ad(e)

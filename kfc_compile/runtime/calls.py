@@ -17,11 +17,13 @@ class RecordedCall:
 
     The batch dimension is dim 0 of the first tensor argument that has one, looked up in ``args`` then in
     ``kwargs`` (in the order they were passed); :meth:`leading` slices every top-level tensor argument whose
-    leading dim is that batch size. Tensors nested in containers are passed through unsliced.
+    leading dim is that batch size. Tensors nested in containers are passed through unsliced. ``labels`` are the
+    targets of the call's logits where a driver saw them (``compile_step``), not an argument of the call.
     """
 
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    labels: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """The top-level tensor arguments: positional first, then keyword, in call order."""
@@ -45,7 +47,8 @@ class RecordedCall:
             a = a.detach()
             return a[:m] if n is not None and m < n and a.dim() > 0 and a.shape[0] == n else a
 
-        return RecordedCall(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()})
+        return RecordedCall(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()},
+                            cut(self.labels))
 
 
 class CallLog:
@@ -56,16 +59,21 @@ class CallLog:
     with no guard on how many calls were recorded (a growing list would be guarded on its length and recompile).
     """
 
-    __slots__ = ("args", "kwargs", "prev")
+    __slots__ = ("args", "kwargs", "prev", "labels")
 
-    def __init__(self, args: tuple | None, kwargs: dict | None, prev: CallLog | None):
-        self.args, self.kwargs, self.prev = args, kwargs, prev
+    def __init__(self, args: tuple | None, kwargs: dict | None, prev: CallLog | None,
+                 labels: torch.Tensor | None = None):
+        self.args, self.kwargs, self.prev, self.labels = args, kwargs, prev, labels
+
+    def last(self) -> RecordedCall:
+        """The newest recorded call (not for :data:`NO_CALLS`)."""
+        return RecordedCall(self.args, self.kwargs, self.labels)
 
     def calls(self) -> list[RecordedCall]:
         """The recorded calls, oldest first."""
         out, link = [], self
         while link.prev is not None:
-            out.append(RecordedCall(link.args, link.kwargs))
+            out.append(link.last())
             link = link.prev
         return out[::-1]
 

@@ -8,6 +8,7 @@ the optimizer's curvature estimator) arm it, run passes, and take the normalised
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from kfc_compile.curvature.statistics import BatchStatistics, new_statistics
 from kfc_compile.registry import KFCLayer
 from kfc_compile.runtime import record as record_op
 from kfc_compile.runtime.calls import NO_CALLS, CallLog, RecordedCall
-from kfc_compile.sites.geometry import Site
+from kfc_compile.sites.geometry import LinearSite, Site
 
+log = logging.getLogger(__name__)
+MASKED = "masked"  # the value of ``CaptureState.masking`` for a layer whose ignored positions were dropped
 
 @dataclass
 class SiteEntry:
@@ -78,6 +81,14 @@ class CaptureState:
         self._grad_base = 0  # N of the first micro-batch whose batch-mean gradients are recorded (Γ rescale)
         self._driven = False  # inside armed_forward(): a driver's own pass, not a plain loop's forward
         self.output_fn: Callable[[object], torch.Tensor] | None = None  # which output tensor is the logits
+        # term mask of the visible labels of the forward being recorded (True: a real loss term; None: all count),
+        # its source (set by drivers: recorded call, logits → mask), the labels compile_step's step passes, and per
+        # layer name whether its ignored positions were dropped (MASKED) or why not
+        self.term_mask: torch.Tensor | None = None
+        self.mask_fn: Callable[[RecordedCall, torch.Tensor], torch.Tensor | None] | None = None
+        self.step_labels: torch.Tensor | None = None
+        self.masking: dict[str, str] = {}
+        self._unmasked: dict[int, str] = {}
 
     @property
     def sites(self) -> list[SiteEntry]:
@@ -114,14 +125,42 @@ class CaptureState:
                 stats.average_into(ema[0], ema[1], n)
             self.stats[layer_index] = stats
         used = self.examples_used()
+        mask = self.term_mask
         if used < self.n_examples:  # leading dim is N (or N·L for inputs flattened inside the model)
             x = x[: x.shape[0] * used // self.n_examples]
             gy = gy[: gy.shape[0] * used // self.n_examples]
+            mask = None if mask is None else mask[:used]
+        keep = None if mask is None else self._aligned(layer_index, site, x, gy, mask)
         with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
             if self.capture_input:
-                stats.add_input(site, x.detach())
+                stats.add_input(site, x.detach(), keep)
+                if keep is not None and not self.capture_grad:
+                    stats.note_leak(site, gy.detach(), keep)
             if self.capture_grad:
-                stats.add_output_grad(site, gy.detach(), self.grad_scale)
+                stats.add_output_grad(site, gy.detach(), self.grad_scale, keep)
+
+    def _aligned(self, layer_index: int, site: Site, x: torch.Tensor, gy: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor | None:
+        """The rows of a token-aligned site that the term mask keeps, or None (and the reason noted) if not aligned.
+
+        Token-aligned: a linear site whose input and output gradient are (N, T…, features) with the mask's (N, T…),
+        or (N·T…, features) flattened example-major (HF's ``Conv1D`` views).
+        """
+        why = None
+        if not isinstance(site, LinearSite):
+            why = f"a {site.kind} layer is not token-aligned"
+        else:
+            lead, nd = tuple(mask.shape), mask.dim()
+            for t, width in ((x, site.in_features), (gy, site.out_features)):
+                if not ((t.dim() == nd + 1 and tuple(t.shape[:nd]) == lead) or
+                        (t.dim() == 2 and t.shape[0] == mask.numel())) or t.shape[-1] != width:
+                    why = (f"its input {tuple(x.shape)} / output gradient {tuple(gy.shape)} are not token-aligned "
+                           f"with the labels' {lead}")
+                    break
+        if why is None:
+            return mask.reshape(-1).to(x.device)
+        self._unmasked[layer_index] = why
+        return None
 
     def on_output(self, n_examples: int) -> None:
         """Called by the output tap's forward on an armed step: the forward's batch size.
@@ -224,15 +263,31 @@ class CaptureState:
         g_scale = (total / self._grad_base) ** 2 if self._grad_base else 1.0
         out = {}
         for i, s in self.stats.items():
+            self._note_masking(i, s)
             f = s.factors(used, g_scale)
             if f is not None:
                 out[i] = f
         self.reset()
         return out
 
+    def _note_masking(self, i: int, stats: BatchStatistics) -> None:
+        """Record (and log once per layer and outcome) whether layer i's ignored positions were dropped."""
+        why = self._unmasked.get(i)
+        if why is None and stats.masked:
+            why = MASKED if not stats.leaked else ("a dropped position carried a nonzero output gradient (real "
+                                                   "tokens depend on it, e.g. a masked prompt): every position kept")
+        if why is None:
+            return
+        name = self.layers[i].name
+        if self.masking.get(name) != why:
+            log.info("KFC layer %r, positions labelled ignore_index: %s", name, why)
+        self.masking[name] = why
+
     def discard_statistics(self) -> None:
         """Drop what this step recorded so far (accumulators, micro-batch counts); the pass's targets stay."""
         self.stats = {}
+        self.term_mask = None
+        self._unmasked = {}
         self.n_examples = 0
         self._closed = (0, 0)
         self._grad_base = 0
@@ -279,8 +334,25 @@ class CaptureState:
             self.stats_fraction = saved
 
     def add_call(self, args: tuple, kwargs: dict) -> None:
-        """Record one forward's arguments (called by the output tap for every forward with grad enabled)."""
-        self.call_log = CallLog(args, kwargs, self.call_log)
+        """Record one forward's arguments (called by the output tap for every forward with grad enabled).
+
+        The labels a driver made visible for it (:meth:`visible_labels`) are recorded with it.
+        """
+        self.call_log = CallLog(args, kwargs, self.call_log, self.step_labels)
+
+    @contextlib.contextmanager
+    def visible_labels(self, labels: torch.Tensor | None) -> Iterator[None]:
+        """Forwards inside the block are recorded with ``labels`` (the targets of their logits, e.g. compile_step's)."""
+        saved, self.step_labels = self.step_labels, labels
+        try:
+            yield
+        finally:
+            self.step_labels = saved
+
+    def observe_output(self, f: torch.Tensor) -> None:
+        """The logits of the forward just recorded: its term mask, from its visible labels (:attr:`mask_fn`)."""
+        if self.mask_fn is not None and not self._driven and self.call_log.prev is not None:
+            self.term_mask = self.mask_fn(self.call_log.last(), f)
 
     def recorded_calls(self) -> list[RecordedCall]:
         """The forwards run with grad enabled since :meth:`clear_calls`, oldest first: the step's micro-batches."""

@@ -171,6 +171,7 @@ def output_tap(out, state: CaptureState, args: tuple = (), kwargs: dict | None =
 def _armed_output_tap(out, state: CaptureState):
     f = model_output(out, state.output_fn)
     state.on_output(f.shape[0])
+    state.observe_output(f)
     if state.fisher_pass is None or not f.requires_grad:
         return out
     trigger = _FisherTrigger(state)
