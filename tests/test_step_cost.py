@@ -4,6 +4,7 @@
   mixed dtypes and non-finite entries;
 * whole KFC runs (KFC-pre with exact and factored ν and momentum, adaptive with the Levenberg–Marquardt rule)
   with the fused scalars equal runs with the term-by-term rules patched back in, over several steps (float64);
+* the exact Fisher products of several directions in one batched pass equal one pass per direction;
 * ``kc.compile_step`` under an lr scheduler changing lr every step: no recompile over 20 steps, and the lr is
   used (the run differs from a constant-lr run).
 """
@@ -18,8 +19,9 @@ from torch import nn
 
 import kfc_compile as kc
 from kfc_compile.curvature.guard import finite_flags
+from kfc_compile.curvature.losses import loss_spec
+from kfc_compile.optim import fvp, rules, scalars, updates
 from kfc_compile.optim import kfc as kfc_module
-from kfc_compile.optim import rules, scalars, updates
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -158,3 +160,52 @@ def test_compiled_step_does_not_recompile_under_an_lr_scheduler():
     assert not torch._dynamo.utils.counters["graph_break"]
     const, _, _, _ = run(False)
     assert any(not torch.allclose(a, b) for a, b in zip(params, const, strict=True))  # the schedule was used
+
+
+def _conv_net(batch_norm: bool = False):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(2, 4, 3, padding=1), nn.ReLU()]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(4))
+    layers += [nn.Flatten(), nn.Linear(4 * 5 * 5, 3)]
+    return nn.Sequential(*layers).double()
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_batched_fisher_products_equal_one_pass_per_direction(batch_norm):
+    model = _conv_net(batch_norm)
+    tm = kc.transform(model)
+    products = fvp.FisherProducts(tm, loss_spec("cross_entropy"))
+    params = list(tm.parameters())
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 2, 5, 5, generator=g, dtype=torch.float64)
+    dirs = [{p: torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params},
+            {p: torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params[:2]},  # the rest: 0
+            {}]
+    buffers = {n: b.clone() for n, b in tm.named_buffers()}
+    products.batched = False
+    f_seq, seq = products.outputs_and_jvps((x,), dirs)
+    products.batched = True
+    f_bat, bat = products.outputs_and_jvps((x,), dirs)
+    assert products.batched in (True, False)  # False: the batched pass failed here and was given up
+    assert torch.allclose(f_bat, f_seq, rtol=1e-12, atol=1e-14)
+    for a, b in zip(bat, seq, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert seq[0].abs().sum() > 0 and not seq[2].any()
+    for n, b in tm.named_buffers():  # BatchNorm's running statistics untouched by either way
+        assert torch.equal(b, buffers[n])
+
+
+def test_batched_fisher_products_choose_once_and_keep_the_choice():
+    tm = kc.transform(_conv_net())
+    products = fvp.FisherProducts(tm, loss_spec("cross_entropy"))
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    dirs = [{p: torch.randn_like(p) for p in tm.parameters()} for _ in range(2)]
+    assert products.batched is None
+    products.outputs_and_jvps((x,), dirs[:1])  # one direction: nothing to batch, nothing decided
+    assert products.batched is None
+    products.outputs_and_jvps((x,), dirs)
+    choice = products.batched
+    assert choice in (True, False)
+    products.outputs_and_jvps((x,), dirs)
+    assert products.batched is choice
