@@ -43,6 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import kfc_compile as kc  # noqa: E402
 import kfc_compile.optim.kfc as kfc_mod  # noqa: E402
 import kfc_compile.optim.updates as updates_mod  # noqa: E402
+from kfc_compile.curvature.guard import finite_flags  # noqa: E402
+from kfc_compile.optim import rules  # noqa: E402
 from kfc_compile.tools.demo.models import conv2d_net, paper_cifar_net  # noqa: E402
 
 WARMUP = 3
@@ -128,9 +130,16 @@ def instrument(opt: kc.KFC, timer: Timer) -> None:
     timer.patch(kfc_mod, "group_parts", "preconditioning (∇h matrices, Γ⁻¹GΩ⁻¹)")
 
 
+#: --before: the step's scalars term by term and one Fisher-product pass per direction (this session's baseline)
+BEFORE = ((updates_mod, "quadratic_model", rules.quadratic_model), (updates_mod, "factored_nu", rules.factored_nu),
+          (updates_mod, "sum_squares", rules.sum_squares),
+          (kfc_mod, "all_finite_", lambda ts: finite_flags([ts])[0]))
+
+
 class Stepper:
-    def __init__(self, model, opt, data, lossf, closure: bool, timer: Timer | None = None):
+    def __init__(self, model, opt, data, lossf, closure: bool, timer: Timer | None = None, patches=()):
         self.model, self.opt, self.data, self.lossf, self.closure, self.timer = model, opt, data, lossf, closure, timer
+        self.patches = patches
         self.i = 0
         self.fwbw = 0.0  # the user's forward + backward, less timed phases inside it (in-pass capture)
         self.step_t = 0.0  # opt.step(), less timed phases inside it
@@ -164,6 +173,16 @@ class Stepper:
         return sum(self.timer.total.values()) if self.timer else 0.0
 
     def run(self, n: int) -> float:
+        saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in self.patches]
+        for obj, attr, value in self.patches:
+            setattr(obj, attr, value)
+        try:
+            return self._run(n)
+        finally:
+            for obj, attr, value in saved:
+                setattr(obj, attr, value)
+
+    def _run(self, n: int) -> float:
         t = time.process_time()
         for _ in range(n):
             x, y = self.data[self.i % len(self.data)]
@@ -185,16 +204,20 @@ class Stepper:
         return time.process_time() - t
 
 
-def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict) -> dict:
+def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict, before: bool) -> dict:
     build = MODELS[model_name][0]
     torch.manual_seed(0)
     m = build()
-    km = copy.deepcopy(m)
+    km, bm = copy.deepcopy(m), copy.deepcopy(m)
     data, lossf = batches(model_name), loss_fn(model_name)
+    loss = "mse" if MODELS[model_name][3] == "mse" else "cross_entropy"
+    kw = dict(momentum=0.9, stats_every=s, inverse_every=i, loss=loss, **VARIANTS[variant], **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loss = "mse" if MODELS[model_name][3] == "mse" else "cross_entropy"
-        opt = kc.KFC(km, momentum=0.9, stats_every=s, inverse_every=i, loss=loss, **VARIANTS[variant], **options)
+        opt = kc.KFC(km, **kw)
+        bopt = kc.KFC(bm, **kw)
+    bopt._exact_gram.products.batched = False
+    old = Stepper(bm, bopt, data, lossf, variant == "adaptive", patches=BEFORE) if before else None
     timer = Timer()
     instrument(opt, timer)
     sgd = Stepper(m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9), data, lossf, False)
@@ -202,13 +225,18 @@ def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kfc.run(WARMUP), sgd.run(WARMUP)
+        if old is not None:
+            old.run(WARMUP)
         kfc.fwbw = kfc.step_t = kfc.lm = sgd.fwbw = sgd.step_t = 0.0
-        timer.on = True
         P = math.lcm(s, i)
-        tk = ts = 0.0
+        tk = ts = tb = 0.0
         for _ in range(rounds):
+            timer.on = True
             tk += kfc.run(P)
+            timer.on = False
             ts += sgd.run(P)
+            if old is not None:
+                tb += old.run(P)
     n = rounds * P
     ms = lambda t: 1e3 * t / n  # noqa: E731
     phases = {"user forward + backward": ms(kfc.fwbw)}
@@ -217,7 +245,7 @@ def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options:
         phases["Levenberg–Marquardt closure"] = ms(kfc.lm)
     phases["rest of opt.step (Python, checks)"] = ms(kfc.step_t)
     return {"model": model_name, "variant": variant, "s": s, "i": i, "steps": n, "kfc_ms": ms(tk), "sgd_ms": ms(ts),
-            "sgd_fwbw_ms": ms(sgd.fwbw), "phases": phases}
+            "sgd_fwbw_ms": ms(sgd.fwbw), "phases": phases, "before_ms": ms(tb) if before else None}
 
 
 ORDER = ("user forward + backward", "statistics: subset pass", "statistics: Ω/Γ in the taps",
@@ -226,12 +254,17 @@ ORDER = ("user forward + backward", "statistics: subset pass", "statistics: Ω/�
          "rest of opt.step (Python, checks)")
 
 
+def _before(r: dict) -> str:
+    b = r["before_ms"]
+    return "" if b is None else f" (before: {b:.2f} ms, {b / r['sgd_ms']:.2f}x)"
+
+
 def report(results: list[dict]) -> None:
     for r in results:
         sgd = r["sgd_ms"]
         print(f"\n{r['model']} {r['variant']} (stats {r['s']}, inverses {r['i']}), {r['steps']} steps: "
               f"KFC {r['kfc_ms']:.2f} ms, SGD {sgd:.2f} ms (its forward+backward {r['sgd_fwbw_ms']:.2f}) -> "
-              f"KFC/SGD {r['kfc_ms'] / sgd:.2f}x")
+              f"KFC/SGD {r['kfc_ms'] / sgd:.2f}x" + _before(r))
         for ph in ORDER:
             if ph in r["phases"]:
                 v = r["phases"][ph]
@@ -245,6 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="1:20,10:100")
     p.add_argument("--rounds", type=int, default=2, help="windows of P steps per optimizer")
     p.add_argument("--paper-rounds", type=int, default=1, help="windows for the paper net (slow)")
+    p.add_argument("--before", action="store_true", help="also time a KFC with the term-by-term scalars and one "
+                   "Fisher-product pass per direction (the baseline of docs/benchmarks.md's step-cost table)")
     p.add_argument("--kfc-options", default="{}", help="extra kc.KFC arguments as a Python dict literal")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -255,14 +290,14 @@ def main(argv=None) -> int:
             for cfg in a.configs.split(","):
                 s, i = map(int, cfg.split(":"))
                 rounds = a.paper_rounds if model_name == "paper" else a.rounds
-                r = measure(model_name, variant, s, i, rounds, options)
+                r = measure(model_name, variant, s, i, rounds, options, a.before)
                 results.append(r)
                 report([r])
                 sys.stdout.flush()
     print("\nsummary: KFC / SGD per step")
     for r in results:
         print(f"  {r['model']:8s} {r['variant']:9s} ({r['s']}, {r['i']}): {r['kfc_ms'] / r['sgd_ms']:.2f}x "
-              f"(KFC {r['kfc_ms']:.2f} ms, SGD {r['sgd_ms']:.2f} ms)")
+              f"(KFC {r['kfc_ms']:.2f} ms, SGD {r['sgd_ms']:.2f} ms)" + _before(r))
     return 0
 
 
