@@ -248,6 +248,32 @@ def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options:
             "sgd_fwbw_ms": ms(sgd.fwbw), "phases": phases, "before_ms": ms(tb) if before else None}
 
 
+def ab(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict) -> dict:
+    """``--ab``: this code against ``--before``'s baseline, both uninstrumented, in alternating order per window."""
+    torch.manual_seed(0)
+    m = MODELS[model_name][0]()
+    data, lossf = batches(model_name), loss_fn(model_name)
+    loss = "mse" if MODELS[model_name][3] == "mse" else "cross_entropy"
+    kw = dict(momentum=0.9, stats_every=s, inverse_every=i, loss=loss, **VARIANTS[variant], **options)
+    models = [copy.deepcopy(m), copy.deepcopy(m)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opts = [kc.KFC(mm, **kw) for mm in models]
+        opts[1]._exact_gram.products.batched = False
+        steppers = [Stepper(models[0], opts[0], data, lossf, variant == "adaptive"),
+                    Stepper(models[1], opts[1], data, lossf, variant == "adaptive", patches=BEFORE)]
+        for st in steppers:
+            st.run(WARMUP)
+        P = math.lcm(s, i)
+        t = [0.0, 0.0]
+        for r in range(rounds):
+            for j in ((0, 1) if r % 2 == 0 else (1, 0)):
+                t[j] += steppers[j].run(P)
+    n = rounds * P
+    return {"model": model_name, "variant": variant, "s": s, "i": i, "steps": n, "after_ms": 1e3 * t[0] / n,
+            "before_ms": 1e3 * t[1] / n}
+
+
 ORDER = ("user forward + backward", "statistics: subset pass", "statistics: Ω/Γ in the taps",
          "statistics: moving averages", "inverses", "preconditioning (∇h matrices, Γ⁻¹GΩ⁻¹)",
          "Fisher products (JVPs)", "Levenberg–Marquardt closure", "update (momentum, apply)",
@@ -280,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--paper-rounds", type=int, default=1, help="windows for the paper net (slow)")
     p.add_argument("--before", action="store_true", help="also time a KFC with the term-by-term scalars and one "
                    "Fisher-product pass per direction (the baseline of docs/benchmarks.md's step-cost table)")
+    p.add_argument("--ab", action="store_true", help="only this code against --before's baseline, uninstrumented, "
+                   "in alternating order (no SGD, no phases)")
     p.add_argument("--kfc-options", default="{}", help="extra kc.KFC arguments as a Python dict literal")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -290,10 +318,18 @@ def main(argv=None) -> int:
             for cfg in a.configs.split(","):
                 s, i = map(int, cfg.split(":"))
                 rounds = a.paper_rounds if model_name == "paper" else a.rounds
+                if a.ab:
+                    r = ab(model_name, variant, s, i, rounds, options)
+                    print(f"{model_name:8s} {variant:9s} ({s}, {i}), {r['steps']} steps each: now "
+                          f"{r['after_ms']:.2f} ms, before {r['before_ms']:.2f} ms, now/before "
+                          f"{r['after_ms'] / r['before_ms']:.3f}", flush=True)
+                    continue
                 r = measure(model_name, variant, s, i, rounds, options, a.before)
                 results.append(r)
                 report([r])
                 sys.stdout.flush()
+    if a.ab:
+        return 0
     print("\nsummary: KFC / SGD per step")
     for r in results:
         print(f"  {r['model']:8s} {r['variant']:9s} ({r['s']}, {r['i']}): {r['kfc_ms'] / r['sgd_ms']:.2f}x "
