@@ -22,6 +22,7 @@ from kfc_compile.curvature.guard import finite_flags
 from kfc_compile.curvature.losses import loss_spec
 from kfc_compile.optim import fvp, rules, scalars, updates
 from kfc_compile.optim import kfc as kfc_module
+from kfc_compile.runtime.calls import RecordedCall
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -196,16 +197,22 @@ def test_batched_fisher_products_equal_one_pass_per_direction(batch_norm):
         assert torch.equal(b, buffers[n])
 
 
-def test_batched_fisher_products_choose_once_and_keep_the_choice():
-    tm = kc.transform(_conv_net())
+@pytest.mark.parametrize("min_flops", [0.0, 1e12])
+def test_batched_fisher_products_are_chosen_by_the_work_once_and_deterministically(min_flops, monkeypatch):
+    monkeypatch.setattr(fvp, "BATCHED_MIN_FLOPS", min_flops)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    tm = kc.transform(model)
     products = fvp.FisherProducts(tm, loss_spec("cross_entropy"))
-    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    x = torch.randn(6, 4, dtype=torch.float64)
     dirs = [{p: torch.randn_like(p) for p in tm.parameters()} for _ in range(2)]
     assert products.batched is None
     products.outputs_and_jvps((x,), dirs[:1])  # one direction: nothing to batch, nothing decided
     assert products.batched is None
+    rng = torch.get_rng_state()
+    products._batch_pays(RecordedCall((x,), {}), {n: p.detach() for n, p in tm.named_parameters()}, {})
+    assert torch.equal(torch.get_rng_state(), rng)  # the FLOP count's forward (with dropout) draws nothing
     products.outputs_and_jvps((x,), dirs)
-    choice = products.batched
-    assert choice in (True, False)
+    assert products.batched is (min_flops == 0.0)
     products.outputs_and_jvps((x,), dirs)
-    assert products.batched is choice
+    assert products.batched is (min_flops == 0.0)

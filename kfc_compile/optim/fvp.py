@@ -6,11 +6,11 @@ Fisher, exact for these exponential-family losses: ``Loss.fisher_inner`` in ``cu
 F is the Fisher of the per-example loss averaged over examples, i.e. the curvature of a batch-mean objective;
 ``scale`` (N for a sum objective) multiplies it. One JVP per direction gives all inner products among the
 directions (2 JVPs for the 4 scalars of §6.1). Several directions can go through one forward pass
-(``torch.func.vmap`` over ``torch.func.jvp``: the primal once, the tangents batched). On CPU that is 0.88× the
-time of one pass per direction on the KFC paper's CIFAR-10 net but 1.35× on a small MLP (docs/benchmarks.md,
-"Step cost"), so the first multi-direction call times both ways and the model keeps the faster (the results are
-equal up to rounding); where the batched pass fails (an op without a batching rule, BatchNorm's in-place running
-statistics) one pass per direction runs from then on.
+(``torch.func.vmap`` over ``torch.func.jvp``: the primal once, the tangents batched). On CPU that is 0.84× the
+time of one pass per direction on the KFC paper's CIFAR-10 net but 1.4× on a small MLP, where per-op overhead
+dominates (docs/benchmarks.md, "Step cost"), so a model uses it when its forward does enough work per parameter
+tensor (counted once, deterministically: the same choice after a resume); where the batched pass fails (an op
+without a batching rule) one pass per direction runs from then on. Both give the same values up to rounding.
 
 :class:`ExactGram` runs them on the leading examples of the step's recorded calls (all micro-batches of gradient
 accumulation). Where the model has an op without forward-mode AD (CPU ``nn.LSTM`` / ``nn.GRU``, a custom
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import warnings
 from collections.abc import Sequence
 
@@ -30,6 +29,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
@@ -40,6 +40,10 @@ from kfc_compile.runtime.calls import RecordedCall
 from kfc_compile.runtime.taps import model_output
 
 log = logging.getLogger(__name__)
+
+#: the batched pass of several directions pays from this many forward FLOPs per parameter tensor on (CPU: the
+#: 8-layer autoencoder does 4e4 and loses 1.4×, the digits conv net 3e6 and gains 0.89×; bench/fisher_products.py)
+BATCHED_MIN_FLOPS = 1e6
 
 
 class FisherProducts:
@@ -55,7 +59,7 @@ class FisherProducts:
         self.names: dict[int, str] = {}
         for name, p in model.named_parameters():
             self.names.setdefault(id(p), name)
-        self.batched: bool | None = None  # several directions in one vmapped pass; None: not timed yet
+        self.batched: bool | None = None  # several directions in one vmapped pass; None: not decided yet
 
     def outputs_and_jvps(self, call: RecordedCall | tuple, directions: list[dict[torch.Tensor, torch.Tensor]]
                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -80,24 +84,30 @@ class FisherProducts:
                 f = model_output(functional_call(model, (params, bufs), call.args, call.kwargs), self.select)
             return f, [torch.zeros_like(f) for _ in directions]
 
-        if len(named) > 1 and self.batched is not False:
+        if len(named) > 1 and self.batched is None:
+            self.batched = self._batch_pays(call, params, buffers)
+            log.info("exact Fisher products: %s", "one batched pass for all directions" if self.batched
+                     else "one pass per direction (too little work per op for the batched pass to pay)")
+        if len(named) > 1 and self.batched:
             try:
-                out = self._batched_jvps(call, params, buffers, moving, named)
+                return self._batched_jvps(call, params, buffers, moving, named)
             except Exception as e:  # noqa: BLE001 - any failure of the batched pass: the per-direction passes
                 self.batched = False
                 log.info("exact Fisher products: one pass per direction (the batched pass failed: %s)",
                          str(e).splitlines()[0] if str(e) else type(e).__name__)
-            else:
-                if self.batched is None:  # first time (warmed up by the call above): time both, keep the faster
-                    t0 = time.process_time()
-                    self._batched_jvps(call, params, buffers, moving, named)
-                    t1 = time.process_time()
-                    self._sequential_jvps(call, params, buffers, moving, named)
-                    self.batched = t1 - t0 <= time.process_time() - t1
-                    log.info("exact Fisher products: %s", "one batched pass for all directions" if self.batched
-                             else "one pass per direction (faster for this model)")
-                return out
         return self._sequential_jvps(call, params, buffers, moving, named)
+
+    def _batch_pays(self, call, params, buffers) -> bool:
+        """Whether the model's forward does ≥ :data:`BATCHED_MIN_FLOPS` per parameter tensor on ``call``.
+
+        Counted (``FlopCounterMode``) on one primal forward with the RNG state put back, so the choice depends
+        only on the model and the batch shape: a resumed run makes the same one.
+        """
+        cuda = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda), FlopCounterMode(display=False) as counter:
+            bufs = {n: b.clone() for n, b in buffers.items()}
+            functional_call(self.model, (params, bufs), call.args, call.kwargs)
+        return counter.get_total_flops() >= BATCHED_MIN_FLOPS * max(len(params), 1)
 
     def _sequential_jvps(self, call, params, buffers, moving, named):
         """One forward-mode pass per direction."""
