@@ -56,13 +56,22 @@ def sum_squares(tensors: Sequence[torch.Tensor]) -> float:
 
 
 def all_finite_(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, with one host sync.
+    """Whether every entry of every tensor is finite, with one host sync (one per device on several devices).
 
-    The small tensors are copied into one buffer and read by one ``aminmax`` (a per-tensor check costs more in
-    dispatch than in reading); larger ones are read in place.
+    The small tensors of a device are copied into one buffer and read by one ``aminmax`` (a per-tensor check costs
+    more in dispatch than in reading); larger ones are read in place.
     """
-    small = [t.detach().reshape(-1) for t in tensors if t.numel() <= SMALL_NUMEL]
-    flags = [all_finite(t) for t in tensors if t.numel() > SMALL_NUMEL]
-    if small:
-        flags.append(all_finite(torch.cat(small) if len(small) > 1 else small[0]))
-    return bool(torch.stack(flags).all()) if flags else True
+    small: dict[torch.device, list[torch.Tensor]] = {}
+    flags = []
+    for t in tensors:
+        if t.numel() > SMALL_NUMEL:
+            flags.append(all_finite(t))
+        else:
+            small.setdefault(t.device, []).append(t.detach().reshape(-1))
+    for ts in small.values():
+        flags.append(all_finite(torch.cat(ts) if len(ts) > 1 else ts[0]))
+    if not flags:
+        return True
+    if len({f.device for f in flags}) > 1:  # one sync per device
+        return all(bool(f) for f in flags)
+    return bool(torch.stack(flags).all())
