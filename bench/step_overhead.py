@@ -19,8 +19,8 @@ libraries, the same in both processes).
 
 ``--profile``: where a KFC step's time goes (exclusive timers around the optimizer's phases, amortised per step):
 statistics (Ω/Γ accumulation in the taps, the sampled-target backward, moving averages), inverses,
-preconditioning, clipping ν (exact Fisher-vector products), the update, and the rest (forward + backward +
-Python), shown next to the SGD step.
+preconditioning, clipping ν (exact Fisher-vector products), and the rest (forward + backward, the update,
+Python), shown next to the SGD step. ``bench/step_breakdown.py`` has the finer breakdown of issue 17.
 
 ``--compiled`` also times ``kc.compile_step`` (the kfc backend + inductor for forward/backward, the KFC update
 eager) against SGD on ``torch.compile(model)``, each after its warm-up (compile time excluded); otherwise that
@@ -255,13 +255,12 @@ def _record_phase(state) -> str:
 
 PHASES = (  # (object, attribute, phase)
     ("capture", "record", _record_phase),
-    ("opt", "_fisher_pass", "statistics: sampled-target backward"),
-    ("opt", "_statistics_pass", "statistics: subset forward + sampled-target backward"),
-    ("opt", "_fold", "statistics: moving averages"),
-    ("opt", "_refresh_inverses", "inverses"),
-    ("opt", "_natural", "preconditioning"),
-    ("opt", "_fisher_quadratic", "clipping ν (Fisher-vector products)"),
-    ("opt", "_step_pre", "update (momentum, clip, apply)"),
+    ("est", "_fisher_pass", "statistics: sampled-target backward"),
+    ("est", "_statistics_pass", "statistics: subset forward + sampled-target backward"),
+    ("est", "_fold", "statistics: moving averages"),
+    ("est", "refresh_inverses", "inverses"),
+    ("est", "precondition", "preconditioning"),
+    ("opt", "_exact_gram", "clipping ν (Fisher-vector products)"),
 )
 
 
@@ -273,7 +272,7 @@ def profile_config(case: str, s: int, i: int, rounds: int) -> dict:
     kfc = Stepper(kmodel, opt, batches)
     kfc.run(WARMUP), sgd.run(WARMUP)
     timer = PhaseTimer()
-    objs = {"opt": opt, "capture": getattr(opt, "_capture", None)}
+    objs = {"opt": opt, "est": opt._estimator, "capture": opt._estimator.capture}
     missing = [f"{o}.{a}" for o, a, ph in PHASES if objs[o] is None or not timer.wrap(objs[o], a, ph)]
     P = math.lcm(s, i)
     tk = ts = 0.0
@@ -281,7 +280,7 @@ def profile_config(case: str, s: int, i: int, rounds: int) -> dict:
         tk += kfc.run(P)
         ts += sgd.run(P)
     n = rounds * P
-    order = ["Ω", "Γ", "Ω+Γ", "subset", "sampled", "moving", "inverses", "precond", "clipping", "update"]
+    order = ["Ω", "Γ", "Ω+Γ", "subset", "sampled", "moving", "inverses", "precond", "clipping"]
     rank = lambda ph: next((j for j, w in enumerate(order) if w in ph), len(order))  # noqa: E731
     phases = {ph: 1e3 * timer.total[ph] / n for ph in sorted(timer.total, key=rank)}
     rest = 1e3 * tk / n - sum(phases.values())

@@ -5,7 +5,12 @@ example n's model output and H_n the Hessian of its per-example loss ℓ_n w.r.t
 Fisher, exact for these exponential-family losses: ``Loss.fisher_inner`` in ``curvature/losses.py``).
 F is the Fisher of the per-example loss averaged over examples, i.e. the curvature of a batch-mean objective;
 ``scale`` (N for a sum objective) multiplies it. One JVP per direction gives all inner products among the
-directions (2 JVPs for the 4 scalars of §6.1).
+directions (2 JVPs for the 4 scalars of §6.1). Several directions can go through one forward pass
+(``torch.func.vmap`` over ``torch.func.jvp``: the primal once, the tangents batched). On CPU that is 0.84× the
+time of one pass per direction on the KFC paper's CIFAR-10 net but 1.4× on a small MLP, where per-op overhead
+dominates (docs/benchmarks.md, "Step cost"), so a model uses it when its forward does enough work per parameter
+tensor (counted once, deterministically: the same choice after a resume); where the batched pass fails (an op
+without a batching rule) one pass per direction runs from then on. Both give the same values up to rounding.
 
 :class:`ExactGram` runs them on the leading examples of the step's recorded calls (all micro-batches of gradient
 accumulation). Where the model has an op without forward-mode AD (CPU ``nn.LSTM`` / ``nn.GRU``, a custom
@@ -14,6 +19,7 @@ accumulation). Where the model has an op without forward-mode AD (CPU ``nn.LSTM`
 """
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -23,6 +29,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
@@ -31,6 +38,12 @@ from kfc_compile.curvature.precondition import grad_matrix
 from kfc_compile.curvature.subset import leading_subset
 from kfc_compile.runtime.calls import RecordedCall
 from kfc_compile.runtime.taps import model_output
+
+log = logging.getLogger(__name__)
+
+#: the batched pass of several directions pays from this many forward FLOPs per parameter tensor on (CPU: the
+#: 8-layer autoencoder does 4e4 and loses 1.4×, the digits conv net 3e6 and gains 0.89×; bench/fisher_products.py)
+BATCHED_MIN_FLOPS = 1e6
 
 
 class FisherProducts:
@@ -46,6 +59,7 @@ class FisherProducts:
         self.names: dict[int, str] = {}
         for name, p in model.named_parameters():
             self.names.setdefault(id(p), name)
+        self.batched: bool | None = None  # several directions in one vmapped pass; None: not decided yet
 
     def outputs_and_jvps(self, call: RecordedCall | tuple, directions: list[dict[torch.Tensor, torch.Tensor]]
                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -70,6 +84,33 @@ class FisherProducts:
                 f = model_output(functional_call(model, (params, bufs), call.args, call.kwargs), self.select)
             return f, [torch.zeros_like(f) for _ in directions]
 
+        if len(named) > 1 and self.batched is None:
+            self.batched = self._batch_pays(call, params, buffers)
+            log.info("exact Fisher products: %s", "one batched pass for all directions" if self.batched
+                     else "one pass per direction (too little work per op for the batched pass to pay)")
+        if len(named) > 1 and self.batched:
+            try:
+                return self._batched_jvps(call, params, buffers, moving, named)
+            except Exception as e:  # noqa: BLE001 - any failure of the batched pass: the per-direction passes
+                self.batched = False
+                log.info("exact Fisher products: one pass per direction (the batched pass failed: %s)",
+                         str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return self._sequential_jvps(call, params, buffers, moving, named)
+
+    def _batch_pays(self, call, params, buffers) -> bool:
+        """Whether the model's forward does ≥ :data:`BATCHED_MIN_FLOPS` per parameter tensor on ``call``.
+
+        Counted (``FlopCounterMode``) on one primal forward with the RNG state put back, so the choice depends
+        only on the model and the batch shape: a resumed run makes the same one.
+        """
+        cuda = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda), FlopCounterMode(display=False) as counter:
+            bufs = {n: b.clone() for n, b in buffers.items()}
+            functional_call(self.model, (params, bufs), call.args, call.kwargs)
+        return counter.get_total_flops() >= BATCHED_MIN_FLOPS * max(len(params), 1)
+
+    def _sequential_jvps(self, call, params, buffers, moving, named):
+        """One forward-mode pass per direction."""
         f = None
         outs = []
         # the fused scaled-dot-product-attention kernels have no forward-mode AD: the math backend (composite ops)
@@ -92,6 +133,28 @@ class FisherProducts:
                     f = primal.detach().clone()
                     outs.append(torch.zeros_like(f) if tangent is None else tangent.detach().clone())
         return f, outs
+
+    def _batched_jvps(self, call, params, buffers, moving, named):
+        """All directions in one pass: ``vmap`` over ``jvp``, the primal computed once, the tangents batched.
+
+        Random ops (dropout) draw one mask for all directions (``randomness="same"``): the Gram matrix of one
+        function.
+        """
+        tangents = {n: torch.stack([d[n].to(prim.dtype) if n in d else torch.zeros_like(prim) for d in named])
+                    for n, prim in moving.items()}
+
+        def forward(moved):
+            bufs = {n: b.clone() for n, b in buffers.items()}  # BatchNorm's in-place running-stat updates stay local
+            return model_output(functional_call(self.model, ({**params, **moved}, bufs), call.args, call.kwargs),
+                                self.select)
+
+        def push(t):
+            return torch.func.jvp(forward, (moving,), (t,))
+
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            f, tangent = torch.func.vmap(push, out_dims=(None, 0), randomness="same")(tangents)
+        return f.detach(), [t.detach() for t in tangent.unbind(0)]
 
 
 def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1.0,

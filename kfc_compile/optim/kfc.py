@@ -55,7 +55,6 @@ from torch import nn
 from kfc_compile.curvature.distributed import setup as setup_distributed
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import Factors
-from kfc_compile.curvature.guard import finite_flags
 from kfc_compile.curvature.health import Health
 from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo
 from kfc_compile.optim import fvp, resume
@@ -72,6 +71,7 @@ from kfc_compile.optim.model import (
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import average_iterates_, swapped_in
 from kfc_compile.optim.safety import BufferSnapshot, StepGuard
+from kfc_compile.optim.scalars import all_finite_
 from kfc_compile.optim.updates import adam_update, adaptive_lm_update, group_parts, pre_update
 from kfc_compile.registry import KFCInfo, KFCLayer
 
@@ -342,7 +342,7 @@ class KFC(torch.optim.Optimizer):
         if kg is not None:
             est.refresh_inverses(k, kg["damping"] + kg["weight_decay"])
             nat = est.precondition(kg["weight_decay"])
-        if nat and not finite_flags([list(nat.values())])[0]:
+        if nat and not all_finite_(list(nat.values())):
             return self._skip(k, "update", "the preconditioned gradient F̂⁻¹∇h has inf/NaN entries", loss)
         parts = group_parts(kg, fg if o.fallback == "sgd" else None, nat)
         if any(part.params for part in parts):

@@ -22,15 +22,13 @@ from kfc_compile.optim.rules import (
     adam_step_,
     adaptive_step_,
     clip_scale,
-    factored_nu,
     l2_term,
     levenberg_marquardt,
     momentum_step_,
-    quadratic_model,
     reduction_ratio,
     rescaling,
-    sum_squares,
 )
+from kfc_compile.optim.scalars import factored_nu, quadratic_model, sum_squares
 
 #: the Gram matrix of the exact Fisher among directions, on a leading fraction of the batch (``KFC._exact_gram``)
 GramFn = Callable[[list[dict[torch.Tensor, torch.Tensor]], float], torch.Tensor]
