@@ -105,12 +105,14 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
 
 
 def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCOptions, exact_gram: GramFn,
-                    info: dict) -> float:
+                    info: dict, h0: float | None = None) -> float:
     """Adaptive K-FAC (docs/algorithm.md §6.1): θ ← θ + δ with δ = lr·(αΔ + μδ₀).
 
     Δ = −F̂⁻¹∇h, δ₀ the previous update, (α, μ) minimising the quadratic model M from the exact Fisher plus
     (λ + wd)·I (λ, wd, lr, μ > 0 of the first part's group). ``info`` receives α, μ, C, d, the model change and λ.
-    Some part must have a parameter. A non-finite C or d changes nothing and sets ``info["skipped"]``.
+    Some part must have a parameter. A non-finite C or d changes nothing and sets ``info["skipped"]``. With the
+    objective's value ``h0`` the step is shortened to a predicted decrease of at most half of it
+    (``rules.rescaling``).
 
     Returns:
         M(δ) − M(0), the change the model predicts (for the Levenberg–Marquardt ratio).
@@ -129,7 +131,7 @@ def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCO
     if not (bool(torch.isfinite(C).all()) and bool(torch.isfinite(d).all())):  # the exact Fisher products overflowed
         info.update(C=C, d=d, skipped=True)  # the caller skips the step (nothing was changed here)
         return 0.0
-    alpha, mu, model_change = rescaling(C, d, lr)
+    alpha, mu, model_change = rescaling(C, d, lr, h0)
     info.update(alpha=alpha, mu=mu, C=C, d=d, model_change=model_change, damping=lam)
     for p, upd in zip(params, adaptive_step_(params, deltas, prev if use_mu else None, alpha, mu, lr), strict=True):
         state[p]["momentum_buffer"] = upd
@@ -147,7 +149,7 @@ def adaptive_lm_update(parts: list[GroupPart], state: MutableMapping, options: K
     """
     l2_groups = [(part.group["params"], part.group["weight_decay"]) for part in parts]
     lm_due = k % options.lm_interval == 0
-    h0 = None
+    h0 = None if loss is None else _as_float(loss, dist) + l2_term(l2_groups)
     if lm_due:
         if closure is None or loss is None:
             if "lm" not in warned:
@@ -155,10 +157,8 @@ def adaptive_lm_update(parts: list[GroupPart], state: MutableMapping, options: K
                 warnings.warn("mode='adaptive' adapts the damping (Levenberg–Marquardt) only when step() gets a "
                               "closure that re-evaluates the loss; the damping stays fixed", stacklevel=4)
             lm_due = False
-        else:
-            h0 = _as_float(loss, dist) + l2_term(l2_groups)
     lam = parts[0].group["damping"]
-    model_change = adaptive_update(parts, state, options, exact_gram, info)
+    model_change = adaptive_update(parts, state, options, exact_gram, info, h0)
     if lm_due and not info.get("skipped"):
         with torch.enable_grad():
             h1 = _as_float(closure(), dist) + l2_term(l2_groups)

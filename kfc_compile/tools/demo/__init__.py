@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from kfc_compile.tools.demo.data import INPUT_SHAPES, TASKS, Dataset, DemoError, load_task
+from kfc_compile.tools.demo.data import INPUT_SHAPES, NUM_OUTPUTS, TASKS, Dataset, DemoError, load_task
 from kfc_compile.tools.demo.models import DEFAULT_MODEL, MODELS, build_model, check_forward, paper_cifar_net
 from kfc_compile.tools.demo.plot import plot_curves
 from kfc_compile.tools.demo.train import (
@@ -130,7 +130,8 @@ def run_demo(task: str = "digits", model: str = "auto", *, steps: int | None = N
     kfc_options = {**KFC_OPTIONS, **(kfc_options or {})}
 
     model_name = DEFAULT_MODEL[task] if model == "auto" else model
-    build_model(model_name, task, INPUT_SHAPES[task], 10)  # bad model/task pairs fail before loading data
+    # bad model/task pairs fail before loading data
+    build_model(model_name, task, INPUT_SHAPES[task], NUM_OUTPUTS[task])
     ds = load_task(task, data_dir)
     check_forward(build_model(model_name, task, ds.input_shape, ds.num_classes), ds.input_shape)
 
