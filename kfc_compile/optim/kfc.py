@@ -99,6 +99,10 @@ class KFC(torch.optim.Optimizer):
         approx: ``"expand"`` (KFC) or ``"reduce"``.
         mode: ``"pre"`` or ``"adaptive"``.
         clip: KFC-pre's ν threshold C (``None`` disables clipping and its JVP).
+        clip_scaling: ``"fixed"`` (ν ≤ clip) or ``"lr"`` (ν ≤ clip·lr: the trust region grows with the learning
+            rate, so ``lr`` still matters while the clip binds).
+        clip_on: what ν measures: ``"update"`` (the new v, the paper: p ← μp + s·v) or ``"step"`` (the applied
+            step μp + v, so p ← s·(μp + v): momentum cannot pile clipped updates into a step larger than the bound).
         averaging: iterate-averaging timescale τ in steps (``None``: off); see :meth:`swap_averaged`.
         damping_method: ``"factored"`` or ``"eigen"``.
         fallback: ``"sgd"``, ``"adam"`` or ``None`` (uncovered parameters are then not trained).
@@ -152,7 +156,8 @@ class KFC(torch.optim.Optimizer):
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
                  max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
                  memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None,
-                 frontend: str = "auto", output=None, distributed: bool | str | None = None):
+                 frontend: str = "auto", output=None, distributed: bool | str | None = None,
+                 clip_scaling: str = "fixed", clip_on: str = "update"):
         self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
@@ -162,7 +167,7 @@ class KFC(torch.optim.Optimizer):
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
             max_factor_dim=max_factor_dim, max_failures=max_failures, max_skipped_steps=max_skipped_steps,
             memory_budget=memory_budget, grad_scaler=grad_scaler, frontend=frontend, output=output,
-            distributed=distributed)
+            distributed=distributed, clip_scaling=clip_scaling, clip_on=clip_on)
         saved = routing_snapshot(model)
         try:
             self._setup(model)

@@ -76,6 +76,24 @@ def factored_nu(naturals: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     return nu
 
 
+CLIP_SCALINGS = ("fixed", "lr")
+CLIP_TARGETS = ("update", "step")
+
+
+def clip_threshold(clip: float, scaling: str, lr: float) -> float:
+    """The bound on ν of KFC-pre's trust region: ``clip`` itself (``"fixed"``) or clip·lr (``"lr"``).
+
+    With a fixed bound a clipped step has ν = C whatever the learning rate, so ``lr`` stops mattering once the clip
+    binds; with ``"lr"`` the trust region's radius grows with lr (ν ≤ C·lr: a clipped step is lr·‖u‖ shortened to
+    KL size sqrt(C·lr)), so a larger lr still takes a larger step.
+    """
+    if scaling == "fixed":
+        return clip
+    if scaling == "lr":
+        return clip * lr
+    raise ValueError(f"unknown clip_scaling {scaling!r}: expected one of {CLIP_SCALINGS}")
+
+
 def clip_scale(nu: float, clip: float) -> float | None:
     """KFC-pre's step-size clipping: sqrt(C/ν) when ν > C, else None (no scaling)."""
     return math.sqrt(clip / nu) if nu > clip else None

@@ -22,6 +22,7 @@ from kfc_compile.optim.rules import (
     adam_step_,
     adaptive_step_,
     clip_scale,
+    clip_threshold,
     factored_nu,
     l2_term,
     levenberg_marquardt,
@@ -68,7 +69,9 @@ def group_parts(kfc_group: dict | None, sgd_group: dict | None,
 
 def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOptions, exact_gram: GramFn,
                info: dict) -> None:
-    """KFC-pre (docs/algorithm.md §6.2): v = −lr·F̂⁻¹∇h; if ν > clip, v ← v·sqrt(clip/ν); p ← μp + v; θ ← θ + p.
+    """KFC-pre (docs/algorithm.md §6.2): v = −lr·F̂⁻¹∇h; if ν > C, v ← v·sqrt(C/ν); p ← μp + v; θ ← θ + p.
+
+    C is ``clip``, or clip·lr with ``clip_scaling="lr"`` (``rules.clip_threshold``, lr of the first part).
 
     ν is vᵀFv + wd·vᵀv with the exact Fisher on the batch's first ``clip_fraction`` (``clip_curvature="exact"``,
     wd of the first part) or vᵀF̂v = lr²·⟨F̂⁻¹∇h, ∇h⟩ plus the fallback's wd·vᵀv (``"factored"``). A non-finite ν
@@ -76,11 +79,15 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
     clipping scale. Some part must have a parameter.
     """
     updates = [[u.mul(-part.group["lr"]) for u in part.naturals] for part in parts]
+    # clip_on="step": ν of the applied step μp + v (the previous buffers; none yet: v alone)
+    measured = updates if options.clip_on == "update" else [
+        [v if state[p].get("momentum_buffer") is None else state[p]["momentum_buffer"] * part.group["momentum"] + v
+         for p, v in zip(part.params, ts, strict=True)] for part, ts in zip(parts, updates, strict=True)]
     scale = None
     if options.clip is not None:
         if options.clip_curvature == "exact":
             wd = parts[0].group["weight_decay"]
-            v = {p: t for part, ts in zip(parts, updates, strict=True) for p, t in zip(part.params, ts, strict=True)}
+            v = {p: t for part, ts in zip(parts, measured, strict=True) for p, t in zip(part.params, ts, strict=True)}
             nu = float(exact_gram([v], options.clip_fraction)[0, 0])
             if wd:
                 nu += wd * sum_squares(v.values())
@@ -95,11 +102,14 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
         if not math.isfinite(nu):  # inf/NaN in the model's output on the clip subset: no safe step size exists
             info["skipped"] = True  # the caller skips the step (nothing was changed here)
             return
-        scale = clip_scale(nu, options.clip)
+        scale = clip_scale(nu, clip_threshold(options.clip, options.clip_scaling, parts[0].group["lr"]))
         info["clip_scale"] = 1.0 if scale is None else scale
     for part, ts in zip(parts, updates, strict=True):
         buffers = [state[p].get("momentum_buffer") for p in part.params]
-        new_buffers = momentum_step_(part.params, buffers, ts, part.group["momentum"], scale)
+        mom = part.group["momentum"]
+        if scale is not None and options.clip_on == "step":
+            mom *= scale  # p ← s·(μp + v)
+        new_buffers = momentum_step_(part.params, buffers, ts, mom, scale)
         for p, buf in zip(part.params, new_buffers, strict=True):
             state[p]["momentum_buffer"] = buf
 
