@@ -25,13 +25,17 @@ the update:
   v = −lr·F̂⁻¹∇h; ν = vᵀFv + wd·vᵀv with exact Fisher-vector products (forward-mode JVPs) on the first
   ``clip_fraction`` of the batch (or, with ``clip_curvature="factored"``, ν = vᵀF̂v under the damped
   Kronecker-factored curvature itself, = lr²·⟨F̂⁻¹∇h, ∇h⟩: no extra pass, the kl-clip of kfac-pytorch; fallback
-  parameters then add only wd·vᵀv); if ν > clip, v ← v·sqrt(clip/ν); p ← μp + v; θ ← θ + p; optional iterate
-  averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
+  parameters then add only wd·vᵀv); by default ν is that of the applied step μp + v and the trust region is
+  ν ≤ C = clip·lr (``clip_on``, ``clip_scaling``): if ν > C, p ← sqrt(C/ν)·(μp + v), else p ← μp + v (with
+  ``clip_on="update"``: ν of v, v ← v·sqrt(C/ν), p ← μp + v); θ ← θ + p; optional iterate averaging
+  θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
 * ``mode="adaptive"`` (full K-FAC rescaling; docs/algorithm.md §5.4–6.1): Δ = −F̂⁻¹∇h, δ = lr·(αΔ + μδ₀) with
   (α, μ) minimising the quadratic model M built from the exact mini-batch Fisher (2 JVPs) plus (damping + wd)·I;
   ``lr = 1`` is K-FAC proper, ``momentum = 0`` drops μ. Every ``lm_interval`` steps the damping λ follows the
   Levenberg–Marquardt rule with ρ = (h(θ) − h(θ+δ)) / (M(0) − M(δ)) (ρ = −∞ when the model predicts no decrease,
   e.g. lr > 2 overshooting its minimiser), which needs ``step(closure)``: λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4.
+  Guards (docs/algorithm.md §6.1): a degenerate 2×2 model falls back to α alone or to the null step, and with a
+  closure the step is shortened so that M predicts at most half of the current loss away.
 
 ∇h is the gradient of the regularised objective: ``.grad + weight_decay·θ``. Parameters outside KFC
 (norm layers, embeddings, anything ``kc.report`` lists as uncovered) are updated in the same ``step()`` by the
@@ -98,11 +102,15 @@ class KFC(torch.optim.Optimizer):
             reduction says whether the objective is a batch mean or sum; a sum scales the curvature by N).
         approx: ``"expand"`` (KFC) or ``"reduce"``.
         mode: ``"pre"`` or ``"adaptive"``.
-        clip: KFC-pre's ν threshold C (``None`` disables clipping and its JVP).
-        clip_scaling: ``"fixed"`` (ν ≤ clip) or ``"lr"`` (ν ≤ clip·lr: the trust region grows with the learning
-            rate, so ``lr`` still matters while the clip binds).
-        clip_on: what ν measures: ``"update"`` (the new v, the paper: p ← μp + s·v) or ``"step"`` (the applied
-            step μp + v, so p ← s·(μp + v): momentum cannot pile clipped updates into a step larger than the bound).
+        clip: KFC-pre's trust-region bound on ν (``None`` disables clipping and its JVP): ν ≤ clip·lr by default
+            (30·lr: 0.03 … 0.9 over the lr grid 1e-3 … 3e-2), ν ≤ clip with ``clip_scaling="fixed"`` (the paper's
+            C = 0.3).
+        clip_scaling: ``"lr"`` (default: ν ≤ clip·lr, the trust region grows with the learning rate, so ``lr``
+            still matters while the clip binds) or ``"fixed"`` (ν ≤ clip: a clipped step is the same whatever lr).
+        clip_on: what ν measures: ``"step"`` (the applied step μp + v, so p ← s·(μp + v): momentum cannot pile
+            clipped updates into a step beyond the bound), ``"update"`` (the new v alone, the paper:
+            p ← μp + s·v) or ``"auto"`` (default: ``"step"`` with ``clip_curvature="exact"``, ``"update"`` with
+            ``"factored"``, whose free ν exists for v only).
         averaging: iterate-averaging timescale τ in steps (``None``: off); see :meth:`swap_averaged`.
         damping_method: ``"factored"`` or ``"eigen"``.
         fallback: ``"sgd"``, ``"adam"`` or ``None`` (uncovered parameters are then not trained).
@@ -149,7 +157,7 @@ class KFC(torch.optim.Optimizer):
                  weight_decay: float = 0.0, stats_every: int = 1, inverse_every: int = 20, stat_decay: float = 0.95,
                  stats_fraction: float = 0.125,
                  fisher: str = "mc", loss="cross_entropy", approx: str = "expand", mode: str = "pre",
-                 clip: float | None = 0.3, averaging: float | None = None, damping_method: str = "factored",
+                 clip: float | None = 30.0, averaging: float | None = None, damping_method: str = "factored",
                  fallback: str | None = "sgd", mc_samples: int = 1, generator: torch.Generator | None = None,
                  clip_fraction: float = 0.25, clip_curvature: str = "exact", fallback_lr: float | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
@@ -157,7 +165,7 @@ class KFC(torch.optim.Optimizer):
                  max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
                  memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None,
                  frontend: str = "auto", output=None, distributed: bool | str | None = None,
-                 clip_scaling: str = "fixed", clip_on: str = "update"):
+                 clip_scaling: str = "lr", clip_on: str = "auto"):
         self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,

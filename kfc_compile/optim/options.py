@@ -106,7 +106,7 @@ class KFCOptions:
     output: Callable[[object], torch.Tensor] | None = None
     distributed: bool | str | None = None
     clip_scaling: str = "fixed"
-    clip_on: str = "update"
+    clip_on: str = "auto"
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -138,6 +138,8 @@ class KFCOptions:
         choice("clip_curvature", self.clip_curvature, CLIP_CURVATURES)
         choice("clip_scaling", self.clip_scaling, CLIP_SCALINGS)
         choice("clip_on", self.clip_on, CLIP_TARGETS)
+        if self.clip_on == "auto":  # the applied step where ν is exact; the factored ν exists for v alone
+            put("clip_on", "step" if self.clip_curvature == "exact" else "update")
         if self.clip_on == "step" and self.clip_curvature == "factored":
             raise ValueError("clip_on='step' needs clip_curvature='exact': the factored ν = lr²·⟨F̂⁻¹∇h, ∇h⟩ is the "
                              "new update's alone; use clip_on='update' with clip_curvature='factored'")

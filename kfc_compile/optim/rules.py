@@ -77,7 +77,7 @@ def factored_nu(naturals: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 
 
 CLIP_SCALINGS = ("fixed", "lr")
-CLIP_TARGETS = ("update", "step")
+CLIP_TARGETS = ("auto", "update", "step")
 
 
 def clip_threshold(clip: float, scaling: str, lr: float) -> float:
