@@ -134,3 +134,24 @@ def test_defaults_reach_a_loose_target_in_fewer_steps_than_tuned_sgd(task):
     sgd = [train_run(ds, model, "sgd", lr, **common) for lr in (0.3, 0.1)]
     best = min((r.steps_to_target for r in sgd if r.steps_to_target is not None), default=budget + 1)
     assert kfc.steps_to_target < best, (kfc.steps_to_target, [r.steps_to_target for r in sgd])
+
+
+def test_autoencoder_task_and_model():
+    """MNIST-1D's signals as their own targets; 8 linear layers, tanh everywhere but the 8-unit code and output."""
+    from kfc_compile.tools.demo import build_model, load_task
+    from kfc_compile.tools.demo.train import evaluate
+
+    ds = load_task("mnist1d_ae")
+    assert ds.loss == "mse" and ds.input_shape == (40,) and ds.num_classes == 40
+    assert torch.equal(ds.x_train, ds.y_train) and torch.equal(ds.x_test, ds.y_test)
+    model = build_model("auto", "mnist1d_ae", ds.input_shape, ds.num_classes)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert len(linears) == 8 and min(m.out_features for m in linears) == 8
+    assert sum(isinstance(m, nn.Tanh) for m in model) == 6  # not after the code layer, nor the output
+    loss, acc = evaluate(model, ds, ds.x_train[:100], ds.y_train[:100])
+    with torch.no_grad():
+        ref = F.mse_loss(model(ds.x_train[:100]), ds.y_train[:100]).item()
+    assert acc is None and loss == pytest.approx(ref, rel=1e-5)
+    from kfc_compile.tools.demo import DemoError
+    with pytest.raises(DemoError, match="autoencoder"):
+        build_model("convnet", "mnist1d_ae", ds.input_shape, ds.num_classes)
