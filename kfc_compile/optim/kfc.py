@@ -25,17 +25,13 @@ the update:
   v = −lr·F̂⁻¹∇h; ν = vᵀFv + wd·vᵀv with exact Fisher-vector products (forward-mode JVPs) on the first
   ``clip_fraction`` of the batch (or, with ``clip_curvature="factored"``, ν = vᵀF̂v under the damped
   Kronecker-factored curvature itself, = lr²·⟨F̂⁻¹∇h, ∇h⟩: no extra pass, the kl-clip of kfac-pytorch; fallback
-  parameters then add only wd·vᵀv); by default ν is that of the applied step μp + v and the trust region is
-  ν ≤ C = clip·lr (``clip_on``, ``clip_scaling``): if ν > C, p ← sqrt(C/ν)·(μp + v), else p ← μp + v (with
-  ``clip_on="update"``: ν of v, v ← v·sqrt(C/ν), p ← μp + v); θ ← θ + p; optional iterate averaging
-  θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
+  parameters then add only wd·vᵀv); p ← s·min(1, sqrt(C/ν)) with ν of s = μp + v and C = clip·lr (``clip_on``,
+  ``clip_scaling``); θ ← θ + p; optional iterate averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
 * ``mode="adaptive"`` (full K-FAC rescaling; docs/algorithm.md §5.4–6.1): Δ = −F̂⁻¹∇h, δ = lr·(αΔ + μδ₀) with
   (α, μ) minimising the quadratic model M built from the exact mini-batch Fisher (2 JVPs) plus (damping + wd)·I;
   ``lr = 1`` is K-FAC proper, ``momentum = 0`` drops μ. Every ``lm_interval`` steps the damping λ follows the
   Levenberg–Marquardt rule with ρ = (h(θ) − h(θ+δ)) / (M(0) − M(δ)) (ρ = −∞ when the model predicts no decrease,
   e.g. lr > 2 overshooting its minimiser), which needs ``step(closure)``: λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4.
-  Guards (docs/algorithm.md §6.1): a degenerate 2×2 model falls back to α alone or to the null step, and with a
-  closure the step is shortened so that M predicts at most half of the current loss away.
 
 ∇h is the gradient of the regularised objective: ``.grad + weight_decay·θ``. Parameters outside KFC
 (norm layers, embeddings, anything ``kc.report`` lists as uncovered) are updated in the same ``step()`` by the
@@ -102,15 +98,10 @@ class KFC(torch.optim.Optimizer):
             reduction says whether the objective is a batch mean or sum; a sum scales the curvature by N).
         approx: ``"expand"`` (KFC) or ``"reduce"``.
         mode: ``"pre"`` or ``"adaptive"``.
-        clip: KFC-pre's trust-region bound on ν (``None`` disables clipping and its JVP): ν ≤ clip·lr by default
-            (30·lr: 0.03 … 0.9 over the lr grid 1e-3 … 3e-2), ν ≤ clip with ``clip_scaling="fixed"`` (the paper's
-            C = 0.3).
-        clip_scaling: ``"lr"`` (default: ν ≤ clip·lr, the trust region grows with the learning rate, so ``lr``
-            still matters while the clip binds) or ``"fixed"`` (ν ≤ clip: a clipped step is the same whatever lr).
-        clip_on: what ν measures: ``"step"`` (the applied step μp + v, so p ← s·(μp + v): momentum cannot pile
-            clipped updates into a step beyond the bound), ``"update"`` (the new v alone, the paper:
-            p ← μp + s·v) or ``"auto"`` (default: ``"step"`` with ``clip_curvature="exact"``, ``"update"`` with
-            ``"factored"``, whose free ν exists for v only).
+        clip: KFC-pre's trust-region constant (``None`` disables clipping and its JVP); the paper's is 0.3 fixed.
+        clip_scaling, clip_on: the bound ν ≤ clip·lr (``"lr"``) or ν ≤ clip (``"fixed"``), and what ν measures:
+            ``"step"`` the applied μp + v, ``"update"`` v alone (the paper), ``"auto"`` the step with exact ν and v
+            with ``clip_curvature="factored"`` (docs/algorithm.md §6.2).
         averaging: iterate-averaging timescale τ in steps (``None``: off); see :meth:`swap_averaged`.
         damping_method: ``"factored"`` or ``"eigen"``.
         fallback: ``"sgd"``, ``"adam"`` or ``None`` (uncovered parameters are then not trained).
