@@ -263,7 +263,7 @@ def _memorise(share: float | None, monkeypatch, steps: int = 100) -> tuple[list[
 
     losses, skipped = [], 0
     for _ in range(steps):
-        losses.append(float(opt.step(closure)))
+        losses.append(float(opt.step(closure).detach()))
         skipped += bool(opt.last_step.get("skipped"))
     return losses, skipped
 
