@@ -71,7 +71,7 @@ class DemoResult:
         """A text table of the final runs, with KFC-pre's speed-up against the best of the others."""
         head = (f"{self.task} / {self.model}: batch {self.batch_size}, {self.steps} steps, seed {self.seed}, "
                 f"target training loss {self.target:g}")
-        cols = ("optimizer", "lr", "steps to target", "seconds to target", "final train loss", "test acc")
+        cols = ("optimizer", "lr", "steps to target", "CPU s to target", "final train loss", "test acc")
         rows = []
         for r in self.runs.values():
             rows.append((r.label, f"{r.lr:g}", _fmt(r.steps_to_target, "d"), _fmt(r.seconds_to_target, ".2f"),
