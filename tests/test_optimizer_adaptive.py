@@ -5,6 +5,7 @@ See docs/algorithm.md §6.1, §11.1 item 4 (the quadratic model) and §5.4 (the 
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -161,3 +162,122 @@ def test_levenberg_marquardt_rule(lr, direction):
         seen.append((rho, opt.param_groups[0]["damping"]))
     final = opt.param_groups[0]["damping"]
     assert (final < lam0) if direction == "down" else (final > lam0), seen
+
+
+# -- guards against degenerate quadratic models (docs/algorithm.md §6.1) --------------------------------------------
+
+
+def test_nearly_parallel_directions_fall_back_to_alpha_only():
+    """δ₀ almost ∥ Δ in C's metric (1 − cos² = 1e-9): the 2×2 solve would give huge opposite α, μ; α alone is used."""
+    eps = 1e-9
+    C = torch.tensor([[2.0, 2.0 * (1 - eps / 2)], [2.0 * (1 - eps / 2), 2.0]], dtype=torch.float64)
+    d = torch.tensor([-3.0, -2.9], dtype=torch.float64)
+    raw = -torch.linalg.solve(C, d)
+    assert abs(float(raw[0])) > 1e6  # what the unguarded solve returns
+    assert rules.solve_alpha_mu(C, d) == (1.5, 0.0)
+    # well separated directions keep the 2×2 minimiser
+    C_ok = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    x = rules.solve_alpha_mu(C_ok, d)
+    np.testing.assert_allclose(x, (-torch.linalg.solve(C_ok, d)).tolist(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("C,d", [
+    ([[float("nan"), 0.0], [0.0, 1.0]], [-1.0, 0.0]),  # non-finite curvature
+    ([[1.0, 0.0], [0.0, 1.0]], [float("inf"), 0.0]),  # non-finite gradient term
+    ([[-1.0, 0.0], [0.0, 1.0]], [-1.0, -1.0]),  # non-positive curvature along Δ
+    ([[0.0]], [-1.0]),  # zero curvature: no finite minimiser
+])
+def test_degenerate_models_give_the_null_step(C, d):
+    alpha, mu = rules.solve_alpha_mu(torch.tensor(C, dtype=torch.float64), torch.tensor(d, dtype=torch.float64))
+    assert (alpha, mu) == (0.0, 0.0)
+
+
+def test_decrease_bound_against_the_dense_quadratic_model():
+    """The shortened step's predicted decrease, evaluated with the dense Fisher, is exactly half the loss."""
+    torch.manual_seed(3)
+    model = tiny()
+    plain = copy.deepcopy(model)
+    tm = kc.transform(model)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    params = list(model.parameters())
+    g = flat([p.grad for p in params])
+    h0, lr = float(loss.detach()), 1.0
+    eta = 1e-6  # tiny damping: the Newton step of the model predicts far more decrease than the loss itself
+    Fd = dense_fisher(plain, x)
+    K = Fd + eta * torch.eye(Fd.shape[0], dtype=torch.float64)
+    newton = -torch.linalg.solve(K, g)
+    Delta, d0, i = {}, {}, 0
+    for p in params:
+        Delta[p] = newton[i:i + p.numel()].reshape(p.shape)
+        d0[p] = torch.randn_like(p)
+        i += p.numel()
+    spec = loss_spec("cross_entropy")
+    f, jv = fvp.FisherProducts(tm, spec).outputs_and_jvps((x,), [Delta, d0])
+    C, d = rules.quadratic_model(fvp.gram(spec, f, jv), [list(Delta.values()), list(d0.values())],
+                                 [p.grad for p in params], eta)
+    a_raw, m_raw = rules.solve_alpha_mu(C, d)
+    Df, d0f = flat(Delta.values()), flat(d0.values())
+
+    def dense_change(a, m):
+        step = lr * (a * Df + m * d0f)
+        return float(g @ step + 0.5 * step @ K @ step)
+
+    assert dense_change(a_raw, m_raw) < -0.9 * h0  # the unguarded model predicts almost all the loss away
+    alpha, mu, change = rules.rescaling(C, d, lr, h0)
+    assert change == pytest.approx(-rules.MAX_PREDICTED_DECREASE * h0, rel=1e-9)
+    assert dense_change(alpha, mu) == pytest.approx(change, rel=1e-8)
+    s = alpha / a_raw
+    assert 0 < s < 1 and mu == pytest.approx(s * m_raw, rel=1e-12)  # the same direction, shortened
+    # the first such point along the step: every shorter step predicts less
+    assert all(dense_change(t * a_raw, t * m_raw) > change for t in np.linspace(0.0, s, 20)[:-1])
+    # a step that predicts less than half the loss is left alone, and so is an unknown loss
+    assert rules.rescaling(C, d, lr, 1e6) == rules.rescaling(C, d, lr)
+    assert rules.rescaling(C, d, lr, float("nan")) == rules.rescaling(C, d, lr)
+
+
+def test_reduction_ratio_guards():
+    assert rules.reduction_ratio(1.0, 0.5, -1.0) == 0.5
+    assert rules.reduction_ratio(1.0, float("nan"), -1.0) == float("-inf")  # overflowing step: grow λ
+    assert math.isnan(rules.reduction_ratio(float("nan"), 0.5, -1.0))  # no reference loss
+    assert math.isnan(rules.reduction_ratio(1.0, 1.0 - 1e-9, -1e-9))  # decrease below the loss's resolution
+    assert rules.levenberg_marquardt(0.3, float("nan"), 0.8, 1e-8) == 0.3  # a NaN ratio leaves λ alone
+
+
+def _memorise(share: float | None, monkeypatch, steps: int = 100) -> tuple[list[float], int]:
+    """Adaptive K-FAC (λ₀ = 1e-3, LM every 5 steps) on a full batch of 64 random points: down to interpolation."""
+    if share is not None:
+        monkeypatch.setattr(rules, "MAX_PREDICTED_DECREASE", share)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+    opt = kc.KFC(model, lr=1.0, mode="adaptive", damping=1e-3, generator=torch.Generator().manual_seed(1),
+                 max_skipped_steps=None)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    losses, skipped = [], 0
+    for _ in range(steps):
+        losses.append(float(opt.step(closure).detach()))
+        skipped += bool(opt.last_step.get("skipped"))
+    return losses, skipped
+
+
+def test_adaptive_reaches_interpolation_without_diverging(monkeypatch):
+    """Memorising a batch (loss → 1e-3 and below): the guarded model never lets the loss blow up.
+
+    The same run with the decrease bound off (an unbounded share) shows what the guard prevents: near interpolation
+    the Fisher vanishes, the model's minimiser becomes a huge step, and the loss jumps by orders of magnitude.
+    """
+    torch.set_num_threads(1)
+    losses, skipped = _memorise(None, monkeypatch)
+    assert skipped == 0
+    assert losses[-1] < 1e-3 and min(losses) < 1e-4
+    assert max(losses[20:]) < losses[0]  # no blow-up on the way down
+    unguarded, _ = _memorise(math.inf, monkeypatch)
+    assert max(unguarded[20:]) > 10 * losses[0]

@@ -206,7 +206,7 @@ def test_factored_clip_statistic_is_v_F_v_under_the_damped_curvature(method):
     model = nn.Sequential(nn.Linear(5, 3)).double()
     damping, wd, lr, clip = 0.05, 0.01, 0.7, 1e-4
     opt = kc.KFC(model, lr=lr, damping=damping, weight_decay=wd, damping_method=method, fallback=None, momentum=0.0,
-                 clip=clip, clip_curvature="factored")
+                 clip=clip, clip_curvature="factored", clip_scaling="fixed")  # ν ≤ clip (the old default)
     (layer,) = opt.layers
     A, G = spd(1, layer.a_dim, gen), spd(1, layer.g_dim, gen)
     opt.set_factors(layer.name, A, G, frozen=True)

@@ -25,8 +25,8 @@ the update:
   v = −lr·F̂⁻¹∇h; ν = vᵀFv + wd·vᵀv with exact Fisher-vector products (forward-mode JVPs) on the first
   ``clip_fraction`` of the batch (or, with ``clip_curvature="factored"``, ν = vᵀF̂v under the damped
   Kronecker-factored curvature itself, = lr²·⟨F̂⁻¹∇h, ∇h⟩: no extra pass, the kl-clip of kfac-pytorch; fallback
-  parameters then add only wd·vᵀv); if ν > clip, v ← v·sqrt(clip/ν); p ← μp + v; θ ← θ + p; optional iterate
-  averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
+  parameters then add only wd·vᵀv); p ← s·min(1, sqrt(C/ν)) with ν of s = μp + v and C = clip·lr (``clip_on``,
+  ``clip_scaling``); θ ← θ + p; optional iterate averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
 * ``mode="adaptive"`` (full K-FAC rescaling; docs/algorithm.md §5.4–6.1): Δ = −F̂⁻¹∇h, δ = lr·(αΔ + μδ₀) with
   (α, μ) minimising the quadratic model M built from the exact mini-batch Fisher (2 JVPs) plus (damping + wd)·I;
   ``lr = 1`` is K-FAC proper, ``momentum = 0`` drops μ. Every ``lm_interval`` steps the damping λ follows the
@@ -98,7 +98,10 @@ class KFC(torch.optim.Optimizer):
             reduction says whether the objective is a batch mean or sum; a sum scales the curvature by N).
         approx: ``"expand"`` (KFC) or ``"reduce"``.
         mode: ``"pre"`` or ``"adaptive"``.
-        clip: KFC-pre's ν threshold C (``None`` disables clipping and its JVP).
+        clip: KFC-pre's trust-region constant (``None`` disables clipping and its JVP); the paper's is 0.3 fixed.
+        clip_scaling, clip_on: the bound ν ≤ clip·lr (``"lr"``) or ν ≤ clip (``"fixed"``), and what ν measures:
+            ``"step"`` the applied μp + v, ``"update"`` v alone (the paper), ``"auto"`` the step with exact ν and v
+            with ``clip_curvature="factored"`` (docs/algorithm.md §6.2).
         averaging: iterate-averaging timescale τ in steps (``None``: off); see :meth:`swap_averaged`.
         damping_method: ``"factored"`` or ``"eigen"``.
         fallback: ``"sgd"``, ``"adam"`` or ``None`` (uncovered parameters are then not trained).
@@ -145,14 +148,15 @@ class KFC(torch.optim.Optimizer):
                  weight_decay: float = 0.0, stats_every: int = 1, inverse_every: int = 20, stat_decay: float = 0.95,
                  stats_fraction: float = 0.125,
                  fisher: str = "mc", loss="cross_entropy", approx: str = "expand", mode: str = "pre",
-                 clip: float | None = 0.3, averaging: float | None = None, damping_method: str = "factored",
+                 clip: float | None = 30.0, averaging: float | None = None, damping_method: str = "factored",
                  fallback: str | None = "sgd", mc_samples: int = 1, generator: torch.Generator | None = None,
                  clip_fraction: float = 0.25, clip_curvature: str = "exact", fallback_lr: float | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
                  max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
                  memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None,
-                 frontend: str = "auto", output=None, distributed: bool | str | None = None):
+                 frontend: str = "auto", output=None, distributed: bool | str | None = None,
+                 clip_scaling: str = "lr", clip_on: str = "auto"):
         self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
@@ -162,7 +166,7 @@ class KFC(torch.optim.Optimizer):
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
             max_factor_dim=max_factor_dim, max_failures=max_failures, max_skipped_steps=max_skipped_steps,
             memory_budget=memory_budget, grad_scaler=grad_scaler, frontend=frontend, output=output,
-            distributed=distributed)
+            distributed=distributed, clip_scaling=clip_scaling, clip_on=clip_on)
         saved = routing_snapshot(model)
         try:
             self._setup(model)

@@ -18,6 +18,7 @@ from kfc_compile.curvature.inverses import DAMPING_METHODS
 from kfc_compile.curvature.losses import FISHER_TYPES, Loss, loss_spec
 from kfc_compile.curvature.statistics import check_approx
 from kfc_compile.frontend.select import check_frontend
+from kfc_compile.optim.rules import CLIP_SCALINGS, CLIP_TARGETS
 
 MODES = ("pre", "adaptive")
 CLIP_CURVATURES = ("exact", "factored")
@@ -104,6 +105,8 @@ class KFCOptions:
     frontend: str = "auto"
     output: Callable[[object], torch.Tensor] | None = None
     distributed: bool | str | None = None
+    clip_scaling: str = "fixed"
+    clip_on: str = "auto"
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -133,6 +136,13 @@ class KFCOptions:
             raise ValueError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
         put("clip_fraction", real("clip_fraction", self.clip_fraction, low=0.0, high=1.0, low_open=True))
         choice("clip_curvature", self.clip_curvature, CLIP_CURVATURES)
+        choice("clip_scaling", self.clip_scaling, CLIP_SCALINGS)
+        choice("clip_on", self.clip_on, CLIP_TARGETS)
+        if self.clip_on == "auto":  # the applied step where ν is exact; the factored ν exists for v alone
+            put("clip_on", "step" if self.clip_curvature == "exact" else "update")
+        if self.clip_on == "step" and self.clip_curvature == "factored":
+            raise ValueError("clip_on='step' needs clip_curvature='exact': the factored ν = lr²·⟨F̂⁻¹∇h, ∇h⟩ is the "
+                             "new update's alone; use clip_on='update' with clip_curvature='factored'")
         if self.fallback_lr is not None:
             put("fallback_lr", real("fallback_lr", self.fallback_lr, low=0.0))
         put("fallback_betas", betas("fallback_betas", self.fallback_betas))

@@ -76,6 +76,24 @@ def factored_nu(naturals: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     return nu
 
 
+CLIP_SCALINGS = ("fixed", "lr")
+CLIP_TARGETS = ("auto", "update", "step")
+
+
+def clip_threshold(clip: float, scaling: str, lr: float) -> float:
+    """The bound on ν of KFC-pre's trust region: ``clip`` itself (``"fixed"``) or clip·lr (``"lr"``).
+
+    With a fixed bound a clipped step has ν = C whatever the learning rate, so ``lr`` stops mattering once the clip
+    binds; with ``"lr"`` the trust region's radius grows with lr (ν ≤ C·lr: a clipped step is lr·‖u‖ shortened to
+    KL size sqrt(C·lr)), so a larger lr still takes a larger step.
+    """
+    if scaling == "fixed":
+        return clip
+    if scaling == "lr":
+        return clip * lr
+    raise ValueError(f"unknown clip_scaling {scaling!r}: expected one of {CLIP_SCALINGS}")
+
+
 def clip_scale(nu: float, clip: float) -> float | None:
     """KFC-pre's step-size clipping: sqrt(C/ν) when ν > C, else None (no scaling)."""
     return math.sqrt(clip / nu) if nu > clip else None
@@ -137,17 +155,30 @@ def quadratic_model(fisher_gram: torch.Tensor, directions: Sequence[Sequence[tor
     return C, d
 
 
+#: a 2×2 model whose directions are this close to parallel in C's metric (1 − cos² below it) is solved along Δ
+#: alone: the solve would amplify the noise of the estimated C into large opposite α and μ
+COLLINEAR_TOL = 1e-6
+#: the largest share of the current loss h(θ) that one adaptive step may be predicted to remove: the supported
+#: losses are ≥ 0, so a quadratic model predicting more than h(θ) is wrong, and near interpolation (h → 1e-3) it is
+#: dominated by its errors; the step is shortened until the prediction is MAX_PREDICTED_DECREASE·h(θ)
+MAX_PREDICTED_DECREASE = 0.5
+
+
 def solve_alpha_mu(C: torch.Tensor, d: torch.Tensor) -> tuple[float, float]:
     """Minimiser (α, μ) of ``d·x + ½ xᵀ C x`` (KFAC-S §E.4 / KFC-S Eqs. 30–31): x = −C⁻¹ d.
 
-    ``C`` is 2×2 (Δ and δ₀ rows) or 1×1 (no previous update). A singular or non-positive C (δ₀ parallel to Δ,
-    zero directions) falls back to the α-only solve; a non-positive curvature along Δ gives α = 0.
+    ``C`` is 2×2 (Δ and δ₀ rows) or 1×1 (no previous update). Guards (docs/algorithm.md §6.1): a 2×2 C that is
+    not positive definite or whose directions are nearly parallel (1 − C₀₁²/(C₀₀C₁₁) < ``COLLINEAR_TOL``: δ₀ ∥ Δ,
+    zero directions) falls back to the α-only solve; non-positive or non-finite curvature along Δ, or a non-finite
+    d, gives the null step α = μ = 0 (the loss is then left unchanged).
     """
     C = C.double()
     d = d.double()
+    if not (bool(torch.isfinite(C).all()) and bool(torch.isfinite(d).all())):
+        return 0.0, 0.0
     if C.shape[0] == 2:
-        det = C[0, 0] * C[1, 1] - C[0, 1] * C[1, 0]
-        if C[0, 0] > 0 and C[1, 1] > 0 and det > 1e-12 * C[0, 0] * C[1, 1]:
+        c00, c11, c01 = float(C[0, 0]), float(C[1, 1]), 0.5 * float(C[0, 1] + C[1, 0])
+        if c00 > 0 and c11 > 0 and c00 * c11 - c01 * c01 > COLLINEAR_TOL * c00 * c11:
             x = -torch.linalg.solve(C, d)
             return float(x[0]), float(x[1])
     if C[0, 0] > 0:
@@ -155,14 +186,47 @@ def solve_alpha_mu(C: torch.Tensor, d: torch.Tensor) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-def rescaling(C: torch.Tensor, d: torch.Tensor, lr: float) -> tuple[float, float, float]:
+def model_change(C: torch.Tensor, d: torch.Tensor, coef: torch.Tensor) -> float:
+    """M(δ) − M(0) = c·d + ½ cᵀCc for the step δ = Σ cᵢxᵢ over the model's directions."""
+    return float(coef @ d + 0.5 * coef @ C @ coef)
+
+
+def decrease_bound_scale(C: torch.Tensor, d: torch.Tensor, coef: torch.Tensor, loss: float,
+                         share: float | None = None) -> float:
+    """The factor s ∈ (0, 1] on the step's coefficients that keeps the predicted decrease ≤ share·loss.
+
+    1 when M(δ) − M(0) ≥ −share·loss already; else the smallest root of s·(c·d) + ½s²·cᵀCc = −share·loss, the
+    first point along the step where the model predicts that much (it exists: the parabola starts at 0 and is
+    below −share·loss at s = 1). A loss that is not finite and ≥ 0 leaves the step alone. ``share`` defaults to
+    ``MAX_PREDICTED_DECREASE``.
+    """
+    share = MAX_PREDICTED_DECREASE if share is None else share
+    change = model_change(C, d, coef)
+    if not (math.isfinite(loss) and loss >= 0 and -change > share * loss):
+        return 1.0
+    q1, q2 = float(coef @ d), float(coef @ C @ coef)
+    target = share * loss
+    if q2 == 0:  # linear along the step (q1 < 0 here): q1·s = −target
+        return min(1.0, target / -q1)
+    disc = max(q1 * q1 - 2.0 * q2 * target, 0.0)  # the smallest positive root, for q2 > 0 and q2 < 0 alike
+    return min(1.0, max(0.0, (-q1 - math.sqrt(disc)) / q2))
+
+
+def rescaling(C: torch.Tensor, d: torch.Tensor, lr: float, loss: float | None = None,
+              share: float | None = None) -> tuple[float, float, float]:
     """The adaptive step's coefficients (α, μ) minimising M, and the model change M(δ) − M(0).
 
-    The step is δ = lr·(αΔ + μδ₀); μ is 0 with a single direction.
+    The step is δ = lr·(αΔ + μδ₀); μ is 0 with a single direction. With the current ``loss`` h(θ) given, (α, μ)
+    are shortened by :func:`decrease_bound_scale` so that the model predicts at most ``share``·h(θ) of decrease
+    (default ``MAX_PREDICTED_DECREASE``).
     """
     alpha, mu = solve_alpha_mu(C, d)
     coef = torch.tensor([alpha, mu][:d.shape[0]], dtype=torch.float64) * lr
-    return alpha, mu, float(coef @ d + 0.5 * coef @ C @ coef)
+    if loss is not None:
+        s = decrease_bound_scale(C, d, coef, loss, share)
+        if s < 1.0:
+            alpha, mu, coef = alpha * s, mu * s, coef * s
+    return alpha, mu, model_change(C, d, coef)
 
 
 def adaptive_step_(params: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
@@ -195,19 +259,30 @@ def adaptive_step_(params: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor
 # -- Levenberg–Marquardt damping -----------------------------------------------------------------------------------
 
 
+#: a predicted decrease below this share of |h| is under the resolution of the (fp32) loss values: ρ is noise
+RATIO_RESOLUTION = 1e-6
+
+
 def reduction_ratio(h_before: float, h_after: float, model_change: float) -> float:
     """ρ = (h(θ) − h(θ+δ)) / (M(0) − M(δ)).
 
     −∞ when the model predicts no decrease (``model_change`` ≥ 0) or the loss after the update is not finite (a
-    step into a region where the loss overflows: the damping must grow).
+    step into a region where the loss overflows: the damping must grow); NaN (λ is left alone) when h(θ) is not
+    finite or the predicted decrease is below ``RATIO_RESOLUTION``·|h| (a tiny denominator: the ratio of two
+    rounding errors).
     """
     if model_change >= 0 or not math.isfinite(h_after):
         return float("-inf")
+    if not math.isfinite(h_before) or -model_change <= RATIO_RESOLUTION * max(abs(h_before), abs(h_after)):
+        return float("nan")
     return (h_before - h_after) / -model_change
 
 
 def levenberg_marquardt(damping: float, rho: float, decay: float, min_damping: float) -> float:
-    """The next λ: ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4, else λ; floored at ``min_damping`` (a zero λ stays 0)."""
+    """The next λ: ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4, else λ (also for a NaN ρ); floored at ``min_damping``.
+
+    A zero λ stays 0.
+    """
     new = damping
     if rho > 0.75:
         new = damping * decay

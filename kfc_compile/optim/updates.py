@@ -22,6 +22,7 @@ from kfc_compile.optim.rules import (
     adam_step_,
     adaptive_step_,
     clip_scale,
+    clip_threshold,
     l2_term,
     levenberg_marquardt,
     momentum_step_,
@@ -66,7 +67,9 @@ def group_parts(kfc_group: dict | None, sgd_group: dict | None,
 
 def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOptions, exact_gram: GramFn,
                info: dict) -> None:
-    """KFC-pre (docs/algorithm.md §6.2): v = −lr·F̂⁻¹∇h; if ν > clip, v ← v·sqrt(clip/ν); p ← μp + v; θ ← θ + p.
+    """KFC-pre (docs/algorithm.md §6.2): v = −lr·F̂⁻¹∇h; if ν > C, v ← v·sqrt(C/ν); p ← μp + v; θ ← θ + p.
+
+    C is ``clip``, or clip·lr with ``clip_scaling="lr"`` (``rules.clip_threshold``, lr of the first part).
 
     ν is vᵀFv + wd·vᵀv with the exact Fisher on the batch's first ``clip_fraction`` (``clip_curvature="exact"``,
     wd of the first part) or vᵀF̂v = lr²·⟨F̂⁻¹∇h, ∇h⟩ plus the fallback's wd·vᵀv (``"factored"``). A non-finite ν
@@ -74,11 +77,15 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
     clipping scale. Some part must have a parameter.
     """
     updates = [[u.mul(-part.group["lr"]) for u in part.naturals] for part in parts]
+    # clip_on="step": ν of the applied step μp + v (the previous buffers; none yet: v alone)
+    measured = updates if options.clip_on == "update" else [
+        [v if state[p].get("momentum_buffer") is None else state[p]["momentum_buffer"] * part.group["momentum"] + v
+         for p, v in zip(part.params, ts, strict=True)] for part, ts in zip(parts, updates, strict=True)]
     scale = None
     if options.clip is not None:
         if options.clip_curvature == "exact":
             wd = parts[0].group["weight_decay"]
-            v = {p: t for part, ts in zip(parts, updates, strict=True) for p, t in zip(part.params, ts, strict=True)}
+            v = {p: t for part, ts in zip(parts, measured, strict=True) for p, t in zip(part.params, ts, strict=True)}
             nu = float(exact_gram([v], options.clip_fraction)[0, 0])
             if wd:
                 nu += wd * sum_squares(v.values())
@@ -86,29 +93,34 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
             nu = 0.0
             for part, ts in zip(parts, updates, strict=True):
                 if part.group["role"] == "kfc":
-                    nu = factored_nu(part.naturals, part.grads, part.group["lr"])
+                    nu += factored_nu(part.naturals, part.grads, part.group["lr"])
                 elif part.group["weight_decay"]:
                     nu += part.group["weight_decay"] * sum_squares(ts)
         info["nu"] = nu
         if not math.isfinite(nu):  # inf/NaN in the model's output on the clip subset: no safe step size exists
             info["skipped"] = True  # the caller skips the step (nothing was changed here)
             return
-        scale = clip_scale(nu, options.clip)
+        scale = clip_scale(nu, clip_threshold(options.clip, options.clip_scaling, parts[0].group["lr"]))
         info["clip_scale"] = 1.0 if scale is None else scale
     for part, ts in zip(parts, updates, strict=True):
         buffers = [state[p].get("momentum_buffer") for p in part.params]
-        new_buffers = momentum_step_(part.params, buffers, ts, part.group["momentum"], scale)
+        mom = part.group["momentum"]
+        if scale is not None and options.clip_on == "step":
+            mom *= scale  # p ← s·(μp + v)
+        new_buffers = momentum_step_(part.params, buffers, ts, mom, scale)
         for p, buf in zip(part.params, new_buffers, strict=True):
             state[p]["momentum_buffer"] = buf
 
 
 def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCOptions, exact_gram: GramFn,
-                    info: dict) -> float:
+                    info: dict, h0: float | None = None) -> float:
     """Adaptive K-FAC (docs/algorithm.md §6.1): θ ← θ + δ with δ = lr·(αΔ + μδ₀).
 
     Δ = −F̂⁻¹∇h, δ₀ the previous update, (α, μ) minimising the quadratic model M from the exact Fisher plus
     (λ + wd)·I (λ, wd, lr, μ > 0 of the first part's group). ``info`` receives α, μ, C, d, the model change and λ.
-    Some part must have a parameter. A non-finite C or d changes nothing and sets ``info["skipped"]``.
+    Some part must have a parameter. A non-finite C or d changes nothing and sets ``info["skipped"]``. With the
+    objective's value ``h0`` the step is shortened to a predicted decrease of at most half of it
+    (``rules.rescaling``).
 
     Returns:
         M(δ) − M(0), the change the model predicts (for the Levenberg–Marquardt ratio).
@@ -127,7 +139,7 @@ def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCO
     if not (bool(torch.isfinite(C).all()) and bool(torch.isfinite(d).all())):  # the exact Fisher products overflowed
         info.update(C=C, d=d, skipped=True)  # the caller skips the step (nothing was changed here)
         return 0.0
-    alpha, mu, model_change = rescaling(C, d, lr)
+    alpha, mu, model_change = rescaling(C, d, lr, h0)
     info.update(alpha=alpha, mu=mu, C=C, d=d, model_change=model_change, damping=lam)
     for p, upd in zip(params, adaptive_step_(params, deltas, prev if use_mu else None, alpha, mu, lr), strict=True):
         state[p]["momentum_buffer"] = upd
@@ -145,7 +157,7 @@ def adaptive_lm_update(parts: list[GroupPart], state: MutableMapping, options: K
     """
     l2_groups = [(part.group["params"], part.group["weight_decay"]) for part in parts]
     lm_due = k % options.lm_interval == 0
-    h0 = None
+    h0 = None if loss is None else _as_float(loss, dist) + l2_term(l2_groups)
     if lm_due:
         if closure is None or loss is None:
             if "lm" not in warned:
@@ -153,10 +165,8 @@ def adaptive_lm_update(parts: list[GroupPart], state: MutableMapping, options: K
                 warnings.warn("mode='adaptive' adapts the damping (Levenberg–Marquardt) only when step() gets a "
                               "closure that re-evaluates the loss; the damping stays fixed", stacklevel=4)
             lm_due = False
-        else:
-            h0 = _as_float(loss, dist) + l2_term(l2_groups)
     lam = parts[0].group["damping"]
-    model_change = adaptive_update(parts, state, options, exact_gram, info)
+    model_change = adaptive_update(parts, state, options, exact_gram, info, h0)
     if lm_due and not info.get("skipped"):
         with torch.enable_grad():
             h1 = _as_float(closure(), dist) + l2_term(l2_groups)

@@ -66,7 +66,8 @@ def _add_demo(sub) -> None:
                     f"training loss against steps and seconds. Task defaults: {defaults}. Nothing is downloaded.")
     p.add_argument("--task", choices=TASKS, default="digits",
                    help="digits: scikit-learn's bundled 8x8 digits; mnist1d: generated locally by the mnist1d "
-                        "package; cifar10: torchvision's CIFAR-10 from --data-dir (default: %(default)s)")
+                        "package; mnist1d_ae: its signals for the deep autoencoder (MSE); cifar10: torchvision's "
+                        "CIFAR-10 from --data-dir (default: %(default)s)")
     p.add_argument("--data-dir", metavar="DIR", help="directory holding cifar-10-batches-py/ (for --task cifar10)")
     p.add_argument("--model", choices=MODELS, default="auto",
                    help="auto: convnet for digits/mnist1d, paper for cifar10; convnet: small 2-D/1-D conv net; "
@@ -90,7 +91,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--inverse-every", type=_positive_int,
                    help=f"KFC inverse period (default {KFC_OPTIONS['inverse_every']})")
     p.add_argument("--threads", type=_nonneg_int, default=None,
-                   help="torch intra-op threads (default: 1 for digits/mnist1d, whose tiny layers lose time to "
+                   help="torch intra-op threads (default: 1 for digits/mnist1d(_ae), whose tiny layers lose time to "
                         "threading; torch's default otherwise; 0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log every run")
@@ -98,7 +99,8 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    threads = args.threads if args.threads is not None else (1 if args.task in ("digits", "mnist1d") else 0)
+    threads = args.threads if args.threads is not None else (1 if args.task in ("digits", "mnist1d", "mnist1d_ae")
+                                                             else 0)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from kfc_compile.tools.demo.data import INPUT_SHAPES, TASKS, Dataset, DemoError, load_task
+from kfc_compile.tools.demo.data import INPUT_SHAPES, NUM_OUTPUTS, TASKS, Dataset, DemoError, load_task
 from kfc_compile.tools.demo.models import DEFAULT_MODEL, MODELS, build_model, check_forward, paper_cifar_net
 from kfc_compile.tools.demo.plot import plot_curves
 from kfc_compile.tools.demo.train import (
@@ -71,7 +71,7 @@ class DemoResult:
         """A text table of the final runs, with KFC-pre's speed-up against the best of the others."""
         head = (f"{self.task} / {self.model}: batch {self.batch_size}, {self.steps} steps, seed {self.seed}, "
                 f"target training loss {self.target:g}")
-        cols = ("optimizer", "lr", "steps to target", "seconds to target", "final train loss", "test acc")
+        cols = ("optimizer", "lr", "steps to target", "CPU s to target", "final train loss", "test acc")
         rows = []
         for r in self.runs.values():
             rows.append((r.label, f"{r.lr:g}", _fmt(r.steps_to_target, "d"), _fmt(r.seconds_to_target, ".2f"),
@@ -130,7 +130,8 @@ def run_demo(task: str = "digits", model: str = "auto", *, steps: int | None = N
     kfc_options = {**KFC_OPTIONS, **(kfc_options or {})}
 
     model_name = DEFAULT_MODEL[task] if model == "auto" else model
-    build_model(model_name, task, INPUT_SHAPES[task], 10)  # bad model/task pairs fail before loading data
+    # bad model/task pairs fail before loading data
+    build_model(model_name, task, INPUT_SHAPES[task], NUM_OUTPUTS[task])
     ds = load_task(task, data_dir)
     check_forward(build_model(model_name, task, ds.input_shape, ds.num_classes), ds.input_shape)
 

@@ -2,6 +2,7 @@
 
 * ``digits``: scikit-learn's bundled 8×8 handwritten digits (1797 images, shipped inside the sklearn wheel).
 * ``mnist1d``: MNIST-1D generated locally by the ``mnist1d`` package (``make_dataset``, no download).
+* ``mnist1d_ae``: MNIST-1D's 40-d signals as their own targets (a deep-autoencoder task, MSE; no labels).
 * ``cifar10``: CIFAR-10 read by torchvision from a directory the user already has (``download=False``).
 """
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TASKS = ("digits", "mnist1d", "cifar10")
-INPUT_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40), "cifar10": (3, 32, 32)}  # known before loading
+TASKS = ("digits", "mnist1d", "mnist1d_ae", "cifar10")
+INPUT_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40), "mnist1d_ae": (40,),
+                "cifar10": (3, 32, 32)}  # known before loading
+NUM_OUTPUTS = {"digits": 10, "mnist1d": 10, "mnist1d_ae": 40, "cifar10": 10}  # the model's output width
 
 
 class DemoError(ValueError):
@@ -27,7 +30,11 @@ class DemoError(ValueError):
 
 @dataclass
 class Dataset:
-    """A classification task held in memory. ``x_*`` may be uint8 with a per-batch ``prepare`` (CIFAR-10)."""
+    """A task held in memory. ``x_*`` may be uint8 with a per-batch ``prepare`` (CIFAR-10).
+
+    ``loss`` is the training loss (``"cross_entropy"`` on class labels, ``"mse"`` on ``y`` shaped like the model
+    output); ``num_classes`` is the model's output width.
+    """
 
     name: str
     x_train: torch.Tensor
@@ -37,6 +44,7 @@ class Dataset:
     num_classes: int
     mean: torch.Tensor | None = None  # set for uint8 images: normalised per batch
     std: torch.Tensor | None = None
+    loss: str = "cross_entropy"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -96,6 +104,13 @@ def _mnist1d(num_samples: int = 5000) -> Dataset:
     return Dataset("mnist1d", f(d["x"]), g(d["y"]), f(d["x_test"]), g(d["y_test"]), 10)
 
 
+@functools.cache
+def _mnist1d_autoencoder() -> Dataset:
+    d = _mnist1d()
+    x, xt = d.x_train.flatten(1), d.x_test.flatten(1)  # (N, 40): zero-mean, unit-variance signals
+    return Dataset("mnist1d_ae", x, x, xt, xt, x.shape[1], loss="mse")
+
+
 def _cifar10(data_dir: str | None) -> Dataset:
     if not data_dir:
         raise DemoError("--task cifar10 needs --data-dir DIR, a directory holding torchvision's CIFAR-10 "
@@ -128,6 +143,8 @@ def load_task(task: str, data_dir: str | None = None) -> Dataset:
         ds = _digits()
     elif task == "mnist1d":
         ds = _mnist1d()
+    elif task == "mnist1d_ae":
+        ds = _mnist1d_autoencoder()
     elif task == "cifar10":
         ds = _cifar10(data_dir)
     else:

@@ -8,8 +8,9 @@ from torch import nn
 
 from kfc_compile.tools.demo.data import DemoError
 
-MODELS = ("auto", "convnet", "mlp", "paper", "resnet18")
-DEFAULT_MODEL = {"digits": "convnet", "mnist1d": "convnet", "cifar10": "paper"}
+MODELS = ("auto", "convnet", "mlp", "paper", "resnet18", "autoencoder")
+DEFAULT_MODEL = {"digits": "convnet", "mnist1d": "convnet", "mnist1d_ae": "autoencoder", "cifar10": "paper"}
+AUTOENCODER_WIDTHS = (64, 32, 16, 8, 16, 32, 64)  # hidden widths of the 8-layer autoencoder; 8 is the code
 
 
 def paper_cifar_net(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
@@ -56,12 +57,34 @@ def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 128) -> nn
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
+def deep_autoencoder(dim: int, widths: tuple[int, ...] = AUTOENCODER_WIDTHS) -> nn.Sequential:
+    """The classic deep-autoencoder benchmark shape, small: ``dim`` → widths → ``dim`` linear layers.
+
+    tanh after every hidden layer but the code layer (the narrowest, linear as in Hinton & Salakhutdinov); the
+    output is linear (MSE on standardised signals). The default widths give 8 layers with an 8-unit code.
+    """
+    code = widths.index(min(widths))
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip((dim, *widths), (*widths, dim), strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) and i != code:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
 def build_model(name: str, task: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """One of ``MODELS`` for inputs of ``input_shape`` (C, L) or (C, H, W); ``auto`` is the task's default."""
     if name == "auto":
         name = DEFAULT_MODEL.get(task, "convnet")
     if name not in MODELS:
         raise DemoError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+    if name == "autoencoder":
+        if len(input_shape) != 1 or num_classes != input_shape[0]:
+            raise DemoError(f"--model autoencoder reconstructs flat signals (task mnist1d_ae); task {task!r} has "
+                            f"inputs {'×'.join(map(str, input_shape))} and {num_classes} outputs")
+        return deep_autoencoder(input_shape[0])
+    if task == "mnist1d_ae":
+        raise DemoError(f"task mnist1d_ae needs --model autoencoder (or auto), got {name!r}")
     if name == "mlp":
         return mlp(input_shape, num_classes)
     if name == "convnet":
