@@ -1,0 +1,52 @@
+"""What the ranks of tests/test_distributed_fsdp.py run: the model of distributed_cases.py under FSDP2.
+
+Rank r trains ``fully_shard(model)`` (the root, or the root and some of its children as their own FSDP units) on
+its shard of the global batch with ``kc.KFC``; the results are gathered into whole tensors so that the parent can
+compare them with the single-process run (``distributed_cases.train`` on the global batch).
+"""
+from __future__ import annotations
+
+import torch
+from distributed_cases import counting_inverses, global_batch, make_model, recording_samples, run_steps, shard
+from torch import nn
+
+import kfc_compile as kc
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole tensor (a collective: every rank calls it in the same order)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def fsdp_model(units: tuple[int, ...] = (), silent: bool = False) -> nn.Module:
+    """The test model with ``fully_shard`` on the children ``units`` and on the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(silent)
+    for i in units:
+        fully_shard(model[i])
+    fully_shard(model)
+    return model
+
+
+def train_fsdp(rank: int, world: int, cfg: dict) -> dict:
+    """One rank of an FSDP2 run; like ``distributed_cases.train``, with whole parameters and per-rank factors."""
+    X, Y = global_batch(sum(cfg["sizes"]))
+    x, y = shard(X, cfg["sizes"], rank), shard(Y, cfg["sizes"], rank)
+    model = fsdp_model(cfg.get("units", ()), cfg.get("silent", False))
+    kwargs = dict(cfg["kfc"])
+    kwargs["loss"] = nn.CrossEntropyLoss(reduction=cfg.get("reduction", "mean"))
+    counts: dict[str, int] = {}
+    drawn: list = []
+    with counting_inverses(counts), recording_samples(drawn):
+        opt = kc.KFC(model, **kwargs)
+        out = run_steps(model, opt, x, y, cfg["steps"], cfg.get("closure", False), cfg.get("reduction", "mean"))
+    out["params"] = [[full(p) for p in ps] for ps in out["params"]]
+    out.update(computes=counts, last_step=opt.last_step, damping=opt.param_groups[0]["damping"],
+               nbytes=opt.curvature_nbytes(), sharded=[type(p).__name__ for p in model.parameters()])
+    return out
+
+
+def train_many_fsdp(rank: int, world: int, cfgs: list[dict]) -> list[dict]:
+    """:func:`train_fsdp` for each configuration in turn, in one process group."""
+    return [train_fsdp(rank, world, cfg) for cfg in cfgs]
