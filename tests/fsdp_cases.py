@@ -18,11 +18,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def fsdp_model(units: tuple[int, ...] = (), silent: bool = False) -> nn.Module:
-    """The test model with ``fully_shard`` on the children ``units`` and on the root."""
+def nested(model: nn.Sequential) -> nn.Sequential:
+    """The same modules, the two convs and their activations as one child block (``0``): an FSDP unit to trace."""
+    return nn.Sequential(nn.Sequential(*model[:4]), *model[4:])
+
+
+def fsdp_model(units: tuple[int, ...] = (), silent: bool = False, block: bool = False) -> nn.Module:
+    """The test model with ``fully_shard`` on the children ``units`` and on the root (``block``: :func:`nested`)."""
     from torch.distributed.fsdp import fully_shard
 
     model = make_model(silent)
+    if block:
+        model = nested(model)
     for i in units:
         fully_shard(model[i])
     fully_shard(model)
@@ -33,7 +40,7 @@ def train_fsdp(rank: int, world: int, cfg: dict) -> dict:
     """One rank of an FSDP2 run; like ``distributed_cases.train``, with whole parameters and per-rank factors."""
     X, Y = global_batch(sum(cfg["sizes"]))
     x, y = shard(X, cfg["sizes"], rank), shard(Y, cfg["sizes"], rank)
-    model = fsdp_model(cfg.get("units", ()), cfg.get("silent", False))
+    model = fsdp_model(cfg.get("units", ()), cfg.get("silent", False), cfg.get("block", False))
     kwargs = dict(cfg["kfc"])
     kwargs["loss"] = nn.CrossEntropyLoss(reduction=cfg.get("reduction", "mean"))
     counts: dict[str, int] = {}
