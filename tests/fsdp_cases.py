@@ -57,3 +57,43 @@ def train_fsdp(rank: int, world: int, cfg: dict) -> dict:
 def train_many_fsdp(rank: int, world: int, cfgs: list[dict]) -> list[dict]:
     """:func:`train_fsdp` for each configuration in turn, in one process group."""
     return [train_fsdp(rank, world, cfg) for cfg in cfgs]
+
+
+def build_fsdp(cfg: dict, checkpoint: str | None = None) -> tuple[nn.Module, kc.KFC]:
+    """(FSDP2 model, its KFC), restored from a checkpoint of whole tensors (rank 0's, or a single process's)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    saved = None if checkpoint is None else torch.load(checkpoint, weights_only=False)
+    if saved is not None:
+        model.load_state_dict(saved["model"])  # before sharding: fully_shard shards the loaded values
+    fully_shard(model)
+    opt = kc.KFC(model, **cfg["kfc"])
+    if saved is not None:
+        opt.load_state_dict(saved["opt"])
+    return model, opt
+
+
+def fsdp_resume(rank: int, world: int, cfg: dict, directory: str, single: str) -> dict:
+    """Checkpoint round trips under FSDP2 (whole parameters after the last step of each).
+
+    Save after 3 steps on rank 0 (``state_dict()`` is a collective) and go on for 2 ("straight"); a fresh run
+    resumed from it ("resumed"); a run resumed from the single-process checkpoint ``single`` ("from_single").
+    """
+    import torch.distributed as dist
+
+    X, Y = global_batch(sum(cfg["sizes"]))
+    x, y = shard(X, cfg["sizes"], rank), shard(Y, cfg["sizes"], rank)
+    path = f"{directory}/fsdp.pt"
+    model, opt = build_fsdp(cfg)
+    run_steps(model, opt, x, y, 3, False)
+    params = {n: full(t.detach()) for n, t in model.state_dict().items()}
+    sd = opt.state_dict()
+    if rank == 0:
+        torch.save({"model": params, "opt": sd}, path)
+    dist.barrier()
+    out = {"straight": [full(p) for p in run_steps(model, opt, x, y, 2, False)["params"][-1]]}
+    for key, source in (("resumed", path), ("from_single", single)):
+        model, opt = build_fsdp(cfg, source)
+        out[key] = [full(p) for p in run_steps(model, opt, x, y, 2, False)["params"][-1]]
+    return out

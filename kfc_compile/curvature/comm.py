@@ -91,7 +91,8 @@ class Comm:
         work = t.to(self.device).contiguous()
         out = work.new_empty(work.shape[1])
         self._count(name, work.numel() * work.element_size())
-        dist.reduce_scatter_tensor(out, work.reshape(-1), group=self.group)
+        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the name torch now prefers
+        rs(out, work.reshape(-1), group=self.group)
         return out.to(t.device)
 
     def all_to_all(self, name: str, t: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:

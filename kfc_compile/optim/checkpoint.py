@@ -128,6 +128,30 @@ def restore_layer_state(kfc: dict, est: CurvatureEstimator) -> None:
     est.rebuild_buckets()
 
 
+def whole_state(sd: dict) -> dict:
+    """``sd`` with every ``DTensor`` of the per-parameter state (FSDP2 momentum / Adam buffers) as a whole tensor.
+
+    A collective under FSDP2 (every rank calls ``state_dict()``); the result is the same on every rank, so rank 0
+    saves it and it loads at any world size or into a single process, like DDP's.
+    """
+    if "state" in sd:  # new dicts: torch.optim's state_dict shares its per-parameter dicts with the live state
+        sd["state"] = {i: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in entry.items()}
+                       for i, entry in sd["state"].items()}
+    return sd
+
+
+def reshard_state(state: dict) -> None:
+    """After ``load_state_dict``: a whole tensor loaded for a ``DTensor`` parameter becomes its shard, as a DTensor."""
+    for p, entry in state.items():
+        if not hasattr(p, "device_mesh"):
+            continue
+        from torch.distributed.tensor import distribute_tensor
+
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor) and not hasattr(v, "device_mesh") and tuple(v.shape) == tuple(p.shape):
+                entry[k] = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+
+
 def restore_run_state(kfc: dict, options: KFCOptions, health: Health, warned: set[str],
                       dist: Distributed | None = None) -> int:
     """Restore what does not depend on the layers (health, once-only warnings, MC RNG / seed); returns the step."""

@@ -82,8 +82,7 @@ def is_fsdp_unit(m: nn.Module) -> bool:
 
 
 def fsdp_units(module: nn.Module) -> list[str]:
-    """The outermost FSDP2 units strictly inside ``module`` to instrument inside: not layer modules, no parameters
-    of their own.
+    """The outermost FSDP2 units inside ``module`` to instrument in place (no layer modules, no own parameters).
 
     fx traces through a submodule's ``forward`` without its hooks, which would leave a unit's parameters sharded
     in the forward; as leaves they are called with their hooks, and their own forward is instrumented in place. A
