@@ -97,3 +97,31 @@ def fsdp_resume(rank: int, world: int, cfg: dict, directory: str, single: str) -
         model, opt = build_fsdp(cfg, source)
         out[key] = [full(p) for p in run_steps(model, opt, x, y, 2, False)["params"][-1]]
     return out
+
+
+def fsdp_bad_setups(rank: int, world: int) -> dict:
+    """The errors of set-ups owner preconditioning refuses (their messages, by case)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def error(fn) -> str:
+        try:
+            fn()
+        except (ValueError, NotImplementedError, RuntimeError) as e:
+            return f"{type(e).__name__}: {e}"
+        return "no error"
+
+    mesh = init_device_mesh("cpu", (world,))
+    column = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).double()  # tensor-parallel style: dim-1 shards
+    for m in column:
+        m.weight = nn.Parameter(distribute_tensor(m.weight.detach(), mesh, [Shard(1)]))
+        m.bias = nn.Parameter(distribute_tensor(m.bias.detach(), mesh, [Shard(0)]))
+    return {"broadcast": error(lambda: kc.KFC(fsdp_model(), lr=0.1, distributed="broadcast")),
+            "dim1": error(lambda: kc.KFC(column, lr=0.1)),
+            "compiled_ddp": error(lambda: kc.KFC(torch.compile(DDP(make_model()), backend="kfc"), lr=0.1))}
+
+
+def checkpoints_and_setups(rank: int, world: int, cfg: dict, directory: str, single: str) -> dict:
+    """One group for :func:`fsdp_resume` and :func:`fsdp_bad_setups`."""
+    return {"resume": fsdp_resume(rank, world, cfg, directory, single), "bad": fsdp_bad_setups(rank, world)}

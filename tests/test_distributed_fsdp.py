@@ -12,7 +12,7 @@ import pytest
 import torch
 from distributed_cases import build, data, run_steps, save, train_many
 from distributed_harness import run_ranks
-from fsdp_cases import fsdp_resume, train_many_fsdp
+from fsdp_cases import checkpoints_and_setups, train_many_fsdp
 from test_distributed import BASE, STEPS, rel
 
 #: layer names of fsdp_cases.nested (the convs in block 0) → those of the single-process model
@@ -88,9 +88,13 @@ def test_owner_preconditioning_matches_single_process(world):
         assert all(any(r["fsdp"][0]["computes"]) for r in out)
 
 
-def test_fsdp_checkpoints(tmp_path):
-    """FSDP2 checkpoints: rank 0 saves (state_dict() gathers the owners' layers and the sharded buffers), every rank
-    loads; the resume is bitwise the uninterrupted run, and a single-process checkpoint continues as one process.
+def test_fsdp_checkpoints_and_refused_setups(tmp_path):
+    """FSDP2 checkpoints, and the set-ups owner preconditioning refuses, in one 2-rank group.
+
+    * Rank 0 saves (``state_dict()`` gathers the owners' layers and the sharded buffers), every rank loads; the
+      resume is bitwise the uninterrupted run, and a single-process checkpoint continues as one process does.
+    * Refused with an error naming the problem: ``distributed="broadcast"`` with FSDP2, a KFC weight sharded on
+      dim 1 (tensor parallelism), ``torch.compile(DDP(model), backend="kfc")``.
     """
     cfg = {"sizes": [4, 4], "kfc": dict(BASE, fisher="empirical", damping_method="eigen")}
     single = str(tmp_path / "single.pt")
@@ -99,7 +103,13 @@ def test_fsdp_checkpoints(tmp_path):
     run_steps(model, opt, x, y, 3, False)
     save(model, opt, single)
     single_after = run_steps(model, opt, x, y, 2, False)["params"][-1]
-    out = run_ranks(2, fsdp_resume, cfg, str(tmp_path), single)
+    out = run_ranks(2, checkpoints_and_setups, cfg, str(tmp_path), single)
+    for bad in (r["bad"] for r in out):
+        assert bad["broadcast"].startswith("ValueError: distributed='broadcast' with sharded DTensor parameters")
+        assert bad["dim1"].startswith("NotImplementedError: parameters are sharded DTensors in a way KFC cannot")
+        assert "the weight of KFC layer '0'" in bad["dim1"] and "Shard(dim=1)" in bad["dim1"]
+        assert bad["compiled_ddp"].startswith("NotImplementedError: torch.compile(DDP(model), backend='kfc')")
+    out = [r["resume"] for r in out]
     for r in out:
         assert all(torch.equal(p, q) for p, q in zip(r["straight"], r["resumed"], strict=True))
         assert all(torch.equal(p, q) for p, q in zip(r["straight"], out[0]["straight"], strict=True))

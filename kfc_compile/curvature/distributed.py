@@ -72,6 +72,10 @@ def setup(model: nn.Module, options, layers: list, live: bool) -> Distributed | 
             way owner preconditioning cannot handle exactly (``owner.sharding_problem``).
     """
     setting = options.distributed
+    if isinstance(getattr(model, "_orig_mod", None), DistributedDataParallel):  # torch.compile(DDP(model))
+        raise NotImplementedError("torch.compile(DDP(model), backend='kfc') is not supported yet: the kfc backend "
+                                  "finds no layer in DDP's graphs and the ranks would drift apart; use the eager "
+                                  "kc.KFC(DDP(model)) (the fx front end)")
     ddp = isinstance(model, DistributedDataParallel)
     sharded = _has_dtensors(model)
     if sharded:
