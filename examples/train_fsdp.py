@@ -61,8 +61,6 @@ fully_shard(model)
 opt = kc.KFC(model, lr=1e-3, stats_every=5, inverse_every=10, generator=torch.Generator(device).manual_seed(0))
 if saved is not None:
     opt.load_state_dict(saved["opt"])
-if rank == 0:
-    print(f"curvature bytes on rank 0: {opt.curvature_nbytes():,} (its layers only)")
 
 per_rank = args.batch // world
 t0 = time.perf_counter()
@@ -80,6 +78,9 @@ for step in range(start + 1, start + args.steps + 1):
         if rank == 0:
             print(f"step {step:4d}  rank-0 batch loss {loss.item():.4f}  full training loss {full.item():.5f}  "
                   f"{time.perf_counter() - t0:.1f}s")
+nbytes = opt.curvature_nbytes()
+if rank == 0:
+    print(f"curvature bytes on rank 0: {nbytes:,} (the layers it owns)")
 sd = opt.state_dict()  # a collective
 params = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
 if rank == 0:

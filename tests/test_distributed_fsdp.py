@@ -31,14 +31,20 @@ def _configs(world: int) -> list[dict]:
     if world == 2:
         cfgs.append({"sizes": eq, "steps": STEPS,
                      "kfc": dict(BASE, fisher="type-2", clip_curvature="factored", max_factor_dim=40)})
-    return cfgs
+    return cfgs + [SUBSET(world)]
+
+
+def SUBSET(world: int) -> dict:  # noqa: N802 - a constant of the world size
+    """Statistics on the leading half of each rank's shard (a separate pass): compared with DDP, not one process."""
+    return {"sizes": [4] * world, "steps": 3, "kfc": dict(BASE, fisher="type-2", stats_fraction=0.5)}
 
 
 def _ddp_configs(world: int) -> list[dict]:
     eq = [4] * world
     return [{"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="empirical", distributed="owner")},
             {"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="type-2", damping_method="eigen",
-                                                      distributed="owner")}]
+                                                      distributed="owner")},
+            SUBSET(world)]  # DDP's broadcast mode: the twin of the FSDP subset run
 
 
 def _both(rank: int, world: int, fsdp: list[dict], ddp: list[dict]) -> dict:
@@ -78,12 +84,17 @@ def test_owner_preconditioning_matches_single_process(world):
     out = run_ranks(world, _both, fsdp, ddp)
     from distributed_cases import train
 
-    for c, cfg in enumerate(fsdp):
+    for c, cfg in enumerate(fsdp[:-1]):
         runs = [r["fsdp"][c] for r in out]
         assert all(t == "DTensor" for t in runs[0]["sharded"])
         _check(cfg, runs, train(0, 0, cfg), NESTED if cfg.get("block") else None)
-    for c, cfg in enumerate(ddp):
+    for c, cfg in enumerate(ddp[:-1]):
         _check(cfg, [r["ddp"][c] for r in out], train(0, 0, cfg))
+    twin = out[0]["ddp"][-1]  # the subset pass under FSDP2 = under DDP (each rank's leading examples)
+    for r in out:
+        for step in range(SUBSET(world)["steps"]):
+            for a, b in zip(r["fsdp"][-1]["params"][step], twin["params"][step], strict=True):
+                assert rel(a, b) <= 1e-10, step
     if world == 3:  # the 4 layers' owners: all 3 ranks take part
         assert all(any(r["fsdp"][0]["computes"]) for r in out)
 
