@@ -208,7 +208,7 @@ class OwnerCurvature:
         for i, s in enumerate(states):
             layer = s.layer
             params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-            gs = [grads.get(p) if grads is not None and p in grads else p.grad for p in params]
+            gs = [p.grad for p in params] if grads is None else [grads.get(p) for p in params]
             if all(g is None for g in gs):
                 continue
             gs = [regularised_grad(p, torch.zeros_like(p) if g is None else g, weight_decay)
