@@ -23,7 +23,8 @@ def _configs(world: int) -> list[dict]:
     eq = [4] * world
     cfgs = [
         {"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="empirical", damping_method="factored")},
-        {"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="type-2", damping_method="eigen")},
+        {"sizes": eq, "steps": STEPS, "units": (0,), "block": True,  # in-pass type-2 backwards through a unit
+         "kfc": dict(BASE, fisher="type-2", damping_method="eigen")},
         # an FSDP unit inside the model (the conv block) and one with parameters of its own (the LayerNorm)
         {"sizes": eq, "steps": STEPS, "units": (0, 4), "block": True, "closure": True,
          "kfc": dict(BASE, fisher="empirical", mode="adaptive", lr=1.0, lm_interval=2, fallback="adam")},
@@ -41,7 +42,8 @@ def SUBSET(world: int) -> dict:  # noqa: N802 - a constant of the world size
 
 def _ddp_configs(world: int) -> list[dict]:
     eq = [4] * world
-    return [{"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="empirical", distributed="owner")},
+    empirical = [{"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="empirical", distributed="owner")}]
+    return (empirical if world == 2 else []) + [
             {"sizes": eq, "steps": STEPS, "kfc": dict(BASE, fisher="type-2", damping_method="eigen",
                                                       distributed="owner")},
             SUBSET(world)]  # DDP's broadcast mode: the twin of the FSDP subset run
