@@ -73,9 +73,9 @@ def setup(model: nn.Module, options, layers: list, live: bool) -> Distributed | 
     """
     setting = options.distributed
     if isinstance(getattr(model, "_orig_mod", None), DistributedDataParallel):  # torch.compile(DDP(model))
-        raise NotImplementedError("torch.compile(DDP(model), backend='kfc') is not supported yet: the kfc backend "
-                                  "finds no layer in DDP's graphs and the ranks would drift apart; use the eager "
-                                  "kc.KFC(DDP(model)) (the fx front end)")
+        raise NotImplementedError("torch.compile(DDP(model), backend='kfc') is not supported: dynamo breaks the "
+                                  "graph in DDP's forward and runs the layers uncompiled, so the kfc backend finds "
+                                  "none; compile inside DDP instead: DDP(torch.compile(model, backend='kfc'))")
     ddp = isinstance(model, DistributedDataParallel)
     sharded = _has_dtensors(model)
     if sharded:
@@ -94,10 +94,10 @@ def setup(model: nn.Module, options, layers: list, live: bool) -> Distributed | 
             raise ValueError("distributed=False with a DistributedDataParallel model: the ranks' curvature would "
                              "differ and their parameters drift apart; leave distributed at None (or True)")
         return None
-    if live:
-        raise NotImplementedError("distributed KFC with torch.compile(..., backend='kfc') or dynamo capture "
-                                  "(frontend='dynamo', or a model the fx pass cannot trace) is not supported yet: "
-                                  "use an fx-traceable eager model, kc.KFC(DDP(model), frontend='fx')")
+    if live and sharded:
+        raise NotImplementedError("FSDP2 with torch.compile(..., backend='kfc') or dynamo capture (frontend="
+                                  "'dynamo', or a model the fx pass cannot trace) is not supported yet: use an "
+                                  "fx-traceable model, kc.KFC(fsdp_model, frontend='fx')")
     mode = "broadcast" if setting is True or setting is None else setting
     return Distributed(Comm(model.process_group if ddp else None), mode, layers, options, sharded)
 
@@ -137,8 +137,7 @@ class Distributed:
         self._generator = torch.Generator(device)
         o = self.options
         seed = o.generator.initial_seed() if o.generator is not None else torch.initial_seed()
-        signature = [(layer.name, layer.groups, layer.a_dim, layer.g_dim, layer.bias is not None,
-                      str(layer.weight.dtype)) for layer in self.layers]
+        signature = _signature(self.layers)
         shared = {k: getattr(o, k) for k in _SHARED_OPTIONS}
         shared["loss"] = (type(o.loss).__name__, o.loss.reduction)
         problems = [] if not self.sharded else [
@@ -160,6 +159,21 @@ class Distributed:
                 raise ValueError(f"KFC options differ between rank {r} and rank {self.comm.rank}: {diff} (every rank "
                                  "must construct KFC with the same arguments)")
         self.seed = int(gathered[0][2])
+
+    def check_layers(self, layers: list) -> None:
+        """A live registry's new layer list (kfc backend under DDP): the same on every rank, else a ValueError.
+
+        A collective: every rank's registry changes at the same step when they compile the same graphs.
+        """
+        signature = _signature(layers)
+        for r, sig in enumerate(self.comm.all_gather_objects("layers", signature)):
+            if sig != signature:
+                raise ValueError(f"rank {r} compiled other KFC layers than rank {self.comm.rank}: "
+                                 f"{[s[0] for s in sig][:6]}... vs {[s[0] for s in signature][:6]}... (every rank "
+                                 "must compile the same model on inputs of the same shapes)")
+        self.layers = list(layers)
+        if layers and layers[0].weight.device != self._generator.device:
+            self._generator = torch.Generator(layers[0].weight.device)
 
     # -- factors -------------------------------------------------------------------------------------------------
     def average_factors(self, states: list, batch: dict, examples: int) -> None:
@@ -247,6 +261,11 @@ class Distributed:
         """Restore :meth:`state` (None, a single-process checkpoint: the seed stays this run's)."""
         if entry is not None:
             self.seed = int(entry["seed"])
+
+
+def _signature(layers: list) -> list[tuple]:
+    """What every rank's KFC layers must agree on: names, groups, factor sizes, bias, dtype."""
+    return [(la.name, la.groups, la.a_dim, la.g_dim, la.bias is not None, str(la.weight.dtype)) for la in layers]
 
 
 def _factor_dtype(s) -> torch.dtype:

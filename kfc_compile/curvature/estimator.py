@@ -148,6 +148,8 @@ class CurvatureEstimator:
             states.append(s)
         self.states = states
         self._buckets = None
+        if self.distributed is not None:  # DDP of a kfc-compiled module: every rank compiled the same layers
+            self.distributed.check_layers(info.layers)
         return True
 
     def _layout_of(self, layer: KFCLayer) -> Layout:
