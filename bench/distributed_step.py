@@ -17,7 +17,10 @@ whole global batch (no process group, no DDP).
   returns), over the timed KFC windows; DDP's own gradient all-reduce (every parameter, every step) for scale.
 * **inverse refresh per rank**: ``refresh_inverses`` with every layer due, ``--refresh-reps`` times after one
   statistics step; wall and CPU time per rank, for ``distributed="broadcast"`` (each layer inverted by one rank,
-  gathered by all) and ``"replicate"`` (every rank inverts every layer), and single-process.
+  gathered by all), ``"replicate"`` (every rank inverts every layer), ``"owner"`` (each layer inverted and kept
+  by its owner only) and FSDP2 (``fully_shard(model)``, owner preconditioning), and single-process; with the
+  curvature bytes each rank holds (``opt.curvature_nbytes()``).
+* the step times run for each ``--modes`` setting of ``distributed=`` (DDP).
 
     .venv/bin/python bench/distributed_step.py                       # 2 ranks (~6 min on 2 CPU cores)
     .venv/bin/python bench/distributed_step.py --nproc 4 --rounds 3
@@ -93,9 +96,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def model_on(device: torch.device, world: int) -> torch.nn.Module:
+def model_on(device: torch.device, world: int, fsdp: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     m = paper_cifar_net().to(device)
+    if fsdp:  # FSDP2: every layer's parameters dim-0 sharded (the root as one unit)
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(m)
     return DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if world else m
 
 
@@ -106,11 +113,11 @@ def make_kfc(model, s: int, i: int, mode: str | None):
                       distributed=mode if mode is not None else None)
 
 
-def time_config(world: int, rank: int, device, args, s: int, i: int) -> dict:
+def time_config(world: int, rank: int, device, args, s: int, i: int, mode: str | None = None) -> dict:
     data = batches(args.batch, rank, world, device)
     sgd_model, kfc_model = model_on(device, world), model_on(device, world)
     sgd = Stepper(sgd_model, torch.optim.SGD(sgd_model.parameters(), lr=LR, momentum=0.9), data)
-    opt = make_kfc(kfc_model, s, i, None)
+    opt = make_kfc(kfc_model, s, i, mode)
     kfc = Stepper(kfc_model, opt, data)
     kfc.run(WARMUP)
     sgd.run(WARMUP)
@@ -124,7 +131,7 @@ def time_config(world: int, rank: int, device, args, s: int, i: int) -> dict:
         ts.append(sgd.run(P))
     n = args.rounds * P
     grad_bytes = sum(p.numel() * p.element_size() for p in kfc_model.parameters())
-    return {"stats_every": s, "inverse_every": i, "steps": n,
+    return {"stats_every": s, "inverse_every": i, "steps": n, "mode": mode or ("single" if not world else "default"),
             "kfc_wall_ms": 1e3 * sum(t[0] for t in tk) / n, "sgd_wall_ms": 1e3 * sum(t[0] for t in ts) / n,
             "kfc_cpu_ms": 1e3 * sum(t[1] for t in tk) / n, "sgd_cpu_ms": 1e3 * sum(t[1] for t in ts) / n,
             "traffic": {} if comm is None else {k: (v.calls / n, v.bytes / n) for k, v in comm.traffic.items()},
@@ -133,8 +140,8 @@ def time_config(world: int, rank: int, device, args, s: int, i: int) -> dict:
 
 def time_refresh(world: int, rank: int, device, args, mode: str | None) -> dict:
     data = batches(args.batch, rank, world, device)
-    model = model_on(device, world)
-    opt = make_kfc(model, 1, 10 ** 6, mode)
+    model = model_on(device, world, fsdp=mode == "fsdp")
+    opt = make_kfc(model, 1, 10 ** 6, None if mode == "fsdp" else mode)
     Stepper(model, opt, data).run(1)  # statistics and the first inverses
     est, eta = opt._estimator, opt.param_groups[0]["damping"] + opt.param_groups[0]["weight_decay"]
     walls, cpus = [], []
@@ -146,11 +153,14 @@ def time_refresh(world: int, rank: int, device, args, mode: str | None) -> dict:
         walls.append(time.perf_counter() - t)
         cpus.append(time.process_time() - c)
     owned = None
-    if opt._dist is not None and hasattr(opt._dist.inverses, "owners"):
+    if opt._dist is not None and opt._dist.owner is not None:
+        owned = sorted(s.name for s, r in zip(est.states, opt._dist.owner.owners(est.states), strict=True)
+                       if r == rank)
+    elif opt._dist is not None and hasattr(opt._dist.inverses, "owners"):
         owners = opt._dist.inverses.owners(est.states)
         owned = sorted(n for n, r in owners.items() if r == rank)
     return {"mode": mode or "single", "wall_ms": 1e3 * statistics.median(walls),
-            "cpu_ms": 1e3 * statistics.median(cpus), "owned": owned}
+            "cpu_ms": 1e3 * statistics.median(cpus), "owned": owned, "nbytes": opt.curvature_nbytes()}
 
 
 def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
@@ -164,9 +174,10 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(minutes=10))
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
-    res = {"steps": [time_config(world, rank, device, args, s, i) for s, i in configs],
+    modes = args.modes.split(",") if world else [None]
+    res = {"steps": [time_config(world, rank, device, args, s, i, m) for m in modes for s, i in configs],
            "refresh": [time_refresh(world, rank, device, args, m)
-                       for m in (("broadcast", "replicate") if world else (None,))]}
+                       for m in (("broadcast", "replicate", "owner", "fsdp") if world else (None,))]}
     if world:
         dist.destroy_process_group()
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
@@ -198,10 +209,10 @@ def report(single: list[dict], ranks: list[dict], world: int, args) -> str:
     lines = [f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
              f"{datetime.date.today()}, global batch {args.batch}, {world} ranks × {args.threads} thread(s)", ""]
     rows = []
-    for j, one in enumerate(single[0]["steps"]):
-        d = ranks[0]["steps"][j]
+    for j, d in enumerate(ranks[0]["steps"]):
+        one = single[0]["steps"][j % len(single[0]["steps"])]
         cpu = lambda key, j=j: statistics.mean(r["steps"][j][key] for r in ranks)  # noqa: E731
-        rows.append([f"({one['stats_every']}, {one['inverse_every']})",
+        rows.append([f"({one['stats_every']}, {one['inverse_every']}) {d['mode']}",
                      f"{one['sgd_wall_ms']:.0f}", f"{one['kfc_wall_ms']:.0f}",
                      f"{one['kfc_wall_ms'] / one['sgd_wall_ms']:.2f}× ({one['kfc_cpu_ms'] / one['sgd_cpu_ms']:.2f}×)",
                      f"{d['sgd_wall_ms']:.0f}", f"{d['kfc_wall_ms']:.0f}",
@@ -212,20 +223,24 @@ def report(single: list[dict], ranks: list[dict], world: int, args) -> str:
     rows = []
     for d in ranks[0]["steps"]:
         for name, (calls, nbytes) in sorted(d["traffic"].items()):
-            rows.append([f"({d['stats_every']}, {d['inverse_every']})", name, f"{calls:.3f}",
+            rows.append([f"({d['stats_every']}, {d['inverse_every']}) {d['mode']}", name, f"{calls:.3f}",
                          f"{nbytes / calls:,.0f}", f"{nbytes:,.0f}"])
         rows.append([f"({d['stats_every']}, {d['inverse_every']})", "DDP gradient all-reduce (for scale)", "1",
                      f"{d['ddp_grad_bytes']:,}", f"{d['ddp_grad_bytes']:,}"])
     lines.append(table(rows, ["(stats, inv)", "collective", "calls / step", "bytes / call", "bytes / step"]))
     lines.append("")
-    rows = [["single process", "0", f"{single[0]['refresh'][0]['wall_ms']:.1f}",
-             f"{single[0]['refresh'][0]['cpu_ms']:.1f}", "all"]]
+    one = single[0]["refresh"][0]
+    rows = [["single process", "0", f"{one['wall_ms']:.1f}", f"{one['cpu_ms']:.1f}", "all", f"{one['nbytes']:,}",
+             "1 / 1 / 1"]]
     for m in range(len(ranks[0]["refresh"])):
         for r, res in enumerate(ranks):
             x = res["refresh"][m]
             rows.append([x["mode"], str(r), f"{x['wall_ms']:.1f}", f"{x['cpu_ms']:.1f}",
-                         "all" if x["owned"] is None else ",".join(x["owned"])])
-    lines.append(table(rows, ["inverse refresh", "rank", "wall ms", "cpu ms", "layers inverted"]))
+                         "all" if x["owned"] is None else ",".join(x["owned"]), f"{x['nbytes']:,}",
+                         f"{x['wall_ms'] / one['wall_ms']:.2f} / {x['cpu_ms'] / one['cpu_ms']:.2f} / "
+                         f"{x['nbytes'] / one['nbytes']:.2f}"])
+    lines.append(table(rows, ["inverse refresh", "rank", "wall ms", "cpu ms", "layers inverted",
+                              "curvature bytes", "÷ single (wall / cpu / bytes)"]))
     return "\n".join(lines)
 
 
@@ -236,6 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="1:20,10:100", help="stats_every:inverse_every pairs")
     p.add_argument("--rounds", type=int, default=2, help="windows of P steps per optimizer")
     p.add_argument("--refresh-reps", type=int, default=5)
+    p.add_argument("--modes", default="broadcast,owner", help="distributed= settings to time the steps of")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--cpu", action="store_true", help="gloo on the CPU even when CUDA is available")
     p.add_argument("--json", help="also write the raw results here")

@@ -137,8 +137,9 @@ def train(rank: int, world: int, cfg: dict) -> dict:
         out = run_steps(wrapped, opt, x, y, cfg["steps"], cfg.get("closure", False), reduction)
     out.update(computes=counts, drawn=drawn, last_step=opt.last_step, damping=opt.param_groups[0]["damping"],
                scale=opt._estimator.scale,
-               live={s.name: s.inverse.live is not None for s in opt.layer_states()},
-               blocked={s.name: s.inverse.layout is not None for s in opt.layer_states()})
+               live={s.name: None if s.inverse is None else s.inverse.live is not None for s in opt.layer_states()},
+               blocked={s.name: None if s.inverse is None else s.inverse.layout is not None
+                        for s in opt.layer_states()})
     return out
 
 

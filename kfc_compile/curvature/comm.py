@@ -86,6 +86,26 @@ class Comm:
         dist.all_gather(list(out.view(self.world_size, -1).unbind(0)), work, group=self.group)
         return out.view(self.world_size, -1).to(t.device)
 
+    def reduce_scatter(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Row ``rank`` of the sum over ranks of the ``(world_size, n)`` tensor ``t`` (a reduce-scatter)."""
+        work = t.to(self.device).contiguous()
+        out = work.new_empty(work.shape[1])
+        self._count(name, work.numel() * work.element_size())
+        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the name torch now prefers
+        rs(out, work.reshape(-1), group=self.group)
+        return out.to(t.device)
+
+    def all_to_all(self, name: str, t: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
+        """The pieces of the 1-D ``t`` (``send_sizes[r]`` entries for rank r, in rank order) exchanged between ranks.
+
+        Returns the concatenation of what every rank sent this one (``recv_sizes[r]`` entries from rank r).
+        """
+        work = t.to(self.device).contiguous()
+        out = work.new_empty(sum(recv_sizes))
+        self._count(name, out.numel() * out.element_size())
+        dist.all_to_all_single(out, work, recv_sizes, send_sizes, group=self.group)
+        return out.to(t.device)
+
     def all_gather_objects(self, name: str, obj: object) -> list:
         """Every rank's ``obj`` (picklable; tensors in it on the CPU), by rank: two gathers (sizes, then bytes)."""
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
@@ -94,3 +114,26 @@ class Comm:
         padded[: data.numel()] = data
         rows = self.all_gather(name, padded).cpu()
         return [pickle.loads(rows[r, :n].numpy().tobytes()) for r, n in enumerate(sizes)]
+
+
+def total(t: torch.Tensor) -> float:
+    """The value of a 0-d tensor; for a ``DTensor`` (a sum over sharded parameters) its value over all ranks.
+
+    ``float()`` of a DTensor with a ``Partial`` placement reads this rank's share only.
+    """
+    full = getattr(t, "full_tensor", None)
+    return float(full() if full is not None else t)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a ``DTensor``'s whole tensor (all-gathered) as a plain tensor."""
+    full = getattr(t, "full_tensor", None)
+    return full() if full is not None else t
+
+
+def all_shards(flag: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool ``flag`` computed on this rank's shard of the DTensor ``like``, AND-ed over all its shards."""
+    work = flag.to(torch.int32).reshape(1)
+    for d in range(like.device_mesh.ndim):
+        dist.all_reduce(work, op=dist.ReduceOp.MIN, group=like.device_mesh.get_group(d))
+    return work[0].bool()

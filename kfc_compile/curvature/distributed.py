@@ -34,11 +34,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kfc_compile.curvature.comm import Comm
 from kfc_compile.curvature.factors import RunningFactors
+from kfc_compile.curvature.owner import OwnerCurvature, sharding_problem
 from kfc_compile.curvature.sharding import LocalInverses, ShardedInverses
 
-#: values of ``KFC(distributed=...)``: None (on for a DDP model), False, True (= "broadcast"), or how inverses are
-#: shared: "broadcast" (each computed by one rank, gathered by all) or "replicate" (every rank computes every one)
-SETTINGS = (None, False, True, "broadcast", "replicate")
+#: values of ``KFC(distributed=...)``: None (on for a DDP or FSDP2 model), False, True (= "broadcast"), or how the
+#: curvature is shared: "broadcast" (each inverse computed by one rank, gathered by all), "replicate" (every rank
+#: computes every one) or "owner" (each layer's factors, inverse and preconditioning on its owner only: owner.py;
+#: the only one under FSDP2)
+SETTINGS = (None, False, True, "broadcast", "replicate", "owner")
 #: options that must agree on every rank (the layout of what the ranks exchange, and their common schedule)
 _SHARED_OPTIONS = ("approx", "fisher", "stats_every", "inverse_every", "stats_fraction", "stat_decay",
                    "damping_method", "max_factor_dim", "mode", "clip", "clip_fraction", "clip_curvature",
@@ -65,13 +68,21 @@ def setup(model: nn.Module, options, layers: list, live: bool) -> Distributed | 
     Raises:
         RuntimeError: distributed KFC without an initialised process group.
         ValueError: ``distributed=False`` for a DDP model, or ranks with different layers or options.
-        NotImplementedError: sharded (``DTensor``) parameters, or a kfc-backend model, under distributed KFC.
+        NotImplementedError: a kfc-backend model under distributed KFC, or a KFC layer's parameter sharded in a
+            way owner preconditioning cannot handle exactly (``owner.sharding_problem``).
     """
     setting = options.distributed
+    if isinstance(getattr(model, "_orig_mod", None), DistributedDataParallel):  # torch.compile(DDP(model))
+        raise NotImplementedError("torch.compile(DDP(model), backend='kfc') is not supported: dynamo breaks the "
+                                  "graph in DDP's forward and runs the layers uncompiled, so the kfc backend finds "
+                                  "none; compile inside DDP instead: DDP(torch.compile(model, backend='kfc'))")
     ddp = isinstance(model, DistributedDataParallel)
-    if _has_dtensors(model):
-        raise NotImplementedError("parameters are sharded DTensors (FSDP2 / tensor parallel): KFC cannot "
-                                  "precondition a sharded weight yet; wrap the model in DistributedDataParallel")
+    sharded = _has_dtensors(model)
+    if sharded:
+        if ddp or setting is False or setting in ("broadcast", "replicate"):
+            raise ValueError(f"distributed={setting!r} with sharded DTensor parameters (FSDP2): a sharded model "
+                             "takes owner preconditioning; leave distributed at None (or 'owner')")
+        setting = "owner"
     if setting is None and not ddp:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             warnings.warn(f"torch.distributed runs {dist.get_world_size()} ranks but KFC got a plain module: every "
@@ -83,12 +94,12 @@ def setup(model: nn.Module, options, layers: list, live: bool) -> Distributed | 
             raise ValueError("distributed=False with a DistributedDataParallel model: the ranks' curvature would "
                              "differ and their parameters drift apart; leave distributed at None (or True)")
         return None
-    if live:
-        raise NotImplementedError("distributed KFC with torch.compile(..., backend='kfc') or dynamo capture "
-                                  "(frontend='dynamo', or a model the fx pass cannot trace) is not supported yet: "
-                                  "use an fx-traceable eager model, kc.KFC(DDP(model), frontend='fx')")
+    if live and sharded:
+        raise NotImplementedError("FSDP2 with torch.compile(..., backend='kfc') or dynamo capture (frontend="
+                                  "'dynamo', or a model the fx pass cannot trace) is not supported yet: use an "
+                                  "fx-traceable model, kc.KFC(fsdp_model, frontend='fx')")
     mode = "broadcast" if setting is True or setting is None else setting
-    return Distributed(Comm(model.process_group if ddp else None), mode, layers, options)
+    return Distributed(Comm(model.process_group if ddp else None), mode, layers, options, sharded)
 
 
 def _has_dtensors(model: nn.Module) -> bool:
@@ -116,19 +127,29 @@ class Distributed:
     mode: str
     layers: list = field(repr=False)
     options: object = field(repr=False)
+    sharded: bool = False
 
     def __post_init__(self) -> None:
-        self.inverses = ShardedInverses(self.comm) if self.mode == "broadcast" else LocalInverses()
+        self.owner = OwnerCurvature(self.comm, self.sharded) if self.mode == "owner" else None
+        self.inverses = (ShardedInverses(self.comm) if self.mode == "broadcast" else
+                         self.owner.inverses if self.owner is not None else LocalInverses())
         device = self.layers[0].weight.device if self.layers else torch.device("cpu")
         self._generator = torch.Generator(device)
         o = self.options
         seed = o.generator.initial_seed() if o.generator is not None else torch.initial_seed()
-        signature = [(layer.name, layer.groups, layer.a_dim, layer.g_dim, layer.bias is not None,
-                      str(layer.weight.dtype)) for layer in self.layers]
+        signature = _signature(self.layers)
         shared = {k: getattr(o, k) for k in _SHARED_OPTIONS}
         shared["loss"] = (type(o.loss).__name__, o.loss.reduction)
-        gathered = self.comm.all_gather_objects("setup", (signature, shared, seed, self.mode))
-        for r, (sig, opts, _, mode) in enumerate(gathered):
+        problems = [] if not self.sharded else [
+            why for layer in self.layers for p, n in ((layer.weight, "weight"), (layer.bias, "bias"))
+            if p is not None and (why := sharding_problem(f"the {n} of KFC layer {layer.name!r}", p, self.comm))]
+        gathered = self.comm.all_gather_objects("setup", (signature, shared, seed, self.mode, problems))
+        for r, (*_, bad) in enumerate(gathered):
+            if bad:
+                raise NotImplementedError(f"parameters are sharded DTensors in a way KFC cannot precondition "
+                                          f"exactly: rank {r}: {bad[0]}. Shard such a module with fully_shard on a "
+                                          "1-D mesh, or keep it out of KFC")
+        for r, (sig, opts, _, mode, _) in enumerate(gathered):
             if sig != signature:
                 raise ValueError(f"rank {r} has other KFC layers than rank {self.comm.rank}: "
                                  f"{[s[0] for s in sig][:6]}... vs {[s[0] for s in signature][:6]}... (every rank "
@@ -138,6 +159,21 @@ class Distributed:
                 raise ValueError(f"KFC options differ between rank {r} and rank {self.comm.rank}: {diff} (every rank "
                                  "must construct KFC with the same arguments)")
         self.seed = int(gathered[0][2])
+
+    def check_layers(self, layers: list) -> None:
+        """A live registry's new layer list (kfc backend under DDP): the same on every rank, else a ValueError.
+
+        A collective: every rank's registry changes at the same step when they compile the same graphs.
+        """
+        signature = _signature(layers)
+        for r, sig in enumerate(self.comm.all_gather_objects("layers", signature)):
+            if sig != signature:
+                raise ValueError(f"rank {r} compiled other KFC layers than rank {self.comm.rank}: "
+                                 f"{[s[0] for s in sig][:6]}... vs {[s[0] for s in signature][:6]}... (every rank "
+                                 "must compile the same model on inputs of the same shapes)")
+        self.layers = list(layers)
+        if layers and layers[0].weight.device != self._generator.device:
+            self._generator = torch.Generator(layers[0].weight.device)
 
     # -- factors -------------------------------------------------------------------------------------------------
     def average_factors(self, states: list, batch: dict, examples: int) -> None:
@@ -210,10 +246,26 @@ class Distributed:
         """The ``"distributed"`` entry of ``KFC.state_dict()`` (the same on every rank)."""
         return {"seed": self.seed, "world_size": self.comm.world_size, "mode": self.mode}
 
+    def complete_layers(self, states: list, entries: list[dict]) -> list[dict]:
+        """Owner mode: every layer's checkpoint entry as its owner has it (one object gather); else ``entries``."""
+        if self.owner is None:
+            return entries
+        owners = self.owner.owners(states)
+        mine = {j: e for j, e in enumerate(entries) if owners[j] == self.comm.rank}
+        for theirs in self.comm.all_gather_objects("checkpoint", mine):
+            for j, e in theirs.items():
+                entries[j] = e
+        return entries
+
     def load(self, entry: dict | None) -> None:
         """Restore :meth:`state` (None, a single-process checkpoint: the seed stays this run's)."""
         if entry is not None:
             self.seed = int(entry["seed"])
+
+
+def _signature(layers: list) -> list[tuple]:
+    """What every rank's KFC layers must agree on: names, groups, factor sizes, bias, dtype."""
+    return [(la.name, la.groups, la.a_dim, la.g_dim, la.bias is not None, str(la.weight.dtype)) for la in layers]
 
 
 def _factor_dtype(s) -> torch.dtype:

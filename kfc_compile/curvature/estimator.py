@@ -94,6 +94,7 @@ class CurvatureEstimator:
         self._output_failed = False  # the Fisher pass of the user's backward found a non-finite output
         self.distributed = distributed  # distributed KFC: hooks in _fold, refresh_inverses, schedule, scale
         self._inverses = LocalInverses() if distributed is None else distributed.inverses
+        self._owner = None if distributed is None else distributed.owner  # owner preconditioning (owner.py)
         info = model.kfc
         self.capture: CaptureState = info.state
         self.labels = LabelSource.of(model, loss)  # visible labels → term masks (ignore_index positions)
@@ -151,6 +152,8 @@ class CurvatureEstimator:
             states.append(s)
         self.states = states
         self._buckets = None
+        if self.distributed is not None:  # DDP of a kfc-compiled module: every rank compiled the same layers
+            self.distributed.check_layers(info.layers)
         return True
 
     def _layout_of(self, layer: KFCLayer) -> Layout:
@@ -223,7 +226,7 @@ class CurvatureEstimator:
         self._armed = False
         if self._output_failed:
             self._dropped_all("the model output is not finite")
-            self._share_factors({})
+            self._fold({})  # distributed: this rank still joins the factor exchange
             return
         if self.fisher == "empirical" and self.loss_scale != 1.0:  # Γ of a GradScaler's scaled backward
             for f in batch.values():
@@ -267,7 +270,7 @@ class CurvatureEstimator:
             except NonFiniteOutputError:
                 st.reset()
                 self._dropped_all("the model output on the statistics subset is not finite")
-                self._share_factors({})
+                self._fold({})
                 return
             for i, v in enumerate(vs):
                 st.record_backward(f, v, inputs=i == 0, retain_graph=i + 1 < len(vs))
@@ -293,6 +296,8 @@ class CurvatureEstimator:
         Only for layers with one call site: an input of a later site that cannot be added safely could no longer
         leave the running Ω as it was.
         """
+        if self._owner is not None:  # owner preconditioning: the owner folds the ranks' pooled Ω
+            return {}
         return {i: (s.running.A, s.running.next_eps(self.stat_decay)) for i, s in enumerate(self.states)
                 if s.running is not None and not s.frozen and len(s.layer.sites) == 1}
 
@@ -303,6 +308,8 @@ class CurvatureEstimator:
         averaged in the kernel epilogue stays (its inputs were checked there); if it is not finite, the layer's
         averages restart.
         """
+        if self._owner is not None:  # owner preconditioning: the ranks' batch factors pooled on each owner
+            batch = self._owner.pool(self.states, batch, self.capture.last_examples if batch else 0)
         finite = dict(zip(batch, finite_flags([(f.A, f.G) for f in batch.values()]), strict=True))
         folded = {}
         for i, f in batch.items():
@@ -324,7 +331,7 @@ class CurvatureEstimator:
 
     def _share_factors(self, folded: dict[int, Factors]) -> None:
         """Distributed: the running factors become their mean over ranks (every rank joins, even with none folded)."""
-        if self.distributed is not None:
+        if self.distributed is not None and self._owner is None:
             self.distributed.average_factors(self.states, folded, self.capture.last_examples if folded else 0)
 
     # -- inverses ------------------------------------------------------------------------------------------------
@@ -353,6 +360,11 @@ class CurvatureEstimator:
         if changed or self._buckets is None:
             self.rebuild_buckets()
 
+    @property
+    def buckets(self) -> list:
+        """The same-shape buckets of the current inverses (``precondition.build_buckets``)."""
+        return self._buckets or []
+
     def rebuild_buckets(self) -> None:
         """Re-stack the inverses into same-shape buckets (after they changed, e.g. loaded from a state_dict)."""
         self._buckets = build_buckets({i: s.inverse for i, s in enumerate(self.states) if s.inverse is not None})
@@ -364,6 +376,8 @@ class CurvatureEstimator:
         ∇h is ``.grad`` + weight_decay·θ, or ``grads[param]`` (+ weight_decay·θ) where given. Layers without a
         gradient are left out; layers without an inverse yet get ∇h itself (with a once-only warning).
         """
+        if self._owner is not None:
+            return self._owner.precondition(self, weight_decay, grads, self.warned)
         mats = {}
         for i, s in enumerate(self.states):
             layer = s.layer

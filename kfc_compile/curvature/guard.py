@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kfc_compile.curvature.comm import all_shards
 from kfc_compile.curvature.decompositions import DecompositionError, counting_retries, spectrum_summary
 from kfc_compile.curvature.health import Health
 from kfc_compile.curvature.inverses import compute_inverse, inverse_kind, rescale_inverse
@@ -28,6 +29,8 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     From ``aminmax`` (NaN propagates to both, ±inf shows in one): a read of ``t`` without the bool temporary of
     ``isfinite(t).all()``, which is an order of magnitude slower on CPU.
     """
+    if hasattr(t, "to_local"):  # a DTensor (FSDP2): its shards' flags, combined over the ranks
+        return all_shards(all_finite(t.to_local()), t)
     if t.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=t.device)
     lo, hi = torch.aminmax(t.detach())

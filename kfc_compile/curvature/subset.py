@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from kfc_compile.curvature.owner import without_fsdp_hooks
 from kfc_compile.runtime.calls import RecordedCall
 from kfc_compile.runtime.state import subset_size
 from kfc_compile.runtime.taps import model_output
@@ -58,6 +59,9 @@ def forward_with_private_buffers(model: nn.Module, call: RecordedCall, select=No
     An extra forward thus leaves BatchNorm running statistics alone; the parameters are the model's own, so
     autograd reaches them and the taps. ``select`` picks the logits from the output (``model_output``).
     """
-    params = dict(model.named_parameters())
+    # FSDP2: sharded parameters as whole tensors (leaves, so that autograd reaches the taps), FSDP's hooks off
+    params = {n: p.detach().full_tensor().requires_grad_(p.requires_grad) if hasattr(p, "full_tensor") else p
+              for n, p in model.named_parameters()}
     bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
-    return model_output(functional_call(model, (params, bufs), call.args, call.kwargs), select)
+    with without_fsdp_hooks(model):
+        return model_output(functional_call(model, (params, bufs), call.args, call.kwargs), select)

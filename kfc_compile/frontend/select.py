@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from kfc_compile.frontend.fx.trace import trace_with_fallback
+from kfc_compile.frontend.fx.trace import FSDP_UNIT, trace_with_fallback
 
 FRONTENDS = ("auto", "fx", "dynamo")
 
@@ -74,6 +74,8 @@ def fx_plan(model: nn.Module) -> FxPlan:
     if why:
         return FxPlan(why, {})
     gm, boxes = trace_in_mode(model, model.training)
+    if gm is not None and boxes and all(b.reason == FSDP_UNIT for b in boxes):
+        return FxPlan("", {})  # FSDP2 units are leaves with hooks by design: instrumented with them (rewrite.py)
     if gm is None or boxes:  # trace_with_fallback names at least one black box then
         return FxPlan(f"torch.fx cannot trace all of its forward ({boxes[0].name or 'the root module'}: "
                       f"{boxes[0].reason})", {})

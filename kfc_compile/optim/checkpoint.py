@@ -10,7 +10,9 @@ Format version 2 (version 1, without ``"options"``, per-layer ``"layout"`` and `
      "distributed": None | {"seed", "world_size", "mode"}}   # Distributed.state(): the same on every rank
 
 Distributed KFC saves the same entry on every rank (rank 0's is enough) and loads it at any world size, or into a
-single process; a single-process state loads into a distributed run (its MC seed is then the run's own).
+single process; a single-process state loads into a distributed run (its MC seed is then the run's own). With
+owner preconditioning (``distributed="owner"``, FSDP2) ``state_dict()`` is a collective: the owners' layer entries
+are gathered, and a load keeps each rank's own layers only.
 
 Only tensors, numbers, strings, None, lists, tuples and dicts, so ``torch.load(..., weights_only=True)`` reads it.
 Tensors are restored on each layer's device and in its factor dtype (fp32, fp64 for fp64 layers), so a state
@@ -62,7 +64,8 @@ def kfc_state(est: CurvatureEstimator, options: KFCOptions, health: Health, step
                     "max_factor_dim": options.max_factor_dim, "memory_budget": options.memory_budget},
         "scale": est.scale,
         "warned": sorted(warned),
-        "layers": [layer_entry(s) for s in est.states],
+        "layers": (dist.complete_layers(est.states, [layer_entry(s) for s in est.states]) if dist is not None
+                   else [layer_entry(s) for s in est.states]),
         "generator": None if options.generator is None else options.generator.get_state(),
         "health": health.state(),
         "distributed": None if dist is None else dist.state(),
@@ -120,7 +123,33 @@ def restore_layer_state(kfc: dict, est: CurvatureEstimator) -> None:
         s.frozen = bool(entry["frozen"])
         s.inverse = None if entry["inverse"] is None else LayerInverse.from_state(entry["inverse"], dev, dt)
         s.stale = False
+    if est.distributed is not None and est.distributed.owner is not None:  # owner mode: keep this rank's layers
+        est.distributed.owner.trim(est.states)
     est.rebuild_buckets()
+
+
+def whole_state(sd: dict) -> dict:
+    """``sd`` with every ``DTensor`` of the per-parameter state (FSDP2 momentum / Adam buffers) as a whole tensor.
+
+    A collective under FSDP2 (every rank calls ``state_dict()``); the result is the same on every rank, so rank 0
+    saves it and it loads at any world size or into a single process, like DDP's.
+    """
+    if "state" in sd:  # new dicts: torch.optim's state_dict shares its per-parameter dicts with the live state
+        sd["state"] = {i: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in entry.items()}
+                       for i, entry in sd["state"].items()}
+    return sd
+
+
+def reshard_state(state: dict) -> None:
+    """After ``load_state_dict``: a whole tensor loaded for a ``DTensor`` parameter becomes its shard, as a DTensor."""
+    for p, entry in state.items():
+        if not hasattr(p, "device_mesh"):
+            continue
+        from torch.distributed.tensor import distribute_tensor
+
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor) and not hasattr(v, "device_mesh") and tuple(v.shape) == tuple(p.shape):
+                entry[k] = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
 
 
 def restore_run_state(kfc: dict, options: KFCOptions, health: Health, warned: set[str],

@@ -31,9 +31,11 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from kfc_compile.curvature.comm import full_tensor
 from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.losses import Loss
+from kfc_compile.curvature.owner import without_fsdp_hooks
 from kfc_compile.curvature.precondition import grad_matrix
 from kfc_compile.curvature.subset import leading_subset
 from kfc_compile.runtime.calls import RecordedCall
@@ -74,9 +76,10 @@ class FisherProducts:
         if not isinstance(call, RecordedCall):
             call = RecordedCall(tuple(call), {})
         model = self.model
-        params = {n: p.detach() for n, p in model.named_parameters()}
+        # FSDP2: sharded parameters and directions as whole tensors, and FSDP's own hooks off (owner.py)
+        params = {n: full_tensor(p.detach()) for n, p in model.named_parameters()}
         buffers = {n: b.detach() for n, b in model.named_buffers()}
-        named = [{self.names[id(p)]: v for p, v in d.items() if id(p) in self.names} for d in directions]
+        named = [{self.names[id(p)]: full_tensor(v) for p, v in d.items() if id(p) in self.names} for d in directions]
         moving = {n: params[n] for d in named for n in d}
         if not moving:
             with torch.no_grad():
@@ -115,7 +118,7 @@ class FisherProducts:
         outs = []
         # the fused scaled-dot-product-attention kernels have no forward-mode AD: the math backend (composite ops)
         # gives the same values and JVPs through attention
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), without_fsdp_hooks(model):
             for d in named:
                 with fwAD.dual_level():
                     with warnings.catch_warnings():

@@ -57,7 +57,7 @@ from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import Factors
 from kfc_compile.curvature.health import Health
 from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo
-from kfc_compile.optim import fvp, resume
+from kfc_compile.optim import checkpoint, fvp, resume
 from kfc_compile.optim.checkpoint import check_kfc_state, kfc_state, restore_layer_state, restore_run_state
 from kfc_compile.optim.groups import find_group, hyper_parameters, initial_groups, regroup
 from kfc_compile.optim.model import (
@@ -389,7 +389,7 @@ class KFC(torch.optim.Optimizer):
         """``torch.optim`` state plus ``"kfc"``: the curvature, the health record, the RNG (``checkpoint.py``)."""
         if self._pending_state is not None:  # loaded, not applied yet: nothing changed since
             return copy.deepcopy(self._pending_state)
-        sd = super().state_dict()
+        sd = checkpoint.whole_state(super().state_dict())  # FSDP2: DTensors gathered (a collective)
         sd["kfc"] = kfc_state(self._estimator, self.options, self.health, self._step_count, self._warned,
                               self.options.approx, self._dist)
         return sd
@@ -417,4 +417,5 @@ class KFC(torch.optim.Optimizer):
     def _load_layers(self, state_dict: dict) -> None:
         check_kfc_state(state_dict["kfc"], self._estimator, self.options, self.options.approx)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfc"})
+        checkpoint.reshard_state(self.state)
         restore_layer_state(state_dict["kfc"], self._estimator)

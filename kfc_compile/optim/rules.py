@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch.optim.adam import adam
 
+from kfc_compile.curvature.comm import total
+
 # -- shared --------------------------------------------------------------------------------------------------------
 
 
@@ -38,18 +40,18 @@ def swapped_in(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -
 
 def sum_squares(tensors: Iterable[torch.Tensor]) -> float:
     """Σ ‖t‖² over the tensors (each norm in fp64)."""
-    return sum(float(t.double().pow(2).sum()) for t in tensors)
+    return sum(total(t.double().pow(2).sum()) for t in tensors)
 
 
 def inner(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> float:
     """Σ_i ⟨a_i, b_i⟩ (fp64) over the positions where both lists hold a tensor."""
-    return sum(float((x.double() * y.double()).sum())
+    return sum(total((x.double() * y.double()).sum())
                for x, y in zip(a, b, strict=True) if x is not None and y is not None)
 
 
 def l2_term(groups: Iterable[tuple[Sequence[torch.Tensor], float]]) -> float:
     """½·wd·Σ‖θ‖² of the objective h, over (parameters, weight decay) groups (one sum over all of them)."""
-    return sum(0.5 * wd * float(p.detach().double().pow(2).sum()) for params, wd in groups if wd for p in params)
+    return sum(0.5 * wd * total(p.detach().double().pow(2).sum()) for params, wd in groups if wd for p in params)
 
 
 def average_iterates_(averages: Sequence[torch.Tensor], params: Sequence[torch.Tensor], tau: float) -> None:
@@ -72,7 +74,7 @@ def factored_nu(naturals: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     """
     nu = 0.0
     for u, g in zip(naturals, grads, strict=True):
-        nu += lr ** 2 * float((u.double() * g.double()).sum())
+        nu += lr ** 2 * total((u.double() * g.double()).sum())
     return nu
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from kfc_compile.frontend.fx import plans
 from kfc_compile.frontend.fx.scan import OpaqueMatch, Use, scan_graph
-from kfc_compile.frontend.fx.trace import is_layer_module, qualified, trace_with_fallback
+from kfc_compile.frontend.fx.trace import is_fsdp_unit, is_layer_module, qualified, trace_with_fallback
 from kfc_compile.registry import BlackBox, KFCInfo, KFCLayer
 from kfc_compile.runtime import opaque
 from kfc_compile.runtime.state import CaptureState, SiteEntry
@@ -82,7 +82,13 @@ class Instrumenter:
         for name in opaque:
             parent_name, _, child = name.rpartition(".")
             parent = gm.get_submodule(parent_name) if parent_name else gm
-            setattr(parent, child, self.instrument(module.get_submodule(name), qualified(prefix, name)))
+            sub = module.get_submodule(name)
+            instrumented = self.instrument(sub, qualified(prefix, name))
+            if is_fsdp_unit(sub):  # stays in the graph, so FSDP's hooks run; its forward is routed in place
+                sub.__dict__["forward"] = instrumented.forward
+                sub.__dict__["_kfc_transformed"] = instrumented
+            else:
+                setattr(parent, child, instrumented)
         gm.recompile()
         for name, sub in gm.named_modules():  # fx makes fresh containers; keep the original train/eval flags
             try:

@@ -48,8 +48,8 @@ class KFCTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         """Conv/linear modules, opaque submodules and ``nn.MultiheadAttention`` are leaves; the rest as fx decides."""
-        if is_layer_module(m) or qualname in self.opaque:
-            return True
+        if is_layer_module(m) or qualname in self.opaque or (is_fsdp_unit(m) and m is not self.root):
+            return True  # an FSDP2 unit: called with its hooks (its parameters are sharded outside them)
         if isinstance(m, nn.MultiheadAttention):
             return True  # its projections are functional calls behind control flow; matched as uncovered
         return super().is_leaf_module(m, qualname)
@@ -66,6 +66,36 @@ class KFCTracer(fx.Tracer):
         out = super().call_module(m, forward, args, kwargs)
         self.stack.pop()
         return out
+
+
+#: the black-box reason of an FSDP2 unit inside the model: a leaf of the parent's graph, so that FSDP's hooks run
+FSDP_UNIT = "an FSDP2 unit (fully_shard): called with its hooks, its own forward instrumented in place"
+
+
+def is_fsdp_unit(m: nn.Module) -> bool:
+    """Whether ``m`` is an FSDP2 unit (``fully_shard`` applied to it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch without FSDP2
+        return False
+    return isinstance(m, FSDPModule)
+
+
+def fsdp_units(module: nn.Module) -> list[str]:
+    """The outermost FSDP2 units inside ``module`` to instrument in place (no layer modules, no own parameters).
+
+    fx traces through a submodule's ``forward`` without its hooks, which would leave a unit's parameters sharded
+    in the forward; as leaves they are called with their hooks, and their own forward is instrumented in place. A
+    unit with parameters of its own (read as graph attributes, which would not follow FSDP's unsharding) stays a
+    plain leaf: its parameters go to the fallback.
+    """
+    units: list[str] = []
+    for name, m in module.named_modules():
+        if any(name.startswith(u + ".") for u in units) or not name or not is_fsdp_unit(m) or is_layer_module(m):
+            continue
+        if not any(True for _ in m.parameters(recurse=False)):
+            units.append(name)
+    return units
 
 
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
@@ -88,7 +118,7 @@ def trace_with_fallback(module: nn.Module) -> tuple[fx.GraphModule | None, list[
     Returns (None, [root reason]) if the root's own forward is untraceable. Black-box names are relative to
     ``module``.
     """
-    opaque: dict[str, str] = {}
+    opaque: dict[str, str] = dict.fromkeys(fsdp_units(module), FSDP_UNIT)
     while True:
         tracer = KFCTracer(set(opaque))
         try:
