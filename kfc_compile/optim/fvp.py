@@ -107,7 +107,8 @@ class FisherProducts:
         only on the model and the batch shape: a resumed run makes the same one.
         """
         cuda = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda), FlopCounterMode(display=False) as counter:
+        with (torch.no_grad(), torch.random.fork_rng(devices=cuda), without_fsdp_hooks(self.model),
+              FlopCounterMode(display=False) as counter):
             bufs = {n: b.clone() for n, b in buffers.items()}
             functional_call(self.model, (params, bufs), call.args, call.kwargs)
         return counter.get_total_flops() >= BATCHED_MIN_FLOPS * max(len(params), 1)
@@ -118,7 +119,7 @@ class FisherProducts:
         outs = []
         # the fused scaled-dot-product-attention kernels have no forward-mode AD: the math backend (composite ops)
         # gives the same values and JVPs through attention
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), without_fsdp_hooks(model):
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), without_fsdp_hooks(self.model):
             for d in named:
                 with fwAD.dual_level():
                     with warnings.catch_warnings():
@@ -154,7 +155,8 @@ class FisherProducts:
         def push(t):
             return torch.func.jvp(forward, (moving,), (t,))
 
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+        with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), without_fsdp_hooks(self.model),
+              warnings.catch_warnings()):
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
             f, tangent = torch.func.vmap(push, out_dims=(None, 0), randomness="same")(tangents)
         return f.detach(), [t.detach() for t in tangent.unbind(0)]

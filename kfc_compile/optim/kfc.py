@@ -36,8 +36,7 @@ the update:
 ∇h is the gradient of the regularised objective: ``.grad + weight_decay·θ``. Parameters outside KFC
 (norm layers, embeddings, anything ``kc.report`` lists as uncovered) are updated in the same ``step()`` by the
 fallback: ``"sgd"`` joins the same update vector v (identity preconditioner, the same clipping and momentum),
-``"adam"`` runs a separate Adam step (not clipped, not part of the α/μ solve). The rules themselves are
-list-of-tensor functions in ``rules.py``; the arguments are validated in ``options.py``.
+``"adam"`` runs a separate Adam step (not clipped, not in the α/μ solve). Rules: ``rules.py``; checks: ``options.py``.
 
 Faults (``safety.py``, ``curvature/guard.py``, counted in ``opt.health``): a non-finite loss or gradient (or a
 GradScaler's inf step) skips the step before anything of it is kept; non-finite statistics are dropped; a failed

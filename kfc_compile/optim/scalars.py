@@ -5,6 +5,9 @@ with many small layers that Python loop, not the arithmetic, was a KFC step's co
 cost"). The functions here compute the same quantities over the parameters flattened into one fp64 vector per
 direction: one matrix product for every inner product among the directions and with ∇h. They equal the
 term-by-term values up to the order of the fp64 summation (≤ 1e-15 relative; tests/test_step_cost.py).
+
+Sharded ``DTensor`` parameters (FSDP2) cannot be flattened into one vector (their shards may be uneven); for them
+each function is ``rules.py``'s term-by-term version, whose sums run over all ranks' shards.
 """
 from __future__ import annotations
 
@@ -13,9 +16,15 @@ from collections.abc import Sequence
 import torch
 
 from kfc_compile.curvature.guard import all_finite
+from kfc_compile.optim import rules
 
 #: tensors up to this many entries are checked for inf/NaN together (one copy into one buffer); larger ones alone
 SMALL_NUMEL = 1 << 16
+
+
+def sharded(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Whether any of the tensors is a ``DTensor`` (one shard of a parameter per rank)."""
+    return any(hasattr(t, "to_local") for t in tensors if t is not None)
 
 
 def flat64(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -37,6 +46,8 @@ def quadratic_model(fisher_gram: torch.Tensor, directions: Sequence[Sequence[tor
         grads: ∇h per parameter.
         eta: the identity weight λ + wd added to the curvature.
     """
+    if sharded(grads):
+        return rules.quadratic_model(fisher_gram, directions, grads, eta)
     g = flat64(grads, grads)
     X = torch.stack([flat64(x, grads) for x in directions])  # (k, n)
     G = torch.cat([X, g[None]]) @ X.T  # rows: the directions, then ∇h
@@ -46,11 +57,15 @@ def quadratic_model(fisher_gram: torch.Tensor, directions: Sequence[Sequence[tor
 
 def factored_nu(naturals: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float) -> float:
     """``rules.factored_nu``: ν = lr²·Σ⟨F̂⁻¹∇h, ∇h⟩ (fp64) with one dot product."""
+    if sharded(grads):
+        return rules.factored_nu(naturals, grads, lr)
     return lr ** 2 * float(flat64(naturals, grads) @ flat64(grads, grads))
 
 
 def sum_squares(tensors: Sequence[torch.Tensor]) -> float:
     """``rules.sum_squares``: Σ‖t‖² (fp64) with one dot product."""
+    if sharded(tensors):
+        return rules.sum_squares(tensors)
     v = flat64(tensors, tensors)
     return float(v @ v)
 
@@ -64,7 +79,7 @@ def all_finite_(tensors: Sequence[torch.Tensor]) -> bool:
     small: dict[torch.device, list[torch.Tensor]] = {}
     flags = []
     for t in tensors:
-        if t.numel() > SMALL_NUMEL:
+        if t.numel() > SMALL_NUMEL or hasattr(t, "to_local"):  # a DTensor: its own check over all shards
             flags.append(all_finite(t))
         else:
             small.setdefault(t.device, []).append(t.detach().reshape(-1))
