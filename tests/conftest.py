@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian, jacrev, vmap
@@ -100,6 +101,30 @@ def output_grads(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor
         h.remove()
     model.zero_grad()
     return [o.grad.detach() for o in outs]
+
+
+def dense_ce_fisher(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Exact Fisher of the per-example softmax cross-entropy, averaged over examples, all parameters (float64)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def f(p, xi):
+        return functional_call(model, p, (xi.unsqueeze(0),))[0]
+
+    J = vmap(jacrev(f), in_dims=(None, 0))(params, x)
+    Jf = torch.cat([J[n].reshape(x.shape[0], -1, params[n].numel()) for n in names], -1)
+    p = torch.softmax(vmap(lambda xi: f(params, xi))(x), -1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("nka,nkl,nlb->ab", Jf, H, Jf) / x.shape[0]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny nets (faster, and robust on a loaded machine); the count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 sys.modules.setdefault("kfc_test_helpers", sys.modules[__name__])

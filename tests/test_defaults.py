@@ -13,35 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
 
 import kfc_compile as kc
 from kfc_compile.optim import rules
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+from kfc_test_helpers import dense_ce_fisher
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def dense_fisher(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Exact Fisher of the per-example softmax cross-entropy, averaged over examples, all parameters (float64)."""
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def f(p, xi):
-        return functional_call(model, p, (xi.unsqueeze(0),))[0]
-
-    J = vmap(jacrev(f), in_dims=(None, 0))(params, x)
-    Jf = torch.cat([J[n].reshape(x.shape[0], -1, params[n].numel()) for n in names], -1)
-    p = torch.softmax(vmap(lambda xi: f(params, xi))(x), -1)
-    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    return torch.einsum("nka,nkl,nlb->ab", Jf, H, Jf) / x.shape[0]
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def test_clip_threshold_rule():
@@ -61,14 +40,14 @@ def _first_step(lr: float, scaling: str, clip: float):
     x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
     before = [p.detach().clone() for p in model.parameters()]
     F.cross_entropy(model(x), y).backward()
-    Fd = dense_fisher(plain, x)
+    Fd = dense_ce_fisher(plain, x)
     opt.step()
     v = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before, strict=True)])
     return v, float(v @ Fd @ v), opt.last_step
 
 
 @pytest.mark.parametrize("lr", [0.5, 2.0])
-def test_lr_scaled_trust_region_against_the_dense_fisher(lr):
+def test_lr_scaled_trust_region_against_the_dense_ce_fisher(lr):
     """When it binds, the applied step's exact vᵀFv is clip·lr; the step grows with lr (a fixed bound: it does not)."""
     clip = 1e-3
     v, nu, info = _first_step(lr, "lr", clip)
@@ -80,7 +59,7 @@ def test_lr_scaled_trust_region_against_the_dense_fisher(lr):
     torch.testing.assert_close(v, v_fixed * lr ** 0.5, rtol=1e-9, atol=1e-12)
 
 
-def test_step_clipping_bounds_the_applied_step_against_the_dense_fisher():
+def test_step_clipping_bounds_the_applied_step_against_the_dense_ce_fisher():
     """clip_on="step": the second step's applied Δθ = s·(μp + v) has exact ΔθᵀFΔθ = clip when the clip binds."""
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
@@ -95,7 +74,7 @@ def test_step_clipping_bounds_the_applied_step_against_the_dense_fisher():
         with torch.no_grad():
             for p, q in zip(plain.parameters(), model.parameters(), strict=True):
                 p.copy_(q)
-        Fd = dense_fisher(plain, x)
+        Fd = dense_ce_fisher(plain, x)
         opt.step()
         assert opt.last_step["clip_scale"] < 1.0
         thetas.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))

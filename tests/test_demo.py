@@ -11,16 +11,9 @@ import torch
 import kfc_compile as kc
 from kfc_compile.tools.demo import DemoError, RunResult, build_model, load_task, paper_cifar_net, run_demo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The demo's nets are tiny: one intra-op thread (as the CLI uses) is faster, and robust on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 TINY_GRIDS = {"kfc": (0.003,), "sgd": (0.3, 0.1), "adam": (0.01,)}
 
 

@@ -13,32 +13,18 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
 
 import kfc_compile as kc
 from kfc_compile.curvature.losses import loss_spec
 from kfc_compile.optim import fvp, rules
+
+from kfc_test_helpers import dense_ce_fisher
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 
 def tiny():
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def dense_fisher(model, x):
-    """Exact Fisher of the per-example softmax-CE loss averaged over examples, all parameters (float64)."""
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def f(p, xi):
-        return functional_call(model, p, (xi.unsqueeze(0),))[0]
-
-    J = vmap(jacrev(f), in_dims=(None, 0))(params, x)
-    Jf = torch.cat([J[n].reshape(x.shape[0], -1, params[n].numel()) for n in names], -1)
-    p = torch.softmax(vmap(lambda xi: f(params, xi))(x), -1)
-    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    return torch.einsum("nka,nkl,nlb->ab", Jf, H, Jf) / x.shape[0]
 
 
 def scipy_alpha_mu(Fd, eta, g, Delta, d0):
@@ -72,7 +58,7 @@ def test_two_jvp_scalars_and_solve_match_dense_quadratic_model():
     f, jv = fvp.FisherProducts(tm, spec).outputs_and_jvps((x,), [Delta, d0])
     C = fvp.gram(spec, f, jv)
     Df, d0f = flat(Delta.values()), flat(d0.values())
-    Fd = dense_fisher(plain, x)
+    Fd = dense_ce_fisher(plain, x)
     ref_C = torch.stack([torch.stack([Df @ Fd @ Df, Df @ Fd @ d0f]), torch.stack([d0f @ Fd @ Df, d0f @ Fd @ d0f])])
     torch.testing.assert_close(C, ref_C, rtol=1e-10, atol=1e-12)
 
@@ -110,7 +96,7 @@ def test_adaptive_step_is_the_quadratic_model_minimiser():
             with torch.no_grad():
                 for p, q in zip(plain.parameters(), params, strict=True):
                     p.copy_(q)
-            Fd = dense_fisher(plain, x)
+            Fd = dense_ce_fisher(plain, x)
         opt.step()
         thetas.append(flat([p.detach() for p in params]).clone())
     g = flat([p.grad for p in params])
@@ -205,7 +191,7 @@ def test_decrease_bound_against_the_dense_quadratic_model():
     g = flat([p.grad for p in params])
     h0, lr = float(loss.detach()), 1.0
     eta = 1e-6  # tiny damping: the Newton step of the model predicts far more decrease than the loss itself
-    Fd = dense_fisher(plain, x)
+    Fd = dense_ce_fisher(plain, x)
     K = Fd + eta * torch.eye(Fd.shape[0], dtype=torch.float64)
     newton = -torch.linalg.solve(K, g)
     Delta, d0, i = {}, {}, 0
