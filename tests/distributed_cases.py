@@ -198,6 +198,15 @@ def resume(rank: int, world: int, cfg: dict, directory: str, single: str | None)
     return out
 
 
+def error_of(fn) -> str:
+    """``fn()``'s error as "Type: message" (the refusals the bad set-ups expect), or "no error"."""
+    try:
+        fn()
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
 def bad_setups(rank: int, world: int) -> dict:
     """The errors and warnings of set-ups distributed KFC refuses (their messages, by case)."""
     import warnings
@@ -206,18 +215,11 @@ def bad_setups(rank: int, world: int) -> dict:
     from torch.distributed.tensor import distribute_tensor
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    def error(fn) -> str:
-        try:
-            fn()
-        except (ValueError, NotImplementedError, RuntimeError) as e:
-            return f"{type(e).__name__}: {e}"
-        return "no error"
-
     out = {}
-    out["false_with_ddp"] = error(lambda: kc.KFC(DDP(make_model()), lr=0.1, distributed=False))
-    out["options_differ"] = error(lambda: kc.KFC(DDP(make_model()), lr=0.1, inverse_every=10 + rank))
+    out["false_with_ddp"] = error_of(lambda: kc.KFC(DDP(make_model()), lr=0.1, distributed=False))
+    out["options_differ"] = error_of(lambda: kc.KFC(DDP(make_model()), lr=0.1, inverse_every=10 + rank))
     other = make_model() if rank == 0 else nn.Sequential(nn.Linear(3, 3)).double()
-    out["layers_differ"] = error(lambda: kc.KFC(other, lr=0.1, distributed=True))
+    out["layers_differ"] = error_of(lambda: kc.KFC(other, lr=0.1, distributed=True))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         kc.KFC(make_model(), lr=0.1)
@@ -230,11 +232,11 @@ def bad_setups(rank: int, world: int) -> dict:
         F.cross_entropy(ddp(x), y).backward()
         opt.step()
 
-    out["refresh_failure"] = error(refresh_failure)
+    out["refresh_failure"] = error_of(refresh_failure)
     mesh = init_device_mesh("cpu", (world,))
     sharded = nn.Linear(4, 4).double()
     sharded.weight = nn.Parameter(distribute_tensor(sharded.weight.detach(), mesh))
-    out["dtensor"] = error(lambda: kc.KFC(sharded, lr=0.1, distributed=True))
+    out["dtensor"] = error_of(lambda: kc.KFC(sharded, lr=0.1, distributed=True))
     return out
 
 

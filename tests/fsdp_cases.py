@@ -7,7 +7,7 @@ compare them with the single-process run (``distributed_cases.train`` on the glo
 from __future__ import annotations
 
 import torch
-from distributed_cases import counting_inverses, global_batch, make_model, recording_samples, run_steps, shard
+from distributed_cases import counting_inverses, error_of, global_batch, make_model, recording_samples, run_steps, shard
 from torch import nn
 
 import kfc_compile as kc
@@ -105,21 +105,14 @@ def fsdp_bad_setups(rank: int, world: int) -> dict:
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    def error(fn) -> str:
-        try:
-            fn()
-        except (ValueError, NotImplementedError, RuntimeError) as e:
-            return f"{type(e).__name__}: {e}"
-        return "no error"
-
     mesh = init_device_mesh("cpu", (world,))
     column = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).double()  # tensor-parallel style: dim-1 shards
     for m in column:
         m.weight = nn.Parameter(distribute_tensor(m.weight.detach(), mesh, [Shard(1)]))
         m.bias = nn.Parameter(distribute_tensor(m.bias.detach(), mesh, [Shard(0)]))
-    return {"broadcast": error(lambda: kc.KFC(fsdp_model(), lr=0.1, distributed="broadcast")),
-            "dim1": error(lambda: kc.KFC(column, lr=0.1)),
-            "compiled_ddp": error(lambda: kc.KFC(torch.compile(DDP(make_model()), backend="kfc"), lr=0.1))}
+    return {"broadcast": error_of(lambda: kc.KFC(fsdp_model(), lr=0.1, distributed="broadcast")),
+            "dim1": error_of(lambda: kc.KFC(column, lr=0.1)),
+            "compiled_ddp": error_of(lambda: kc.KFC(torch.compile(DDP(make_model()), backend="kfc"), lr=0.1))}
 
 
 def checkpoints_and_setups(rank: int, world: int, cfg: dict, directory: str, single: str) -> dict:
