@@ -40,11 +40,7 @@ def quadratic_model(fisher_gram: torch.Tensor, directions: Sequence[Sequence[tor
                     grads: Sequence[torch.Tensor], eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``rules.quadratic_model`` (C = fisher_gram + η·⟨xᵢ, xⱼ⟩, d = ⟨∇h, xᵢ⟩, fp64) from one fp64 matrix product.
 
-    Args:
-        fisher_gram: (k, k) fp64 Gram matrix of the exact Fisher among the k directions.
-        directions: k lists of tensors, one per parameter in the order of ``grads`` (None: 0 for that parameter).
-        grads: ∇h per parameter.
-        eta: the identity weight λ + wd added to the curvature.
+    The arguments are ``rules.quadratic_model``'s.
     """
     if sharded(grads):
         return rules.quadratic_model(fisher_gram, directions, grads, eta)
