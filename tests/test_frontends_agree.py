@@ -72,6 +72,60 @@ class Depthwise3d(nn.Module):
         return self.head(torch.relu(self.c2(h)).mean((2, 3, 4)))
 
 
+class Transposed(nn.Module):
+    """UNet-style: a strided conv down, ConvTranspose2d up (grouped, output_padding), F.conv_transpose2d, a skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.w = nn.Parameter(torch.randn(7, 2, 2, 2) * 0.3)
+        self.head = nn.Linear(2, 5)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.up(torch.relu(self.down(x)))), x], dim=1)  # (N, 7, 8, 8)
+        return self.head(torch.tanh(F.conv_transpose2d(h, self.w, stride=1, dilation=2)).mean((2, 3)))
+
+
+class Matmuls(nn.Module):
+    """Linear layers as matmuls: ``x @ W.T + b``, HF Conv1D's addmm, ``x.matmul(W)``, ``b + matmul(x, W.t())``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 64) * 0.1)  # (out, in)
+        self.b1 = nn.Parameter(torch.zeros(8))
+        self.w2 = nn.Parameter(torch.randn(8, 6) * 0.3)  # (in, out)
+        self.b2 = nn.Parameter(torch.randn(6) * 0.1)
+        self.w3 = nn.Parameter(torch.randn(6, 6) * 0.3)  # (in, out)
+        self.w4 = nn.Parameter(torch.randn(5, 6) * 0.3)  # (out, in)
+        self.b4 = nn.Parameter(torch.zeros(5))
+
+    def forward(self, x):
+        h = torch.tanh(x.flatten(2) @ self.w1.T + self.b1)  # (N, 3, 8): 3 positions
+        h = torch.tanh(torch.addmm(self.b2, h.reshape(-1, 8), self.w2).view(h.shape[0], h.shape[1], 6))
+        h = torch.tanh(h.matmul(self.w3))
+        return (self.b4 + torch.matmul(h, self.w4.t())).mean(1)
+
+
+class MatmulShared(nn.Module):
+    """An ``nn.Linear`` weight also used as ``x @ W.T``, and a matmul weight also summed.
+
+    The first is one layer with a bias-free second use; the second is uncovered.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 8)
+        self.w = nn.Parameter(torch.randn(8, 5) * 0.3)
+        self.b = nn.Parameter(torch.zeros(5))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = x.flatten(2)
+        h = torch.tanh(self.fc(h)) + torch.tanh(0.5 * h @ self.fc.weight.T)
+        return (h @ self.w + self.b + 0.1 * self.w.sum()).mean(1) + self.head(h).mean(1)
+
+
 CASES = {
     "mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.Tanh(), nn.Linear(6, 5)),
     "conv": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
@@ -80,6 +134,9 @@ CASES = {
     "shared_grouped": Shared,
     "other_uses": OtherUses,
     "depthwise3d": Depthwise3d,
+    "transposed": Transposed,
+    "matmuls": Matmuls,
+    "matmul_shared": MatmulShared,
 }
 
 

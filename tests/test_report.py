@@ -40,14 +40,14 @@ def test_report_contents():
     text = kc.report(tm)
     info = tm.kfc
     # the self-attention's packed in-projection and its out-projection are tapped inside the attention call
-    assert sorted(layer.name for layer in info.layers) == ["attn.in_proj_weight", "attn.out_proj", "conv", "head"]
+    # the transposed conv is a layer too (the factors of its equivalent direct conv)
+    assert sorted(layer.name for layer in info.layers) == ["attn.in_proj_weight", "attn.out_proj", "conv", "head", "up"]
     for layer in info.layers:
         assert re.search(rf"^{re.escape(layer.name)}\s+{layer.kind}\s+{layer.a_dim}\s+{layer.g_dim}\s+{layer.groups}\s+"
                          rf"{layer.uses}\b", text, re.M), layer.name
     reasons = {u.name: u.reason for u in info.uncovered}
     expected = {
         "bn.weight": "normalization", "bn.bias": "normalization",
-        "up.weight": "transposed", "up.bias": "transposed",
         "proj.weight": "matmul", "proj.bias": "matmul",
         "norm.weight": "normalization", "norm.bias": "normalization",
         "scale": "mul",
@@ -58,7 +58,7 @@ def test_report_contents():
         line = next(line for line in text.splitlines() if line.startswith(name + " "))
         assert reasons[name] in line
     assert "frozen.weight" not in reasons and "Frozen parameters" in text
-    covered = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in ("conv", "head", "attn"))
+    covered = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in ("conv", "up", "head", "attn"))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert info.coverage == covered / total
     assert f"{covered:,} of {total:,}" in text and f"({100 * covered / total:.2f}%)" in text

@@ -24,6 +24,11 @@ def geometry(site) -> tuple:
     return site.kind, site.a_dim, site.g_dim, site.groups
 
 
+def describe(site) -> str:
+    """A site's geometry for a reason: ``kind in→out`` (per group, with the group count when grouped)."""
+    return f"{site.kind} {site.a_dim}→{site.g_dim}" + (f" in {site.groups} groups" if site.groups > 1 else "")
+
+
 def trainable_bias(cands: list[Candidate]) -> nn.Parameter | None:
     """The bias parameter of a weight's calls (a frozen or computed bias is a constant: not part of the layer)."""
     return next((c.bias for c in cands if c.bias is not None and c.bias.requires_grad), None)
@@ -46,7 +51,9 @@ def reject_reason(cands: list[Candidate], other_use: OtherUse, layer: KFCLayer |
             return f"bias also {why}"
     first = geometry(cands[0].site)
     if any(geometry(c.site) != first for c in cands) or (layer is not None and geometry(layer.sites[0]) != first):
-        return "weight shared by calls of different kinds or geometries"
+        sites = [c.site for c in cands] + ([layer.sites[0]] if layer is not None else [])
+        calls = ", ".join(sorted({describe(site) for site in sites}))
+        return f"weight also used by calls of another kind, layout or geometry ({calls}): no shared Kronecker factors"
     if layer is not None:
         bias = trainable_bias(cands)
         if bias is not None and layer.bias is not None and bias is not layer.bias:

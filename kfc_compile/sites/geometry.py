@@ -89,6 +89,25 @@ class LinearSite(StandardWeight):
 
 
 @dataclass(frozen=True)
+class MatmulSite(LinearSite):
+    """``x @ W`` with ``W`` stored (in, out): ``torch.matmul``/``mm``/``addmm`` weights, HF's ``Conv1D``.
+
+    The call is ``F.linear(x, Wᵀ)``, so positions, rows and factors are the linear layer's; only the weight's place in
+    the gradient matrix differs: the layer's (out, in) block is ``Wᵀ``, and an update is transposed back.
+    """
+
+    kind: str = "matmul"
+
+    def weight_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """The (in, out) parameter-shaped ``w`` as the (1, out, in) block of the equivalent ``nn.Linear``."""
+        return w.reshape(self.in_features, self.out_features).t().unsqueeze(0)
+
+    def weight_from_matrix(self, m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`weight_matrix`: a (1, out, in) matrix as the (in, out) parameter layout ``shape``."""
+        return m.reshape(self.out_features, self.in_features).t().reshape(shape)
+
+
+@dataclass(frozen=True)
 class ConvSite(StandardWeight):
     """``F.conv{1,2,3}d`` with any stride, padding (incl. 'same' and non-zero modes), dilation and groups."""
 
@@ -164,7 +183,104 @@ class ConvSite(StandardWeight):
         return gy.reshape(n, self.groups, self.g_dim, -1).sum(-1, dtype=_acc_dtype(gy))
 
 
-Site = LinearSite | ConvSite
+@dataclass(frozen=True)
+class ConvTransposeSite(StandardWeight):
+    """``F.conv_transpose{1,2,3}d`` as its equivalent direct conv (BackPACK's view), any stride/padding/groups.
+
+    ``conv_transpose(x, W)`` equals a stride-1 conv with dilation d of the zero-inserted input x̃ (x[j] at s·j,
+    zeros between), padded by d·(k−1)−p before and d·(k−1)−p+output_padding after (cropped where negative),
+    with the direct weight W'[g·I/G + o, i, κ'] = W[g·J/G + i, o, k−1−κ'] (I = Cout, J = Cin, G = groups). The
+    factors are the direct weight's: Ω's coordinates per group are (i, κ') channel-major, offset-minor, so Ω
+    coordinate (i, κ') belongs to the transposed weight's entries ``W[g·J/G + i, :, k−1−κ']`` (flipped offsets); Γ
+    is over the output channels of group g, as for a direct conv. T is the number of output positions.
+    The input side is the torch path: x̃ is materialised (s^d times the input, one transient tensor per statistics
+    call) and handed to the direct-conv patch ops (Triton on CUDA); no kernel skips the inserted zeros. Stride 1
+    needs no zero insertion (x̃ is x, cropped if p > d·(k−1)).
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]  # per spatial dim, as the transposed conv takes it
+    output_padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    has_bias: bool
+
+    @property
+    def kind(self) -> str:
+        """``conv_transpose1d``, ``conv_transpose2d`` or ``conv_transpose3d``: the layer kind."""
+        return f"conv_transpose{len(self.kernel_size)}d"
+
+    @property
+    def a_dim(self) -> int:
+        """Length of one patch of the equivalent direct conv: input channels per group × kernel offsets."""
+        return (self.in_channels // self.groups) * math.prod(self.kernel_size)
+
+    @property
+    def g_dim(self) -> int:
+        """Output channels per group (Γ's size per group)."""
+        return self.out_channels // self.groups
+
+    def direct_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """(x̃ cropped where the direct conv's padding is negative, that padding's non-negative (lo, hi) per dim)."""
+        if any(s > 1 for s in self.stride):
+            n, c, *spatial = x.shape
+            xz = x.new_zeros(n, c, *((size - 1) * s + 1 for size, s in zip(spatial, self.stride, strict=True)))
+            xz[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))] = x
+        else:
+            xz = x
+        crop, pads = [slice(None), slice(None)], []
+        for size, k, p, op, dl in zip(xz.shape[2:], self.kernel_size, self.padding, self.output_padding,
+                                      self.dilation, strict=True):
+            lo, hi = dl * (k - 1) - p, dl * (k - 1) - p + op
+            crop.append(slice(max(0, -lo), size - max(0, -hi)))
+            pads += [max(0, lo), max(0, hi)]
+        return xz[tuple(crop)], tuple(pads)
+
+    def out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The transposed conv's output spatial shape for the input ``x``."""
+        return tuple((s - 1) * st - 2 * p + dl * (k - 1) + op + 1 for s, st, p, dl, k, op in zip(
+            x.shape[2:], self.stride, self.padding, self.dilation, self.kernel_size, self.output_padding, strict=True))
+
+    def positions(self, x: torch.Tensor) -> int:
+        """Output positions per example: the product of the output spatial shape."""
+        return math.prod(self.out_shape(x))
+
+    def _patch_args(self, x: torch.Tensor) -> tuple:
+        xz, pads = self.direct_input(x)
+        return xz, self.kernel_size, (1,) * len(self.kernel_size), pads, self.dilation, self.groups
+
+    def accumulate_input_cov(self, out: torch.Tensor, x: torch.Tensor, alpha: float, beta: float, ones: bool) -> None:
+        """In place ``out[g] <- beta*out[g] + alpha*sum p p^T`` over the direct conv's patches of x̃."""
+        tk.patch_cov_update_(out, *self._patch_args(x), alpha=alpha, beta=beta, ones=ones)
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(groups, N·T, a_dim): explicit patches of x̃ (for block-diagonal Ω)."""
+        return tk.patch_rows(*self._patch_args(x))
+
+    def input_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, groups, a_dim): per-example sums of the patches of x̃ over output positions."""
+        return tk.patch_sum(*self._patch_args(x))
+
+    output_rows = ConvSite.output_rows  # the output side is a direct conv's: channels per group
+    output_sums = ConvSite.output_sums
+
+    def weight_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """A (Cin, Cout/groups, k...) tensor as the direct weight's ``(groups, Cout/groups, a_dim)`` blocks."""
+        d = len(self.kernel_size)
+        w = w.reshape(self.groups, self.in_channels // self.groups, self.g_dim, *self.kernel_size)
+        return w.flip(tuple(range(3, 3 + d))).transpose(1, 2).reshape(self.groups, self.g_dim, -1)
+
+    def weight_from_matrix(self, m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`weight_matrix`: direct-weight blocks back in the transposed layout ``shape``."""
+        d = len(self.kernel_size)
+        m = m.reshape(self.groups, self.g_dim, self.in_channels // self.groups, *self.kernel_size)
+        return m.transpose(1, 2).flip(tuple(range(3, 3 + d))).reshape(shape)
+
+
+Site = LinearSite | ConvSite | ConvTransposeSite
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -224,3 +340,32 @@ def conv_site(weight: torch.Tensor, has_bias: bool, stride, padding, dilation, g
 def linear_site(weight: torch.Tensor, has_bias: bool) -> LinearSite:
     """Build a LinearSite from a linear call's (out, in) weight and whether the call has a bias."""
     return LinearSite(in_features=weight.shape[1], out_features=weight.shape[0], has_bias=has_bias)
+
+
+def conv_transpose_site(weight: torch.Tensor, has_bias: bool, stride, padding, output_padding, groups: int,
+                        dilation) -> ConvTransposeSite:
+    """Build a ConvTransposeSite from ``F.conv_transpose*d`` arguments (weight (Cin, Cout/groups, k...)).
+
+    Raises ValueError for what torch rejects too: string padding, output_padding not below stride or dilation.
+    """
+    d = weight.dim() - 2
+    if d not in (1, 2, 3):
+        raise ValueError(f"transposed conv weight must have 3..5 dims, got {tuple(weight.shape)}")
+    if isinstance(padding, str):
+        raise ValueError(f"transposed convs take no string padding, got {padding!r}")
+    stride, padding, dilation = _tuple(stride, d), _tuple(padding, d), _tuple(dilation, d)
+    output_padding = _tuple(output_padding, d)
+    if any(op >= max(s, dl) or op < 0 for op, s, dl in zip(output_padding, stride, dilation, strict=True)):
+        raise ValueError(f"output_padding {output_padding} must be below stride {stride} or dilation {dilation}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"groups={groups} does not divide the {weight.shape[0]} input channels")
+    return ConvTransposeSite(
+        in_channels=weight.shape[0], out_channels=weight.shape[1] * groups, kernel_size=tuple(weight.shape[2:]),
+        stride=stride, padding=padding, output_padding=output_padding, dilation=dilation, groups=groups,
+        has_bias=has_bias,
+    )
+
+
+def matmul_site(weight: torch.Tensor, has_bias: bool) -> MatmulSite:
+    """Build a MatmulSite from the (in, out) weight of ``x @ W`` and whether the call has a bias."""
+    return MatmulSite(in_features=weight.shape[0], out_features=weight.shape[1], has_bias=has_bias)

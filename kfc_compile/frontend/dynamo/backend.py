@@ -3,13 +3,15 @@
 ``torch.compile(model, backend="kfc")`` (registered through the ``torch_dynamo_backends`` entry point, so no
 import is needed) hands each dynamo graph of the model to ``kfc_backend``, which
 
-1. finds every conv/linear call — ``torch.conv{1,2,3}d`` and ``torch._C._nn.linear`` (what ``nn.Conv*``,
-   ``nn.Linear``, ``F.conv*`` and ``F.linear`` become in a dynamo graph) and the packed projections hidden inside
+1. finds every conv/linear call — ``torch.conv{1,2,3}d``, ``torch.conv_transpose{1,2,3}d`` and
+   ``torch._C._nn.linear`` (what ``nn.Conv*``, ``nn.ConvTranspose*``, ``nn.Linear``, ``F.conv*`` and ``F.linear``
+   become in a dynamo graph), matmuls with a parameter weight (``x @ W.T``, ``x @ W + b``,
+   ``torch.addmm(b, x, W)``: ``sites/kinds.py``) and the packed projections hidden inside
    ``F.multi_head_attention_forward`` (see ``runtime/attention.py``) — whose weight is a trainable ``nn.Parameter``
    (``example_inputs[i]`` *is* the parameter of placeholder i);
 2. keeps a weight only if every use of it (and of its bias) in the graph is such a call with one geometry;
-   anything else (tied with an embedding, used by a matmul, ...) leaves it to the fallback optimizer, with the
-   reason — also retroactively, when a later graph reveals such a use;
+   anything else (tied with an embedding, summed, used by a matmul in another layout, ...) leaves it to the fallback
+   optimizer, with the reason — also retroactively, when a later graph reveals such a use;
 3. inserts ``ops.tap(y, x, slot, key)`` after each kept call (the tap's backward calls the ``kfc::record`` op,
    which records only when statistics are due: one compiled graph serves both kinds of step);
 4. delegates the rewritten graph to inductor (``compile_fx``), or to another backend named in

@@ -4,8 +4,10 @@ Layer candidates come through the shared site-kind table; self-attention calls a
 tapped (``runtime/attention.py``); every other use of a parameter is kept with a reason.
 
 In a dynamo graph parameters are placeholders whose example inputs *are* the parameters (or ``get_attr`` nodes when
-modules were not inlined); ``nn.Linear``/``nn.Conv*``/``F.*`` calls all appear as ``torch._C._nn.linear`` /
-``torch.conv*d``, the targets of ``sites/kinds.py``.
+modules were not inlined); ``nn.Linear``/``nn.Conv*``/``nn.ConvTranspose*``/``F.*`` calls all appear as
+``torch._C._nn.linear`` / ``torch.conv*d`` / ``torch.conv_transpose*d``, matmuls as ``operator.matmul`` /
+``torch.matmul`` / ``torch.addmm`` / ``call_method matmul``: the targets of ``sites/kinds.py``, matched there
+(``match_node``) with the nodes around them (transposed weight views, a bias add after the call).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from kfc_compile.runtime import attention as mha
 from kfc_compile.sites.geometry import linear_site
-from kfc_compile.sites.kinds import Candidate, match_call
+from kfc_compile.sites.kinds import Candidate, match_node
 
 
 def _is_node(v) -> bool:
@@ -67,17 +69,14 @@ class GraphScan:
         """Collect the candidates, the attention calls and the other parameter uses of the graph."""
         claimed: set[tuple[fx.Node, fx.Node]] = set()  # (user node, parameter node) uses that are sites
         for node in self.gm.graph.nodes:
-            if node.op != "call_function":
+            if node.op not in ("call_function", "call_method"):
                 continue
-            cand = match_call(node.target, node.args, node.kwargs, self._param, _is_node)
+            cand = match_node(node, self._param, _is_node)
             if cand is not None:
-                cand.node = node
-                if not self._tapped_already(node):
+                if not self._tapped_already(cand.node):
                     self.candidates.append(cand)
-                claimed.add((node, cand.weight_arg))
-                if cand.bias is not None:
-                    claimed.add((node, cand.bias_arg))
-            elif node.target is mha.MHA_TARGET:
+                claimed |= cand.claims
+            elif node.op == "call_function" and node.target is mha.MHA_TARGET:
                 self._mha_site(node, claimed)
         for pnode, p in self.param_of.items():
             for user in pnode.users:

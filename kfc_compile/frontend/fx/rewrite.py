@@ -144,7 +144,7 @@ class Instrumenter:
         return new
 
     def _swap_layer(self, module: nn.Module, prefix: str) -> nn.Module:
-        site, why = module_site(module)
+        site, why = module_site(module, None)  # called by an untraceable forward: arguments unknown
         if site is None:
             self.uses += [Use(p, why) for p in module.parameters()]
             return module

@@ -1,8 +1,9 @@
 """Finding conv/linear sites in an fx graph, and recording every other use of a parameter with a reason.
 
-A *site* is one call: a ``call_module`` of a stock conv/linear module, or a ``call_function`` of a layer kind's
-target (``sites/kinds.py``: ``F.linear``, ``F.conv{1,2,3}d``) whose weight is a ``get_attr`` of a parameter.
-Anything else that touches a parameter is a *use* that keeps that parameter out of KFC, with a reason for the report.
+A *site* is one call: a ``call_module`` of a stock conv/linear module, or a ``call_function``/``call_method`` of a
+layer kind's target (``sites/kinds.py``: ``F.linear``, ``F.conv{1,2,3}d``, matmuls) whose weight is a ``get_attr`` of a
+parameter (or, for a matmul, a transposed view of one). Anything else that touches a parameter is a *use* that keeps
+that parameter out of KFC, with a reason for the report.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from kfc_compile.frontend.fx import plans
 from kfc_compile.frontend.fx.trace import is_layer_module
 from kfc_compile.runtime.opaque import OpaquePlan
 from kfc_compile.sites.coverage import leaf_reason
-from kfc_compile.sites.kinds import Candidate, match_call, module_site
+from kfc_compile.sites.kinds import Candidate, match_node, module_site
 
 
 @dataclass
@@ -75,7 +76,7 @@ def scan_graph(gm: fx.GraphModule, prefix: str, black_boxes: set[str]
     sites: list[Candidate] = []
     uses: list[Use] = []
     opaque_calls: list[OpaqueMatch] = []
-    matched_nodes: dict[fx.Node, Candidate] = {}
+    claimed: set[tuple[fx.Node, fx.Node]] = set()  # (user node, get_attr node) parameter uses that are sites
     opaque_nodes: dict[fx.Node, dict[int, str]] = {}  # node -> reasons of its non-tapped parameter arguments
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -84,7 +85,7 @@ def scan_graph(gm: fx.GraphModule, prefix: str, black_boxes: set[str]
             m = gm.get_submodule(node.target)
             qual = f"{prefix}{node.target}"
             if is_layer_module(m):
-                site, why = module_site(m)
+                site, why = module_site(m, (*node.args[1:], *(v for k, v in node.kwargs.items() if k != "input")))
                 if site is not None and isinstance(node.args[0] if node.args else None, fx.Node):
                     sites.append(Candidate(m.weight, m.bias, site, qual, node=node, input_node=node.args[0]))
                     continue
@@ -99,13 +100,12 @@ def scan_graph(gm: fx.GraphModule, prefix: str, black_boxes: set[str]
                 continue
             reason = leaf_reason(m, qual)
             uses += [Use(p, reason) for p in m.parameters()]
-        elif node.op == "call_function":
-            match = match_call(node.target, node.args, node.kwargs, lambda v: _param(gm, v), _is_node)
+        elif node.op in ("call_function", "call_method"):
+            match = match_node(node, lambda v: _param(gm, v), _is_node)
             if match is not None:
-                match.node = node
                 sites.append(match)
-                matched_nodes[node] = match
-            elif plans.is_opaque_function(node.target):
+                claimed |= match.claims
+            elif node.op == "call_function" and plans.is_opaque_function(node.target):
                 params = _param_args(gm, node)
                 if params:
                     plan, reasons = plans.function_plan(node.target.__name__, params)
@@ -124,9 +124,6 @@ def scan_graph(gm: fx.GraphModule, prefix: str, black_boxes: set[str]
                 if reason:
                     uses.append(Use(p, reason))
                 continue
-            m = matched_nodes.get(user)
-            as_weight = m is not None and m.weight is p and m.weight_arg is node
-            as_bias = m is not None and m.bias is p and m.bias_arg is node and m.input_node is not node
-            if not (as_weight or as_bias):
+            if (user, node) not in claimed:
                 uses.append(Use(p, f"used by {_op_name(user)} (only conv/linear calls are under KFC)"))
     return sites, uses, opaque_calls
