@@ -66,6 +66,7 @@ class CaptureState:
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
         self.output_fn: Callable[[object], torch.Tensor] | None = None  # which output tensor is the logits
         self.last_inputs: tuple = ()  # positional inputs of the last forward with grad enabled (no copy)
+        self.warned_replay = False  # a keyword call that cannot be replayed positionally was reported
 
     @property
     def sites(self) -> list[SiteEntry]:

@@ -12,6 +12,8 @@ backward that reaches every tap but computes no weight gradients: that is the Fi
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -117,15 +119,69 @@ def model_output(out, select: Callable[[object], torch.Tensor] | None = None) ->
                     "output=lambda out: ... (to kc.KFC, kc.curvature or kc.compile_step) to select them")
 
 
-def output_tap(out, state: CaptureState, inputs: tuple = ()):
+def forward_signature(forward: Callable) -> inspect.Signature | None:
+    """The signature of a (bound) forward, for :func:`replay_inputs`; None when it has none to inspect."""
+    try:
+        return inspect.signature(forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def replay_inputs(signature: inspect.Signature | None, args: tuple, kwargs: Mapping) -> tuple | None:
+    """A call's arguments as the positional tuple that replays it, or None when no positional call is the same.
+
+    The optimizer's extra forwards (the statistics subset, the exact Fisher products) call the model with the
+    recorded inputs as positional arguments. A keyword argument goes to its parameter's place, and parameters the
+    caller skipped before it get their defaults, so ``forward(*replay)`` is the same call as
+    ``forward(*args, **kwargs)`` (HF models: ``model(input_ids=ids, attention_mask=mask)``). A keyword-only
+    parameter or an extra ``**kwargs`` entry has no positional place: None then.
+    """
+    if not kwargs:
+        return tuple(args)
+    if signature is None:
+        return None
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    given = bound.arguments
+    out: list = []
+    pending: list = []  # defaults of skipped parameters, kept only if a later argument is given
+    for p in signature.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            if p.name in given:
+                out += pending + [given[p.name]]
+                pending = []
+            elif p.default is p.empty:
+                return None
+            else:
+                pending.append(p.default)
+        elif p.kind is p.VAR_POSITIONAL:
+            if given.get(p.name):
+                out += pending + list(given[p.name])
+                pending = []
+        elif given.get(p.name):  # keyword-only, or entries of **kwargs
+            return None
+    return tuple(out)
+
+
+def output_tap(out, state: CaptureState, inputs: tuple | None = ()):
     """Applied to the model's output: keeps the forward's inputs, and starts the Fisher pass on armed steps.
 
-    Keeps a reference to the forward's inputs (for Fisher-vector products on the batch), and on an armed step of a
-    plain loop records the batch size and runs the Fisher pass at the start of the training backward (see
-    ``CaptureState``).
+    Keeps a reference to the forward's inputs (for Fisher-vector products on the batch; None: a call that
+    :func:`replay_inputs` cannot replay, said once), and on an armed step of a plain loop records the batch size
+    and runs the Fisher pass at the start of the training backward (see ``CaptureState``).
     """
     if not torch.is_grad_enabled():
         return out
+    if inputs is None:
+        if not state.warned_replay:
+            state.warned_replay = True
+            warnings.warn("kfc: this forward was called with keyword arguments that have no positional place "
+                          "(keyword-only parameters or **kwargs): the optimizer cannot replay it for its exact "
+                          "Fisher products or a statistics subset; pass them positionally, or use "
+                          "clip_curvature='factored' (or clip=None) and stats_fraction=1.0", stacklevel=3)
+        inputs = ()
     state.last_inputs = inputs
     if not state.armed:
         return out

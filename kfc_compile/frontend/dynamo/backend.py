@@ -37,7 +37,7 @@ from kfc_compile.frontend.dynamo.scan import GraphScan, source_guess
 from kfc_compile.runtime import attention as mha
 from kfc_compile.runtime import record as ops
 from kfc_compile.runtime.state import CaptureState, SiteEntry
-from kfc_compile.runtime.taps import output_tap
+from kfc_compile.runtime.taps import forward_signature, output_tap, replay_inputs
 from kfc_compile.sites import coverage
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,10 @@ def _install_output_tap(model: nn.Module, state: CaptureState) -> None:
     if compiled_forward is None or getattr(compiled_forward, "_kfc_output_tap", False):
         return
 
+    signature = forward_signature(model._orig_mod.forward)
+
     def forward(*args, **kwargs):
-        return output_tap(compiled_forward(*args, **kwargs), state, args)
+        return output_tap(compiled_forward(*args, **kwargs), state, replay_inputs(signature, args, kwargs))
 
     forward._kfc_output_tap = True
     model.forward = forward

@@ -26,7 +26,7 @@ from torch import nn
 
 from kfc_compile.frontend.dynamo.backend import _ModelBackend, kfc_backend
 from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo, module_registry
-from kfc_compile.runtime.taps import output_tap
+from kfc_compile.runtime.taps import forward_signature, output_tap, replay_inputs
 
 LIGHT_INNER = "eager"
 
@@ -51,14 +51,16 @@ def capture(module: nn.Module, approx: str, inner: str = LIGHT_INNER) -> Compile
     info = module_registry(module, approx)
     info.eager = shallow_copy(module)
     backend = _ModelBackend(functools.partial(kfc_backend, options={"inner": inner}))
-    compiled = torch.compile(type(module).forward.__get__(module), backend=backend)
+    bound_forward = type(module).forward.__get__(module)
+    compiled = torch.compile(bound_forward, backend=backend)
     state = info.state
+    signature = forward_signature(bound_forward)
 
     def forward(*args, **kwargs):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
             out = compiled(*args, **kwargs)
-        return output_tap(out, state, args)
+        return output_tap(out, state, replay_inputs(signature, args, kwargs))
 
     forward._kfc_captured = True
     module.forward = forward
