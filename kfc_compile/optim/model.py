@@ -33,9 +33,12 @@ def is_compiled_module(model: object) -> bool:
 
 
 def _rnn_eagerly(model: nn.Module, approx: str, frontend: str) -> tuple[nn.Module, nn.Module, bool]:
-    """``torch.compile(m, backend="kfc")`` of a model with an ``nn.LSTM``/``nn.GRU``/``nn.RNN``: dynamo skips any
-    frame that holds one (it would run the model eagerly, with no graph for the backend to instrument), so the
-    compiled wrapper runs the instrumented plain module instead (the same layers as ``kc.KFC(m)``), with a warning."""
+    """``torch.compile(m, backend="kfc")`` of a model with an ``nn.LSTM``/``nn.GRU``/``nn.RNN``: run it uncompiled.
+
+    Dynamo skips any frame that holds one (it would run the model eagerly, with no graph for the backend to
+    instrument), so the compiled wrapper runs the instrumented plain module instead (the same layers as
+    ``kc.KFC(m)``), with a warning.
+    """
     orig = model._orig_mod
     warnings.warn(f"{type(orig).__name__} holds a recurrent module, which torch.compile does not trace (dynamo would "
                   "run it eagerly): KFC instruments it without the compiler; the compiled wrapper runs it uncompiled",
