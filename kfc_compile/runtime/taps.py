@@ -157,10 +157,10 @@ def replay_inputs(signature: inspect.Signature | None, args: tuple, kwargs: Mapp
             else:
                 pending.append(p.default)
         elif p.kind is p.VAR_POSITIONAL:
-            if given.get(p.name):
+            if len(given.get(p.name, ())):
                 out += pending + list(given[p.name])
                 pending = []
-        elif given.get(p.name):  # keyword-only, or entries of **kwargs
+        elif p.kind is p.KEYWORD_ONLY and p.name in given or p.kind is p.VAR_KEYWORD and len(given.get(p.name, {})):
             return None
     return tuple(out)
 

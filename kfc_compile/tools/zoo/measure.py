@@ -127,7 +127,14 @@ def _record_params(row: dict, model: nn.Module) -> None:
 
 
 def _record_layers(row: dict, info, model: nn.Module, detail: bool) -> None:
-    """Layers by kind, coverage, black boxes and uncovered parameters of ``info`` (and the detail columns)."""
+    """Layers by kind, coverage, black boxes and uncovered parameters of ``info`` (and the detail columns).
+
+    Nothing yet for a captured model that dynamo has not compiled (its layers join at the first call).
+    """
+    if isinstance(info, CompiledKFCInfo) and not info.graphs:
+        if detail:
+            row["frontend"] = "dynamo"
+        return
     kinds: dict[str, int] = {}
     for layer in info.layers:
         kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
@@ -207,6 +214,7 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
             # a captured model's layers join at its first call; before the optimizer exists, so that it knows them
             # from its first step (see docs/coverage.md, "Known issues": blocked factors of late layers)
             _record_layers(row, tm.kfc, model, detail)
+            stage = enter("train")  # reports the layers to the time-limited worker
             # the whole (tiny) batch for the exact Fisher products: train-mode BatchNorm needs > 1 example
             opt = kc.KFC(tm, lr=lr, damping=damping, loss=case.loss, output=case.output, clip_fraction=1.0,
                          max_factor_dim=max_factor_dim)
