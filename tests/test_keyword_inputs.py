@@ -132,3 +132,33 @@ def test_unreplayable_keyword_call_is_reported():
         nn.functional.cross_entropy(model(x, mask=mask), y).backward()
     opt.step()
     assert opt.factors("fc1") is not None
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow in the root forward: the fx pass keeps the root as a black box."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x, mask):
+        h = torch.tanh(self.fc1(x))
+        if h.sum() > -1e9:
+            h = h * mask
+        return self.fc2(h)
+
+
+def test_keyword_call_of_an_fx_black_box_root():
+    torch.manual_seed(0)
+    base = Branchy().double()
+    runs = []
+    for call in (lambda m, x, mask: m(x, mask), lambda m, x, mask: m(mask=mask, x=x)):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        tm = kc.transform(model, frontend="fx")
+        assert [b.name for b in tm.kfc.black_boxes] == ["<root>"]
+        opt, params = _train(tm, call)
+        assert opt.last_step["nu"] > 0
+        runs.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

@@ -20,7 +20,7 @@ from kfc_compile.frontend.fx.trace import is_layer_module, qualified, trace_with
 from kfc_compile.registry import BlackBox, KFCInfo, KFCLayer
 from kfc_compile.runtime import opaque
 from kfc_compile.runtime.state import CaptureState, SiteEntry
-from kfc_compile.runtime.taps import OutputTap, Tap, output_tap, tap
+from kfc_compile.runtime.taps import OutputTap, Tap, forward_signature, output_tap, replay_inputs, tap
 from kfc_compile.sites import coverage
 from kfc_compile.sites.kinds import Candidate, module_site
 
@@ -219,9 +219,10 @@ class Instrumenter:
             return root
         cls = type(root)
         state = self.state
+        signature = forward_signature(cls.forward.__get__(root))
 
         def forward(self, *args, **kwargs):
-            return output_tap(cls.forward(self, *args, **kwargs), state, args)
+            return output_tap(cls.forward(self, *args, **kwargs), state, replay_inputs(signature, args, kwargs))
 
         root.__class__ = type(f"KFC{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
         return root
