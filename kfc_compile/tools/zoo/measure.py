@@ -249,6 +249,12 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
             row["status"] = "failed"
             row["error"] = f"{stage}: {_short(e)}"
         row["trace"] = traceback.format_exc(limit=-4)
+        if compiled and stage in ("train", "timing"):  # the compiled coverage does not need the training
+            try:
+                enter("compiled")
+                _compiled(row, case, res, inputs, y)
+            except Exception as e2:  # noqa: BLE001 - recorded
+                row["compiled_error"] = _short(e2)
     finally:
         row["seconds"] = time.perf_counter() - t0
         torch._dynamo.reset()  # compiled code of this model (dynamo capture, the compiled column) is not reused
