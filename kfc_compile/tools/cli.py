@@ -189,6 +189,9 @@ def _add_zoo(sub) -> None:
                    help="per-model wall-clock limit: each model runs in a worker process and one over the "
                         "limit is stopped and recorded with what it measured so far (default: no limit)")
     p.add_argument("--out", default="zoo-out", metavar="DIR", help="output directory (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of the models already in --out/zoo.json (an interrupted sweep) and run the "
+                        "others")
     p.add_argument("--threads", type=_nonneg_int, default=0,
                    help="torch intra-op threads, also in the --time-limit workers (0 = torch's default; on a machine "
                         "shared with other jobs use 1: oversubscribed OpenMP threads slow small ops by 10-50x)")
@@ -233,7 +236,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
                    lr=args.lr, damping=args.damping, progress=not args.no_progress, command=command,
                    timing_steps=args.timing_steps, time_limit=args.time_limit,
                    max_factor_dim=args.max_factor_dim or None, detail=detail, compiled=args.compiled,
-                   source=args.source)
+                   source=args.source, resume=args.resume)
     t = zoo.totals(rows)
     print(f"{t['models']} models: ok {t['ok']}, partial {t['partial']}, failed {t['failed']}; "
           f"wrote {args.out}/zoo.md and {args.out}/zoo.json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import multiprocessing
 import os
 import sys
@@ -42,14 +43,15 @@ def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 8, out
         lr: float = 0.003, damping: float = 0.1, progress: bool = True, command: str | None = None,
         timing_steps: int = 3, time_limit: float | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM, detail: bool = False, compiled: bool = False,
-        source: str | None = None) -> list[dict]:
+        source: str | None = None, resume: bool = False) -> list[dict]:
     """Run the zoo over ``models`` (names, ``"all"``, ``(name, constructor[, family])``, ``Case``s); see the module doc.
 
     ``time_limit``: seconds per model (each model then runs in a forked worker process; None: in this process).
     ``detail`` adds the conv/linear share, tied weights, front end and KFC's warnings to every row
     (``DETAIL_KEYS``), ``compiled`` the coverage under ``torch.compile(backend="kfc")``; ``source`` names the
     models' source in the report header. With ``out`` (a directory) writes ``zoo.json`` and ``zoo.md`` there,
-    rewritten after every model so an interrupted sweep keeps its rows.
+    rewritten after every model so an interrupted sweep keeps its rows; ``resume`` keeps the rows of an earlier
+    run in ``out/zoo.json`` for the models it has (the header counts them as ``resumed``) and runs the others.
     """
     items = _normalise(models, resolution)
     header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -58,7 +60,17 @@ def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 8, out
               "time_limit": time_limit, "source": source, "detail": detail or None, "compiled": compiled or None,
               "threads": torch.get_num_threads(),
               "n_models": len(items)}
+    order = {c.name: i for i, c in enumerate(items)}
     rows: list[dict] = []
+    if resume and out and os.path.exists(os.path.join(out, "zoo.json")):
+        with open(os.path.join(out, "zoo.json")) as f:
+            earlier = json.load(f)
+        done = {r["name"]: r for r in earlier["models"]}
+        rows = [done[c.name] for c in items if c.name in done]
+        items = [c for c in items if c.name not in done]
+        before = earlier.get("run", {})
+        header.update(resumed=len(rows), started=before.get("started") or before.get("date"),
+                      wall_s_before=round(before.get("wall_s", 0) + before.get("wall_s_before", 0), 1))
     t_start = time.perf_counter()
     bar = tqdm(items, file=sys.stderr, unit="model", disable=not progress)
     for case in bar:
@@ -72,6 +84,7 @@ def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 8, out
             row = run_one(name, **kwargs)
         trace = row.pop("trace", None)
         rows.append(row)
+        rows.sort(key=lambda r: order.get(r["name"], len(order)))
         if progress:
             tqdm.write(f"{name}: {row['status']} coverage={pct(row['coverage'])} "
                        f"loss {num(row['loss_before'])} -> {num(row['loss_after'])} "
