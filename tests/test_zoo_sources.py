@@ -154,3 +154,28 @@ def test_hf_vision_model_input_is_pixels():
     case = zoo.hf_models.case("vit")
     args, kwargs = case.inputs(None, 4, torch.Generator().manual_seed(0))
     assert args == () and set(kwargs) == {"pixel_values"} and kwargs["pixel_values"].shape == (4, 3, 32, 32)
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+class Other(Small):
+    pass
+
+
+def test_resume_keeps_the_rows_of_an_interrupted_sweep(tmp_path):
+    first = zoo.run([("a", Small)], steps=1, resolution=8, batch=4, out=str(tmp_path), progress=False,
+                    timing_steps=0)
+    rows = zoo.run([("b", Other), ("a", Small)], steps=1, resolution=8, batch=4, out=str(tmp_path),
+                   progress=False, timing_steps=0, resume=True)
+    assert [r["name"] for r in rows] == ["b", "a"] and rows[1] == first[0]  # a kept as it was, in sweep order
+    assert rows[0]["status"] == "ok"
+    doc = json.loads((tmp_path / "zoo.json").read_text())
+    assert doc["run"]["resumed"] == 1 and doc["run"]["n_models"] == 2 and len(doc["models"]) == 2
