@@ -136,6 +136,9 @@ def main(argv=None) -> int:
                     help="JSON lines of bench/coverage_sweep.py --detail (several: a sweep completed with --models)")
     ap.add_argument("--timm", nargs="+", default=[],
                     help="zoo.json files of kfc-compile zoo --source timm (several: one sweep resumed with --models)")
+    ap.add_argument("--timm-rerun", nargs="*", default=[],
+                    help="zoo.json files of timm models run again on their own (e.g. with a longer --time-limit); "
+                         "their rows replace the rows of the same models")
     ap.add_argument("--timm-compiled", help="zoo.json of timm models run with --compiled (fills their columns)")
     ap.add_argument("--hf", help="zoo.json of kfc-compile zoo --source hf")
     ap.add_argument("--notes", help="markdown file for the Notes section")
@@ -153,14 +156,27 @@ def main(argv=None) -> int:
         timm_headers.append(header)
     hf_rows, hf_header = _load_zoo(args.hf) if args.hf else ([], {})
     extra = ""
+    reruns: dict[str, tuple[dict, dict]] = {}
+    for path in args.timm_rerun:
+        rows, header = _load_zoo(path)
+        reruns.update({r["name"]: (r, header) for r in rows})
+    if reruns:
+        unknown = set(reruns) - {r["name"] for r in timm_rows}
+        if unknown:
+            ap.error(f"--timm-rerun models not in the timm runs: {sorted(unknown)}")
+        timm_rows = [reruns[r["name"]][0] if r["name"] in reruns else r for r in timm_rows]
+        extra = "\n".join(f"* re-run: `{n}` ({r['status']}, {r['seconds']:.0f} s), {h.get('date')}, "
+                           f"`{_short_command(h.get('command'))}`; its row replaces the sweep's"
+                           for n, (r, h) in reruns.items())
     if args.timm_compiled:
         comp_rows, comp_header = _load_zoo(args.timm_compiled)
         by = {r["name"]: r for r in comp_rows if r.get("compiled_linear_coverage") is not None}
         for r in timm_rows:
             if r["name"] in by:
                 r.update({k: by[r["name"]].get(k) for k in COMPILED_KEYS})
-        extra = (f"* compiled columns: {len(by)} models, from `{comp_header.get('command')}` "
-                 f"({comp_header.get('date')}, {comp_header.get('wall_s')} s wall)")
+        extra += (("\n" if extra else "") + f"* compiled columns: {len(by)} models, from "
+                  f"`{_short_command(comp_header.get('command'))}` ({comp_header.get('date')}, "
+                  f"{comp_header.get('wall_s')} s wall, stopped after {len(comp_rows)} models)")
     groups = [(lbl, rows) for lbl, rows in (("timm (one model per family)", timm_rows), ("HF (the project's list)",
                                                                                        hf_rows)) if rows]
     table = summary_table(tv, groups)
