@@ -1,0 +1,46 @@
+"""Library bugs the timm / HF sweeps found, each pinned by a test that failed before its fix.
+
+* timm ``shvit_s1``: a Γ whose fp32 trace is a subnormal (a residual branch behind a BatchNorm with γ = 0) made the
+  π split's ratio overflow fp32, so the Ω-side damping was inf and the Cholesky failed.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kfc_compile.curvature.decompositions import DecompositionError, factored_inverses
+
+
+def _spd(d: int, trace: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, 2 * d, dtype=torch.float64, generator=g)
+    m = x @ x.T
+    return m * (trace / m.trace())
+
+
+def _reference(A: torch.Tensor, G: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The damped inverses of KFC Eqs. 20–22 in float64 (π = sqrt((tr Ω / dim Ω) / (tr Γ / dim Γ)))."""
+    pi = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
+    s = eta ** 0.5
+    return (torch.linalg.inv(A + pi * s * torch.eye(A.shape[0], dtype=A.dtype)),
+            torch.linalg.inv(G + s / pi * torch.eye(G.shape[0], dtype=G.dtype)))
+
+
+@pytest.mark.parametrize("g_trace", [3.5e-40, 1e-44, 1.0])
+def test_pi_split_of_fp32_factors_with_a_subnormal_trace(g_trace):
+    A64, G64 = _spd(6, 2.0, 0), _spd(4, g_trace, 1)
+    A, G = A64.float(), G64.float()
+    assert G.trace() > 0
+    assert bool(torch.isinf(A.trace() / G.trace())) == (g_trace < 1e-38)  # the fp32 ratio overflows
+    Ainv, Ginv, ca = factored_inverses(A[None], G[None], 0.1, name="conv")
+    ref_a, ref_g = _reference(A.double(), G.double(), 0.1)  # the fp32 factors, inverted exactly in float64
+    assert Ainv.dtype == torch.float32 and bool(torch.isfinite(Ainv).all()) and bool(torch.isfinite(Ginv).all())
+    torch.testing.assert_close(Ainv[0].double(), ref_a, rtol=1e-4, atol=ref_a.abs().max().item() * 1e-5)
+    torch.testing.assert_close(Ginv[0].double(), ref_g, rtol=1e-4, atol=ref_g.abs().max().item() * 1e-5)
+
+
+def test_pi_split_outside_the_dtype_range_is_a_decomposition_error():
+    """π itself not representable in fp32 (traces 1e35 and 1e-44 apart): reported, never an inf damping."""
+    A, G = (_spd(3, 1e35, 2).float(), _spd(3, 1e-44, 3).float())
+    with pytest.raises(DecompositionError, match="outside the torch.float32 range"):
+        factored_inverses(A[None], G[None], 0.1, name="conv")
