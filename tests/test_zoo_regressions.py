@@ -2,12 +2,17 @@
 
 * timm ``shvit_s1``: a Γ whose fp32 trace is a subnormal (a residual branch behind a BatchNorm with γ = 0) made the
   π split's ratio overflow fp32, so the Ω-side damping was inf and the Cholesky failed.
+* Layers of a live registry (``torch.compile(m, backend="kfc")``, dynamo capture) join after ``kc.KFC`` was built:
+  their statistics must be recorded in the block layout their running factors get (``max_factor_dim``, a memory
+  budget's).
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import kfc_compile as kc
 from kfc_compile.curvature.decompositions import DecompositionError, factored_inverses
 
 
@@ -44,3 +49,54 @@ def test_pi_split_outside_the_dtype_range_is_a_decomposition_error():
     A, G = (_spd(3, 1e35, 2).float(), _spd(3, 1e-44, 3).float())
     with pytest.raises(DecompositionError, match="outside the torch.float32 range"):
         factored_inverses(A[None], G[None], 0.1, name="conv")
+
+
+@pytest.fixture
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _wide_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 300), nn.Tanh(), nn.Linear(300, 5)).double()
+
+
+def _trajectory(model, runner, steps: int = 3, **opts):
+    opt = kc.KFC(runner, lr=0.1, damping=0.1, fisher="type-2", stats_fraction=1.0, max_factor_dim=256, **opts)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (16,), generator=g)
+    for _ in range(steps):
+        nn.functional.cross_entropy(runner(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.filterwarnings("ignore:memory_budget=")
+@pytest.mark.parametrize("budget", [None, 2_500_000])
+def test_layers_of_a_live_registry_record_statistics_in_their_layout(budget):
+    """Layers that join after ``kc.KFC`` was built (kfc backend) record in the layout their factors get.
+
+    With a memory budget that re-blocks the wide factors, the statistics used to be recorded with
+    ``max_factor_dim``'s blocks and the first inverse failed on the mismatch; the fx twin (layers known at once) is
+    the reference: the same layouts, factors and trajectory.
+    """
+    ref_model = _wide_mlp()
+    ref, ref_opt = _trajectory(ref_model, ref_model, memory_budget=budget)
+    model = _wide_mlp()
+    got, opt = _trajectory(model, torch.compile(model, backend="kfc", options={"inner": "eager"}),
+                              memory_budget=budget)
+    for name in ("0", "2"):
+        want = ref_opt._estimator.layer_state(name)
+        have = opt._estimator.layer_state(name)
+        assert have.layout == want.layout
+        torch.testing.assert_close(have.running.A, want.running.A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(have.running.G, want.running.G, rtol=1e-12, atol=1e-14)
+    if budget is not None:  # the budget re-blocked a factor below max_factor_dim's blocks
+        assert any(ref_opt._estimator.layer_state(n).layout.a_blocks > 2 or
+                   ref_opt._estimator.layer_state(n).layout.g_blocks > 2 for n in ("0", "2"))
+    for p, q in zip(got, ref, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

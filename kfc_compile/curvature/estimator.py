@@ -26,11 +26,13 @@ driver methods only):
 from __future__ import annotations
 
 import warnings
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from kfc_compile.curvature.blocks import Layout
+from kfc_compile.curvature.blocks import Layout, block_count
 from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.factors import Factors, RunningFactors
 from kfc_compile.curvature.guard import finite_flags, refresh_layer, restart_factors
@@ -45,6 +47,17 @@ from kfc_compile.registry import KFCLayer
 from kfc_compile.runtime.state import CaptureState
 
 __all__ = ["CurvatureEstimator", "LayerState"]
+
+
+def _weak_blocks(ref: weakref.ref, max_factor_dim: int | None) -> Callable[[KFCLayer], tuple[int, int]]:
+    """``CurvatureEstimator._blocks_of`` of the estimator ``ref`` points to; ``max_factor_dim``'s once it is gone."""
+    def blocks(layer: KFCLayer) -> tuple[int, int]:
+        estimator = ref()
+        if estimator is None:
+            return block_count(layer.a_dim, max_factor_dim), block_count(layer.g_dim, max_factor_dim)
+        return estimator._blocks_of(layer)
+
+    return blocks
 
 
 class CurvatureEstimator:
@@ -96,6 +109,10 @@ class CurvatureEstimator:
         self.capture: CaptureState = info.state
         self._version = getattr(info, "version", None)  # a live registry (kfc backend): see sync()
         self._layouts = planned_layouts(info.layers, max_factor_dim, memory_budget, damping_method, None, warned)
+        self._recorded_layouts: dict[str, Layout] = {}  # layouts given to statistics of layers not yet followed
+        # what the capture state asks for a layer's blocks; by weak reference: the state outlives the optimizer in
+        # dynamo's caches, and must not keep it (and the model) alive
+        self._block_layout = _weak_blocks(weakref.ref(self), max_factor_dim)
         self.states = [LayerState(layer, self._layout_of(layer)) for layer in info.layers]
         # statistics on a subset: a separate forward of the subset where possible, else the subset's rows
         self._separate_pass = stats_fraction < 1.0 and fisher in ("mc", "type-2") and not compiled
@@ -135,6 +152,8 @@ class CurvatureEstimator:
         self._version = version
         old = {id(s.layer): s for s in self.states}
         kept = {s.layer.name: s.layout for s in self.states if id(s.layer) in {id(la) for la in info.layers}}
+        names = {la.name for la in info.layers}
+        kept |= {n: lay for n, lay in self._recorded_layouts.items() if n in names and n not in kept}
         self._layouts = planned_layouts(info.layers, self.max_factor_dim, self.memory_budget, self.damping_method,
                                         kept, self.warned)
         states = []
@@ -152,6 +171,23 @@ class CurvatureEstimator:
     def _layout_of(self, layer: KFCLayer) -> Layout:
         return self._layouts.get(layer.name) or Layout.of(layer.groups, layer.a_dim, layer.g_dim, self.max_factor_dim)
 
+    def _blocks_of(self, layer: KFCLayer) -> tuple[int, int]:
+        """(Ω blocks, Γ blocks) a layer's statistics are recorded in: those of its layout.
+
+        Asked by the capture state when the layer's statistics start; a layer of a live registry may have joined
+        since the pass was prepared (the subset pass's forward may compile a graph): it is planned with the
+        registry's layers then, and :meth:`sync` keeps that layout (``max_factor_dim`` or a memory budget's), so
+        that its running factors have the layout of its statistics.
+        """
+        lay = self._layouts.get(layer.name)
+        if lay is None:  # not followed yet (sync() runs in step(), which also updates the parameter groups)
+            kept = {s.layer.name: s.layout for s in self.states} | self._recorded_layouts
+            plan = planned_layouts(self.model.kfc.layers, self.max_factor_dim, self.memory_budget,
+                                   self.damping_method, kept, self.warned)
+            lay = plan.get(layer.name) or Layout.of(layer.groups, layer.a_dim, layer.g_dim, self.max_factor_dim)
+            self._recorded_layouts[layer.name] = lay
+        return lay.a_blocks, lay.g_blocks
+
     # -- statistics ----------------------------------------------------------------------------------------------
     def schedule(self, k: int) -> None:
         """Arm the capture taps for the forward of step k if it is a statistics step, else disarm them."""
@@ -167,7 +203,7 @@ class CurvatureEstimator:
             self._armed = False
             return
         # no moving average in the kernel epilogue: the step may still be skipped after the user's backward
-        st.prepare_pass({}, self.max_factor_dim)
+        st.prepare_pass({}, self._block_layout)
         self._output_failed = False
         fisher_pass = self._fisher_pass if self.fisher in ("mc", "type-2") else None
         st.arm(inputs=True, grads=self.fisher == "empirical", batch_mean=self.loss.reduction == "mean",
@@ -248,7 +284,7 @@ class CurvatureEstimator:
         parts = leading_subset(st.recorded_calls(), self.stats_fraction)
         with st.preserved_calls(), torch.enable_grad(), st.armed_forward():  # the output tap sees the subset
             outputs = [forward_with_private_buffers(self.model, part, st.output_fn) for part in parts]
-        st.prepare_pass(self._ema_targets(), self.max_factor_dim, examples=sum(f.shape[0] for f in outputs))
+        st.prepare_pass(self._ema_targets(), self._block_layout, examples=sum(f.shape[0] for f in outputs))
         for f in outputs:
             st.begin_micro_batch(f.shape[0])
             try:
