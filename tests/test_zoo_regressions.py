@@ -100,3 +100,65 @@ def test_layers_of_a_live_registry_record_statistics_in_their_layout(budget):
                    ref_opt._estimator.layer_state(n).layout.g_blocks > 2 for n in ("0", "2"))
     for p, q in zip(got, ref, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+class TinyLM(nn.Module):
+    """An HF-style causal LM: keyword inputs, ``labels=`` → a ``CausalLMOutput`` with the shifted loss and logits."""
+
+    def __init__(self, vocab: int = 11):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 6)
+        self.fc = nn.Linear(6, 8)
+        self.head = nn.Linear(8, vocab)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        h = torch.tanh(self.fc(self.emb(input_ids)))
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        logits = self.head(h)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def _lm_step(wrap: str, own: bool):
+    """One KFC step (MC Fisher in the user's pass) on the model's own loss or the zoo's objective."""
+    from kfc_compile.tools.zoo.cases import Case
+
+    case = Case(name="tiny", family="causal-lm", build=None, inputs=None, loss=kc.CrossEntropy(class_dim=-1),
+                output=lambda out: out.logits[:, :-1], labels="labels")
+    torch.manual_seed(0)
+    model = TinyLM().double().train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (6, 5), generator=g)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids).double(), "labels": ids}
+    runner = torch.compile(model, backend="kfc", options={"inner": "eager"}) if wrap == "compiled" else model
+    opt = kc.KFC(runner, lr=0.01, damping=0.1, loss=case.loss, output=case.output, fisher="mc", stats_fraction=1.0,
+                 generator=torch.Generator().manual_seed(5), clip=None,
+                 **({"frontend": "dynamo"} if wrap == "captured" else {}))
+    out = runner(**kwargs)
+    loss = case.training_loss(out, ids[:, 1:], kwargs) if own else case.objective(out, ids[:, 1:])
+    assert (loss is out.loss) == own
+    torch.testing.assert_close(out.loss, case.objective(out, ids[:, 1:]), rtol=1e-12, atol=0)
+    loss.backward()
+    opt.step()
+    return {s.layer.name: s.running for s in opt._estimator.states}
+
+
+@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.parametrize("wrap", ["captured", "compiled"])
+def test_an_in_model_loss_gives_the_statistics_of_the_logits_loss(wrap):
+    """HF ``labels=`` → ``out.loss``: its backward starts the Fisher pass (MC, in the user's pass) from the logits.
+
+    The factors equal those of the same step back-propagating the objective on the selected logits (the same MC
+    samples), for dynamo capture and ``torch.compile(backend="kfc")``; so the zoo trains on the model's own loss.
+    """
+    own, ref = _lm_step(wrap, own=True), _lm_step(wrap, own=False)
+    assert set(ref) == {"fc", "head"} and set(own) == set(ref)
+    for name, r in ref.items():
+        assert own[name] is not None, f"{name} got no statistics from out.loss"
+        torch.testing.assert_close(own[name].A, r.A, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(own[name].G, r.G, rtol=1e-12, atol=1e-15)

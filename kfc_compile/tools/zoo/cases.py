@@ -5,10 +5,12 @@ HF sources (:mod:`~kfc_compile.tools.zoo.timm_models`, :mod:`~kfc_compile.tools.
 A case's callables are module-level functions or ``functools.partial`` of them where the source controls them, so
 that a case pickles into the time-limited worker's fork server.
 
-The training objective is always the case's loss spec applied to the logits its ``output`` selects
+The training objective is the case's loss spec applied to the logits its ``output`` selects
 (:meth:`Case.objective`), i.e. exactly the loss whose Fisher KFC builds. A model whose head also takes the targets
 (``labels``: HF's ``labels=``) gets them as that keyword argument, and the loss it returns is checked against the
-objective once before training: a mismatch means the case's spec is not the model's own loss and fails the row.
+objective once before training (a mismatch means the case's spec is not the model's own loss and fails the row);
+the training steps then back-propagate the model's own loss, as users do (:meth:`Case.training_loss`: KFC's
+output tap starts the Fisher pass from the logits for a 0-d loss returned next to them).
 """
 from __future__ import annotations
 
@@ -66,8 +68,25 @@ class Case:
         return model_output(out, self.output)
 
     def objective(self, out, y: torch.Tensor) -> torch.Tensor:
-        """The training loss: the loss spec on the selected logits."""
+        """The objective: the loss spec on the selected logits."""
         return self.loss.batch_loss(self.logits(out), y)
+
+    def training_loss(self, out, y: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """What the training steps back-propagate: the model's own loss if it got the labels, else the objective."""
+        if self.labels is not None and self.labels in kwargs:
+            own = own_loss(out)
+            if own is None:
+                raise RuntimeError(f"the model returned no loss for {self.labels}=")
+            return own
+        return self.objective(out, y)
+
+
+def own_loss(out) -> torch.Tensor | None:
+    """The loss a model returned next to its outputs (HF: ``out.loss``), or None."""
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    return loss
 
 
 def _image_inputs(family: str, name: str, res: int, batch: int, gen: torch.Generator) -> Inputs:

@@ -13,8 +13,8 @@ inputs are what a training loop passes, as keyword arguments:
   (the model builds its decoder inputs from them); ``kc.CrossEntropy(class_dim=-1)`` on the (B, 12, V) logits;
 * **vision** (``...ForImageClassification``, 10 labels): ``pixel_values`` (B, 3, 32, 32) and ``labels`` (B,).
 
-Each model's own loss (it gets the labels) is checked against the zoo's objective before training
-(``cases.py``). Vocabulary 256, width 64, 2 layers, sequences of 16 tokens.
+Each model's own loss (it gets the labels) is checked against the zoo's objective before training, and is what
+the training steps back-propagate (``cases.py``). Vocabulary 256, width 64, 2 layers, sequences of 16 tokens.
 """
 from __future__ import annotations
 

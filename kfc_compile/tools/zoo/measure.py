@@ -22,7 +22,7 @@ from torch import nn
 
 import kfc_compile as kc
 from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo
-from kfc_compile.tools.zoo.cases import Case, Inputs, image_case
+from kfc_compile.tools.zoo.cases import Case, Inputs, image_case, own_loss
 from kfc_compile.tools.zoo.detail import DETAIL_KEYS, compiled_coverage, linear_share
 
 ROW_KEYS = ("name", "family", "status", "error", "trained", "input_shape", "params", "trainable_params",
@@ -91,9 +91,7 @@ def _check_model_loss(model: nn.Module, case: Case, inputs: Inputs, y: torch.Ten
     with torch.no_grad():
         out = model(*inputs[0], **inputs[1])
         ours = float(case.objective(out, y))
-    theirs = getattr(out, "loss", None)
-    if theirs is None and isinstance(out, dict):
-        theirs = out.get("loss")
+    theirs = own_loss(out)
     if theirs is None:
         raise RuntimeError(f"the model returned no loss for {case.labels}=")
     if not math.isclose(float(theirs), ours, rel_tol=1e-4, abs_tol=1e-6):
@@ -109,7 +107,7 @@ def _fixed_loss(model: nn.Module, case: Case, inputs: Inputs, y: torch.Tensor) -
     """
     with torch.random.fork_rng():
         torch.manual_seed(MASK_SEED)
-        return case.objective(model(*inputs[0], **inputs[1]), y)
+        return case.training_loss(model(*inputs[0], **inputs[1]), y, inputs[1])
 
 
 def _kfc_step(model: nn.Module, opt: kc.KFC, case: Case, inputs: Inputs, y: torch.Tensor) -> float:
@@ -211,8 +209,8 @@ def run_one(name: str, constructor: Callable[[], nn.Module] | None = None, famil
             warnings.simplefilter("always")
             with torch.no_grad():
                 before = float(_fixed_loss(tm, case, inputs, y))
-            # a captured model's layers join at its first call; before the optimizer exists, so that it knows them
-            # from its first step (see docs/coverage.md, "Known issues": blocked factors of late layers)
+            # a captured model's layers join at this first call: the time-limited worker learns them below (kc.KFC
+            # itself no longer needs them before it is built: layers that join later get their own layouts)
             _record_layers(row, tm.kfc, model, detail)
             stage = enter("train")  # reports the layers to the time-limited worker
             # the whole (tiny) batch for the exact Fisher products: train-mode BatchNorm needs > 1 example
@@ -305,7 +303,7 @@ def _sgd_step_s(case: Case, res, inputs: Inputs, y, timing_steps: int, lr: float
     st = []
     for k in range(timing_steps + 1):
         t = time.perf_counter()
-        case.objective(model(*inputs[0], **inputs[1]), y).backward()
+        case.training_loss(model(*inputs[0], **inputs[1]), y, inputs[1]).backward()
         sgd.step()
         sgd.zero_grad(set_to_none=True)
         if k:  # the first step allocates the momentum buffers
@@ -321,6 +319,6 @@ def _compiled(row: dict, case: Case, res, inputs: Inputs, y) -> None:
     def run_backward(cm: nn.Module) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            case.objective(cm(*inputs[0], **inputs[1]), y).backward()
+            case.training_loss(cm(*inputs[0], **inputs[1]), y, inputs[1]).backward()
 
     row.update(compiled_coverage(model, run_backward, _reason))
