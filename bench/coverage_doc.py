@@ -26,9 +26,14 @@ COMPILED_KEYS = ("compiled_coverage", "compiled_linear_coverage", "compiled_line
 
 
 def _load_zoo(path: str) -> tuple[list[dict], dict]:
+    """Rows and run header of a zoo.json; ``PATH=COMMIT`` names the commit that measured them (header ``commit``)."""
+    path, _, commit = path.partition("=")
     with open(path) as f:
         doc = json.load(f)
-    return doc["models"], doc.get("run", {})
+    header = doc.get("run", {})
+    if commit:
+        header = {**header, "commit": commit}
+    return doc["models"], header
 
 
 def _load_jsonl(path: str) -> tuple[list[dict], dict]:
@@ -135,7 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--torchvision", nargs="+", default=[],
                     help="JSON lines of bench/coverage_sweep.py --detail (several: a sweep completed with --models)")
     ap.add_argument("--timm", nargs="+", default=[],
-                    help="zoo.json files of kfc-compile zoo --source timm (several: one sweep resumed with --models)")
+                    help="zoo.json files of kfc-compile zoo --source timm (several: one sweep resumed with --models); "
+                         "PATH=COMMIT (here and below) names the commit that measured them")
     ap.add_argument("--timm-rerun", nargs="*", default=[],
                     help="zoo.json files of timm models run again on their own (e.g. with a longer --time-limit); "
                          "their rows replace the rows of the same models")
@@ -165,9 +171,9 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"--timm-rerun models not in the timm runs: {sorted(unknown)}")
         timm_rows = [reruns[r["name"]][0] if r["name"] in reruns else r for r in timm_rows]
-        extra = "\n".join(f"* re-run: `{n}` ({r['status']}, {r['seconds']:.0f} s), {h.get('date')}, "
-                           f"`{_short_command(h.get('command'))}`; its row replaces the sweep's"
-                           for n, (r, h) in reruns.items())
+        extra = "\n".join(f"* re-run: `{n}` ({r['status']}, {r['seconds']:.0f} s), {h.get('date')}, commit "
+                           f"{h.get('commit', '?')}, `{_short_command(h.get('command'))}`; its row replaces the "
+                           "sweep's" for n, (r, h) in reruns.items())
     if args.timm_compiled:
         comp_rows, comp_header = _load_zoo(args.timm_compiled)
         by = {r["name"]: r for r in comp_rows if r.get("compiled_linear_coverage") is not None}
@@ -212,9 +218,11 @@ def main(argv=None) -> int:
                   "every classification model trained with a finite decreasing loss in the `kfc-compile zoo` "
                   "sweep of [zoo.md](zoo.md)", "", *torchvision_table(tv), ""]
     if timm_rows:
-        runs = [f"* run {i + 1} of {len(timm_headers)}: {h.get('n_models')} models, {h.get('date')}, "
-                f"{h.get('wall_s')} s wall, `{_short_command(h.get('command'))}`" for i, h in enumerate(timm_headers)]
-        header = {k: v for k, v in timm_headers[0].items() if k not in ("command", "date", "wall_s")}
+        runs = [f"* run {i + 1} of {len(timm_headers)}: {h.get('n_models')} models, {h.get('date')}, commit "
+                f"{h.get('commit', '?')}, {h.get('wall_s')} s wall"
+                + (f" (+ {h['wall_s_before']} s before a --resume)" if h.get("wall_s_before") else "")
+                + f", `{_short_command(h.get('command'))}`" for i, h in enumerate(timm_headers)]
+        header = {k: v for k, v in timm_headers[0].items() if k not in ("command", "date", "wall_s", "commit")}
         header["n_models"] = sum(h.get("n_models", 0) for h in timm_headers)
         lines += _source_section("timm: the smallest model of every family", timm_rows, header,
                                  "\n".join(runs + ([extra] if extra else [])))

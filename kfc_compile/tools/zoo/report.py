@@ -80,9 +80,9 @@ def render(rows: list[dict], header: dict) -> str:
     """The ``zoo.md`` text for ``rows`` under the run ``header``."""
     t = totals(rows)
     lines = ["# kfc-compile zoo", ""]
-    for k in ("command", "date", "started", "machine", "source", "threads", "steps", "resolution", "batch", "lr",
-              "damping", "max_factor_dim", "timing_steps", "time_limit", "compiled", "resumed", "wall_s_before",
-              "wall_s"):
+    for k in ("command", "date", "started", "machine", "commit", "source", "threads", "steps", "resolution",
+              "batch", "lr", "damping", "max_factor_dim", "timing_steps", "time_limit", "compiled", "resumed",
+              "wall_s_before", "wall_s"):
         if header.get(k) is not None:
             lines.append(f"* {k}: `{header[k]}`" if k == "command" else f"* {k}: {header[k]}")
     done = f"{len(rows)} of {header.get('n_models', len(rows))}"

@@ -9,6 +9,7 @@ import gc
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 
@@ -39,6 +40,16 @@ def _normalise(models, resolution: int | None) -> list[Case]:
     return out
 
 
+def _commit() -> str | None:
+    """The short hash of the checkout the zoo runs from (None outside a git checkout)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
 def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 8, out: str | None = None, *,
         lr: float = 0.003, damping: float = 0.1, progress: bool = True, command: str | None = None,
         timing_steps: int = 3, time_limit: float | None = None,
@@ -58,7 +69,7 @@ def run(models, steps: int = 2, resolution: int | None = 32, batch: int = 8, out
               "machine": machine(), "command": command, "steps": steps, "resolution": resolution, "batch": batch,
               "lr": lr, "damping": damping, "max_factor_dim": max_factor_dim, "timing_steps": timing_steps,
               "time_limit": time_limit, "source": source, "detail": detail or None, "compiled": compiled or None,
-              "threads": torch.get_num_threads(),
+              "threads": torch.get_num_threads(), "commit": _commit(),
               "n_models": len(items)}
     order = {c.name: i for i, c in enumerate(items)}
     rows: list[dict] = []
