@@ -179,7 +179,7 @@ class CurvatureEstimator:
         registry's layers then, and :meth:`sync` keeps that layout (``max_factor_dim`` or a memory budget's), so
         that its running factors have the layout of its statistics.
         """
-        lay = self._layouts.get(layer.name)
+        lay = self._layouts.get(layer.name) or self._recorded_layouts.get(layer.name)
         if lay is None:  # not followed yet (sync() runs in step(), which also updates the parameter groups)
             kept = {s.layer.name: s.layout for s in self.states} | self._recorded_layouts
             plan = planned_layouts(self.model.kfc.layers, self.max_factor_dim, self.memory_budget,
