@@ -4,7 +4,7 @@
     kfc-compile zoo --source timm --threads 1 --time-limit 120 --timing-steps 0 --out /tmp/zoo-timm
     kfc-compile zoo --source hf --threads 1 --time-limit 120 --compiled --out /tmp/zoo-hf
     .venv/bin/python bench/coverage_doc.py --torchvision /tmp/cov.jsonl --timm /tmp/zoo-timm/zoo.json \
-        --hf /tmp/zoo-hf/zoo.json [--timm-compiled /tmp/zoo-timm-c/zoo.json] [--notes NOTES.md] \
+        --hf /tmp/zoo-hf/zoo.json [--timm-compiled /tmp/zoo-timm-c/zoo.json ...] [--notes NOTES.md] \
         --out docs/coverage.md
 
 ``--timm-compiled``: a zoo.json of a (sub)set of the timm models run with ``--compiled``; its compiled columns fill
@@ -140,12 +140,15 @@ def main(argv=None) -> int:
     ap.add_argument("--torchvision", nargs="+", default=[],
                     help="JSON lines of bench/coverage_sweep.py --detail (several: a sweep completed with --models)")
     ap.add_argument("--timm", nargs="+", default=[],
-                    help="zoo.json files of kfc-compile zoo --source timm (several: one sweep resumed with --models); "
+                    help="zoo.json files of kfc-compile zoo --source timm (several: a model's row comes from the "
+                         "first file that has it); "
                          "PATH=COMMIT (here and below) names the commit that measured them")
     ap.add_argument("--timm-rerun", nargs="*", default=[],
                     help="zoo.json files of timm models run again on their own (e.g. with a longer --time-limit); "
                          "their rows replace the rows of the same models")
-    ap.add_argument("--timm-compiled", help="zoo.json of timm models run with --compiled (fills their columns)")
+    ap.add_argument("--timm-compiled", nargs="*", default=[],
+                    help="zoo.json files of timm models run with --compiled (fill their columns; a later file's "
+                         "rows win)")
     ap.add_argument("--hf", help="zoo.json of kfc-compile zoo --source hf")
     ap.add_argument("--notes", help="markdown file for the Notes section")
     ap.add_argument("--out", default="docs/coverage.md")
@@ -156,10 +159,12 @@ def main(argv=None) -> int:
         tv += rows
         tv_headers.append(header)
     timm_rows, timm_headers = [], []
-    for path in args.timm:
+    for path in args.timm:  # a model in several files: the first file's row
         rows, header = _load_zoo(path)
-        timm_rows += rows
-        timm_headers.append(header)
+        seen = {r["name"] for r in timm_rows}
+        used = [r for r in rows if r["name"] not in seen]
+        timm_rows += used
+        timm_headers.append({**header, "rows_used": len(used), "rows_in_file": len(rows)})
     hf_rows, hf_header = _load_zoo(args.hf) if args.hf else ([], {})
     extra = ""
     reruns: dict[str, tuple[dict, dict]] = {}
@@ -174,15 +179,18 @@ def main(argv=None) -> int:
         extra = "\n".join(f"* re-run: `{n}` ({r['status']}, {r['seconds']:.0f} s), {h.get('date')}, commit "
                            f"{h.get('commit', '?')}, `{_short_command(h.get('command'))}`; its row replaces the "
                            "sweep's" for n, (r, h) in reruns.items())
-    if args.timm_compiled:
-        comp_rows, comp_header = _load_zoo(args.timm_compiled)
+    compiled: dict[str, dict] = {}
+    for path in args.timm_compiled:
+        comp_rows, comp_header = _load_zoo(path)
         by = {r["name"]: r for r in comp_rows if r.get("compiled_linear_coverage") is not None}
-        for r in timm_rows:
-            if r["name"] in by:
-                r.update({k: by[r["name"]].get(k) for k in COMPILED_KEYS})
+        compiled.update(by)
         extra += (("\n" if extra else "") + f"* compiled columns: {len(by)} models, from "
-                  f"`{_short_command(comp_header.get('command'))}` ({comp_header.get('date')}, "
-                  f"{comp_header.get('wall_s')} s wall, stopped after {len(comp_rows)} models)")
+                  f"`{_short_command(comp_header.get('command'))}` ({comp_header.get('date')}, commit "
+                  f"{comp_header.get('commit', '?')}, {comp_header.get('wall_s')} s wall, stopped after "
+                  f"{len(comp_rows)} models)")
+    for r in timm_rows:
+        if r["name"] in compiled and r.get("compiled_linear_coverage") is None:
+            r.update({k: compiled[r["name"]].get(k) for k in COMPILED_KEYS})
     groups = [(lbl, rows) for lbl, rows in (("timm (one model per family)", timm_rows), ("HF (the project's list)",
                                                                                        hf_rows)) if rows]
     table = summary_table(tv, groups)
@@ -218,12 +226,13 @@ def main(argv=None) -> int:
                   "every classification model trained with a finite decreasing loss in the `kfc-compile zoo` "
                   "sweep of [zoo.md](zoo.md)", "", *torchvision_table(tv), ""]
     if timm_rows:
-        runs = [f"* run {i + 1} of {len(timm_headers)}: {h.get('n_models')} models, {h.get('date')}, commit "
+        runs = [f"* run {i + 1} of {len(timm_headers)}: {h['rows_used']} rows used of the {h['rows_in_file']} it "
+                f"measured (of {h.get('n_models')} models), {h.get('date')}, commit "
                 f"{h.get('commit', '?')}, {h.get('wall_s')} s wall"
                 + (f" (+ {h['wall_s_before']} s before a --resume)" if h.get("wall_s_before") else "")
                 + f", `{_short_command(h.get('command'))}`" for i, h in enumerate(timm_headers)]
         header = {k: v for k, v in timm_headers[0].items() if k not in ("command", "date", "wall_s", "commit")}
-        header["n_models"] = sum(h.get("n_models", 0) for h in timm_headers)
+        header["n_models"] = len(timm_rows)
         lines += _source_section("timm: the smallest model of every family", timm_rows, header,
                                  "\n".join(runs + ([extra] if extra else [])))
     if hf_rows:
