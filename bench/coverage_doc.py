@@ -43,6 +43,10 @@ def _load_jsonl(path: str) -> tuple[list[dict], dict]:
     return [r for r in rows if "model" in r], header
 
 
+def _time_limited(row: dict) -> bool:
+    return "time limit" in (row.get("error") or "")
+
+
 def _spread(values: list[float]) -> str:
     return f"{pct(statistics.median(values))} / {pct(min(values))}" if values else ""
 
@@ -138,7 +142,8 @@ def _source_section(title: str, rows: list[dict], header: dict, extra: str = "")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--torchvision", nargs="+", default=[],
-                    help="JSON lines of bench/coverage_sweep.py --detail (several: a sweep completed with --models)")
+                    help="JSON lines of bench/coverage_sweep.py --detail (several: a model's row comes from the first "
+                         "file that has it)")
     ap.add_argument("--timm", nargs="+", default=[],
                     help="zoo.json files of kfc-compile zoo --source timm (several: a model's row comes from the "
                          "first file that has it); "
@@ -154,15 +159,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/coverage.md")
     args = ap.parse_args(argv)
     tv, tv_headers = [], []
-    for path in args.torchvision:
+    for path in args.torchvision:  # a model in several files: the first file's row
         rows, header = _load_jsonl(path)
-        tv += rows
-        tv_headers.append(header)
+        seen = {r["model"] for r in tv}
+        used = [r for r in rows if r["model"] not in seen]
+        tv += used
+        tv_headers.append({**header, "rows_used": len(used)})
     timm_rows, timm_headers = [], []
-    for path in args.timm:  # a model in several files: the first file's row
+    limited: list[str] = []  # rows stopped by the time limit, replaced by a later file's completed row
+    for path in args.timm:  # a model in several files: the first file's row, unless time-limited
         rows, header = _load_zoo(path)
-        seen = {r["name"] for r in timm_rows}
-        used = [r for r in rows if r["name"] not in seen]
+        index = {r["name"]: k for k, r in enumerate(timm_rows)}
+        used = [r for r in rows if r["name"] not in index]
+        for r in rows:
+            k = index.get(r["name"])
+            if k is not None and _time_limited(timm_rows[k]) and not _time_limited(r):
+                timm_rows[k] = r
+                limited.append(r["name"])
         timm_rows += used
         timm_headers.append({**header, "rows_used": len(used), "rows_in_file": len(rows)})
     hf_rows, hf_header = _load_zoo(args.hf) if args.hf else ([], {})
@@ -219,7 +232,8 @@ def main(argv=None) -> int:
     if tv:
         lines += ["## torchvision classification", ""]
         for h in tv_headers:
-            lines += [f"* run: {h.get('n_models')} models, {h.get('date')}, commit {h.get('commit')}, "
+            lines += [f"* run: {h['rows_used']} rows used of its {h.get('n_models')} models, {h.get('date')}, "
+                      f"commit {h.get('commit')}, "
                       f"`{_short_command(h.get('command'))}`"]
         lines += [f"* machine: {tv_headers[0].get('machine')}",
                   "* transform only (eval mode, batch 2, outputs compared with the original model); training: "
@@ -231,6 +245,9 @@ def main(argv=None) -> int:
                 f"{h.get('commit', '?')}, {h.get('wall_s')} s wall"
                 + (f" (+ {h['wall_s_before']} s before a --resume)" if h.get("wall_s_before") else "")
                 + f", `{_short_command(h.get('command'))}`" for i, h in enumerate(timm_headers)]
+        if limited:
+            runs.append(f"* stopped by the time limit in an earlier run, completed in a later one (that row is "
+                        f"used): {', '.join(f'`{n}`' for n in limited)}")
         header = {k: v for k, v in timm_headers[0].items() if k not in ("command", "date", "wall_s", "commit")}
         header["n_models"] = len(timm_rows)
         lines += _source_section("timm: the smallest model of every family", timm_rows, header,
