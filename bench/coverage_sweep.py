@@ -9,7 +9,11 @@ Records the number of KFC layers, the share of parameter elements covered, the n
 transform time; one JSON line per model goes to ``--jsonl`` as soon as it is done (so an interrupted run keeps
 its results), and the markdown table to ``--out``.
 
-    .venv/bin/python bench/coverage_sweep.py                      # all 80 models, writes docs/coverage.md
+With ``--detail`` each record also has the share of conv/linear parameter elements under KFC (``kc.transform``,
+and under ``torch.compile(model, backend="kfc")`` after one forward: ``kfc_compile.tools.zoo.detail``) and the
+weights tied to embeddings; ``bench/coverage_doc.py`` puts these records into docs/coverage.md.
+
+    .venv/bin/python bench/coverage_sweep.py                      # all 80 models, writes out/coverage.md
     .venv/bin/python bench/coverage_sweep.py --models resnet18 vit_b_16 --out /tmp/c.md
     .venv/bin/python bench/coverage_sweep.py --render-only        # rebuild the table from the JSON lines
 """
@@ -37,14 +41,40 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import kfc_compile as kc  # noqa: E402
 
 # Model construction, input sizes and the main output are shared with ``kfc-compile zoo`` (kfc_compile/tools/zoo/).
-from kfc_compile.tools.zoo import build, first_output, resolutions  # noqa: E402
+from kfc_compile.frontend.dynamo.backend import registry_for  # noqa: E402
+from kfc_compile.tools.zoo import build, first_output, linear_share, resolutions  # noqa: E402
 from kfc_compile.tools.zoo import machine as zoo_machine  # noqa: E402
+from kfc_compile.tools.zoo.detail import COMPILED_INNER  # noqa: E402
 
 BATCH = 2
 RTOL = 1e-5
 
 
-def sweep_one(name: str) -> dict:
+def _reason(reason: str) -> str:
+    return re.sub(r" '[^']*'", "", reason).split(" (only")[0]
+
+
+def _detail(rec: dict, model, tm, x) -> None:
+    """The conv/linear share eager (``tm``) and compiled (``model`` under the kfc backend, one forward of ``x``)."""
+    share = linear_share(model, tm.kfc, _reason)
+    rec.update(linear_coverage=share["linear_coverage"], tied=share["tied"],
+               linear_uncovered={k: v["count"] for k, v in share["linear_uncovered"].items()})
+    try:
+        cm = torch.compile(model, backend="kfc", options={"inner": COMPILED_INNER})
+        info = registry_for(cm)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cm(x)
+        comp = linear_share(model, info, _reason)
+        rec.update(compiled_coverage=info.coverage, compiled_linear_coverage=comp["linear_coverage"],
+                   compiled_linear_uncovered={k: v["count"] for k, v in comp["linear_uncovered"].items()})
+    except Exception as e:  # noqa: BLE001 - recorded
+        rec["compiled_error"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        torch._dynamo.reset()
+
+
+def sweep_one(name: str, detail: bool = False) -> dict:
     rec: dict = {"model": name}
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -90,6 +120,8 @@ def sweep_one(name: str) -> dict:
         scale = max(1.0, out.abs().max().item())
         rec.update(max_abs_diff=diff, exact=bool(torch.equal(out_tm, out)))
         rec["status"] = "ok" if diff <= RTOL * scale else "outputs differ"
+        if detail:
+            _detail(rec, model, tm, x)
     except Exception as e:  # noqa: BLE001 - a failed transform is a result, not a crash
         rec.update(status="transform failed", error=f"{type(e).__name__}: {e}"[:300],
                    trace=traceback.format_exc(limit=-3))
@@ -170,9 +202,11 @@ def render(records: list[dict], command: str, header: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", help="subset of model names (default: all)")
-    ap.add_argument("--out", default="docs/coverage.md")
+    ap.add_argument("--out", default="out/coverage.md")
     ap.add_argument("--jsonl", default="out/coverage_sweep.jsonl")
     ap.add_argument("--render-only", action="store_true", help="rebuild --out from --jsonl without running")
+    ap.add_argument("--detail", action="store_true",
+                    help="also the conv/linear share under KFC, eager and compiled, and tied weights")
     args = ap.parse_args(argv)
     command = "python " + " ".join(sys.argv) if argv is None else "coverage_sweep " + " ".join(argv)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
@@ -193,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             bar = tqdm(names, file=sys.stderr, unit="model")
             for name in bar:
                 bar.set_postfix_str(name)
-                rec = sweep_one(name)
+                rec = sweep_one(name, args.detail)
                 records.append(rec)
                 f.write(json.dumps({k: v for k, v in rec.items() if k != "trace"}) + "\n")
                 f.flush()

@@ -25,6 +25,11 @@ def _num(v, fmt=".3g") -> str:
     return "" if v is None else format(v, fmt)
 
 
+def _family_order(family: str) -> tuple[int, str]:
+    """The sort key of a family: torchvision's in their order, then any other (timm, HF) by name."""
+    return (zoo.FAMILIES.index(family) if family in zoo.FAMILIES else len(zoo.FAMILIES), family)
+
+
 def summary_table(groups: list[tuple[str, list[dict], dict]]) -> str:
     lines = ["| models | run | ok | partial | failed | trained (finite loss) | loss decreased | coverage median | "
              "coverage min | median KFC/SGD step time |",
@@ -54,7 +59,7 @@ def main(argv=None) -> int:
         with open(path) as f:
             doc = json.load(f)
         rows, header = [reruns.get(r["name"], (r, None))[0] for r in doc["models"]], doc.get("run", {})
-        fams = sorted({r["family"] for r in rows}, key=zoo.FAMILIES.index)
+        fams = sorted({r["family"] for r in rows}, key=_family_order)
         groups.append((", ".join(fams), rows, header))
     all_rows = [r for _, rows, _ in groups for r in rows]
     unknown = set(reruns) - {r["name"] for r in all_rows}

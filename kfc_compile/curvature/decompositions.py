@@ -70,12 +70,31 @@ def _fp64_failure(method: str, what: str, error: Exception | None = None) -> Dec
 
 
 def pi_split(ta: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
-    """π per group (trace norm) from the mean diagonals tr Ω / dim Ω and tr Γ / dim Γ.
+    """π per group (trace norm) from the mean diagonals tr Ω / dim Ω and tr Γ / dim Γ, in float64.
 
-    The value is sqrt(ta / tg); 1 where a trace is not positive.
+    The value is sqrt(ta / tg); 1 where a trace is not positive. The ratio is formed in float64: with fp32 traces
+    far apart (a Γ trace that is an fp32 subnormal, 3.5e-40, behind a BatchNorm whose γ starts at 0) ta / tg
+    overflows fp32 although π itself, its square root, is representable.
     """
+    ta, tg = ta.double(), tg.double()
     ok = (ta > 0) & (tg > 0)
-    return torch.where(ok, (ta / torch.where(ok, tg, torch.ones_like(tg))).clamp_min(0).sqrt(), torch.ones_like(ta))
+    return torch.where(ok, (ta / torch.where(ok, tg, torch.ones_like(tg))).sqrt(), torch.ones_like(ta))
+
+
+def _traces64(F: torch.Tensor, groups: int) -> torch.Tensor:
+    """Trace per group of a stacked / blocked factor, summed in float64 (see :func:`blocks.group_traces`)."""
+    return torch.diagonal(F, dim1=-2, dim2=-1).double().sum(-1).reshape(groups, -1).sum(-1)
+
+
+def _split_damping(pi: torch.Tensor, s: float, dtype: torch.dtype, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(π√η, √η/π) per group in ``dtype``; a damping outside that dtype's range is a :class:`DecompositionError`."""
+    ca, cg = (pi * s).to(dtype), (s / pi).to(dtype)
+    if not (bool(torch.isfinite(ca).all()) and bool(torch.isfinite(cg).all()) and bool((ca > 0).all())
+            and bool((cg > 0).all())):
+        raise DecompositionError(
+            f"the π split of layer {name!r}'s damping is outside the {dtype} range (π = {float(pi.max()):.3g}): "
+            "the traces of its Ω and Γ are too far apart", f"factors of layer {name!r}")
+    return ca, cg
 
 
 def _rounding_floor(M: torch.Tensor) -> torch.Tensor:
@@ -164,9 +183,10 @@ def factored_inverses(A: torch.Tensor, G: torch.Tensor, eta: float, scale: float
     lay = layout or Layout(A.shape[0], A.shape[-1], G.shape[-1])
     if eta > 0:
         s = eta ** 0.5
-        pi = pi_split(bl.group_traces(A, lay.groups) / lay.a_dim, bl.group_traces(G, lay.groups) / lay.g_dim)
-        ca = torch.maximum((pi * s).repeat_interleave(lay.a_blocks)[:, None, None], _rounding_floor(A))
-        cg = torch.maximum((s / pi).repeat_interleave(lay.g_blocks)[:, None, None], _rounding_floor(G))
+        pi = pi_split(_traces64(A, lay.groups) / lay.a_dim, _traces64(G, lay.groups) / lay.g_dim)
+        pa, pg = _split_damping(pi, s, A.dtype, name)
+        ca = torch.maximum(pa.repeat_interleave(lay.a_blocks)[:, None, None], _rounding_floor(A))
+        cg = torch.maximum(pg.repeat_interleave(lay.g_blocks)[:, None, None], _rounding_floor(G))
     else:
         ca = torch.zeros(A.shape[0], 1, 1, dtype=A.dtype, device=A.device)
         cg = torch.zeros(G.shape[0], 1, 1, dtype=G.dtype, device=G.device)

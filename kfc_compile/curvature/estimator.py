@@ -26,19 +26,19 @@ driver methods only):
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
-from kfc_compile.curvature.blocks import Layout
 from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.factors import Factors, RunningFactors
 from kfc_compile.curvature.guard import finite_flags, refresh_layer, restart_factors
 from kfc_compile.curvature.health import Health
 from kfc_compile.curvature.labels import LabelSource
 from kfc_compile.curvature.layer_state import LayerState
+from kfc_compile.curvature.layouts import LayoutPlan, weak_blocks
 from kfc_compile.curvature.losses import Loss, NonFiniteOutputError, output_gradients
-from kfc_compile.curvature.memory import planned_layouts
 from kfc_compile.curvature.precondition import apply_buckets, build_buckets, grad_matrix, split_matrix
 from kfc_compile.curvature.sharding import LocalInverses
 from kfc_compile.curvature.subset import forward_with_private_buffers, leading_subset
@@ -100,8 +100,9 @@ class CurvatureEstimator:
         self.labels = LabelSource.of(model, loss)  # visible labels → term masks (ignore_index positions)
         self.capture.mask_fn = self.labels.mask
         self._version = getattr(info, "version", None)  # a live registry (kfc backend): see sync()
-        self._layouts = planned_layouts(info.layers, max_factor_dim, memory_budget, damping_method, None, warned)
-        self.states = [LayerState(layer, self._layout_of(layer)) for layer in info.layers]
+        self.layouts = LayoutPlan(info.layers, max_factor_dim, memory_budget, damping_method, warned)
+        self._block_layout = weak_blocks(weakref.ref(self), max_factor_dim)  # asked by the capture state
+        self.states = [LayerState(layer, self.layouts.layout_of(layer)) for layer in info.layers]
         # statistics on a subset: a separate forward of the subset where possible, else the subset's rows
         self._separate_pass = stats_fraction < 1.0 and fisher in ("mc", "type-2") and not compiled
         self.capture.set_stats_fraction(None if stats_fraction == 1.0 or self._separate_pass else stats_fraction)
@@ -140,15 +141,14 @@ class CurvatureEstimator:
         self._version = version
         old = {id(s.layer): s for s in self.states}
         kept = {s.layer.name: s.layout for s in self.states if id(s.layer) in {id(la) for la in info.layers}}
-        self._layouts = planned_layouts(info.layers, self.max_factor_dim, self.memory_budget, self.damping_method,
-                                        kept, self.warned)
+        self.layouts.replan(info.layers, kept)
         states = []
         for layer in info.layers:
             s = old.get(id(layer))
             if s is None:
-                s = LayerState(layer, self._layout_of(layer))
+                s = LayerState(layer, self.layouts.layout_of(layer))
             else:
-                s.layout = self._layout_of(layer)
+                s.layout = self.layouts.layout_of(layer)
             states.append(s)
         self.states = states
         self._buckets = None
@@ -156,8 +156,13 @@ class CurvatureEstimator:
             self.distributed.check_layers(info.layers)
         return True
 
-    def _layout_of(self, layer: KFCLayer) -> Layout:
-        return self._layouts.get(layer.name) or Layout.of(layer.groups, layer.a_dim, layer.g_dim, self.max_factor_dim)
+    def blocks_of(self, layer: KFCLayer) -> tuple[int, int]:
+        """(Ω blocks, Γ blocks) a layer's statistics are recorded in (``LayoutPlan.blocks_of``).
+
+        A layer of a live registry may have joined since the pass was prepared; :meth:`sync` (in ``step()``, which
+        also updates the parameter groups) then keeps the layout its statistics got.
+        """
+        return self.layouts.blocks_of(layer, self.model.kfc.layers, ((s.layer.name, s.layout) for s in self.states))
 
     # -- statistics ----------------------------------------------------------------------------------------------
     def schedule(self, k: int) -> None:
@@ -174,7 +179,7 @@ class CurvatureEstimator:
             self._armed = False
             return
         # no moving average in the kernel epilogue: the step may still be skipped after the user's backward
-        st.prepare_pass({}, self.max_factor_dim)
+        st.prepare_pass({}, self._block_layout)
         self._output_failed = False
         fisher_pass = self._fisher_pass if self.fisher in ("mc", "type-2") else None
         st.arm(inputs=True, grads=self.fisher == "empirical", batch_mean=self.loss.reduction == "mean",
@@ -260,7 +265,7 @@ class CurvatureEstimator:
         weights = [self.term_weight(call, f) for call, f in zip(st.recorded_calls(), outputs, strict=False)]
         # Ω averaged in the kernel epilogue has no rows left to drop: none with masked positions
         ema = self._ema_targets() if all(m is None for m in masks) else {}
-        st.prepare_pass(ema, self.max_factor_dim, examples=sum(f.shape[0] for f in outputs))
+        st.prepare_pass(ema, self._block_layout, examples=sum(f.shape[0] for f in outputs))
         for f, mask, c in zip(outputs, masks, weights, strict=True):
             st.begin_micro_batch(f.shape[0])
             st.term_mask = mask

@@ -72,7 +72,8 @@ class CaptureState:
         self.stats_fraction: float | None = None  # statistics from the first subset_size(N, fraction) examples
         self.ema: dict[int, tuple[torch.Tensor, float]] = {}  # layer → (running Ω, ε): average in the epilogue
         self.ema_examples: int | None = None  # examples the epilogue average divides by (None: examples_used())
-        self.max_factor_dim: int | None = None  # wider factors are block-diagonal (curvature/blocks.py); None: dense
+        # wider factors are block-diagonal (curvature/blocks.py), or layer → (Ω blocks, Γ blocks); None: dense
+        self.max_factor_dim: int | Callable[[KFCLayer], tuple[int, int]] | None = None
         self._train_flags: tuple[bool, bool, bool] | None = None  # (inputs, grads, grads are of a batch mean)
         self.fisher_pass: Callable[[torch.Tensor], None] | None = None
         self.call_log: CallLog = NO_CALLS  # forwards with grad enabled since clear_calls() (no copies)
@@ -116,7 +117,9 @@ class CaptureState:
         if stats is None:
             layer = self.layers[layer_index]
             dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-            a_blocks, g_blocks = (block_count(d, self.max_factor_dim) for d in (layer.a_dim, layer.g_dim))
+            blocks = self.max_factor_dim
+            a_blocks, g_blocks = (blocks(layer) if callable(blocks) else
+                                  (block_count(d, blocks) for d in (layer.a_dim, layer.g_dim)))
             stats = new_statistics(self.approx, layer.groups, layer.a_dim, layer.g_dim, layer.bias is not None,
                                    dtype, layer.weight.device, a_blocks=a_blocks, g_blocks=g_blocks)
             ema = self.ema.get(layer_index)
@@ -299,7 +302,8 @@ class CaptureState:
         self.max_factor_dim = None
 
     # -- driver interface: what drivers (the curvature estimator, kc.curvature) set and read -------------------
-    def prepare_pass(self, ema: dict[int, tuple[torch.Tensor, float]], max_factor_dim: int | None,
+    def prepare_pass(self, ema: dict[int, tuple[torch.Tensor, float]],
+                     max_factor_dim: int | Callable[[KFCLayer], tuple[int, int]] | None,
                      examples: int | None = None) -> None:
         """Drop the accumulators and set the targets of the next statistics pass.
 
@@ -307,8 +311,9 @@ class CaptureState:
             ema: layer index → (running Ω, ε): the statistics kernels average this pass's Ω straight into it. Only
                 for a pass whose number of examples is known before it starts (``examples``).
             max_factor_dim: factors wider than this are recorded as diagonal blocks (``curvature/blocks.py``;
-                None: dense), decided per layer when its statistics start (with a live registry the layers of the
-                next forward may not be known when the pass is prepared).
+                None: dense), or a function layer → (Ω blocks, Γ blocks) (the optimizer's layouts, a memory
+                budget's included); decided per layer when its statistics start (with a live registry the layers
+                of the next forward may not be known when the pass is prepared).
             examples: the examples of the whole pass, all micro-batches (what the epilogue average divides by);
                 None: those of the first micro-batch.
         """

@@ -133,26 +133,43 @@ def _name_list(s: str) -> tuple[str, ...]:
 
 def _family_list(s: str) -> tuple[str, ...]:
     names = tuple(p for p in s.replace(" ", "").split(",") if p)
-    bad = [n for n in names if n not in zoo.FAMILIES]
+    known = zoo.FAMILIES + zoo.hf_models.FAMILIES
+    bad = [n for n in names if n not in known]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(zoo.FAMILIES)}, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(zoo.FAMILIES)} "
+                                         f"(torchvision) or {','.join(zoo.hf_models.FAMILIES)} (hf), got {s!r}")
     return names
 
 
 def _add_zoo(sub) -> None:
     p = sub.add_parser(
-        "zoo", help="transform + a few KFC steps on every torchvision model (or a list); zoo.md + zoo.json",
-        description="For each model (random init, weights=None, nothing downloaded): find an input size it "
+        "zoo", help="transform + a few KFC steps on every torchvision model, timm family or HF architecture (or a "
+                    "list); zoo.md + zoo.json",
+        description="For each model (random init, nothing downloaded): find an input size it "
                     "accepts, transform it, run --steps KFC steps on one synthetic batch, time steady-state KFC "
                     "steps against SGD steps, and record tracing (ok / partial with black boxes / failed), layers "
                     "by kind, coverage, uncovered parameters by reason, loss before/after, step-time ratio and factor "
                     "memory. Detection models are transformed and reported only. A failing model never stops "
-                    "the sweep. Writes zoo.md and zoo.json to --out after every model.")
+                    "the sweep. Writes zoo.md and zoo.json to --out after every model. --source timm runs the "
+                    "smallest model of every timm family (the leading letters of its name; --all: every name), "
+                    "--source hf the project's list of small HF configs; both add the share of conv/linear "
+                    "parameter elements under KFC, tied weights and the front end to every row.")
+    p.add_argument("--source", choices=("torchvision", "timm", "hf"), default="torchvision",
+                   help="where the models come from (default: %(default)s)")
     p.add_argument("--models", type=_name_list, metavar="all|NAME,...",
-                   help="torchvision model names (default: every model of --family)")
-    p.add_argument("--family", type=_family_list, default=("classification",), metavar="LIST",
-                   help="comma-separated subset of classification,video,segmentation,detection (default: "
-                        "classification); used when --models is not given or is 'all'")
+                   help="model names of --source (default: torchvision: every model of --family; timm: the smallest "
+                        "model of every family; hf: every architecture of --family)")
+    p.add_argument("--all", action="store_true", help="every model of --source (timm: every name timm lists)")
+    p.add_argument("--family", type=_family_list, metavar="LIST",
+                   help="torchvision: a comma-separated subset of classification,video,segmentation,detection "
+                        "(default: classification); hf: of causal-lm,encoder,encoder-decoder,vision (default: all); "
+                        "used when --models is not given or is 'all'")
+    p.add_argument("--detail", action="store_true",
+                   help="add the conv/linear share, tied weights, front end and KFC warnings to every row (always "
+                        "on for timm and hf)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also measure the coverage under torch.compile(model, backend='kfc') on a fresh build (one "
+                        "training forward and backward; implies --detail)")
     p.add_argument("--steps", type=_positive_int, default=2, help="KFC steps per model (default: %(default)s)")
     p.add_argument("--resolution", type=_positive_int, default=32,
                    help="smallest input size to try; models with a larger minimum use theirs (default: %(default)s)")
@@ -174,6 +191,9 @@ def _add_zoo(sub) -> None:
                    help="per-model wall-clock limit: each model runs in a worker process and one over the "
                         "limit is stopped and recorded with what it measured so far (default: no limit)")
     p.add_argument("--out", default="zoo-out", metavar="DIR", help="output directory (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of the models already in --out/zoo.json (an interrupted sweep) and run the "
+                        "others")
     p.add_argument("--threads", type=_nonneg_int, default=0,
                    help="torch intra-op threads, also in the --time-limit workers (0 = torch's default; on a machine "
                         "shared with other jobs use 1: oversubscribed OpenMP threads slow small ops by 10-50x)")
@@ -181,18 +201,44 @@ def _add_zoo(sub) -> None:
     p.set_defaults(func=_cmd_zoo)
 
 
+def _zoo_models(args: argparse.Namespace) -> list:
+    """The sweep items of ``args`` (names for torchvision, cases for timm and hf); ValueError for a bad choice."""
+    every = args.all or args.models == ("all",)
+    names = list(args.models) if args.models and not every else None
+    families = args.family
+    if args.source == "torchvision":
+        fams = families or ("classification",)
+        if set(fams) - set(zoo.FAMILIES):
+            raise ValueError(f"--family {','.join(fams)}: torchvision families are {','.join(zoo.FAMILIES)}")
+        return names or zoo.model_names(zoo.FAMILIES if args.all and not families else fams)
+    if args.source == "hf":
+        if families and set(families) - set(zoo.hf_models.FAMILIES):
+            raise ValueError(f"--family {','.join(families)}: hf families are {','.join(zoo.hf_models.FAMILIES)}")
+        unknown = [n for n in names or () if n not in zoo.hf_models.BY_NAME]
+        if unknown:
+            raise ValueError(f"unknown hf architectures {unknown}: expected some of {list(zoo.hf_models.BY_NAME)}")
+        return zoo.hf_models.cases(names or [a.name for a in zoo.hf_models.ARCHITECTURES
+                                             if not families or a.family in families])
+    if families:
+        raise ValueError("--family is for --source torchvision or hf (timm families: the default sweep)")
+    return zoo.timm_models.cases(names, args.resolution, all_models=every)
+
+
 def _cmd_zoo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.models and args.models != ("all",):
-        names = list(args.models)
-    else:
-        names = zoo.model_names(args.family)
+    try:
+        models = _zoo_models(args)
+    except ValueError as e:
+        print(f"{PROG} zoo: error: {e}", file=sys.stderr)
+        return 2
     command = "kfc-compile " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["zoo"] else None
-    rows = zoo.run(names, steps=args.steps, resolution=args.resolution, batch=args.batch, out=args.out,
+    detail = args.detail or args.compiled or args.source != "torchvision"
+    rows = zoo.run(models, steps=args.steps, resolution=args.resolution, batch=args.batch, out=args.out,
                    lr=args.lr, damping=args.damping, progress=not args.no_progress, command=command,
                    timing_steps=args.timing_steps, time_limit=args.time_limit,
-                   max_factor_dim=args.max_factor_dim or None)
+                   max_factor_dim=args.max_factor_dim or None, detail=detail, compiled=args.compiled,
+                   source=args.source, resume=args.resume)
     t = zoo.totals(rows)
     print(f"{t['models']} models: ok {t['ok']}, partial {t['partial']}, failed {t['failed']}; "
           f"wrote {args.out}/zoo.md and {args.out}/zoo.json")

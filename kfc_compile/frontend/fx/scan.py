@@ -37,6 +37,18 @@ def _param(gm: fx.GraphModule, node) -> nn.Parameter | None:
     return None
 
 
+# reading a parameter's metadata (``w.dtype``, ``w.device``, ``w.shape``, ``w.size()``) is not a use of its values
+_METADATA_ATTRS = frozenset({"dtype", "device", "shape", "ndim", "layout", "requires_grad", "is_cuda"})
+_METADATA_METHODS = frozenset({"size", "dim"})
+
+
+def _reads_metadata(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` only reads the metadata of the parameter ``node`` (no use of its values)."""
+    if user.op == "call_function" and user.target is getattr and len(user.args) == 2 and user.args[0] is node:
+        return user.args[1] in _METADATA_ATTRS
+    return user.op == "call_method" and user.target in _METADATA_METHODS and user.args[:1] == (node,)
+
+
 def _is_node(v) -> bool:
     return isinstance(v, fx.Node)
 
@@ -124,6 +136,6 @@ def scan_graph(gm: fx.GraphModule, prefix: str, black_boxes: set[str]
                 if reason:
                     uses.append(Use(p, reason))
                 continue
-            if (user, node) not in claimed:
+            if (user, node) not in claimed and not _reads_metadata(user, node):
                 uses.append(Use(p, f"used by {_op_name(user)} (only conv/linear calls are under KFC)"))
     return sites, uses, opaque_calls

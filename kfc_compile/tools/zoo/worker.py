@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import sys
 import time
 from collections.abc import Callable
 
@@ -16,6 +17,8 @@ from torch import nn
 
 from kfc_compile.tools.zoo.measure import empty_row, run_one
 from kfc_compile.tools.zoo.models import resolve_family
+
+PRELOAD_IF_IMPORTED = ("torchvision", "timm", "transformers")
 
 
 def _worker(conn, name, ctor, fam, kwargs, threads: int) -> None:
@@ -35,14 +38,16 @@ def _context(*args):
     """A fork server, or plain fork for arguments that cannot be pickled (e.g. lambda constructors).
 
     The fork server's children are forked from a clean process that preloaded torch: a process that has already run
-    OpenMP-parallel torch ops cannot safely fork workers that use it again.
+    OpenMP-parallel torch ops cannot safely fork workers that use it again. It also preloads dynamo and the model
+    libraries this process has imported (timm takes seconds to import: once, not per model).
     """
     try:
         pickle.dumps(args)
     except Exception:  # noqa: BLE001 - anything unpicklable
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "kfc_compile.tools.zoo"])
+    libraries = [m for m in PRELOAD_IF_IMPORTED if m in sys.modules]
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "kfc_compile.tools.zoo", *libraries])
     return ctx
 
 
@@ -51,9 +56,10 @@ def run_limited(name: str, constructor: Callable[[], nn.Module] | None = None, f
     """``run_one`` in a worker process, stopped after ``time_limit`` seconds (see the module doc).
 
     Returns the worker's final row, or, when it was stopped or died, the last partial row it reported with the
-    reason in ``error``. ``kwargs`` go to :func:`run_one`.
+    reason in ``error`` (in ``compiled_error`` when only the compiled coverage was left). ``kwargs`` go to
+    :func:`run_one` (``case=`` included).
     """
-    ctx = _context(name, constructor, family)
+    ctx = _context(name, constructor, family, kwargs)
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_worker, args=(send, name, constructor, family, kwargs, torch.get_num_threads()),
                        daemon=True)
@@ -82,7 +88,9 @@ def run_limited(name: str, constructor: Callable[[], nn.Module] | None = None, f
         recv.close()
     if final is not None:
         return final
-    row = last or empty_row(name, resolve_family(name, constructor, family))
+    case = kwargs.get("case")
+    row = last or (empty_row(case.name, case.family, kwargs.get("detail", False)) if case is not None else
+                   empty_row(name, resolve_family(name, constructor, family)))
     elapsed = time.perf_counter() - t0
     if elapsed >= time_limit:
         why = f"time limit: stopped after {time_limit:g} s"
@@ -90,6 +98,8 @@ def run_limited(name: str, constructor: Callable[[], nn.Module] | None = None, f
         why = f"worker process died (exit code {proc.exitcode}; killed for memory?)"
     if stage == "timing":  # trained with finite losses; only the step timing is missing
         row["error"] = f"{stage}: {why} (step timing not finished)"
+    elif stage == "compiled":  # trained and timed; only the compiled coverage is missing
+        row["compiled_error"] = why
     else:
         row["status"], row["error"] = "failed", f"{stage}: {why}"
     row["seconds"] = elapsed
