@@ -100,7 +100,7 @@ class Slow(SmallNet):
     def forward(self, x):
         import time
 
-        time.sleep(30)
+        time.sleep(120)  # far past the limit: a row back well before this proves the worker was stopped
         return super().forward(x)
 
 
@@ -113,7 +113,8 @@ def test_time_limit_stops_a_model_without_stopping_the_sweep(tmp_path):
                       progress=False, time_limit=10, timing_steps=1)
     slow, small = rows
     assert slow["status"] == "failed" and "time limit" in slow["error"] and slow["error"].startswith("input")
-    assert slow["params"] == small["params"] and 10 <= slow["seconds"] < 25
+    # the limit counts from the worker's start (the fork server's start-up included, slow on a loaded machine)
+    assert slow["params"] == small["params"] and 10 <= slow["seconds"] < 60
     assert set(slow) == ROW_KEY_SET
     assert small["status"] == "ok", small["error"]
     assert small["trained"] and small["step_time_ratio"] > 0
