@@ -106,7 +106,7 @@ def test_hf_list_covers_the_architectures():
 
 def test_a_loss_spec_that_is_not_the_models_loss_fails_the_row():
     """The model gets the labels and its own loss must equal the zoo's objective: unshifted logits do not."""
-    case = dataclasses.replace(zoo.hf_models.case("gpt2"), output=lambda out: out.logits[:, 1:])
+    case = dataclasses.replace(zoo.hf_models.case("gpt2"), objective_output=lambda out: out.logits[:, 1:])
     row = zoo.run_one("gpt2", case=case, timing_steps=0)
     assert row["status"] == "failed" and "differs from the zoo's objective" in row["error"]
     assert row["error"].startswith("input")

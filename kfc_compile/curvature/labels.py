@@ -21,8 +21,10 @@ from kfc_compile.curvature.loss_base import Loss
 from kfc_compile.runtime.calls import RecordedCall
 
 # Hugging Face ``loss_type`` → whether its loss shifts the labels by one position (None: HF's default, ForCausalLM)
+# (the classification losses score (B, C) logits against (B,) labels, ignore_index included: nothing to shift)
 LABEL_SHIFTS: dict[str | None, bool] = {None: True, "ForCausalLM": True, "ForMaskedLM": False,
-                                        "ForTokenClassification": False}
+                                        "ForTokenClassification": False, "ForSequenceClassification": False,
+                                        "ForImageClassification": False}
 _NOT_HF = object()
 
 

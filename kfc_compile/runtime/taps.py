@@ -96,10 +96,19 @@ class _FisherTrigger:
 
 
 class _OutputTap(torch.autograd.Function):
+    """On the logits: a backward that reaches them starts the Fisher pass.
+
+    In place (``f`` marked dirty: every reference to the logits is the tapped tensor), or with ``dirty=False`` a
+    new tensor the caller puts in the output in their place: an in-model loss may have saved the logits for its
+    backward, which a version bump of them would break (HF DeBERTa's ``torch.gather``).
+    """
+
     @staticmethod
-    def forward(ctx, f, slot, state, trigger):  # noqa: D401 - autograd signature
+    def forward(ctx, f, slot, state, trigger, dirty=True):  # noqa: D401 - autograd signature
         ctx.state, ctx.trigger = state, trigger
         ctx.save_for_backward(f)
+        if not dirty:
+            return f.view_as(f)
         ctx.mark_dirty(f)
         return f
 
@@ -107,7 +116,7 @@ class _OutputTap(torch.autograd.Function):
     def backward(ctx, grad):
         (f,) = ctx.saved_tensors
         ctx.trigger.fire(f)
-        return grad, torch.zeros((), dtype=ctx.state.slot.dtype, device=grad.device), None, None
+        return grad, torch.zeros((), dtype=ctx.state.slot.dtype, device=grad.device), None, None, None
 
 
 class _LossTap(torch.autograd.Function):
@@ -175,14 +184,18 @@ def _armed_output_tap(out, state: CaptureState):
     if state.fisher_pass is None or not f.requires_grad:
         return out
     trigger = _FisherTrigger(state)
-    tapped = _OutputTap.apply(f, state.slot, state, trigger)
     if isinstance(out, torch.Tensor):
-        return tapped
-    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
-    for loss in values:  # the model's own loss (a 0-d tensor next to the logits)
-        if isinstance(loss, torch.Tensor) and loss is not f and loss.dim() == 0 and loss.requires_grad:
-            _LossTap.apply(loss, trigger, (tapped,))
-    return out  # f and any loss were marked dirty in place: the container already holds the tapped tensors
+        return _OutputTap.apply(f, state.slot, state, trigger)
+    values = list(out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ())
+    # the model's own loss (a 0-d tensor next to the logits), computed from the untapped logits
+    losses = [v for v in values if isinstance(v, torch.Tensor) and v is not f and v.dim() == 0 and v.requires_grad]
+    keys = [k for k, v in out.items() if v is f] if isinstance(out, Mapping) and losses else []
+    tapped = _OutputTap.apply(f, state.slot, state, trigger, not keys)
+    for k in keys:  # a mapping (HF ModelOutput) with its own loss: the logits left untouched, replaced by the tap
+        out[k] = tapped
+    for loss in losses:
+        _LossTap.apply(loss, trigger, (tapped,))
+    return out  # f (unless replaced) and any loss were marked dirty in place: the container holds the taps
 
 
 class OutputTap(nn.Module):

@@ -44,8 +44,9 @@ class Case:
     ``img_size``; otherwise it is built once and the resolutions are tried on it); ``inputs(resolution, batch,
     generator)`` returns the forward's ``(args, kwargs)``; ``resolutions`` are tried smallest first (``(None,)``:
     one fixed input). ``loss`` is the KFC loss spec, ``output`` selects the logits from the model's output
-    (None: ``kc.KFC``'s default). ``targets(spec, logits, inputs, generator)`` returns ``(targets of the
-    objective, labels for the model or None)``; with labels, ``labels`` names the keyword the model takes them as.
+    (None: ``kc.KFC``'s default), ``objective_output`` those the objective is computed on (None: the same).
+    ``targets(spec, logits, inputs, generator)`` returns ``(targets of the objective, labels for the model or
+    None)``; with labels, ``labels`` names the keyword the model takes them as.
     ``train=False``: transformed and reported only (torchvision detection). ``max_batch`` caps the batch.
     """
 
@@ -57,6 +58,7 @@ class Case:
     per_resolution: bool = False
     loss: Any = kc.CrossEntropy()
     output: Callable[[Any], torch.Tensor] | None = None
+    objective_output: Callable[[Any], torch.Tensor] | None = None
     targets: Callable = class_targets
     labels: str | None = None
     train: bool = True
@@ -68,8 +70,8 @@ class Case:
         return model_output(out, self.output)
 
     def objective(self, out, y: torch.Tensor) -> torch.Tensor:
-        """The objective: the loss spec on the selected logits."""
-        return self.loss.batch_loss(self.logits(out), y)
+        """The objective: the loss spec on the objective's logits."""
+        return self.loss.batch_loss(model_output(out, self.objective_output or self.output), y)
 
     def training_loss(self, out, y: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """What the training steps back-propagate: the model's own loss if it got the labels, else the objective."""

@@ -5,8 +5,9 @@ inputs are what a training loop passes, as keyword arguments:
 
 * **causal LMs** (``...ForCausalLM``): ``input_ids`` (B, T) and an ``attention_mask`` whose second half of the
   batch has its last 3 positions padded, ``labels=input_ids``. HF shifts the labels inside; the zoo's objective is
-  the same loss, ``kc.CrossEntropy(class_dim=-1)`` on ``logits[:, :-1]`` (B, T−1, V) against ``input_ids[:, 1:]``,
-  and ``output=`` selects those logits for the Fisher. Padded positions are labelled (and counted) like the others;
+  the same loss, ``kc.CrossEntropy(class_dim=-1)`` on ``logits[:, :-1]`` (B, T−1, V) against ``input_ids[:, 1:]``;
+  the Fisher is built on the whole logits, the labels visible to KFC with HF's shift (the last position does not
+  count: README "Sequence losses"). Padded positions are labelled (and counted) like the others;
 * **encoders** (``...ForSequenceClassification``, 4 labels; BERT also ``ForMaskedLM`` with every position
   labelled): the same ``input_ids`` / ``attention_mask``, class ``labels`` (B,) or token labels (B, T);
 * **encoder-decoders** (``...ForConditionalGeneration``): the same encoder inputs and decoder ``labels`` (B, 12)
@@ -163,7 +164,8 @@ def case(name: str) -> Case:
     arch = BY_NAME[name]
     common = dict(name=name, family=arch.family, build=functools.partial(build, name), labels="labels", source="hf")
     if arch.family == "causal-lm":
-        return Case(**common, inputs=_tokens, loss=LM, output=_shifted_logits, targets=_next_tokens)
+        return Case(**common, inputs=_tokens, loss=LM, output=_logits, objective_output=_shifted_logits,
+                    targets=_next_tokens)
     if arch.family == "encoder-decoder":
         return Case(**common, inputs=_decoder_inputs, loss=LM, output=_logits, targets=_decoder_labels)
     if arch.family == "vision":
