@@ -261,7 +261,8 @@ def test_adaptive_reaches_interpolation_without_diverging(monkeypatch):
     the Fisher vanishes, the model's minimiser becomes a huge step, and the loss jumps by orders of magnitude.
     """
     torch.set_num_threads(1)
-    losses, skipped = _memorise(None, monkeypatch)
+    # 150 steps: the float32 path to 1e-3 depends on rounding (fp64 π-split traces moved it from step ~60 to ~115)
+    losses, skipped = _memorise(None, monkeypatch, steps=150)
     assert skipped == 0
     assert losses[-1] < 1e-3 and min(losses) < 1e-4
     assert max(losses[20:]) < losses[0]  # no blow-up on the way down
