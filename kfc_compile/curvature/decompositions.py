@@ -120,25 +120,40 @@ def check_nonsingular(lam: torch.Tensor, what: str) -> None:
                                   "damping > 0 or weight_decay > 0")
 
 
-def _eigvalsh(M: torch.Tensor, what: str = "a factor") -> torch.Tensor:
-    """Eigenvalues of symmetric matrices in M's dtype; an fp32 failure is retried in fp64."""
+def _with_fp64_retry(op, M: torch.Tensor, what: str) -> tuple[torch.Tensor, ...]:
+    """``torch.linalg.<op>(M)`` (eigvalsh or eigh) as a tuple of tensors in M's dtype.
+
+    A failure or a non-finite result in fp32 is retried in fp64; in fp64 it is a :class:`DecompositionError`.
+    """
+    fn = getattr(torch.linalg, op)
+
+    def run(X: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        out = fn(X)
+        out = out if isinstance(out, tuple) else (out,)
+        return out if all(bool(torch.isfinite(t).all()) for t in out) else None
+
+    error = None
     try:
-        lam = torch.linalg.eigvalsh(M)
-        if bool(torch.isfinite(lam).all()):
-            return lam
-        error = None
+        out = run(M)
+        if out is not None:
+            return out
     except torch.linalg.LinAlgError as e:
         error = e
     if M.dtype == torch.float64:
-        raise _fp64_failure("eigvalsh", what, error)
-    _note_retry("eigvalsh")
+        raise _fp64_failure(op, what, error)
+    _note_retry(op)
     try:
-        lam = torch.linalg.eigvalsh(M.double())
+        out = run(M.double())
     except torch.linalg.LinAlgError as e:
-        raise _fp64_failure("eigvalsh", what, e) from e
-    if not bool(torch.isfinite(lam).all()):
-        raise _fp64_failure("eigvalsh", what)
-    return lam.to(M.dtype)
+        raise _fp64_failure(op, what, e) from e
+    if out is None:
+        raise _fp64_failure(op, what)
+    return tuple(t.to(M.dtype) for t in out)
+
+
+def _eigvalsh(M: torch.Tensor, what: str = "a factor") -> torch.Tensor:
+    """Eigenvalues of symmetric matrices in M's dtype; an fp32 failure is retried in fp64."""
+    return _with_fp64_retry("eigvalsh", M, what)[0]
 
 
 def _spd_inverse(M: torch.Tensor, what: str, exact: bool) -> torch.Tensor:
@@ -203,26 +218,9 @@ def factored_inverses(A: torch.Tensor, G: torch.Tensor, eta: float, scale: float
 
 
 def _eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    def finite(lam: torch.Tensor, Q: torch.Tensor) -> bool:
-        return bool(torch.isfinite(lam).all()) and bool(torch.isfinite(Q).all())
-
-    try:
-        lam, Q = torch.linalg.eigh(M)
-        if finite(lam, Q):
-            return lam, Q
-        error = None
-    except torch.linalg.LinAlgError as e:
-        error = e
-    if M.dtype == torch.float64:
-        raise _fp64_failure("eigh", what, error)
-    _note_retry("eigh")
-    try:
-        lam, Q = torch.linalg.eigh(M.double())
-    except torch.linalg.LinAlgError as e:
-        raise _fp64_failure("eigh", what, e) from e
-    if not finite(lam, Q):
-        raise _fp64_failure("eigh", what)
-    return lam.to(M.dtype), Q.to(M.dtype)
+    """(eigenvalues, eigenvectors) of symmetric matrices in M's dtype; an fp32 failure is retried in fp64."""
+    lam, Q = _with_fp64_retry("eigh", M, what)
+    return lam, Q
 
 
 def eigendecompose(A: torch.Tensor, G: torch.Tensor,
