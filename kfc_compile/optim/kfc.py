@@ -1,46 +1,14 @@
 """``kc.KFC``: KFC-pre and adaptive K-FAC as a ``torch.optim.Optimizer`` for plain training loops.
 
 A training step is the usual ``loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()``. On statistics steps
-(step k with (k−1) % stats_every == 0, so step 1 always is one) the optimizer arms the model's capture taps before
-the forward; during the user's backward the taps record Ω from the layer inputs, and Γ from
-
-* ``fisher="mc"``: one extra backward per MC sample with targets drawn from the model's predictive
-  distribution, run at the start of the user's backward while the graph is alive. It back-propagates from the
-  model output to the taps only: **no weight gradients**, no second forward. Extra cost per statistics step:
-  ``mc_samples`` × (a backward through the network without the weight-gradient GEMMs); none on other steps;
-* ``fisher="empirical"``: the user's own backward (free, but the empirical Fisher is a worse curvature model);
-* ``fisher="type-2"``: one backward per output coordinate (exact GGN factors; small outputs only).
-
-With ``stats_fraction < 1`` (default 1/8, K-FAC's τ₁) the statistics come from the first
-``ceil(stats_fraction·N)`` examples: for ``mc``/``type-2`` in a separate forward of that subset (private buffer
-copies: BatchNorm running statistics are untouched) and its sampled-target backward(s) inside ``step()``, so the
-user's own forward and backward cost exactly an SGD step's (``empirical`` and kfc-backend models use the subset's
-rows of the user's pass).
-
-``step()`` then folds the batch factors into the moving averages, refreshes the damped inverses (steps 1–3 and
-every ``inverse_every`` steps) and preconditions every KFC layer (all in ``curvature/estimator.py``), and applies
-the update:
-
-* ``mode="pre"`` (KFC-pre, the paper's experiments; docs/algorithm.md §6.2, KFC-S Alg. 1):
-  v = −lr·F̂⁻¹∇h; ν = vᵀFv + wd·vᵀv with exact Fisher-vector products (forward-mode JVPs) on the first
-  ``clip_fraction`` of the batch (or, with ``clip_curvature="factored"``, ν = vᵀF̂v under the damped
-  Kronecker-factored curvature itself, = lr²·⟨F̂⁻¹∇h, ∇h⟩: no extra pass, the kl-clip of kfac-pytorch; fallback
-  parameters then add only wd·vᵀv); p ← s·min(1, sqrt(C/ν)) with ν of s = μp + v and C = clip·lr (``clip_on``,
-  ``clip_scaling``); θ ← θ + p; optional iterate averaging θ̄ ← ξθ̄ + (1−ξ)θ with ξ = exp(−1/averaging).
-* ``mode="adaptive"`` (full K-FAC rescaling; docs/algorithm.md §5.4–6.1): Δ = −F̂⁻¹∇h, δ = lr·(αΔ + μδ₀) with
-  (α, μ) minimising the quadratic model M built from the exact mini-batch Fisher (2 JVPs) plus (damping + wd)·I;
-  ``lr = 1`` is K-FAC proper, ``momentum = 0`` drops μ. Every ``lm_interval`` steps the damping λ follows the
-  Levenberg–Marquardt rule with ρ = (h(θ) − h(θ+δ)) / (M(0) − M(δ)) (ρ = −∞ when the model predicts no decrease,
-  e.g. lr > 2 overshooting its minimiser), which needs ``step(closure)``: λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4.
-
-∇h is the gradient of the regularised objective: ``.grad + weight_decay·θ``. Parameters outside KFC
-(norm layers, embeddings, anything ``kc.report`` lists as uncovered) are updated in the same ``step()`` by the
-fallback: ``"sgd"`` joins the same update vector v (identity preconditioner, the same clipping and momentum),
-``"adam"`` runs a separate Adam step (not clipped, not in the α/μ solve). Rules: ``rules.py``; checks: ``options.py``.
-
-Faults (``safety.py``, ``curvature/guard.py``, counted in ``opt.health``): a non-finite loss or gradient (or a
-GradScaler's inf step) skips the step before anything of it is kept; non-finite statistics are dropped; a failed
-decomposition leaves a layer its previous inverse; ``max_skipped_steps`` / ``max_failures`` in a row raise.
+the optimizer arms the model's capture taps before the forward, and the taps record Ω and Γ during the backward
+(``fisher=`` says which backward feeds Γ: docs/algorithm.md §3; ``stats_fraction`` the examples: §4.3).
+``step()`` folds the batch factors into the moving averages, refreshes the damped inverses and preconditions every
+KFC layer (``curvature/estimator.py``), then applies the update of ``mode="pre"`` (KFC-pre with the exact-ν trust
+region, §6.2) or ``mode="adaptive"`` (α/μ rescaling and Levenberg–Marquardt damping, §5.4 and §6.1) through
+``updates.py`` / ``rules.py``. ∇h is ``.grad + weight_decay·θ``; parameters outside KFC are updated by the
+fallback (§6.3). Faults (``safety.py``, ``curvature/guard.py``, counted in ``opt.health``) skip a step before
+anything of it is kept (§5.7).
 """
 from __future__ import annotations
 
