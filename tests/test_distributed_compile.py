@@ -1,8 +1,14 @@
-"""KFC of a DDP model whose layers come from dynamo: ``DDP(torch.compile(model, backend="kfc"))`` and dynamo capture.
+"""KFC of a DDP model whose layers come from dynamo: compiled inside or outside DDP, or dynamo capture.
 
-Both register their layers in a live registry as dynamo compiles (distributed KFC checks at that point that every
-rank compiled the same layers). In one 2-rank gloo group: the same layers as the eager (fx) DDP run, and after 3
+``DDP(torch.compile(model, backend="kfc"))``, ``torch.compile(DDP(model), backend="kfc")`` and dynamo capture all
+register their layers in a live registry as dynamo compiles (distributed KFC checks at that point that every
+rank compiled the same layers). In 2-rank gloo groups: the same layers as the eager (fx) DDP run, and after a few
 KFC steps the eager-DDP parameters (float64, ≤ 1e-10 relative), bitwise equal on both ranks.
+
+Under ``torch.compile(DDP(model))`` dynamo's DDPOptimizer splits the model's graph at DDP's gradient-bucket
+boundaries and hands the backend one subgraph per bucket, whose parameters are fake tensors
+(``frontend/dynamo/scan.py`` finds the real ones): with a bucket per parameter the five parameterised modules of the
+test model become five subgraphs, and the factors after the first statistics step are eager DDP's (≤ 1e-12).
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import torch
 from distributed_cases import global_batch, make_model, run_steps, shard
 from distributed_harness import run_ranks
 from test_distributed import BASE, rel
+from torch import nn
 
 
 def _runs(rank: int, world: int) -> dict:
@@ -45,4 +52,80 @@ def test_dynamo_front_ends_under_ddp_match_eager():
                 for a, b in zip(r[kind]["params"][step], r["eager"]["params"][step], strict=True):
                     assert rel(a, b) <= 1e-10, (kind, step)
                 assert all(torch.equal(a, b) for a, b in zip(r[kind]["params"][step], out[0][kind]["params"][step],
+                                                             strict=True))
+
+
+class Wrapped(nn.Module):
+    """The test model inside a module whose forward lives in a user file (dynamo traces it as a frame of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = make_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+STEPS = 5
+CONFIGS = {"sequential": dict(BASE, fisher="type-2"),  # nn.Sequential: its forward gets a traced frame
+           "wrapped": dict(BASE, fisher="empirical", damping_method="eigen")}
+
+
+def _compiled_ddp(rank: int, world: int) -> dict:
+    """Eager ``KFC(DDP(m))`` and ``KFC(torch.compile(DDP(m), backend="kfc"))`` with one gradient bucket per parameter.
+
+    The compiled runs use the AOTAutograd inner backend (``aot_eager``: the graphs inductor would get, without its
+    code generation, which takes minutes on two shared cores).
+    """
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import kfc_compile as kc
+
+    X, Y = global_batch(4 * world)
+    x, y = shard(X, [4] * world, rank), shard(Y, [4] * world, rank)
+    out = {}
+    for kind, cfg in CONFIGS.items():
+        for compiled in (False, True):
+            model = Wrapped() if kind == "wrapped" else make_model()
+            first = dist._DEFAULT_FIRST_BUCKET_BYTES
+            dist._DEFAULT_FIRST_BUCKET_BYTES = 1  # DDP's and DDPOptimizer's first bucket: one parameter too
+            try:
+                ddp = DDP(model, bucket_cap_mb=1e-6 if compiled else 25)
+                run = torch.compile(ddp, backend="kfc", options={"inner": "aot_eager"}) if compiled else ddp
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    opt = kc.KFC(run, **cfg)
+                    steps = run_steps(run, opt, x, y, STEPS, False)
+            finally:
+                dist._DEFAULT_FIRST_BUCKET_BYTES = first
+            out[kind, compiled] = {
+                "params": steps["params"], "factors": steps["factors"], "live": opt._estimator.live,
+                "layers": [(la.name, la.kind, la.a_dim, la.g_dim, la.bias is not None) for la in opt.layers],
+                "graphs": run.kfc.graphs if compiled else None,
+                "fallback": sorted(opt.fallback_names)}
+    return out
+
+
+def test_compiled_ddp_matches_eager_ddp():
+    """``torch.compile(DDP(m), backend="kfc")``: every DDPOptimizer subgraph tapped, eager DDP's layers and steps."""
+    out = run_ranks(2, _compiled_ddp)
+    for r in out:
+        for kind in CONFIGS:
+            eager, comp = r[kind, False], r[kind, True]
+            prefix = "body." if kind == "wrapped" else ""
+            assert [la[0] for la in eager["layers"]] == [prefix + n for n in ("0", "2", "6", "9")]
+            assert comp["layers"] == eager["layers"] and comp["live"] and not eager["live"], kind
+            assert comp["fallback"] == eager["fallback"], kind  # the LayerNorm (no module. prefix either)
+            assert comp["graphs"] == 5, kind  # one subgraph per bucket: conv, conv, linear, LayerNorm, linear
+            assert comp["factors"].keys() == eager["factors"].keys()
+            for name, (A, G) in eager["factors"].items():
+                A2, G2 = comp["factors"][name]
+                assert rel(A2, A) <= 1e-12 and rel(G2, G) <= 1e-12, (kind, name)
+            for step in range(STEPS):
+                for a, b in zip(comp["params"][step], eager["params"][step], strict=True):
+                    assert rel(a, b) <= 1e-10, (kind, step)
+                assert all(torch.equal(a, b) for a, b in zip(comp["params"][step], out[0][kind, True]["params"][step],
                                                              strict=True))

@@ -68,14 +68,12 @@ def setup(model: nn.Module, options, layers: list, live: bool) -> Distributed | 
     Raises:
         RuntimeError: distributed KFC without an initialised process group.
         ValueError: ``distributed=False`` for a DDP model, or ranks with different layers or options.
-        NotImplementedError: a kfc-backend model under distributed KFC, or a KFC layer's parameter sharded in a
-            way owner preconditioning cannot handle exactly (``owner.sharding_problem``).
+        NotImplementedError: a live registry (kfc backend, dynamo capture) under FSDP2, or a KFC layer's parameter
+            sharded in a way owner preconditioning cannot handle exactly (``owner.sharding_problem``).
     """
     setting = options.distributed
     if isinstance(getattr(model, "_orig_mod", None), DistributedDataParallel):  # torch.compile(DDP(model))
-        raise NotImplementedError("torch.compile(DDP(model), backend='kfc') is not supported: dynamo breaks the "
-                                  "graph in DDP's forward and runs the layers uncompiled, so the kfc backend finds "
-                                  "none; compile inside DDP instead: DDP(torch.compile(model, backend='kfc'))")
+        model = model._orig_mod  # its layers are found in the graphs DDPOptimizer splits (frontend/dynamo/scan.py)
     ddp = isinstance(model, DistributedDataParallel)
     sharded = _has_dtensors(model)
     if sharded:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kfc_compile.frontend import select
-from kfc_compile.frontend.dynamo.backend import registry_for
+from kfc_compile.frontend.dynamo.backend import compiled_module, registry_for
 from kfc_compile.frontend.dynamo.plain import capture
 from kfc_compile.registry import KFCInfo
 from kfc_compile.transform import transform
@@ -97,7 +97,7 @@ def resolve_model(model: object, approx: str, frontend: str = "auto") -> tuple[n
         if any(isinstance(m, nn.RNNBase) for m in orig.modules()):
             return _rnn_eagerly(model, approx, frontend)
         registry_for(model, approx)
-        return model, orig, False
+        return model, compiled_module(model), False  # torch.compile(DDP(m)): m, as for KFC(DDP(m))
     if not isinstance(model, nn.Module):
         raise TypeError(f"KFC expects an nn.Module or a kc.transform()ed module, got {type(model).__name__}")
     info = getattr(model, "kfc", None)

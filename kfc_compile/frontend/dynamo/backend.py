@@ -26,10 +26,12 @@ registry adopts later. ``info.version`` changes whenever the layer list does.
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from kfc_compile.curvature.statistics import check_approx
 from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo, module_registry, owner, registry_for_graph
@@ -71,10 +73,44 @@ def registry_for(model: nn.Module, approx: str = "expand") -> CompiledKFCInfo:
         raise NotImplementedError(f"KFC on a model compiled with backend {getattr(backend, '__name__', backend)!r} "
                                   "(no capture taps) is not supported: use torch.compile(model, backend='kfc'), or "
                                   "torch.compile(kc.transform(model))")
-    info = module_registry(model._orig_mod, approx, on_new=lambda: _separate_cache(model))
+    info = module_registry(compiled_module(model), approx, on_new=lambda: _separate_cache(model))
     model.__dict__["kfc"] = info
     _install_output_tap(model, info.state)
     return info
+
+
+def compiled_module(model: nn.Module) -> nn.Module:
+    """The module a compiled wrapper trains: ``model._orig_mod``, or for ``torch.compile(DDP(m))`` the module ``m``.
+
+    DDP's forward graph-breaks (its reducer bookkeeping cannot be traced) and runs ``m`` inside a context dynamo
+    skips, so dynamo compiles ``m``'s forward as a frame of its own (splitting its graph at DDP's gradient-bucket
+    boundaries: ``torch._dynamo.backends.distributed``). Layers are named after ``m`` (no ``module.`` prefix),
+    as for ``kc.KFC(DDP(m))``. Dynamo does not trace a top-level frame in ``torch.nn`` (``nn.Sequential``'s
+    forward, ``nn.Linear``'s...): such an ``m`` would run uncompiled, with no graph for the backend, so its forward
+    is given a traced frame (:func:`_traced_forward`).
+    """
+    orig = model._orig_mod
+    if isinstance(orig, DistributedDataParallel):
+        orig = orig.module
+        _traced_forward(orig)
+    return orig
+
+
+def _traced_forward(module: nn.Module) -> None:
+    """Run ``module``'s forward in a frame dynamo traces when its own is one dynamo skips (a ``torch.nn`` forward).
+
+    The instance gets a bound ``forward`` (``_class_forward``, a function of this package: dynamo traces it and
+    inlines the class's forward; ``copy.deepcopy`` rebinds it to the copy); the class is untouched and
+    ``del module.forward`` undoes it.
+    """
+    from torch._dynamo import trace_rules
+
+    if "forward" not in module.__dict__ and trace_rules.check(type(module).forward.__code__):
+        module.forward = types.MethodType(_class_forward, module)
+
+
+def _class_forward(self: nn.Module, *args, **kwargs):
+    return type(self).forward(self, *args, **kwargs)
 
 
 class _ModelBackend:

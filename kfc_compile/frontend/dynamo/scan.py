@@ -12,10 +12,12 @@ modules were not inlined); ``nn.Linear``/``nn.Conv*``/``nn.ConvTranspose*``/``F.
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from kfc_compile.runtime import attention as mha
 from kfc_compile.sites.geometry import linear_site
@@ -39,6 +41,29 @@ def source_guess(node: fx.Node) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+def _real_parameter(node: fx.Node, value) -> nn.Parameter | None:
+    """The model parameter behind placeholder ``node`` (example input ``value``), or None for any other input.
+
+    Dynamo hands a backend the parameters themselves as example inputs, except for the subgraphs its DDPOptimizer
+    splits a graph into at DDP's gradient-bucket boundaries (``torch.compile(DDP(model))``): their example inputs
+    are fake tensors. A split copies each placeholder's metadata, whose ``grapharg`` holds the real input dynamo
+    lifted (the parameter a fake one stands for).
+    """
+    if not isinstance(value, nn.Parameter):
+        return None
+    if not isinstance(value, FakeTensor):
+        return value
+    try:
+        real = node.meta["grapharg"].example
+    except (KeyError, AttributeError, AssertionError):  # no grapharg, or its weak reference died
+        real = None
+    if isinstance(real, nn.Parameter) and not isinstance(real, FakeTensor):
+        return real
+    warnings.warn(f"kfc backend: graph input {node.name!r} is a fake parameter whose model parameter is unknown: "
+                  "its uses are not instrumented (the parameter is trained by the fallback)", stacklevel=2)
+    return None
+
+
 class GraphScan:
     """One dynamo graph: candidate sites, other parameter uses, then the rewrite."""
 
@@ -48,8 +73,9 @@ class GraphScan:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) == len(example_inputs):
             for node, value in zip(placeholders, example_inputs, strict=True):
-                if isinstance(value, nn.Parameter):
-                    self.param_of[node] = value
+                p = _real_parameter(node, value)
+                if p is not None:
+                    self.param_of[node] = p
         for node in gm.graph.nodes:  # graphs with get_attr parameters (nn modules not inlined)
             if node.op == "get_attr":
                 try:
