@@ -66,6 +66,20 @@ class Wrapped(nn.Module):
         return self.body(x)
 
 
+class SplitBias(nn.Module):
+    """``x @ W.T + b``: with a bucket per parameter, DDPOptimizer puts the matmul and the bias add in two subgraphs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.W = nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(5, dtype=torch.float64))
+        self.out = nn.Linear(5, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(x @ self.W.T + self.b))
+
+
 STEPS = 5
 CONFIGS = {"sequential": dict(BASE, fisher="type-2"),  # nn.Sequential: its forward gets a traced frame
            "wrapped": dict(BASE, fisher="empirical", damping_method="eigen")}
@@ -87,9 +101,10 @@ def _compiled_ddp(rank: int, world: int) -> dict:
     X, Y = global_batch(4 * world)
     x, y = shard(X, [4] * world, rank), shard(Y, [4] * world, rank)
     out = {}
-    for kind, cfg in CONFIGS.items():
+    for kind, cfg in [*CONFIGS.items(), ("split", dict(BASE, fisher="empirical"))]:
         for compiled in (False, True):
-            model = Wrapped() if kind == "wrapped" else make_model()
+            model = {"wrapped": Wrapped, "split": SplitBias}.get(kind, make_model)()
+            inputs = x.flatten(1)[:, :4] if kind == "split" else x
             first = dist._DEFAULT_FIRST_BUCKET_BYTES
             dist._DEFAULT_FIRST_BUCKET_BYTES = 1  # DDP's and DDPOptimizer's first bucket: one parameter too
             try:
@@ -98,7 +113,7 @@ def _compiled_ddp(rank: int, world: int) -> dict:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     opt = kc.KFC(run, **cfg)
-                    steps = run_steps(run, opt, x, y, STEPS, False)
+                    steps = run_steps(run, opt, inputs, y, STEPS, False)
             finally:
                 dist._DEFAULT_FIRST_BUCKET_BYTES = first
             out[kind, compiled] = {
@@ -129,3 +144,9 @@ def test_compiled_ddp_matches_eager_ddp():
                     assert rel(a, b) <= 1e-10, (kind, step)
                 assert all(torch.equal(a, b) for a, b in zip(comp["params"][step], out[0][kind, True]["params"][step],
                                                              strict=True))
+        # A bias add split from its matmul, as across a graph break: the weight is a bias-free layer, the bias
+        # goes to the fallback (eager: one layer with its bias).
+        assert r["split", False]["layers"] == [("W", "linear", 5, 5, True), ("out", "linear", 6, 3, True)]
+        assert r["split", True]["layers"] == [("W", "linear", 4, 5, False), ("out", "linear", 6, 3, True)]
+        assert r["split", False]["fallback"] == [] and r["split", True]["fallback"] == ["b"]
+        assert r["split", True]["graphs"] == 3
