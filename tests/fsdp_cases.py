@@ -103,7 +103,6 @@ def fsdp_bad_setups(rank: int, world: int) -> dict:
     """The errors of set-ups owner preconditioning refuses (their messages, by case)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     mesh = init_device_mesh("cpu", (world,))
     column = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).double()  # tensor-parallel style: dim-1 shards
@@ -112,7 +111,7 @@ def fsdp_bad_setups(rank: int, world: int) -> dict:
         m.bias = nn.Parameter(distribute_tensor(m.bias.detach(), mesh, [Shard(0)]))
     return {"broadcast": error_of(lambda: kc.KFC(fsdp_model(), lr=0.1, distributed="broadcast")),
             "dim1": error_of(lambda: kc.KFC(column, lr=0.1)),
-            "compiled_ddp": error_of(lambda: kc.KFC(torch.compile(DDP(make_model()), backend="kfc"), lr=0.1))}
+            "compiled_fsdp": error_of(lambda: kc.KFC(torch.compile(fsdp_model(), backend="kfc"), lr=0.1))}
 
 
 def checkpoints_and_setups(rank: int, world: int, cfg: dict, directory: str, single: str) -> dict:

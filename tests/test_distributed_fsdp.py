@@ -107,7 +107,8 @@ def test_fsdp_checkpoints_and_refused_setups(tmp_path):
     * Rank 0 saves (``state_dict()`` gathers the owners' layers and the sharded buffers), every rank loads; the
       resume is bitwise the uninterrupted run, and a single-process checkpoint continues as one process does.
     * Refused with an error naming the problem: ``distributed="broadcast"`` with FSDP2, a KFC weight sharded on
-      dim 1 (tensor parallelism), ``torch.compile(DDP(model), backend="kfc")``.
+      dim 1 (tensor parallelism), ``torch.compile(fsdp_model, backend="kfc")`` (a live registry under FSDP2;
+      ``torch.compile(DDP(model), backend="kfc")`` is supported: tests/test_distributed_compile.py).
     """
     cfg = {"sizes": [4, 4], "kfc": dict(BASE, fisher="empirical", damping_method="eigen")}
     single = str(tmp_path / "single.pt")
@@ -121,7 +122,7 @@ def test_fsdp_checkpoints_and_refused_setups(tmp_path):
         assert bad["broadcast"].startswith("ValueError: distributed='broadcast' with sharded DTensor parameters")
         assert bad["dim1"].startswith("NotImplementedError: parameters are sharded DTensors in a way KFC cannot")
         assert "the weight of KFC layer '0'" in bad["dim1"] and "Shard(dim=1)" in bad["dim1"]
-        assert bad["compiled_ddp"].startswith("NotImplementedError: torch.compile(DDP(model), backend='kfc')")
+        assert bad["compiled_fsdp"].startswith("NotImplementedError: FSDP2 with torch.compile(..., backend='kfc')")
     out = [r["resume"] for r in out]
     for r in out:
         assert all(torch.equal(p, q) for p, q in zip(r["straight"], r["resumed"], strict=True))
