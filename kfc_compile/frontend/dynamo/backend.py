@@ -8,7 +8,9 @@ import is needed) hands each dynamo graph of the model to ``kfc_backend``, which
    become in a dynamo graph), matmuls with a parameter weight (``x @ W.T``, ``x @ W + b``,
    ``torch.addmm(b, x, W)``: ``sites/kinds.py``) and the packed projections hidden inside
    ``F.multi_head_attention_forward`` (see ``runtime/attention.py``) — whose weight is a trainable ``nn.Parameter``
-   (``example_inputs[i]`` *is* the parameter of placeholder i);
+   (``example_inputs[i]`` *is* the parameter of placeholder i; under ``torch.compile(DDP(model))`` dynamo's
+   DDPOptimizer calls the backend once per gradient-bucket subgraph with fake example inputs, and the scan takes
+   the parameter from the placeholder's ``grapharg``: every subgraph's layers join the one registry);
 2. keeps a weight only if every use of it (and of its bias) in the graph is such a call with one geometry;
    anything else (tied with an embedding, summed, used by a matmul in another layout, ...) leaves it to the fallback
    optimizer, with the reason — also retroactively, when a later graph reveals such a use;

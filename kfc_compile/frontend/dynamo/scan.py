@@ -3,8 +3,9 @@
 Layer candidates come through the shared site-kind table; self-attention calls are those whose projections can be
 tapped (``runtime/attention.py``); every other use of a parameter is kept with a reason.
 
-In a dynamo graph parameters are placeholders whose example inputs *are* the parameters (or ``get_attr`` nodes when
-modules were not inlined); ``nn.Linear``/``nn.Conv*``/``nn.ConvTranspose*``/``F.*`` calls all appear as
+In a dynamo graph parameters are placeholders whose example inputs *are* the parameters (fake ones in the subgraphs
+of DDPOptimizer's split, resolved through the placeholder's ``grapharg``), or ``get_attr`` nodes when modules were
+not inlined; ``nn.Linear``/``nn.Conv*``/``nn.ConvTranspose*``/``F.*`` calls all appear as
 ``torch._C._nn.linear`` / ``torch.conv*d`` / ``torch.conv_transpose*d``, matmuls as ``operator.matmul`` /
 ``torch.matmul`` / ``torch.addmm`` / ``call_method matmul``: the targets of ``sites/kinds.py``, matched there
 (``match_node``) with the nodes around them (transposed weight views, a bias add after the call).
