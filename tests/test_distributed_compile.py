@@ -121,6 +121,12 @@ def _compiled_ddp(rank: int, world: int) -> dict:
                 "layers": [(la.name, la.kind, la.a_dim, la.g_dim, la.bias is not None) for la in opt.layers],
                 "graphs": run.kfc.graphs if compiled else None,
                 "fallback": sorted(opt.fallback_names)}
+    model = make_model()  # a refused set-up leaves the model as it was (no traced forward left on it)
+    compiled = torch.compile(DDP(model), backend="kfc")
+    try:
+        kc.KFC(compiled, lr=0.1, distributed=False)
+    except ValueError as e:
+        out["refused"] = (str(e), "forward" in model.__dict__, "kfc" in compiled.__dict__)
     return out
 
 
@@ -150,3 +156,5 @@ def test_compiled_ddp_matches_eager_ddp():
         assert r["split", True]["layers"] == [("W", "linear", 4, 5, False), ("out", "linear", 6, 3, True)]
         assert r["split", False]["fallback"] == [] and r["split", True]["fallback"] == ["b"]
         assert r["split", True]["graphs"] == 3
+        msg, *left = r["refused"]
+        assert msg.startswith("distributed=False with a DistributedDataParallel model") and left == [False, False]

@@ -122,22 +122,30 @@ def resolve_model(model: object, approx: str, frontend: str = "auto") -> tuple[n
 _ROUTING = ("forward", "kfc", "train", "_kfc_transformed")  # instance attributes routing and capture add
 
 
-def routing_snapshot(model: object) -> dict:
+def _routed(model: object) -> list:
+    """The modules instrumentation may change: a DDP's module; for ``torch.compile(DDP(m))`` the wrapper and ``m``."""
+    if isinstance(model, DistributedDataParallel):
+        return [model.module]
+    inner = model._orig_mod if is_compiled_module(model) else None
+    return [model, inner.module] if isinstance(inner, DistributedDataParallel) else [model]
+
+
+def routing_snapshot(model: object) -> list[dict]:
     """The instance attributes of ``model`` that routing would change (to undo a failed instrumentation)."""
-    model = model.module if isinstance(model, DistributedDataParallel) else model  # what is routed
-    return {k: model.__dict__[k] for k in _ROUTING if isinstance(model, nn.Module) and k in model.__dict__}
+    return [{k: m.__dict__[k] for k in _ROUTING if k in m.__dict__} if isinstance(m, nn.Module) else {}
+            for m in _routed(model)]
 
 
-def restore_routing(model: object, saved: dict) -> None:
+def restore_routing(model: object, saved: list[dict]) -> None:
     """Put back what :func:`routing_snapshot` saw: the user's model runs exactly as before."""
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    if not isinstance(model, nn.Module):
-        return
-    for k in _ROUTING:
-        if k in saved:
-            model.__dict__[k] = saved[k]
-        else:
-            model.__dict__.pop(k, None)
+    for m, kept in zip(_routed(model), saved, strict=True):
+        if not isinstance(m, nn.Module):
+            continue
+        for k in _ROUTING:
+            if k in kept:
+                m.__dict__[k] = kept[k]
+            else:
+                m.__dict__.pop(k, None)
 
 
 def check_coverage(owner: nn.Module, info: KFCInfo, fallback: str | None) -> bool:
