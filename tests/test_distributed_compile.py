@@ -158,3 +158,29 @@ def test_compiled_ddp_matches_eager_ddp():
         assert r["split", True]["graphs"] == 3
         msg, *left = r["refused"]
         assert msg.startswith("distributed=False with a DistributedDataParallel model") and left == [False, False]
+
+
+def test_fake_parameter_resolution():
+    """A subgraph's fake parameter is the real one its placeholder's ``grapharg`` holds; without one, a warning."""
+    import types
+    import warnings
+
+    import torch.fx as fx
+    from torch._dynamo.utils import to_fake_tensor
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kfc_compile.frontend.dynamo.scan import _real_parameter
+
+    p = nn.Parameter(torch.randn(3, 2))
+    fake = to_fake_tensor(p, FakeTensorMode())
+    assert isinstance(fake, nn.Parameter)  # what DDPOptimizer hands the backend
+    graph = fx.Graph()
+    known, unknown, activation = graph.placeholder("w"), graph.placeholder("v"), graph.placeholder("x")
+    known.meta["grapharg"] = types.SimpleNamespace(example=p)  # dynamo's GraphArg: .example is the real input
+    assert _real_parameter(known, fake) is p
+    assert _real_parameter(known, p) is p  # an unsplit graph: the parameter itself
+    assert _real_parameter(activation, torch.randn(3)) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _real_parameter(unknown, fake) is None
+    assert any("'v' is a fake parameter whose model parameter is unknown" in str(w.message) for w in caught)
