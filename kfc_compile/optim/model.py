@@ -5,7 +5,9 @@ A plain module is routed through its transformed graph.
 ``KFC`` accepts a plain ``nn.Module`` (transformed here, its forward routed in place), a ``kc.transform``ed module,
 ``torch.compile(kc.transform(m))``, or ``torch.compile(m, backend="kfc")`` (whose registry of layers is live: it
 grows as dynamo compiles graphs). A ``DistributedDataParallel`` wrapper is looked through: its ``module`` is
-instrumented and trained (routed in place, so DDP's own forward, and with it its gradient all-reduce, still runs).
+instrumented and trained (routed in place, so DDP's own forward, and with it its gradient all-reduce, still runs);
+under ``torch.compile(DDP(m), backend="kfc")`` too, ``m`` is the trained module (its layers come from the graphs
+dynamo compiles for it).
 """
 from __future__ import annotations
 
