@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 import kfc_compile as kc
 
 N = 12  # the global batch: equal shards at 1, 2 and 3 ranks
-BEFORE, AFTER = 3, 3  # steps before the checkpoint and after it
+BEFORE, AFTER = 4, 3  # steps before the checkpoint (inverse_every=2: step 5 uses the saved inverses) and after
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

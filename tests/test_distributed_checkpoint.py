@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from dcp_cases import build, data, go_on, resume_dcp, resume_plain, save_dcp, three_ranks, two_ranks, write
+from dcp_cases import BEFORE, build, data, go_on, resume_dcp, resume_plain, save_dcp, three_ranks, two_ranks, write
 from distributed_cases import make_model, run_steps
 from distributed_harness import run_ranks
 from test_distributed import BASE, rel
@@ -43,7 +43,7 @@ def written(tmp_path_factory) -> tuple[str, dict, list[dict]]:
 
 
 def test_same_world_size_resume_is_bitwise(written):
-    """FSDP2 and DDP, 2 ranks: 3 steps, DCP save, fresh model and KFC, DCP load, 3 steps == 6 uninterrupted steps.
+    """FSDP2 and DDP, 2 ranks: 4 steps, DCP save, fresh model and KFC, DCP load, 3 steps == 7 uninterrupted steps.
 
     Under FSDP2 each rank's optimizer dict holds the layers it owns only (together: every layer once, the bytes of
     the single process's) and its shards of the momentum and Adam buffers as DTensors; under DDP (each inverse
@@ -99,7 +99,7 @@ def test_fresh_template_and_single_process_round_trip(kfc, tmp_path):
     model = make_model(silent)
     opt = kc.KFC(model, **kfc)
     x, y = data(0, 0)
-    run_steps(model, opt, x, y, 3, False)
+    run_steps(model, opt, x, y, BEFORE, False)
     if silent:
         assert opt.layer_state("6").inverse.live is not None
     trained = opt.distributed_state_dict()
