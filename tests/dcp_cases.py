@@ -38,14 +38,19 @@ def data(world: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build(kind: str, kfc: dict) -> tuple[nn.Module, nn.Module, kc.KFC]:
-    """(model, what is trained and checkpointed, its KFC) for kind ``"plain"``, ``"ddp"`` or ``"fsdp"``."""
+    """(model, what is trained and checkpointed, its KFC) for kind ``"plain"``, ``"ddp"``, ``"ddp_owner"``, ``"fsdp"``.
+
+    ``"ddp_owner"``: DDP with ``distributed="owner"`` (each layer's factors and inverse on its owner only).
+    """
     model = make_model()
+    if kind == "ddp_owner":
+        kfc = dict(kfc, distributed="owner")
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model)
         trained = model
-    elif kind == "ddp":
+    elif kind.startswith("ddp"):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         trained = DDP(model)
@@ -131,7 +136,7 @@ def write(kind: str, kfc: dict, directory: str, world: int, rank: int) -> dict:
 def two_ranks(rank: int, world: int, kfc: dict, directory: str) -> dict:
     """FSDP2 and DDP: write their checkpoints and resume each at the same world size; FSDP2 from a single process."""
     out = {}
-    for kind in ("fsdp", "ddp"):
+    for kind in ("fsdp", "ddp", "ddp_owner"):
         out[kind] = write(kind, kfc, directory, world, rank)
         out[kind]["resumed"] = go_on(*resume_dcp(kind, kfc, f"{directory}/{kind}{world}"), world, rank)
     out["from_single"] = go_on(*resume_dcp("fsdp", kfc, f"{directory}/plain0"), world, rank)

@@ -45,18 +45,20 @@ def written(tmp_path_factory) -> tuple[str, dict, list[dict]]:
 def test_same_world_size_resume_is_bitwise(written):
     """FSDP2 and DDP, 2 ranks: 4 steps, DCP save, fresh model and KFC, DCP load, 3 steps == 7 uninterrupted steps.
 
-    Under FSDP2 each rank's optimizer dict holds the layers it owns only (together: every layer once, the bytes of
-    the single process's) and its shards of the momentum and Adam buffers as DTensors; under DDP (each inverse
-    gathered by all) every rank holds every layer and DCP writes each once.
+    Under FSDP2 and DDP's ``distributed="owner"`` each rank's optimizer dict holds the layers it owns only
+    (together: every layer once, the bytes of the single process's), under FSDP2 with its shards of the momentum
+    and Adam buffers as DTensors; under DDP's default (each inverse gathered by all) every rank holds every layer
+    and DCP writes each once.
     """
     _, single, ranks = written
-    for kind in ("fsdp", "ddp"):
+    for kind in ("fsdp", "ddp", "ddp_owner"):
         for r in ranks:
             assert _equal(r[kind]["resumed"], r[kind]["straight"]), kind
             assert _equal(r[kind]["straight"], ranks[0][kind]["straight"]), kind
-    held = [r["fsdp"]["saved"]["layers"] for r in ranks]
-    assert sorted(n for h in held for n in h) == LAYERS and all(held)
-    assert sum(r["fsdp"]["saved"]["layer_bytes"] for r in ranks) == single["saved"]["layer_bytes"]
+    for kind in ("fsdp", "ddp_owner"):
+        held = [r[kind]["saved"]["layers"] for r in ranks]
+        assert sorted(n for h in held for n in h) == LAYERS and all(held)
+        assert sum(r[kind]["saved"]["layer_bytes"] for r in ranks) == single["saved"]["layer_bytes"]
     assert all(r["ddp"]["saved"]["layers"] == LAYERS for r in ranks)
     dtensors = ranks[0]["fsdp"]["saved"]["dtensors"]
     assert "state.6.weight.momentum_buffer" in dtensors and "state.7.weight.exp_avg" in dtensors
@@ -174,6 +176,9 @@ def test_bad_checkpoints_are_refused_and_change_nothing(tmp_path):
     assert "saved torch.Size([4, 2, 3, 3]) and current: torch.Size([2, 3]) for optim.state.0.weight" in err
     with pytest.raises(ValueError, match="not a KFC distributed state dict"):
         opt.load_distributed_state_dict(opt.state_dict())
+    compiled = kc.KFC(torch.compile(make_model(), backend="kfc"), **KFC)  # no layer compiled yet: no template
+    with pytest.raises(RuntimeError, match="needs its layers: run the compiled model's forward once"):
+        compiled.distributed_state_dict()
 
 
 def _same(a: object, b: object) -> bool:
