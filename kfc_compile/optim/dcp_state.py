@@ -9,7 +9,7 @@ into a template state dict that already holds every key with a tensor of the rig
                                           #   (Adam fallback), average (iterate averaging); DTensors under FSDP2
     "kfc.layers.<layer>.A" / ".G"         # the layer's moving averages Ω, Γ (its layout's shapes)
     "kfc.layers.<layer>.inverse.<name>"   # its inverse's tensors (the damping method's, zero-padded to full size)
-    "kfc.layers.<layer>.meta"             # bytes: which of them are present, the update count, η, scale, shapes
+    "kfc.layers.<layer>.meta"             # bytes: which are present, update count, η, scale, shapes and strides
     "kfc.run"                             # bytes: what does not depend on the layers (the "kfc" entry of
                                           #   checkpoint.py without its layer tensors), the param-group settings
 
@@ -17,9 +17,10 @@ Every key exists whether or not its state does yet (a slot not created yet is ze
 item), so a fresh optimizer's dict is the template ``dcp.load`` fills. A rank holds the layers it owns only
 (``distributed="owner"``, FSDP2: the layer assignment of the loading run, so a checkpoint of another world size is
 re-owned; otherwise every layer, written once by DCP's de-duplication) and its shards of DTensor state: checkpoint
-bytes and memory per rank scale as 1/world size. The tensors are copies: ``dcp.load`` into the dict changes
-nothing until :func:`load_distributed_state` has checked it and hands it to ``KFC.load_state_dict`` as a plain
-state_dict, so the loads of both forms are one code path (same checks, same restore, bitwise the same state).
+bytes and memory per rank scale as 1/world size, down to the share of the largest layer. The tensors are copies:
+``dcp.load`` into the dict changes nothing until :func:`load_distributed_state` has checked it and hands it to
+``KFC.load_state_dict`` as a plain state_dict, so the loads of both forms are one code path (same checks, same
+restore, bitwise the same state).
 """
 from __future__ import annotations
 
@@ -48,10 +49,14 @@ def pack(obj: object) -> bytes:
 
 
 def unpack(data: object, key: str) -> object:
-    """The object :func:`pack` serialised, or a ``ValueError`` if the template was never filled."""
+    """The object :func:`pack` serialised (``weights_only``: plain types and tensors only).
+
+    Raises:
+        ValueError: ``data`` is not such bytes (the entry ``key`` was replaced by something else).
+    """
     if not isinstance(data, bytes) or not data:
-        raise ValueError(f"the distributed state dict's {key!r} holds no saved state: fill the template with "
-                         "torch.distributed.checkpoint.load(...) before load_distributed_state_dict")
+        raise ValueError(f"the distributed state dict's {key!r} is a {type(data).__name__}, not the bytes "
+                         "distributed_state_dict() put there (and dcp.load fills in)")
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
