@@ -6,9 +6,11 @@
 The only KFC-specific line is ``opt = kc.KFC(model, ...)`` on the sharded model: every rank computes the factors
 of its own shard of the batch, each layer's factors are pooled on the layer's owner rank, which alone keeps them
 and their inverse; at every step the owner receives every rank's shard of its layers' gradients, preconditions the
-whole gradient and sends each rank its rows back (docs/algorithm.md §12.2b). ``opt.state_dict()`` is a collective
-(every rank calls it) and is the same on every rank: rank 0 writes it with the whole model parameters, and every
-rank reads it back (``--resume``), before ``fully_shard`` shards the loaded parameters.
+whole gradient and sends each rank its rows back (docs/algorithm.md §12.2b).
+
+Checkpoints go through ``torch.distributed.checkpoint``: every rank writes its own shards of the model, the layers
+it owns and its shards of the momentum (``opt.distributed_state_dict()``), and ``--resume`` loads them in place into
+a fresh model and optimizer, at this world size or another (DCP reshards; the layers are re-owned).
 """
 import argparse
 import os
@@ -17,9 +19,11 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
 import kfc_compile as kc
@@ -27,7 +31,7 @@ import kfc_compile as kc
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=150)
 p.add_argument("--batch", type=int, default=128, help="global batch, split evenly over the ranks")
-p.add_argument("--checkpoint", default="fsdp_checkpoint.pt")
+p.add_argument("--checkpoint", default="fsdp_checkpoint", help="a directory (one file per rank)")
 p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
 args = p.parse_args()
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")  # torch's forward-AD, first use
@@ -50,17 +54,16 @@ torch.manual_seed(0)  # the same initial model everywhere
 features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                          nn.MaxPool2d(2))
 model = nn.Sequential(features, nn.Flatten(), nn.Linear(32 * 4 * 4, 10)).to(device)
-start = 0
-saved = torch.load(args.checkpoint, map_location=device, weights_only=False) if args.resume else None
-if saved is not None:
-    model.load_state_dict(saved["model"])
-    start = saved["step"]
 fully_shard(features)  # an FSDP unit inside the model (its layers are instrumented with FSDP's hooks running)
 fully_shard(model)
 # KFC-pre; statistics every 5 steps, inverses every 10; MC targets seeded per rank from this generator's seed
 opt = kc.KFC(model, lr=1e-3, stats_every=5, inverse_every=10, generator=torch.Generator(device).manual_seed(0))
-if saved is not None:
-    opt.load_state_dict(saved["opt"])
+if args.resume:  # the fresh model's and optimizer's state dicts are the template DCP loads into, in place
+    sd = {"model": get_model_state_dict(model), "optim": opt.distributed_state_dict()}
+    dcp.load(sd, checkpoint_id=args.checkpoint)
+    set_model_state_dict(model, sd["model"])
+    opt.load_distributed_state_dict(sd["optim"])
+start = opt.steps
 
 per_rank = args.batch // world
 t0 = time.perf_counter()
@@ -81,9 +84,8 @@ for step in range(start + 1, start + args.steps + 1):
 nbytes = opt.curvature_nbytes()
 if rank == 0:
     print(f"curvature bytes on rank 0: {nbytes:,} (the layers it owns)")
-sd = opt.state_dict()  # a collective
-params = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+warnings.filterwarnings("ignore", message="Detected an existing checkpoint")  # a --resume run writes it anew
+dcp.save({"model": get_model_state_dict(model), "optim": opt.distributed_state_dict()}, checkpoint_id=args.checkpoint)
 if rank == 0:
-    torch.save({"model": params, "opt": sd, "step": start + args.steps}, args.checkpoint)
-    print(f"checkpoint: {args.checkpoint}")
+    print(f"checkpoint: {args.checkpoint}/ (step {opt.steps})")
 dist.destroy_process_group()

@@ -40,7 +40,8 @@ STATE_VERSION = 2
 LOADABLE_VERSIONS = (1, 2)
 
 
-def _factor_dtype(s: LayerState) -> torch.dtype:
+def factor_dtype(s: LayerState) -> torch.dtype:
+    """The dtype of a layer's factors and inverses: fp64 for an fp64 layer, else fp32."""
     return torch.float64 if s.layer.weight.dtype == torch.float64 else torch.float32
 
 
@@ -55,6 +56,14 @@ def layer_entry(s: LayerState) -> dict:
 def kfc_state(est: CurvatureEstimator, options: KFCOptions, health: Health, step: int, warned: set[str],
               approx: str, dist: Distributed | None = None) -> dict:
     """The ``"kfc"`` entry of ``state_dict()`` (see the module docstring)."""
+    entries = [layer_entry(s) for s in est.states]
+    return {**run_entry(est, options, health, step, warned, approx, dist),
+            "layers": entries if dist is None else dist.complete_layers(est.states, entries)}
+
+
+def run_entry(est: CurvatureEstimator, options: KFCOptions, health: Health, step: int, warned: set[str],
+              approx: str, dist: Distributed | None = None) -> dict:
+    """The ``"kfc"`` entry without ``"layers"``: what does not depend on the layers (the same on every rank)."""
     return {
         "version": STATE_VERSION,
         "step": step,
@@ -64,8 +73,6 @@ def kfc_state(est: CurvatureEstimator, options: KFCOptions, health: Health, step
                     "max_factor_dim": options.max_factor_dim, "memory_budget": options.memory_budget},
         "scale": est.scale,
         "warned": sorted(warned),
-        "layers": (dist.complete_layers(est.states, [layer_entry(s) for s in est.states]) if dist is not None
-                   else [layer_entry(s) for s in est.states]),
         "generator": None if options.generator is None else options.generator.get_state(),
         "health": health.state(),
         "distributed": None if dist is None else dist.state(),
@@ -116,7 +123,7 @@ def restore_layer_state(kfc: dict, est: CurvatureEstimator) -> None:
     """Restore the per-layer part of a checked ``"kfc"`` entry: curvature scale, factors, inverses, flags."""
     est.scale = float(kfc["scale"])
     for s, entry in zip(est.states, kfc["layers"], strict=True):
-        dev, dt = s.layer.weight.device, _factor_dtype(s)
+        dev, dt = s.layer.weight.device, factor_dtype(s)
         fac = entry["factors"]
         s.running = None if fac is None else RunningFactors(fac["A"].to(dev, dt).clone(), fac["G"].to(dev, dt).clone(),
                                                             int(fac["updates"]))

@@ -24,7 +24,7 @@ from kfc_compile.curvature.estimator import CurvatureEstimator, LayerState
 from kfc_compile.curvature.factors import Factors
 from kfc_compile.curvature.health import Health
 from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo
-from kfc_compile.optim import checkpoint, fvp, resume
+from kfc_compile.optim import checkpoint, dcp_state, fvp, resume
 from kfc_compile.optim.checkpoint import check_kfc_state, kfc_state, restore_layer_state, restore_run_state
 from kfc_compile.optim.groups import find_group, hyper_parameters, initial_groups, regroup
 from kfc_compile.optim.model import (
@@ -360,6 +360,17 @@ class KFC(torch.optim.Optimizer):
         sd["kfc"] = kfc_state(self._estimator, self.options, self.health, self._step_count, self._warned,
                               self.options.approx, self._dist)
         return sd
+
+    def distributed_state_dict(self) -> dict:
+        """The state as ``torch.distributed.checkpoint`` saves it and, from a fresh optimizer, its load template.
+
+        Flat keys; this rank's own layers and DTensor shards only (``dcp_state.py``). Every rank calls it.
+        """
+        return dcp_state.distributed_state(self)
+
+    def load_distributed_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`distributed_state_dict` template filled by ``dcp.load`` (checked as ``load_state_dict``)."""
+        dcp_state.load_distributed_state(self, state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict` of a KFC with the same layers and structural options.
