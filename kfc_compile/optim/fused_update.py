@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: what :meth:`FusedPre.step` returns when F̂⁻¹∇h has inf/NaN entries (the caller skips the step)
 NATURAL_FAULT = "the preconditioned gradient F̂⁻¹∇h has inf/NaN entries"
+#: the ``torch.compile`` backend of ``compile_update=True``
+BACKEND = "inductor"
 # positions in the scalar vector
 LR, MOM, WD, FLR, FMOM, FWD, CLIP, ETA = range(8)
 
@@ -202,8 +205,9 @@ class Plan:
             return f
         if self.compiled is None:
             self.compiled = {}
-        if name not in self.compiled:
-            self.compiled[name] = torch.compile(f, fullgraph=True, dynamic=False)
+        if name not in self.compiled:  # a copy of the function per plan: dynamo's cache (and its recompile limit)
+            f = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__)  # is per code object
+            self.compiled[name] = torch.compile(f, fullgraph=True, dynamic=False, backend=BACKEND)
         return self.compiled[name]
 
 
