@@ -248,7 +248,8 @@ class FusedPre:
         bufs, created = _buffers(plan.params, state)
         fgrads = [p.grad for p in plan.fparams]
         fbufs, fcreated = _buffers(plan.fparams, state)
-        invs = [bucket_tensors(est.buckets[i])[1] for i in plan.buckets]
+        invs = [_sides(est.buckets[i].inverse, method) for i, (method, _, _) in zip(plan.buckets, spec.buckets,
+                                                                                      strict=True)]
         lr = kg["lr"]
         values = [lr, kg["momentum"], kg["weight_decay"], 0.0 if sgd is None else sgd["lr"],
                   0.0 if sgd is None else sgd["momentum"], 0.0 if sgd is None else sgd["weight_decay"],
@@ -351,6 +352,11 @@ class FusedPre:
         clip = None if o.clip is None else o.clip_curvature
         spec = Spec(tuple(layers), tuple(buckets), kfc_wd, fallback_wd, clip, o.clip_on)
         return Plan(spec, params, list(fparams), tuple(used))
+
+
+def _sides(inv, method: str) -> tuple[torch.Tensor, ...]:
+    """The tensors of a dense bucket's inverse (``precondition.bucket_tensors`` without its checks, per step)."""
+    return (inv.Ginv, inv.Ainv) if method == "factored" else (inv.QG, inv.lG, inv.QA, inv.lA)
 
 
 def _buffers(params: list[torch.Tensor], state: MutableMapping) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
