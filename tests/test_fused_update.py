@@ -3,7 +3,8 @@
 * the fused eager update equals the per-tensor path (``estimator.precondition`` + ``updates.pre_update``, switched
   back in) over several steps, float64, on many configurations (factored / eigen damping, exact / factored /
   no ν, clipping binding or not, weight decay, momentum, SGD / Adam / no fallback, grouped conv, a bucket of two
-  layers, a layer without bias, a parameter of the fallback), ≤ 1e-12 relative, and float32 ≤ 1e-6;
+  layers, a layer without bias, a parameter of the fallback, blocked and live-block inverses), ≤ 1e-12 relative,
+  and float32 ≤ 1e-6;
 * ``compile_update=True`` (inductor) equals the eager update over 20 steps under an lr scheduler with inverse
   refreshes, with one graph compiled at the first step and none after; the exact-ν pair of graphs likewise
   (compiled with ``aot_eager`` to keep the test short: the graphs, guards and recompiles are dynamo's);
@@ -49,13 +50,20 @@ def _mlp():
     return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
 
 
-def _data(shape, n=4, seed=1, dtype=torch.float64):
+def _wide():
+    return nn.Sequential(nn.Linear(70, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _data(shape, n=4, seed=1, dtype=torch.float64, silent=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, *shape, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g))
-            for _ in range(n)]
+    out = [(torch.randn(16, *shape, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g))
+           for _ in range(n)]
+    for x, _ in out:
+        x[:, :silent] = 0  # inputs that are always 0: silent coordinates of Ω
+    return out
 
 
-def _run(build, shape, options, *, fused=True, steps=6, dtype=torch.float64, scheduler=False):
+def _run(build, shape, options, *, fused=True, steps=6, dtype=torch.float64, scheduler=False, silent=0):
     torch.manual_seed(0)
     model = build().to(dtype)
     opt = kc.KFC(model, generator=torch.Generator().manual_seed(2), **options)
@@ -63,7 +71,7 @@ def _run(build, shape, options, *, fused=True, steps=6, dtype=torch.float64, sch
         opt._fused._off = "test: the per-tensor path"
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.9 ** k) if scheduler else None
     scalars, graphs = [], []
-    for x, y in (_data(shape, dtype=dtype) * steps)[:steps]:
+    for x, y in (_data(shape, dtype=dtype, silent=silent) * steps)[:steps]:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -103,6 +111,8 @@ CONFIGS = [
     dict(clip=1e-3, clip_curvature="factored", fallback=None, damping=1e-2),
     dict(clip=1e-4, clip_on="update", damping_method="eigen", fallback="adam", weight_decay=1e-3),
     dict(clip=1e-4, clip_scaling="fixed", clip_curvature="factored", momentum=0.5, fallback_lr=0.01),
+    dict(clip=1e-4, max_factor_dim=8, weight_decay=1e-3),  # blocked factors: their own solve (eager)
+    dict(clip=1e-4, max_factor_dim=8, damping_method="eigen", clip_curvature="factored"),
 ]
 
 
@@ -123,6 +133,15 @@ def test_fused_equals_the_per_tensor_path_in_float32():
     ref = _run(Net, (2, 4, 4), options, fused=False, dtype=torch.float32)
     assert _taken(fused[4])
     _assert_equal(fused, ref, 1e-6)
+
+
+@pytest.mark.parametrize("damping_method", ["factored", "eigen"])
+def test_fused_equals_the_per_tensor_path_with_a_live_block_inverse(damping_method):
+    options = dict(lr=0.05, inverse_every=3, clip=1e-4, weight_decay=1e-3, damping_method=damping_method)
+    fused = _run(_wide, (70,), options, silent=10)
+    ref = _run(_wide, (70,), options, fused=False, silent=10)
+    assert fused[4].layer_states()[0].inverse.live is not None and _taken(fused[4])
+    _assert_equal(fused, ref, 1e-12)
 
 
 def test_compiled_update_equals_eager_over_20_steps_without_recompiles():
@@ -169,9 +188,10 @@ def test_a_non_finite_preconditioned_gradient_changes_nothing(monkeypatch, compi
 
 @pytest.mark.parametrize(("options", "why"), [
     (dict(mode="adaptive"), "mode='adaptive'"),
-    (dict(max_factor_dim=4), "live-block or blocked inverse"),
+    (dict(max_factor_dim=4, compile_update=True), "live-block or blocked inverse"),
 ])
-def test_a_case_it_cannot_take_keeps_the_per_tensor_path_and_says_so(caplog, options, why):
+def test_a_case_it_cannot_take_keeps_the_per_tensor_path_and_says_so(caplog, monkeypatch, options, why):
+    monkeypatch.setattr(fused_update, "BACKEND", "aot_eager")
     with caplog.at_level(logging.DEBUG, logger="kfc_compile.optim.fused_update"):
         _, _, _, _, opt = _run(_mlp, (5,), dict(lr=0.05, **options), steps=2)
     assert not _taken(opt)

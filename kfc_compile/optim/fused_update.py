@@ -19,9 +19,10 @@ another order).
 
 A *plan* (which layers have a gradient, the buckets' structure, which parameters the fallback updates, whether wd
 is 0) is built once per configuration and cached; a configuration the plan cannot take (``mode="adaptive"``,
-distributed KFC, DTensor parameters, live-block or blocked inverses, a layer without an inverse or a bucket with a
-member missing its gradient, no KFC group) keeps ``updates.py``'s path, decided once per configuration and logged
-at DEBUG on ``kfc_compile.optim.fused_update``.
+distributed KFC, DTensor parameters, a layer without an inverse or a bucket with a member missing its gradient,
+no KFC group; compiled only: live-block or blocked inverses, whose products gather a data-dependent block — the
+eager plan applies them with their own ``LayerInverse.solve``) keeps ``updates.py``'s path, decided once per
+configuration and logged at DEBUG on ``kfc_compile.optim.fused_update``.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ class Spec:
     """Everything static about a step's update: a change here is a new plan (and one recompile)."""
 
     layers: tuple[LayerSpec, ...]
-    buckets: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # (method, member positions, groups each)
+    buckets: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # (method, member positions, groups each);
+    # method "solve" (eager only): a live-block or blocked inverse, applied by its own LayerInverse.solve
     kfc_wd: bool  # weight decay of the KFC group ≠ 0
     fallback_wd: bool
     clip: str | None  # None, "factored" or "exact"
@@ -92,7 +94,8 @@ def _naturals(spec: Spec, params, grads, invs, scal) -> tuple[list[torch.Tensor]
     for (method, members, counts), tensors in zip(spec.buckets, invs, strict=True):
         dtype = tensors[0].dtype
         parts = [mats[i].to(dtype) for i in members]
-        U = dense_solve(method, tensors, scal[ETA], torch.cat(parts) if len(parts) > 1 else parts[0])
+        g = torch.cat(parts) if len(parts) > 1 else parts[0]
+        U = tensors[0].solve(g) if method == "solve" else dense_solve(method, tensors, scal[ETA], g)
         for i, part in zip(members, torch.split(U, list(counts)), strict=True):
             out[i] = part
     nats = []
@@ -299,8 +302,8 @@ class FusedPre:
         o = self.options
         fparams = [p for p in fg["params"] if p.grad is not None] if fg is not None and o.fallback == "sgd" else []
         fwd = bool(fg["weight_decay"]) if fg is not None and o.fallback == "sgd" else False
-        key = (self._structure, present, tuple(id(p) for p in fparams), bool(kg["weight_decay"]), fwd,
-               len(est.states))
+        layers = tuple(id(s.layer.weight) for s in est.states)  # a live registry may swap a layer for a same-shaped one
+        key = (self._structure, present, layers, tuple(id(p) for p in fparams), bool(kg["weight_decay"]), fwd)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._build(est, present, fparams, bool(kg["weight_decay"]), fwd)
@@ -334,8 +337,9 @@ class FusedPre:
         buckets, used = [], []
         for j, b in enumerate(est.buckets):
             dense = bucket_tensors(b)
-            if dense is None:
+            if dense is None and self.compile:  # its product gathers a data-dependent live block, or tiles
                 return f"layer {states[b.members[0]].layer.name!r} has a live-block or blocked inverse"
+            dense = dense or ("solve", ())  # eager: the inverse's own solve, as apply_buckets calls it
             members = [position.get(i) for i in b.members]
             if any(m is None for m in members):
                 if all(m is None for m in members):
@@ -356,6 +360,8 @@ class FusedPre:
 
 def _sides(inv, method: str) -> tuple[torch.Tensor, ...]:
     """The tensors of a dense bucket's inverse (``precondition.bucket_tensors`` without its checks, per step)."""
+    if method == "solve":
+        return (inv,)
     return (inv.Ginv, inv.Ainv) if method == "factored" else (inv.QG, inv.lG, inv.QA, inv.lA)
 
 
