@@ -117,7 +117,8 @@ def _directions(spec: Spec, params, grads, bufs, invs, fparams, fgrads, fbufs, s
     nats, hs = _naturals(spec, params, grads, invs, scal)
     fhs = [g + scal[FWD] * p for g, p in zip(fgrads, fparams, strict=True)] if spec.fallback_wd else list(fgrads)
     flat = torch.cat([n.reshape(-1) for n in nats])
-    finite = torch.isfinite(flat).all()
+    lo, hi = torch.aminmax(flat)  # a read of F̂⁻¹∇h without isfinite's bool temporary (curvature.guard.all_finite)
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
     vs = [n * -scal[LR] for n in nats] + [g * -scal[FLR] for g in fhs]
     moms = [scal[MOM]] * len(nats) + [scal[FMOM]] * len(fhs)
     measured = vs if spec.clip != "exact" or spec.clip_on == "update" else [
