@@ -71,7 +71,7 @@ class KFC(torch.optim.Optimizer):
             ``"step"`` the applied μp + v, ``"update"`` v alone (the paper), ``"auto"`` the step with exact ν and v
             with ``clip_curvature="factored"`` (docs/algorithm.md §6.2).
         compile_update: KFC-pre's update (preconditioning, ν, clipping, momentum) under ``torch.compile`` (inductor;
-            ~10–30 s of compilation on first use; ``optim/fused_update.py``); False: the same update, fused eager.
+            2–8 s of compilation per configuration on CPU, ``optim/fused_update.py``); False: the same, fused eager.
         averaging: iterate-averaging timescale τ in steps (``None``: off); see :meth:`swap_averaged`.
         damping_method: ``"factored"`` or ``"eigen"``.
         fallback: ``"sgd"``, ``"adam"`` or ``None`` (uncovered parameters are then not trained).
