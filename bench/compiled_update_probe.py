@@ -8,10 +8,20 @@ probe writes the per-step update of every layer as one function of tensors — �
 recompile), next to the optimizer's own eager preconditioning + update (``est.precondition`` + the momentum step),
 all in process CPU time on one thread, and the compile time. It checks the compiled result equals the eager one.
 
+``--ab``: the optimizer's own three paths on whole training steps (forward + backward + ``opt.step()``), in one
+run, alternating windows of P = lcm(stats, inverses) steps after warm-up: ``old`` (``updates.pre_update`` with
+the per-tensor preconditioning: the fused path switched off), ``fused`` (``optim/fused_update.py``, eager, the
+default) and ``compiled`` (``KFC(compile_update=True)``; its compile time is reported apart, from the first
+steps). Ratios are within one run.
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/compiled_update_probe.py
+    OMP_NUM_THREADS=1 .venv/bin/python bench/compiled_update_probe.py --ab --models autoenc,digits,paper
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import math
 import os
 import sys
 import time
@@ -48,7 +58,71 @@ def timed(fn, n: int = 300) -> float:
     return 1e3 * (time.process_time() - t) / n
 
 
-def main() -> int:
+ARMS = ("old", "fused", "compiled")
+CONFIGS = ((1, 20), (10, 100))
+
+
+def ab_one(name: str, variant: str, s: int, i: int, rounds: int) -> dict:
+    """Whole-step CPU ms of the three arms on one model / variant / (stats, inverses), and the compile time."""
+    torch.manual_seed(0)
+    m = sb.MODELS[name][0]()
+    data, lossf = sb.batches(name), sb.loss_fn(name)
+    loss = "mse" if sb.MODELS[name][3] == "mse" else "cross_entropy"
+    kw = dict(momentum=0.9, stats_every=s, inverse_every=i, loss=loss, **sb.VARIANTS[variant])
+    models = [copy.deepcopy(m) for _ in ARMS]
+    opts = [kc.KFC(mm, compile_update=arm == "compiled", **kw) for mm, arm in zip(models, ARMS, strict=True)]
+    opts[0]._fused._off = "bench: the old path"
+    steppers = [sb.Stepper(mm, o, data, lossf, False) for mm, o in zip(models, opts, strict=True)]
+    warm = [st.run(sb.WARMUP) for st in steppers]  # the compiled arm compiles here
+    for st in steppers:
+        st.step_t = 0.0
+    P = math.lcm(s, i)
+    t = [0.0] * len(ARMS)
+    for r in range(rounds):
+        order = range(len(ARMS)) if r % 2 == 0 else reversed(range(len(ARMS)))
+        for j in order:
+            t[j] += steppers[j].run(P)
+    n = rounds * P
+    taken = [any(not isinstance(p, str) for p in o._fused._plans.values()) for o in opts]
+    return {"model": name, "variant": variant, "s": s, "i": i, "steps": n, "taken": taken,
+            "ms": [1e3 * x / n for x in t], "step_ms": [1e3 * st.step_t / n for st in steppers],
+            "compile_s": warm[2] - warm[1]}
+
+
+def ab(models: list[str], variants: list[str], rounds: int, paper_rounds: int) -> None:
+    print("| model | variant | (stats, inv) | steps each | old ms | fused ms | compiled ms | fused ÷ old | "
+          "compiled ÷ fused | opt.step old / fused / compiled ms | compile s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for name in models:
+        for variant in variants:
+            for s, i in CONFIGS:
+                rr = paper_rounds if name == "paper" else rounds
+                r = ab_one(name, variant, s, i, rr)
+                old, fused, comp = r["ms"]
+                so, sf, sc = r["step_ms"]
+                print(f"| {name} | {variant} | ({s}, {i}) | {r['steps']} | {old:.2f} | {fused:.2f} | {comp:.2f} | "
+                      f"{fused / old:.3f} | {comp / fused:.3f} | {so:.2f} / {sf:.2f} / {sc:.2f} | "
+                      f"{r['compile_s']:.1f} |" + ("" if all(r["taken"][1:]) else " (fused path not taken)"),
+                      flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ab", action="store_true", help="old vs fused vs compiled on whole training steps")
+    ap.add_argument("--models", default="autoenc,digits,paper")
+    ap.add_argument("--variants", default="pre,pre-fact")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--paper-rounds", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.ab:
+        torch.set_num_threads(1)
+        warnings.simplefilter("ignore")
+        ab(args.models.split(","), args.variants.split(","), args.rounds, args.paper_rounds)
+        return 0
+    return probe()
+
+
+def probe() -> int:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)

@@ -128,9 +128,11 @@ def instrument(opt: kc.KFC, timer: Timer) -> None:
         if hasattr(updates_mod, name):
             setattr(updates_mod, name, timer.wrap(getattr(updates_mod, name), "update (momentum, apply)"))
     timer.patch(kfc_mod, "group_parts", "preconditioning (∇h matrices, Γ⁻¹GΩ⁻¹)")
+    timer.patch(opt._fused, "step", "fused preconditioning + update (fused_update.py)")
 
 
-#: --before: the step's scalars term by term and one Fisher-product pass per direction (this session's baseline)
+#: --before: the step's scalars term by term, one Fisher-product pass per direction and the per-tensor update path
+#: (optim/fused_update.py switched off): the baseline of the issue-17 sessions
 BEFORE = ((updates_mod, "quadratic_model", rules.quadratic_model), (updates_mod, "factored_nu", rules.factored_nu),
           (updates_mod, "sum_squares", rules.sum_squares),
           (kfc_mod, "all_finite_", lambda ts: finite_flags([ts])[0]))
@@ -217,6 +219,7 @@ def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options:
         opt = kc.KFC(km, **kw)
         bopt = kc.KFC(bm, **kw)
     bopt._exact_gram.products.batched = False
+    bopt._fused._off = "bench: the baseline's per-tensor path"
     old = Stepper(bm, bopt, data, lossf, variant == "adaptive", patches=BEFORE) if before else None
     timer = Timer()
     instrument(opt, timer)
@@ -260,6 +263,7 @@ def ab(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict
         warnings.simplefilter("ignore")
         opts = [kc.KFC(mm, **kw) for mm in models]
         opts[1]._exact_gram.products.batched = False
+        opts[1]._fused._off = "bench: the baseline's per-tensor path"
         steppers = [Stepper(models[0], opts[0], data, lossf, variant == "adaptive"),
                     Stepper(models[1], opts[1], data, lossf, variant == "adaptive", patches=BEFORE)]
         for st in steppers:
@@ -276,7 +280,8 @@ def ab(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict
 
 ORDER = ("user forward + backward", "statistics: subset pass", "statistics: Ω/Γ in the taps",
          "statistics: moving averages", "inverses", "preconditioning (∇h matrices, Γ⁻¹GΩ⁻¹)",
-         "Fisher products (JVPs)", "Levenberg–Marquardt closure", "update (momentum, apply)",
+         "fused preconditioning + update (fused_update.py)", "Fisher products (JVPs)", "Levenberg–Marquardt closure",
+         "update (momentum, apply)",
          "rest of opt.step (Python, checks)")
 
 

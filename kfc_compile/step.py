@@ -12,6 +12,13 @@ What is compiled and what is not (measured in ``bench/compiled_step.py``, see do
   refresh every ``inverse_every`` steps, preconditioning, clipping, momentum). Hyperparameters live in the
   optimizer's ``param_groups`` and are read there, so changing lr, damping or decay between steps (a scheduler)
   never recompiles anything.
+* **the update, fused, not compiled by default**: KFC-pre's update is one function of tensors
+  (``optim/fused_update.py``); ``compile_step(..., compile_update=True)`` compiles it as well (one graph, two
+  around the exact ν's Fisher products; no recompile under schedulers or inverse refreshes). It stays off here:
+  in ``bench/compiled_update_probe.py --ab`` (docs/benchmarks.md) it saved 14–20 % of a whole step only with
+  ``clip_curvature="factored"`` on the small models at (stats 10, inverses 100), ~4 % at (1, 20), nothing
+  measurable with the default exact ν (whose Fisher products stay eager) or on the paper net (where the update
+  is ~3 % of a step and a live-block layer changes the plan at inverse refreshes), for 2–8 s of compilation.
 
 On CPU, inductor's default layout optimisation (channels-last convolutions) made resnet18's training graph
 slower than eager in ``bench/compiled_step.py``; ``backend_options={"layout_optimization": False}`` turns it off.

@@ -111,3 +111,34 @@ def apply_buckets(buckets: list[Bucket], mats: dict[int, torch.Tensor]) -> dict[
             if i in mats:
                 out[i] = b.inverse.part(slice(offsets[pos], offsets[pos + 1])).solve(mats[i].to(dtype))
     return out
+
+
+def bucket_tensors(bucket: Bucket) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+    """A dense bucket's inverse as (method, tensors): ``("factored", (Ginv, Ainv))``, ``("eigen", (QG, lG, QA, lA))``.
+
+    None for a bucket :func:`dense_solve` cannot apply (live-block or blocked inverses, whose products need index
+    gathers or block tiles: :meth:`LayerInverse.solve`).
+    """
+    inv = bucket.inverse
+    if inv.bucket_key is None:
+        return None
+    if inv.method == "factored":
+        return "factored", (inv.Ginv, inv.Ainv)
+    if inv.method == "eigen":
+        return "eigen", (inv.QG, inv.lG, inv.QA, inv.lA)
+    return None
+
+
+def dense_solve(method: str, tensors: tuple[torch.Tensor, ...], eta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The dense bucket product of :func:`bucket_tensors`' inverse on stacked matrices ``g`` (in the inverse's dtype).
+
+    The same arithmetic as ``triton_kernels``' torch reference (``Ginv g Ainv``; ``QG [(QGᵀ g QA) / (lG lAᵀ + η)]
+    QAᵀ``) in plain torch ops, so that ``torch.compile`` traces it whole; ``eta`` is a 0-d tensor (a damping
+    change does not recompile).
+    """
+    if method == "factored":
+        Ginv, Ainv = tensors
+        return Ginv @ g @ Ainv
+    QG, lG, QA, lA = tensors
+    den = lG[:, :, None] * lA[:, None, :] + eta
+    return QG @ ((QG.mT @ g @ QA) / den) @ QA.mT

@@ -26,6 +26,7 @@ from kfc_compile.curvature.health import Health
 from kfc_compile.frontend.dynamo.registry import CompiledKFCInfo
 from kfc_compile.optim import checkpoint, dcp_state, fvp, resume
 from kfc_compile.optim.checkpoint import check_kfc_state, kfc_state, restore_layer_state, restore_run_state
+from kfc_compile.optim.fused_update import NATURAL_FAULT, FusedPre
 from kfc_compile.optim.groups import find_group, hyper_parameters, initial_groups, regroup
 from kfc_compile.optim.model import (
     check_coverage,
@@ -69,6 +70,8 @@ class KFC(torch.optim.Optimizer):
         clip_scaling, clip_on: the bound ν ≤ clip·lr (``"lr"``) or ν ≤ clip (``"fixed"``), and what ν measures:
             ``"step"`` the applied μp + v, ``"update"`` v alone (the paper), ``"auto"`` the step with exact ν and v
             with ``clip_curvature="factored"`` (docs/algorithm.md §6.2).
+        compile_update: KFC-pre's update (preconditioning, ν, clipping, momentum) under ``torch.compile`` (inductor;
+            2–8 s of compilation per configuration on CPU, ``optim/fused_update.py``); False: the same, fused eager.
         averaging: iterate-averaging timescale τ in steps (``None``: off); see :meth:`swap_averaged`.
         damping_method: ``"factored"`` or ``"eigen"``.
         fallback: ``"sgd"``, ``"adam"`` or ``None`` (uncovered parameters are then not trained).
@@ -123,7 +126,7 @@ class KFC(torch.optim.Optimizer):
                  max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
                  memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None,
                  frontend: str = "auto", output=None, distributed: bool | str | None = None,
-                 clip_scaling: str = "lr", clip_on: str = "auto"):
+                 clip_scaling: str = "lr", clip_on: str = "auto", compile_update: bool = False):
         self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
@@ -133,7 +136,7 @@ class KFC(torch.optim.Optimizer):
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
             max_factor_dim=max_factor_dim, max_failures=max_failures, max_skipped_steps=max_skipped_steps,
             memory_budget=memory_budget, grad_scaler=grad_scaler, frontend=frontend, output=output,
-            distributed=distributed, clip_scaling=clip_scaling, clip_on=clip_on)
+            distributed=distributed, clip_scaling=clip_scaling, clip_on=clip_on, compile_update=compile_update)
         saved = routing_snapshot(model)
         try:
             self._setup(model)
@@ -165,6 +168,7 @@ class KFC(torch.optim.Optimizer):
         self._exact_gram = fvp.ExactGram(fvp.FisherProducts((info.eager or owner) if compiled else tm, o.loss,
                                                             o.output), self._estimator, self._warned,
                                        self._dist)
+        self._fused = FusedPre(o, self._dist is not None)  # KFC-pre's common path as one function (fused_update.py)
 
         groups, self.fallback_names = initial_groups(self.layers, owner, o, pending)
         self._init_done = False
@@ -309,13 +313,13 @@ class KFC(torch.optim.Optimizer):
             return self._skip(k, *fault, loss)
         est.update_statistics()
         info: dict = {"step": k}
-        nat = {}
         if kg is not None:
             est.refresh_inverses(k, kg["damping"] + kg["weight_decay"])
-            nat = est.precondition(kg["weight_decay"])
-        if nat and not all_finite_(list(nat.values())):
-            return self._skip(k, "update", "the preconditioned gradient F̂⁻¹∇h has inf/NaN entries", loss)
-        parts = group_parts(kg, fg if o.fallback == "sgd" else None, nat)
+        fused = self._fused.step(est, kg, fg, self.state, self._exact_gram, info)  # None: not taken
+        nat = est.precondition(kg["weight_decay"]) if kg is not None and fused is None else {}
+        if fused == NATURAL_FAULT or nat and not all_finite_(list(nat.values())):
+            return self._skip(k, "update", NATURAL_FAULT, loss)
+        parts = group_parts(kg, fg if o.fallback == "sgd" else None, nat) if fused is None else []
         if any(part.params for part in parts):
             if o.mode == "pre":
                 pre_update(parts, self.state, o, self._exact_gram, info)

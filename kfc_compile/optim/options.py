@@ -107,6 +107,7 @@ class KFCOptions:
     distributed: bool | str | None = None
     clip_scaling: str = "fixed"
     clip_on: str = "auto"
+    compile_update: bool = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -163,6 +164,8 @@ class KFCOptions:
             raise ValueError(f"output must be a callable (model output -> logits tensor) or None, got "
                              f"{type(self.output).__name__}")
         check_setting(self.distributed)
+        if not isinstance(self.compile_update, bool):
+            raise ValueError(f"compile_update must be True or False, got {self.compile_update!r}")
 
     @property
     def fallback_learning_rate(self) -> float:
