@@ -7,7 +7,8 @@ they give the code before these changes (same results, more overhead):
 * an ``autocast(enabled=False)`` context around every torch-twin call, also outside autocast;
 * the step guard's finite checks: one ``aminmax`` per gradient, and the loss read by a second host sync;
 * the statistics subset's forward under ``functional_call`` with every parameter and buffer;
-* the moving averages layer by layer (four ops each), and the finite check of the batch factors per layer.
+* the moving averages layer by layer (four ops each), and the finite check of the batch factors per layer;
+* the factored inverse's host syncs: four for the π split's range check, one per Cholesky factorisation.
 
 Used by ``step_breakdown.py --baseline overhead`` and ``ttt_step_breakdown.py --before``.
 """
@@ -21,7 +22,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.func import functional_call
 
-import kfc_compile.curvature.estimator as estimator_mod
+from kfc_compile.curvature import blocks as bl
+from kfc_compile.curvature import decompositions as dec
+from kfc_compile.curvature import estimator as estimator_mod
+from kfc_compile.curvature import inverses as inverses_mod
+from kfc_compile.curvature.blocks import Layout
 from kfc_compile.curvature.guard import all_finite
 from kfc_compile.curvature.owner import without_fsdp_hooks
 from kfc_compile.optim import safety
@@ -91,10 +96,44 @@ def _finite_flags(groups) -> list[bool]:
     return [bool(f) for f in flags]
 
 
+def _split_damping(pi, s, dtype, name):
+    ca, cg = (pi * s).to(dtype), (s / pi).to(dtype)
+    if not (bool(torch.isfinite(ca).all()) and bool(torch.isfinite(cg).all()) and bool((ca > 0).all())
+            and bool((cg > 0).all())):
+        raise dec.DecompositionError(f"the π split of layer {name!r}'s damping is outside the {dtype} range",
+                                     f"factors of layer {name!r}")
+    return ca, cg
+
+
+def _factored_inverses(A, G, eta, scale=1.0, name="?", live=None, layout=None):
+    A = A * scale if scale != 1.0 else A
+    lay = layout or Layout(A.shape[0], A.shape[-1], G.shape[-1])
+    if eta > 0:
+        s = eta ** 0.5
+        pi = dec.pi_split(dec._traces64(A, lay.groups) / lay.a_dim, dec._traces64(G, lay.groups) / lay.g_dim)
+        pa, pg = _split_damping(pi, s, A.dtype, name)
+        ca = torch.maximum(pa.repeat_interleave(lay.a_blocks)[:, None, None], dec._rounding_floor(A))
+        cg = torch.maximum(pg.repeat_interleave(lay.g_blocks)[:, None, None], dec._rounding_floor(G))
+    else:
+        ca = torch.zeros(A.shape[0], 1, 1, dtype=A.dtype, device=A.device)
+        cg = torch.zeros(G.shape[0], 1, 1, dtype=G.dtype, device=G.device)
+    if live is not None:
+        A = A.index_select(-1, live).index_select(-2, live)
+    Ad = bl.pad_identity_(A + ca * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device), lay.a_blocks, lay.a_dim)
+    Gd = bl.pad_identity_(G + cg * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device), lay.g_blocks, lay.g_dim)
+    what_a, what_g = f"factor Ω of layer {name!r}", f"factor Γ of layer {name!r}"
+    exact = eta <= 0
+    if exact:
+        dec.check_nonsingular(dec._eigvalsh(Ad, what_a), what_a)
+        dec.check_nonsingular(dec._eigvalsh(Gd, what_g), what_g)
+    return dec._spd_inverse(Ad, what_a, exact), dec._spd_inverse(Gd, what_g, exact), ca
+
+
 PATCHES = [(dispatch, "_direct_ok", False), (reference, "_no_autocast", _no_autocast),
            (safety.StepGuard, "check", _check),
            (estimator_mod, "forward_with_private_buffers", _forward_with_private_buffers),
-           (estimator_mod, "update_all", _update_all), (estimator_mod, "finite_flags", _finite_flags)]
+           (estimator_mod, "update_all", _update_all), (estimator_mod, "finite_flags", _finite_flags),
+           (inverses_mod, "factored_inverses", _factored_inverses)]
 
 
 @contextlib.contextmanager
