@@ -7,7 +7,7 @@ they give the code before these changes (same results, more overhead):
 * an ``autocast(enabled=False)`` context around every torch-twin call, also outside autocast;
 * the step guard's finite checks: one ``aminmax`` per gradient, and the loss read by a second host sync;
 * the statistics subset's forward under ``functional_call`` with every parameter and buffer;
-* the moving averages layer by layer (four ops each), and the finite check of the batch factors per layer;
+* the moving averages layer by layer (four ops each), and the finite checks of the factors tensor by tensor;
 * the factored inverse's host syncs: four for the π split's range check, one per Cholesky factorisation.
 
 Used by ``step_breakdown.py --baseline overhead`` and ``ttt_step_breakdown.py --before``.
@@ -25,6 +25,7 @@ from torch.func import functional_call
 from kfc_compile.curvature import blocks as bl
 from kfc_compile.curvature import decompositions as dec
 from kfc_compile.curvature import estimator as estimator_mod
+from kfc_compile.curvature import guard as guard_mod
 from kfc_compile.curvature import inverses as inverses_mod
 from kfc_compile.curvature.blocks import Layout
 from kfc_compile.curvature.guard import all_finite
@@ -133,6 +134,7 @@ PATCHES = [(dispatch, "_direct_ok", False), (reference, "_no_autocast", _no_auto
            (safety.StepGuard, "check", _check),
            (estimator_mod, "forward_with_private_buffers", _forward_with_private_buffers),
            (estimator_mod, "update_all", _update_all), (estimator_mod, "finite_flags", _finite_flags),
+           (guard_mod, "finite_flags", _finite_flags),
            (inverses_mod, "factored_inverses", _factored_inverses)]
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # overhead_baseline
 from overhead_baseline import PATCHES as OVERHEAD  # noqa: E402
 
 import kfc_compile as kc  # noqa: E402

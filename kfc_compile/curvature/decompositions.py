@@ -201,8 +201,12 @@ def factored_inverses(A: torch.Tensor, G: torch.Tensor, eta: float, scale: float
         s = eta ** 0.5
         pi = pi_split(_traces64(A, lay.groups) / lay.a_dim, _traces64(G, lay.groups) / lay.g_dim)
         pa, pg = _split_damping(pi, s, A.dtype, name)
-        ca = torch.maximum(pa.repeat_interleave(lay.a_blocks)[:, None, None], _rounding_floor(A))
-        cg = torch.maximum(pg.repeat_interleave(lay.g_blocks)[:, None, None], _rounding_floor(G))
+        if lay.a_blocks > 1:  # one π per group, repeated over its blocks
+            pa = pa.repeat_interleave(lay.a_blocks)
+        if lay.g_blocks > 1:
+            pg = pg.repeat_interleave(lay.g_blocks)
+        ca = torch.maximum(pa[:, None, None], _rounding_floor(A))
+        cg = torch.maximum(pg[:, None, None], _rounding_floor(G))
     else:
         ca = torch.zeros(A.shape[0], 1, 1, dtype=A.dtype, device=A.device)
         cg = torch.zeros(G.shape[0], 1, 1, dtype=G.dtype, device=G.device)

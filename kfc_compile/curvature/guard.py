@@ -40,21 +40,35 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
 def finite_flags(groups: Sequence[Sequence[torch.Tensor]]) -> list[bool]:
     """For each (non-empty) group of tensors, whether all of its entries are finite.
 
-    One host sync in all when the tensors share a device (one per tensor otherwise): first one check over every
-    tensor (the small ones concatenated, :func:`fused_finite_flags`); only when that fails, one flag per group.
+    One host sync in all when the tensors share a device (one per device otherwise): first one check over every
+    tensor of every group (the small ones concatenated, :func:`fused_finite_flags`); only when that fails, one
+    flag per group.
     """
     groups = [list(ts) for ts in groups]
     if not groups:
         return []
-    tensors = [t for ts in groups for t in ts]
-    if len(groups) > 1 and not any(hasattr(t, "to_local") for t in tensors):
-        fused = fused_finite_flags(tensors)
-        if len({f.device for f in fused}) == 1 and bool(torch.stack(fused).all()):
+    if len(groups) > 1 and not any(hasattr(t, "to_local") for ts in groups for t in ts):
+        if _all_true(fused_finite_flags([t for ts in groups for t in ts])):
             return [True] * len(groups)
-    flags = [torch.stack([all_finite(t) for t in ts]).all() for ts in groups]
+    flags = [_conjunction(fused_finite_flags(ts)) for ts in groups]
     if len({f.device for f in flags}) == 1:
-        return [bool(f) for f in torch.stack(flags).tolist()]
+        return [bool(f) for f in (torch.stack(flags).tolist() if len(flags) > 1 else [flags[0]])]
     return [bool(f) for f in flags]
+
+
+def _conjunction(flags: list[torch.Tensor]) -> torch.Tensor:
+    """The 0-d "all true" of 0-d bool flags (no host sync; flags on several devices meet on the first one's)."""
+    if len(flags) == 1:
+        return flags[0]
+    device = flags[0].device
+    return torch.stack([f.to(device) for f in flags]).all()
+
+
+def _all_true(flags: list[torch.Tensor]) -> bool:
+    """Whether every 0-d bool flag is true: one host sync (one per device when they lie on several)."""
+    if len({f.device for f in flags}) > 1:
+        return all(bool(f) for f in flags)
+    return bool(_conjunction(flags))
 
 
 #: tensors up to this many entries are checked for inf/NaN together (one copy into one buffer); larger ones alone
