@@ -7,7 +7,7 @@ they give the code before these changes (same results, more overhead):
 * an ``autocast(enabled=False)`` context around every torch-twin call, also outside autocast;
 * the step guard's finite checks: one ``aminmax`` per gradient, and the loss read by a second host sync;
 * the statistics subset's forward under ``functional_call`` with every parameter and buffer;
-* the moving averages layer by layer (four ops each), and the finite checks of the factors tensor by tensor;
+* the finite checks of the factors tensor by tensor;
 * the factored inverse's host syncs: four for the π split's range check, one per Cholesky factorisation.
 
 Used by ``step_breakdown.py --baseline overhead`` and ``ttt_step_breakdown.py --before``.
@@ -79,15 +79,6 @@ def _forward_with_private_buffers(model, call, select=None):
         return model_output(functional_call(model, (params, bufs), call.args, call.kwargs), select)
 
 
-def _update_all(pairs, decay: float) -> None:
-    for running, batch in pairs:
-        eps = running.next_eps(decay)
-        running.updates += 1
-        if batch.A is not running.A:
-            running.A.mul_(eps).add_(batch.A, alpha=1.0 - eps)
-        running.G.mul_(eps).add_(batch.G, alpha=1.0 - eps)
-
-
 def _finite_flags(groups) -> list[bool]:
     flags = [torch.stack([all_finite(t) for t in ts]).all() for ts in groups]
     if not flags:
@@ -133,7 +124,7 @@ def _factored_inverses(A, G, eta, scale=1.0, name="?", live=None, layout=None):
 PATCHES = [(dispatch, "_direct_ok", False), (reference, "_no_autocast", _no_autocast),
            (safety.StepGuard, "check", _check),
            (estimator_mod, "forward_with_private_buffers", _forward_with_private_buffers),
-           (estimator_mod, "update_all", _update_all), (estimator_mod, "finite_flags", _finite_flags),
+           (estimator_mod, "finite_flags", _finite_flags),
            (guard_mod, "finite_flags", _finite_flags),
            (inverses_mod, "factored_inverses", _factored_inverses)]
 

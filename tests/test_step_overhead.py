@@ -1,8 +1,8 @@
 """The fused forms of a step's per-layer work equal the per-layer forms they replace (issue 17, per-call overhead).
 
-Moving averages by foreach ops (bitwise), finite checks over all groups at once (the same flags), the step guard's
-single host sync (the same cause named), the subset forward without ``functional_call`` where nothing needs
-replacing, and the factored inverses with fewer host syncs (bitwise, and the same errors).
+Finite checks over all groups at once (the same flags), the step guard's single host sync (the same cause
+named), the subset forward without ``functional_call`` where nothing needs replacing, and the factored inverses
+with fewer host syncs (bitwise, and the same errors).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from torch import nn
 from torch.func import functional_call
 
 from kfc_compile.curvature import decompositions as dec
-from kfc_compile.curvature.factors import Factors, RunningFactors, update_all
 from kfc_compile.curvature.guard import all_finite, finite_flags
 from kfc_compile.curvature.health import Health
 from kfc_compile.curvature.subset import forward_with_private_buffers
@@ -25,27 +24,6 @@ from kfc_compile.runtime.calls import RecordedCall
 def _sym(d, gen, dtype=torch.float32, groups=1):
     X = torch.randn(groups, 3 * d, d, generator=gen, dtype=torch.float64)
     return (X.mT @ X / (3 * d)).to(dtype)
-
-
-def test_update_all_is_bitwise_the_per_layer_update():
-    gen = torch.Generator().manual_seed(0)
-    dims = [(5, 3), (9, 4), (2, 7), (5, 3)]
-    runs = [RunningFactors(_sym(a, gen), _sym(g, gen), updates=u) for (a, g), u in zip(dims, (1, 3, 40, 7),
-                                                                                       strict=True)]
-    runs[2].A, runs[2].G = runs[2].A.double(), runs[2].G.double()       # mixed dtypes in one call
-    batches = [Factors(_sym(a, gen, r.A.dtype), _sym(g, gen, r.G.dtype)) for (a, g), r in zip(dims, runs,
-                                                                                              strict=True)]
-    batches[1] = Factors(runs[1].A, batches[1].G)                       # Ω already averaged in the epilogue
-    ref = [RunningFactors(r.A.clone(), r.G.clone(), r.updates) for r in runs]
-    for r, b in zip(ref, batches, strict=True):
-        eps = r.next_eps(0.95)
-        r.updates += 1
-        if b.A is not runs[1].A:
-            r.A.mul_(eps).add_(b.A, alpha=1.0 - eps)
-        r.G.mul_(eps).add_(b.G, alpha=1.0 - eps)
-    update_all(list(zip(runs, batches, strict=True)), 0.95)
-    for r, q in zip(runs, ref, strict=True):
-        assert r.updates == q.updates and torch.equal(r.A, q.A) and torch.equal(r.G, q.G)
 
 
 @pytest.mark.parametrize("bad", [None, (0, 0, math.nan), (1, 0, math.inf), (2, 0, -math.inf)])

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from kfc_compile.curvature.distributed import Distributed
-from kfc_compile.curvature.factors import Factors, RunningFactors, update_all
+from kfc_compile.curvature.factors import Factors, RunningFactors
 from kfc_compile.curvature.guard import finite_flags, refresh_layer, restart_factors
 from kfc_compile.curvature.health import Health
 from kfc_compile.curvature.labels import LabelSource
@@ -316,7 +316,7 @@ class CurvatureEstimator:
         if self._owner is not None:  # owner preconditioning: the ranks' batch factors pooled on each owner
             batch = self._owner.pool(self.states, batch, self.capture.last_examples if batch else 0)
         finite = dict(zip(batch, finite_flags([(f.A, f.G) for f in batch.values()]), strict=True))
-        folded, updates = {}, []
+        folded = {}
         for i, f in batch.items():
             s = self.states[i]
             if s.frozen:
@@ -330,9 +330,8 @@ class CurvatureEstimator:
             if s.running is None:  # the first update has ε = 0: the batch factors become the average (no copy)
                 s.running = RunningFactors(f.A, f.G, updates=1)
             else:
-                updates.append((s.running, f))
+                s.running.update(f, self.stat_decay)
             folded[i] = f
-        update_all(updates, self.stat_decay)
         self._share_factors(folded)
 
     def _share_factors(self, folded: dict[int, Factors]) -> None:

@@ -1,15 +1,11 @@
 """Factor state: one (Ω, Γ) pair per weight parameter, in the paper's scaling (docs/algorithm.md §2.3).
 
 ``Factors`` is the (Ω, Γ) record of one layer (the batch statistics of ``statistics.py`` normalise into it);
-``RunningFactors`` keeps the moving average with ε = min(1 − 1/k, decay) (K-FAC); :func:`update_all` folds a step's
-batch factors of all layers in with two ``torch._foreach_*`` calls per ε (the per-layer Python and dispatch, not
-the arithmetic, was the cost on small layers). Factors are stored stacked per group, ``(groups, d, d)``, or as
-diagonal blocks per group (``blocks.py``).
+``RunningFactors`` keeps the moving average with ε = min(1 − 1/k, decay) (K-FAC). Factors are stored stacked per
+group, ``(groups, d, d)``, or as diagonal blocks per group (``blocks.py``).
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -45,29 +41,12 @@ class RunningFactors:
 
     def update(self, batch: Factors, decay: float) -> None:
         """Fold a batch in; a batch Ω that *is* this average was already folded in the kernel's epilogue."""
-        update_all([(self, batch)], decay)
+        eps = self.next_eps(decay)
+        self.updates += 1
+        if batch.A is not self.A:
+            self.A.mul_(eps).add_(batch.A, alpha=1.0 - eps)
+        self.G.mul_(eps).add_(batch.G, alpha=1.0 - eps)
 
     def nbytes(self) -> int:
         """Bytes held by the two running factors."""
         return self.A.numel() * self.A.element_size() + self.G.numel() * self.G.element_size()
-
-
-def update_all(pairs: Sequence[tuple[RunningFactors, Factors]], decay: float) -> None:
-    """:meth:`RunningFactors.update` of every (running, batch) pair, as one foreach multiply and add per ε.
-
-    The same elementwise operations in the same order (F·ε, then + (1 − ε)·F_batch), so the results are bitwise
-    those of the per-layer updates.
-    """
-    by_eps: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
-    for running, batch in pairs:
-        eps = running.next_eps(decay)
-        running.updates += 1
-        old, new = by_eps[eps]
-        if batch.A is not running.A:
-            old.append(running.A)
-            new.append(batch.A)
-        old.append(running.G)
-        new.append(batch.G)
-    for eps, (old, new) in by_eps.items():
-        torch._foreach_mul_(old, eps)
-        torch._foreach_add_(old, new, alpha=1.0 - eps)
