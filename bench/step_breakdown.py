@@ -23,6 +23,8 @@ around the estimator's and the update's functions:
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/step_breakdown.py                       # everything (~10 min)
     OMP_NUM_THREADS=1 .venv/bin/python bench/step_breakdown.py --models autoenc,digits --variants adaptive
+    OMP_NUM_THREADS=1 .venv/bin/python bench/step_breakdown.py --ab --baseline overhead   # now vs before issue 17's
+                                                                                          # dispatch work
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # overhead_baseline
+from overhead_baseline import PATCHES as OVERHEAD  # noqa: E402
+
 import kfc_compile as kc  # noqa: E402
 import kfc_compile.optim.kfc as kfc_mod  # noqa: E402
 import kfc_compile.optim.updates as updates_mod  # noqa: E402
@@ -131,11 +136,14 @@ def instrument(opt: kc.KFC, timer: Timer) -> None:
     timer.patch(opt._fused, "step", "fused preconditioning + update (fused_update.py)")
 
 
-#: --before: the step's scalars term by term, one Fisher-product pass per direction and the per-tensor update path
-#: (optim/fused_update.py switched off): the baseline of the issue-17 sessions
+#: --baseline scalars: the step's scalars term by term, one Fisher-product pass per direction and the
+#: per-tensor update path (optim/fused_update.py switched off): the baseline of the issue-17 sessions
 BEFORE = ((updates_mod, "quadratic_model", rules.quadratic_model), (updates_mod, "factored_nu", rules.factored_nu),
           (updates_mod, "sum_squares", rules.sum_squares),
           (kfc_mod, "all_finite_", lambda ts: finite_flags([ts])[0]))
+#: what --before / --ab compare against: (patches, whether the Fisher products run one pass per direction)
+BASELINES = {"scalars": (BEFORE, True),
+             "overhead": (OVERHEAD, False)}  # bench/overhead_baseline.py: dispatcher, finite checks, averages
 
 
 class Stepper:
@@ -206,7 +214,8 @@ class Stepper:
         return time.process_time() - t
 
 
-def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict, before: bool) -> dict:
+def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict, before: bool,
+            baseline: str = "scalars") -> dict:
     build = MODELS[model_name][0]
     torch.manual_seed(0)
     m = build()
@@ -218,9 +227,11 @@ def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options:
         warnings.simplefilter("ignore")
         opt = kc.KFC(km, **kw)
         bopt = kc.KFC(bm, **kw)
-    bopt._exact_gram.products.batched = False
-    bopt._fused._off = "bench: the baseline's per-tensor path"
-    old = Stepper(bm, bopt, data, lossf, variant == "adaptive", patches=BEFORE) if before else None
+    patches, unbatched = BASELINES[baseline]
+    if unbatched:
+        bopt._exact_gram.products.batched = False
+        bopt._fused._off = "bench: the baseline's per-tensor path"
+    old = Stepper(bm, bopt, data, lossf, variant == "adaptive", patches=patches) if before else None
     timer = Timer()
     instrument(opt, timer)
     sgd = Stepper(m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9), data, lossf, False)
@@ -251,7 +262,7 @@ def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options:
             "sgd_fwbw_ms": ms(sgd.fwbw), "phases": phases, "before_ms": ms(tb) if before else None}
 
 
-def ab(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict) -> dict:
+def ab(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict, baseline: str = "scalars") -> dict:
     """``--ab``: this code against ``--before``'s baseline, both uninstrumented, in alternating order per window."""
     torch.manual_seed(0)
     m = MODELS[model_name][0]()
@@ -262,10 +273,12 @@ def ab(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opts = [kc.KFC(mm, **kw) for mm in models]
-        opts[1]._exact_gram.products.batched = False
-        opts[1]._fused._off = "bench: the baseline's per-tensor path"
+        patches, unbatched = BASELINES[baseline]
+        if unbatched:
+            opts[1]._exact_gram.products.batched = False
+            opts[1]._fused._off = "bench: the baseline's per-tensor path"
         steppers = [Stepper(models[0], opts[0], data, lossf, variant == "adaptive"),
-                    Stepper(models[1], opts[1], data, lossf, variant == "adaptive", patches=BEFORE)]
+                    Stepper(models[1], opts[1], data, lossf, variant == "adaptive", patches=patches)]
         for st in steppers:
             st.run(WARMUP)
         P = math.lcm(s, i)
@@ -309,8 +322,10 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="1:20,10:100")
     p.add_argument("--rounds", type=int, default=2, help="windows of P steps per optimizer")
     p.add_argument("--paper-rounds", type=int, default=1, help="windows for the paper net (slow)")
-    p.add_argument("--before", action="store_true", help="also time a KFC with the term-by-term scalars and one "
-                   "Fisher-product pass per direction (the baseline of docs/benchmarks.md's step-cost table)")
+    p.add_argument("--before", action="store_true", help="also time a KFC with --baseline's older code")
+    p.add_argument("--baseline", choices=BASELINES, default="scalars", help="scalars: the term-by-term scalars and "
+                   "one Fisher-product pass per direction (the issue-15 step-cost table's baseline); overhead: "
+                   "bench/overhead_baseline.py (dispatcher, finite checks, moving averages; issue 17)")
     p.add_argument("--ab", action="store_true", help="only this code against --before's baseline, uninstrumented, "
                    "in alternating order (no SGD, no phases)")
     p.add_argument("--kfc-options", default="{}", help="extra kc.KFC arguments as a Python dict literal")
@@ -324,12 +339,12 @@ def main(argv=None) -> int:
                 s, i = map(int, cfg.split(":"))
                 rounds = a.paper_rounds if model_name == "paper" else a.rounds
                 if a.ab:
-                    r = ab(model_name, variant, s, i, rounds, options)
+                    r = ab(model_name, variant, s, i, rounds, options, a.baseline)
                     print(f"{model_name:8s} {variant:9s} ({s}, {i}), {r['steps']} steps each: now "
                           f"{r['after_ms']:.2f} ms, before {r['before_ms']:.2f} ms, now/before "
                           f"{r['after_ms'] / r['before_ms']:.3f}", flush=True)
                     continue
-                r = measure(model_name, variant, s, i, rounds, options, a.before)
+                r = measure(model_name, variant, s, i, rounds, options, a.before, a.baseline)
                 results.append(r)
                 report([r])
                 sys.stdout.flush()

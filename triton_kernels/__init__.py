@@ -1,18 +1,18 @@
 """KFC kernels: symmetric factor updates, implicit-im2col patch statistics and preconditioned updates.
 
-Each function calls a ``kfc::`` custom op (``ops.py``) that validates its inputs and runs either the Triton kernel
+Each function runs a ``kfc::`` custom op (``ops.py``) that validates its inputs and runs either the Triton kernel
 or its torch reference, chosen per call by ``dispatch.backend`` from the tensors' device and the
-``KFC_KERNELS=auto|triton|torch`` environment variable. The Triton modules are imported lazily.
+``KFC_KERNELS=auto|triton|torch`` environment variable; in plain eager execution the op's implementation is
+called without the dispatcher (``ops.call``, ``dispatch.direct``). The Triton modules are imported lazily.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from . import checks, reference
-from . import ops as _ops  # noqa: F401  (registers the kfc:: ops)
+from . import ops as _ops  # registers the kfc:: ops
 
 __all__ = ["syrk_update_", "patch_cov_update_", "patch_sum", "patch_rows", "eigen_precondition",
            "kron_precondition"]
@@ -26,7 +26,7 @@ def syrk_update_(F: Tensor, X: Tensor, alpha: float = 1.0, beta: float = 0.0, on
     coordinate). The result is exactly symmetric, built from the upper triangle (F's old lower triangle is
     ignored). With ``beta == 0`` F's old contents are never read.
     """
-    torch.ops.kfc.syrk_update(F, X, float(alpha), float(beta), bool(ones))
+    _ops.call("syrk_update", F, X, float(alpha), float(beta), bool(ones))
     return F
 
 
@@ -39,8 +39,8 @@ def patch_cov_update_(F: Tensor, x: Tensor, kernel_size: Sequence[int], stride: 
     padding); F is (groups, Dg', Dg') with Dg = (C/groups)*prod(kernel_size), Dg' = Dg + ones, patches ordered like
     ``weight.flatten(1)``. Same symmetry and ``beta == 0`` rules as :func:`syrk_update_`.
     """
-    torch.ops.kfc.patch_cov_update(F, x, list(kernel_size), list(stride), list(padding), list(dilation),
-                                   int(groups), float(alpha), float(beta), bool(ones))
+    _ops.call("patch_cov_update", F, x, list(kernel_size), list(stride), list(padding), list(dilation),
+              int(groups), float(alpha), float(beta), bool(ones))
     return F
 
 
@@ -50,8 +50,8 @@ def patch_sum(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padd
 
     fp32, or fp64 when x is fp64. Geometry arguments as in :func:`patch_cov_update_`.
     """
-    return torch.ops.kfc.patch_sum(x, list(kernel_size), list(stride), list(padding), list(dilation), int(groups),
-                                   bool(ones))
+    return _ops.call("patch_sum", x, list(kernel_size), list(stride), list(padding), list(dilation), int(groups),
+                     bool(ones))
 
 
 def patch_rows(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
@@ -75,8 +75,8 @@ def eigen_precondition(grad: Tensor, QG: Tensor, lG: Tensor, QA: Tensor, lA: Ten
     returns out (e.g. alpha=-lr, beta=1 updates a parameter directly).
     """
     if out is None:
-        return torch.ops.kfc.eigen_precondition(grad, QG, lG, QA, lA, float(damping))
-    torch.ops.kfc.eigen_precondition_out(out, grad, QG, lG, QA, lA, float(damping), float(alpha), float(beta))
+        return _ops.call("eigen_precondition", grad, QG, lG, QA, lA, float(damping))
+    _ops.call("eigen_precondition_out", out, grad, QG, lG, QA, lA, float(damping), float(alpha), float(beta))
     return out
 
 
@@ -84,6 +84,6 @@ def kron_precondition(grad: Tensor, Ginv: Tensor, Ainv: Tensor, out: Tensor | No
                       beta: float = 0.0) -> Tensor:
     """U = Ginv grad Ainv, batched like :func:`eigen_precondition`, with the same ``out`` epilogue."""
     if out is None:
-        return torch.ops.kfc.kron_precondition(grad, Ginv, Ainv)
-    torch.ops.kfc.kron_precondition_out(out, grad, Ginv, Ainv, float(alpha), float(beta))
+        return _ops.call("kron_precondition", grad, Ginv, Ainv)
+    _ops.call("kron_precondition_out", out, grad, Ginv, Ainv, float(alpha), float(beta))
     return out

@@ -13,15 +13,23 @@ The Triton modules are imported lazily, on the first call that needs them, so im
 ``triton.language`` builtins, never its own ``@jit`` helpers (``tl.zeros``, ``tl.cdiv``, ``tl.sum``, ...), which are
 built when ``triton`` itself is imported: so it does not matter whether something imported triton before the
 variable was set (a test checks this).
+
+:func:`direct` decides, per call, whether an op may skip the ``torch.library`` dispatcher (``ops.call``): only in
+plain eager execution, where the dispatcher would do nothing but call the op's implementation.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 
+import torch
 from torch import Tensor
+from torch._C._functorch import peek_interpreter_stack
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,7 @@ _KERNEL_MODULES = ("syrk", "patch_cov", "precondition")
 _triton_ok: bool | None = None
 _triton_err: str = ""
 _warned: set[str] = set()
+_direct_ok = True  # False inside through_ops()
 
 
 def mode() -> str:
@@ -114,3 +123,37 @@ def backend(kernel: str, *tensors: Tensor) -> str:
     if "cuda" in devices and interpreted:
         _warn_once("interp-cuda", "Triton kernels are running under TRITON_INTERPRET=1 on CUDA tensors (slow)")
     return "triton"
+
+
+def direct(args: Sequence[object]) -> bool:
+    """Whether an op on ``args`` may run its implementation as a plain Python call, without the dispatcher.
+
+    Only in plain eager execution: not while dynamo compiles (the graph must hold the opaque op), not under a
+    dispatch mode (fake tensors, ``make_fx``'s proxy mode, functionalization) or a torch-function mode, not under a
+    functorch transform (``vmap``, ``grad``, ``jvp``), and only when every tensor argument is a plain
+    ``torch.Tensor`` (no subclass: FakeTensor, FunctionalTensor, DTensor, ``nn.Parameter``) that autograd would not
+    record (the ops have no autograd formula: the dispatcher's handling of such a call is kept). There the dispatcher
+    only calls the implementation, so both paths give identical results.
+    """
+    if not _direct_ok or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None \
+            or peek_interpreter_stack() is not None or torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) is not Tensor or (grad and a.requires_grad)):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def through_ops() -> Iterator[None]:
+    """Within the block every op goes through ``torch.ops.kfc`` (the dispatcher), as before :func:`direct` existed.
+
+    For tests (both paths agree) and benchmarks (what the dispatcher costs).
+    """
+    global _direct_ok
+    previous, _direct_ok = _direct_ok, False
+    try:
+        yield
+    finally:
+        _direct_ok = previous

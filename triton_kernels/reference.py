@@ -8,6 +8,8 @@ kernels follow, so both backends return exactly symmetric factors). Inputs are v
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as tF
 from torch import Tensor
@@ -16,7 +18,12 @@ from .checks import ConvGeometry
 
 
 def _no_autocast(device: torch.device):
-    """Statistics must not be computed in the autocast dtype (bf16 X^T X would lose the factor's precision)."""
+    """Statistics must not be computed in the autocast dtype (bf16 X^T X would lose the factor's precision).
+
+    Outside autocast nothing to switch off: no context object (its set-up costs more than a small layer's product).
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 

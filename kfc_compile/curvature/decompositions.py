@@ -17,6 +17,7 @@ group, each diagonal block) is tested on its own.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from contextvars import ContextVar
 
@@ -89,8 +90,8 @@ def _traces64(F: torch.Tensor, groups: int) -> torch.Tensor:
 def _split_damping(pi: torch.Tensor, s: float, dtype: torch.dtype, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(π√η, √η/π) per group in ``dtype``; a damping outside that dtype's range is a :class:`DecompositionError`."""
     ca, cg = (pi * s).to(dtype), (s / pi).to(dtype)
-    if not (bool(torch.isfinite(ca).all()) and bool(torch.isfinite(cg).all()) and bool((ca > 0).all())
-            and bool((cg > 0).all())):
+    both = torch.cat([ca, cg])
+    if not bool(((both > 0) & (both < math.inf)).all()):  # finite and positive (NaN fails both), one host sync
         raise DecompositionError(
             f"the π split of layer {name!r}'s damping is outside the {dtype} range (π = {float(pi.max()):.3g}): "
             "the traces of its Ω and Γ are too far apart", f"factors of layer {name!r}")
@@ -200,8 +201,12 @@ def factored_inverses(A: torch.Tensor, G: torch.Tensor, eta: float, scale: float
         s = eta ** 0.5
         pi = pi_split(_traces64(A, lay.groups) / lay.a_dim, _traces64(G, lay.groups) / lay.g_dim)
         pa, pg = _split_damping(pi, s, A.dtype, name)
-        ca = torch.maximum(pa.repeat_interleave(lay.a_blocks)[:, None, None], _rounding_floor(A))
-        cg = torch.maximum(pg.repeat_interleave(lay.g_blocks)[:, None, None], _rounding_floor(G))
+        if lay.a_blocks > 1:  # one π per group, repeated over its blocks
+            pa = pa.repeat_interleave(lay.a_blocks)
+        if lay.g_blocks > 1:
+            pg = pg.repeat_interleave(lay.g_blocks)
+        ca = torch.maximum(pa[:, None, None], _rounding_floor(A))
+        cg = torch.maximum(pg[:, None, None], _rounding_floor(G))
     else:
         ca = torch.zeros(A.shape[0], 1, 1, dtype=A.dtype, device=A.device)
         cg = torch.zeros(G.shape[0], 1, 1, dtype=G.dtype, device=G.device)
@@ -214,6 +219,10 @@ def factored_inverses(A: torch.Tensor, G: torch.Tensor, eta: float, scale: float
     if exact:
         check_nonsingular(_eigvalsh(Ad, what_a), what_a)
         check_nonsingular(_eigvalsh(Gd, what_g), what_g)
+    # both Cholesky factorisations, then one host sync for both; a failure is redone (and retried) per factor
+    (La, info_a), (Lg, info_g) = torch.linalg.cholesky_ex(Ad), torch.linalg.cholesky_ex(Gd)
+    if bool((info_a == 0).all() & (info_g == 0).all()):
+        return torch.cholesky_inverse(La), torch.cholesky_inverse(Lg), ca
     return _spd_inverse(Ad, what_a, exact), _spd_inverse(Gd, what_g, exact), ca
 
 

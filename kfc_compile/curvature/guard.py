@@ -40,14 +40,57 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
 def finite_flags(groups: Sequence[Sequence[torch.Tensor]]) -> list[bool]:
     """For each (non-empty) group of tensors, whether all of its entries are finite.
 
-    One host sync in all when the tensors share a device (one per tensor otherwise).
+    One host sync in all when the tensors share a device (one per device otherwise): first one check over every
+    tensor of every group (the small ones concatenated, :func:`fused_finite_flags`); only when that fails, one
+    flag per group.
     """
-    flags = [torch.stack([all_finite(t) for t in ts]).all() for ts in groups]
-    if not flags:
+    groups = [list(ts) for ts in groups]
+    if not groups:
         return []
+    if len(groups) > 1 and not any(hasattr(t, "to_local") for ts in groups for t in ts):
+        if _all_true(fused_finite_flags([t for ts in groups for t in ts])):
+            return [True] * len(groups)
+    flags = [_conjunction(fused_finite_flags(ts)) for ts in groups]
     if len({f.device for f in flags}) == 1:
-        return [bool(f) for f in torch.stack(flags).tolist()]
+        return [bool(f) for f in (torch.stack(flags).tolist() if len(flags) > 1 else [flags[0]])]
     return [bool(f) for f in flags]
+
+
+def _conjunction(flags: list[torch.Tensor]) -> torch.Tensor:
+    """The 0-d "all true" of 0-d bool flags (no host sync; flags on several devices meet on the first one's)."""
+    if len(flags) == 1:
+        return flags[0]
+    device = flags[0].device
+    return torch.stack([f.to(device) for f in flags]).all()
+
+
+def _all_true(flags: list[torch.Tensor]) -> bool:
+    """Whether every 0-d bool flag is true: one host sync (one per device when they lie on several)."""
+    if len({f.device for f in flags}) > 1:
+        return all(bool(f) for f in flags)
+    return bool(_conjunction(flags))
+
+
+#: tensors up to this many entries are checked for inf/NaN together (one copy into one buffer); larger ones alone
+SMALL_NUMEL = 1 << 16
+
+
+def fused_finite_flags(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """0-d bool tensors (no host sync) that together say whether every entry of ``tensors`` is finite.
+
+    The small tensors of a device are read by one ``aminmax`` over their concatenation (a per-tensor check costs
+    more in dispatch than in reading; ``cat`` upcasts mixed dtypes, which keeps inf/NaN and creates none); larger
+    ones and ``DTensor`` shards are checked alone.
+    """
+    small: dict[torch.device, list[torch.Tensor]] = {}
+    flags = []
+    for t in tensors:
+        if t.numel() > SMALL_NUMEL or hasattr(t, "to_local"):
+            flags.append(all_finite(t))
+        else:
+            small.setdefault(t.device, []).append(t.detach().reshape(-1))
+    flags += [all_finite(torch.cat(ts) if len(ts) > 1 else ts[0]) for ts in small.values()]
+    return flags
 
 
 def restart_factors(s, health: Health, stacklevel: int) -> None:

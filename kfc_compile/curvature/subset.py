@@ -57,11 +57,14 @@ def forward_with_private_buffers(model: nn.Module, call: RecordedCall, select=No
     """``model(*call.args, **call.kwargs)``'s output tensor, run on copies of the buffers.
 
     An extra forward thus leaves BatchNorm running statistics alone; the parameters are the model's own, so
-    autograd reaches them and the taps. ``select`` picks the logits from the output (``model_output``).
+    autograd reaches them and the taps. ``select`` picks the logits from the output (``model_output``). Only what
+    must be replaced is: the buffers (none: a plain call) and, under FSDP2, the sharded parameters.
     """
     # FSDP2: sharded parameters as whole tensors (leaves, so that autograd reaches the taps), FSDP's hooks off
-    params = {n: p.detach().full_tensor().requires_grad_(p.requires_grad) if hasattr(p, "full_tensor") else p
-              for n, p in model.named_parameters()}
+    params = {n: p.detach().full_tensor().requires_grad_(p.requires_grad)
+              for n, p in model.named_parameters() if hasattr(p, "full_tensor")}
     bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
     with without_fsdp_hooks(model):
-        return model_output(functional_call(model, (params, bufs), call.args, call.kwargs), select)
+        if not params and not bufs:
+            return model_output(model(*call.args, **call.kwargs), select)
+        return model_output(functional_call(model, {**params, **bufs}, call.args, call.kwargs), select)

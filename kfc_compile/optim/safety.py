@@ -7,8 +7,10 @@ in this order:
   declares ``_step_supports_amp_scaling``, so the scaler always calls ``step()`` and hands it ``found_inf`` and
   ``grad_scale``; KFC then unscales the gradients itself, as the scaler would);
 * ``"loss"``: the closure's loss is not finite;
-* ``"gradient"``: a ``.grad`` of a KFC or fallback parameter is not finite (one fused check over all of them, the
-  scaler's own ``_amp_foreach_non_finite_check_and_unscale_``).
+* ``"gradient"``: a ``.grad`` of a KFC or fallback parameter is not finite (one ``aminmax`` over all the small
+  ones concatenated, or the scaler's own ``_amp_foreach_non_finite_check_and_unscale_``).
+
+The loss and gradient checks share one host sync; the cause is looked up only on a step that fails.
 
 A skipped step (:meth:`StepGuard.skipped`) changes nothing but the health record: the step's statistics are thrown
 away, ``opt.steps`` does not advance, parameters and momentum stay, and the model's floating-point buffers that the
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kfc_compile.curvature.guard import all_finite
+from kfc_compile.curvature.guard import all_finite, fused_finite_flags
 from kfc_compile.curvature.health import Health
 from kfc_compile.optim.options import KFCOptions
 
@@ -38,21 +40,29 @@ class TrainingDivergedError(RuntimeError):
     """``max_skipped_steps`` consecutive ``KFC.step()`` calls found non-finite values: training has diverged."""
 
 
-def _non_finite_and_unscale_(grads: Sequence[torch.Tensor], inv_scale: float) -> bool:
-    """Multiply the gradients by ``inv_scale`` in place (unless it is 1) and say whether one is not finite."""
-    found = []
+def _non_finite_and_unscale_(grads: Sequence[torch.Tensor], inv_scale: float) -> list[torch.Tensor]:
+    """Multiply the gradients by ``inv_scale`` in place (unless it is 1); 0-d bool "all finite" flags, no sync."""
+    if inv_scale == 1.0:
+        return fused_finite_flags(grads)
     by_kind: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         by_kind[(g.device, g.dtype)].append(g)
+    found = []
     for (device, _), gs in by_kind.items():
-        if inv_scale == 1.0:
-            found.append(~torch.stack([all_finite(g) for g in gs]).all())
-        else:
-            flag = torch.zeros((), dtype=torch.float32, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                gs, flag, torch.full((), inv_scale, dtype=torch.float32, device=device))
-            found.append(flag > 0)
-    return any(bool(f) for f in found)
+        flag = torch.zeros((), dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            gs, flag, torch.full((), inv_scale, dtype=torch.float32, device=device))
+        found.append(flag == 0)
+    return found
+
+
+def _all_true(flags: Sequence[torch.Tensor]) -> bool:
+    """Whether every 0-d bool flag is true: one host sync (one per device when they lie on several)."""
+    if not flags:
+        return True
+    if len({f.device for f in flags}) > 1:
+        return all(bool(f) for f in flags)
+    return bool(torch.stack(flags).all()) if len(flags) > 1 else bool(flags[0])
 
 
 class BufferSnapshot:
@@ -132,12 +142,17 @@ class StepGuard:
             return "scaler", "the GradScaler found inf/NaN in the scaled gradients"
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         inv = 1.0 / loss_scale if getattr(optimizer, "grad_scale", None) is not None else 1.0
-        bad_grad = bool(grads) and _non_finite_and_unscale_(grads, inv)
+        grad_flags = _non_finite_and_unscale_(grads, inv) if grads else []
+        loss_t = loss.detach() if isinstance(loss, torch.Tensor) else None
+        loss_flags = [all_finite(loss_t)] if loss_t is not None else []
+        # the loss and the gradients in one host sync; which one failed is only looked up when one did
+        if _all_true(grad_flags + loss_flags) and (loss is None or loss_t is not None or math.isfinite(float(loss))):
+            return None
         if loss is not None:
-            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            value = float(loss_t if loss_t is not None else loss)
             if not math.isfinite(value):
                 return "loss", f"the closure's loss is {value}"
-        if bad_grad:
+        if not _all_true(grad_flags):
             return "gradient", "a parameter gradient has inf/NaN entries (a non-finite loss or model output?)"
         return None
 
