@@ -182,31 +182,35 @@ class Distributed:
             self._generator = torch.Generator(layers[0].weight.device)
 
     # -- factors -------------------------------------------------------------------------------------------------
-    def weigh(self, states: list, batch: dict[int, Factors], examples: int) -> dict[int, Factors]:
+    def weigh(self, states: list, batch: dict[int, Factors], dropped: set[int], examples: int) -> dict[int, Factors]:
         """Before a statistics fold: this rank's share of the global batch factors, for every layer some rank recorded.
 
-        One all-reduce of the per-layer example counts N = Σ_r n_r. A layer this rank recorded gets its batch
-        factors times W·n_r/N; a layer recorded on other ranks only gets zero factors (this rank still folds: its ε
-        and ``updates`` stay those of every rank). The mean over ranks of the folded averages is then the
-        single-process average of the global batch (:meth:`settle`).
+        The single process normalises a layer's Ω by the step's examples (those that did not reach the layer add
+        zero) and its Γ by the examples whose gradients it saw. So one all-reduce sums, per layer, N_Ω = Σ n_r over
+        the ranks that did not drop the layer's statistics and N_Γ = Σ n_r over those that recorded it; this rank's
+        Ω is weighted W·n_r/N_Ω and its Γ W·n_r/N_Γ. A layer recorded on other ranks only gets zero factors (this
+        rank still folds: its ε and ``updates`` stay those of every rank). The mean over ranks of the folded
+        averages is then the single-process average of the global batch (:meth:`settle`).
 
         Args:
             states: the estimator's layer states (the same layers on every rank).
             batch: the finite batch factors this rank recorded (layer index → Factors), frozen layers left out.
-            examples: the examples this rank's statistics used (its weight).
+            dropped: the layers whose batch factors this rank dropped (not finite).
+            examples: the examples this rank's statistics used (0: none, e.g. a non-finite model output).
         """
         live = [i for i, s in enumerate(states) if not s.frozen]
         if not live:
             return {}
-        counts = torch.tensor([float(examples) if i in batch else 0.0 for i in live], dtype=torch.float64)
+        counts = torch.tensor([[0.0 if i in dropped else float(examples), float(examples) if i in batch else 0.0]
+                               for i in live], dtype=torch.float64)
         self.comm.all_reduce_("counts", counts)
         out, world = {}, self.comm.world_size
-        for i, total in zip(live, counts.tolist(), strict=True):
-            if total <= 0:
+        for i, (n_a, n_g) in zip(live, counts.tolist(), strict=True):
+            if n_g <= 0:  # no rank recorded it: no fold anywhere
                 continue
             if i in batch:
-                c, f = world * examples / total, batch[i]
-                out[i] = f if c == 1.0 else Factors(f.A * c, f.G * c)
+                ca, cg, f = world * examples / n_a, world * examples / n_g, batch[i]
+                out[i] = Factors(f.A if ca == 1.0 else f.A * ca, f.G if cg == 1.0 else f.G * cg)
             else:
                 s = states[i]
                 dtype, dev = _factor_dtype(s), s.layer.weight.device

@@ -329,7 +329,8 @@ class CurvatureEstimator:
                 continue
             good[i] = f
         if self.distributed is not None and self._owner is None:  # this rank's share W·n_r/N of the global batch
-            good = self.distributed.weigh(self.states, good, self.capture.last_examples if good else 0)
+            dropped = {i for i in batch if not finite[i]}
+            good = self.distributed.weigh(self.states, good, dropped, self.capture.last_examples if batch else 0)
         for i, f in good.items():
             s = self.states[i]
             if s.running is None:  # the first update has ε = 0: the batch factors become the average (no copy)
