@@ -4,8 +4,8 @@ Each rank runs the user's step on its own shard of the global batch; DDP average
 (docs/algorithm.md §12):
 
 * **factors** (folded locally, averaged when an inverse needs them): the moving average is linear, so each rank
-  folds its own batch factors with the weight W·n_r/N (N = Σ_r n_r, its examples over the global batch's: one
-  all-reduce of the per-layer counts per statistics step, :meth:`Distributed.weigh`), and the mean over ranks of
+  folds its own batch factors with the weight W·n_r/N (N = Σ_r n_r, the examples behind the layer's Ω or Γ over
+  the ranks: one all-reduce of the per-layer counts per statistics step, :meth:`Distributed.weigh`), and the mean of
   the ranks' running factors is the single-process average of the concatenated global batch: Ω = (1/N)Σ and
   Γ = 1/(N·T)Σ pool over N = Σ N_r (T, the positions per example, is the same on every rank whenever the shards
   could be concatenated), with the same ε = min(1 − 1/k, stat_decay) (every rank folds every layer some rank

@@ -39,12 +39,28 @@ import torch
 
 from kfc_compile.curvature.blocks import Layout
 from kfc_compile.curvature.comm import Comm
+from kfc_compile.curvature.decompositions import live_coordinates
 from kfc_compile.curvature.inverses import EigenInverse, LayerInverse, compute_inverse, rescale_inverse
 
 
 def inverse_cost(layout: Layout) -> float:
     """The d³ cost of one layer's inverse: b³ summed over the stored blocks of Ω and Γ."""
     (na, ba, _), (ng, bg, _) = layout.shapes()
+    return float(na * ba ** 3 + ng * bg ** 3)
+
+
+def live_cost(state) -> float:
+    """:func:`inverse_cost` of a layer state, with Ω's silent coordinates left out where its factors show them.
+
+    The inverse of a dense Ω with enough silent coordinates (``decompositions.live_coordinates``: zero diagonal,
+    e.g. a 3×3 convolution with padding on a 1×1 or 2×2 feature map, whose border taps never see an input) is
+    computed on the live block only, so it costs live³, not d³. Without factors yet: the stored blocks' d³.
+    """
+    (na, ba, _), (ng, bg, _) = state.layout.shapes()
+    if state.running is not None and not state.layout.blocked:
+        live = live_coordinates(state.running.A)
+        if live is not None:
+            ba = live.numel()
     return float(na * ba ** 3 + ng * bg ** 3)
 
 
@@ -91,10 +107,14 @@ class ShardedInverses(LocalInverses):
         self._touched: list[str] = []
 
     def owners(self, states: Sequence) -> dict[str, int]:
-        """Layer name → owner rank for these layer states (recomputed when the layers or their layouts change)."""
+        """Layer name → owner rank for these layer states (recomputed when the layers or their layouts change).
+
+        The costs are :func:`live_cost`: the first refresh runs on the ranks' averaged factors, the same on every
+        rank, so every rank finds the same silent coordinates and owners; they stay fixed until the layers change.
+        """
         key = tuple((s.layer.name, s.layout) for s in states)
         if key != self._key:
-            ranks = assign([inverse_cost(s.layout) for s in states], self.comm.world_size)
+            ranks = assign([live_cost(s) for s in states], self.comm.world_size)
             self._owners = {s.layer.name: r for s, r in zip(states, ranks, strict=True)}
             self._key = key
         return self._owners
