@@ -112,12 +112,16 @@ class ShardedInverses(LocalInverses):
         The costs are :func:`live_cost`: the first refresh runs on the ranks' averaged factors, the same on every
         rank, so every rank finds the same silent coordinates and owners; they stay fixed until the layers change.
         """
-        key = tuple((s.layer.name, s.layout) for s in states)
-        if key != self._key:
+        if self.needs_owners(states):
+            key = tuple((s.layer.name, s.layout) for s in states)
             ranks = assign([live_cost(s) for s in states], self.comm.world_size)
             self._owners = {s.layer.name: r for s, r in zip(states, ranks, strict=True)}
             self._key = key
         return self._owners
+
+    def needs_owners(self, states: Sequence) -> bool:
+        """Whether :meth:`owners` will assign the layers anew (first call, or the layers or layouts changed)."""
+        return tuple((s.layer.name, s.layout) for s in states) != self._key
 
     def takes_over_refresh(self) -> bool:
         """True outside :meth:`refresh`: the estimator's refresh then hands itself to :meth:`refresh`."""
