@@ -1,10 +1,11 @@
 """The inverse refresh sharded over ranks: which rank inverts which layer, and how the others get the result.
 
 **Cost model and assignment.** Inverting (Cholesky) or eigendecomposing a d×d matrix costs ~d³, so a layer costs
-the sum of b³ over the stored blocks of its Ω and Γ (``groups·(a_dim³ + g_dim³)`` for dense factors).
+the sum of b³ over the stored blocks of its Ω and Γ (``groups·(a_dim³ + g_dim³)`` for dense factors), with Ω's
+silent coordinates left out where the factors show them (:func:`live_cost`).
 :func:`assign` gives each layer to one rank: the most expensive first, each to the rank with the least cost so far
-(ties: the lower rank), the greedy LPT rule of KAISA's ``assignment.py``. It depends on the layer list only, so
-every rank computes the same owners without communicating.
+(ties: the lower rank), the greedy LPT rule of KAISA's ``assignment.py``. It depends on the layer list and
+the averaged factors only, so every rank computes the same owners without communicating.
 
 **Refresh protocol** (:meth:`ShardedInverses.refresh`, option A: compute on the owner, share with everyone).
 Every rank runs the estimator's refresh loop: the factors, η and the curvature scale are the same on every rank, so
