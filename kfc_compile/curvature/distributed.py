@@ -225,11 +225,9 @@ class Distributed:
     def settle_for(self, states: list, due: bool, eta: float, scale: float) -> None:
         """Before an inverse refresh: :meth:`settle` if a pending layer's inverse will be recomputed or rescaled.
 
-        Also before a new assignment of the inverses to ranks, which reads the factors (``sharding.live_cost``).
-        The same decision on every rank (the schedule, η, the scale, the inverses and the layers are).
+        The same decision on every rank (the schedule, η, the scale and the inverses are).
         """
-        reassign = isinstance(self.inverses, ShardedInverses) and self.inverses.needs_owners(states)
-        if any(self._is_pending(s) and (reassign or due or s.stale or s.inverse is None or s.inverse.eta != eta
+        if any(self._is_pending(s) and (due or s.stale or s.inverse is None or s.inverse.eta != eta
                                         or s.inverse.scale != scale) for s in states):
             self.settle(states)
 

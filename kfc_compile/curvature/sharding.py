@@ -5,7 +5,7 @@ the sum of b³ over the stored blocks of its Ω and Γ (``groups·(a_dim³ + g_d
 silent coordinates left out where the factors show them (:func:`live_cost`).
 :func:`assign` gives each layer to one rank: the most expensive first, each to the rank with the least cost so far
 (ties: the lower rank), the greedy LPT rule of KAISA's ``assignment.py``. It depends on the layer list and
-the averaged factors only, so every rank computes the same owners without communicating.
+the inverses only, so every rank computes the same owners without communicating.
 
 **Refresh protocol** (:meth:`ShardedInverses.refresh`, option A: compute on the owner, share with everyone).
 Every rank runs the estimator's refresh loop: the factors, η and the curvature scale are the same on every rank, so
@@ -40,7 +40,6 @@ import torch
 
 from kfc_compile.curvature.blocks import Layout
 from kfc_compile.curvature.comm import Comm
-from kfc_compile.curvature.decompositions import live_coordinates
 from kfc_compile.curvature.inverses import EigenInverse, LayerInverse, compute_inverse, rescale_inverse
 
 
@@ -51,17 +50,16 @@ def inverse_cost(layout: Layout) -> float:
 
 
 def live_cost(state) -> float:
-    """:func:`inverse_cost` of a layer state, with Ω's silent coordinates left out where its factors show them.
+    """:func:`inverse_cost` of a layer state, with Ω's silent coordinates left out where its inverse shows them.
 
     The inverse of a dense Ω with enough silent coordinates (``decompositions.live_coordinates``: zero diagonal,
     e.g. a 3×3 convolution with padding on a 1×1 or 2×2 feature map, whose border taps never see an input) is
-    computed on the live block only, so it costs live³, not d³. Without factors yet: the stored blocks' d³.
+    computed on the live block only, so it costs live³, not d³. Without an inverse yet: the stored blocks' d³.
     """
     (na, ba, _), (ng, bg, _) = state.layout.shapes()
-    if state.running is not None and not state.layout.blocked:
-        live = live_coordinates(state.running.A)
-        if live is not None:
-            ba = live.numel()
+    live = getattr(state.inverse, "live", None)
+    if live is not None and not state.layout.blocked:
+        ba = live.numel()
     return float(na * ba ** 3 + ng * bg ** 3)
 
 
@@ -104,25 +102,25 @@ class ShardedInverses(LocalInverses):
         self.refreshing = False
         self._key: tuple | None = None
         self._owners: dict[str, int] = {}
+        self._informed = False  # the owners were assigned by the inverses' live costs
         self._states: dict[str, object] = {}
         self._touched: list[str] = []
 
     def owners(self, states: Sequence) -> dict[str, int]:
         """Layer name → owner rank for these layer states (recomputed when the layers or their layouts change).
 
-        The costs are :func:`live_cost`: the first refresh runs on the ranks' averaged factors, the same on every
-        rank, so every rank finds the same silent coordinates and owners; they stay fixed until the layers change.
+        The costs are :func:`live_cost`, read from the inverses (the same on every rank: every rank rebuilds them
+        from the gathered bytes). The first refresh assigns by d³; once every layer with factors has an inverse
+        the layers are assigned once more by their live cost, and the owners then stay until the layers change.
         """
-        if self.needs_owners(states):
-            key = tuple((s.layer.name, s.layout) for s in states)
+        key = tuple((s.layer.name, s.layout) for s in states)
+        informed = any(s.inverse is not None for s in states) and all(
+            s.inverse is not None for s in states if s.running is not None)
+        if key != self._key or (informed and not self._informed):
             ranks = assign([live_cost(s) for s in states], self.comm.world_size)
             self._owners = {s.layer.name: r for s, r in zip(states, ranks, strict=True)}
-            self._key = key
+            self._key, self._informed = key, informed
         return self._owners
-
-    def needs_owners(self, states: Sequence) -> bool:
-        """Whether :meth:`owners` will assign the layers anew (first call, or the layers or layouts changed)."""
-        return tuple((s.layer.name, s.layout) for s in states) != self._key
 
     def takes_over_refresh(self) -> bool:
         """True outside :meth:`refresh`: the estimator's refresh then hands itself to :meth:`refresh`."""
