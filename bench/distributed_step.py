@@ -66,6 +66,41 @@ def batches(n: int, rank: int, world: int, device: torch.device) -> list[tuple[t
     return out
 
 
+class Phases:
+    """Wall and process CPU time spent in named methods of the KFC step (wrapped on the instances), per step."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.on = False
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - t
+                self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+        setattr(obj, attr, timed)
+
+    def attach(self, opt) -> None:
+        """Time the statistics, inverse refresh, preconditioning, exact-Fisher ν and every collective."""
+        est = opt._estimator
+        self.wrap(est, "update_statistics", "statistics")
+        self.wrap(est, "refresh_inverses", "refresh")
+        self.wrap(est, "precondition", "precondition")
+        self.wrap(opt, "_exact_gram", "fisher products")
+        comm = opt._dist.comm if opt._dist is not None else None
+        if comm is not None:
+            for attr in ("all_reduce_", "all_gather", "reduce_scatter", "all_to_all"):
+                self.wrap(comm, attr, "collectives (inside the above)")
+
+
 class Stepper:
     """Plain training steps on a cycle of batches, timed in wall and process CPU time."""
 
@@ -96,9 +131,18 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def model_on(device: torch.device, world: int, fsdp: bool = False) -> torch.nn.Module:
+def make_net(name: str) -> torch.nn.Module:
+    """The benched model: the paper's CIFAR-10 net, or torchvision's resnet18 with 10 classes (3×32×32 inputs)."""
+    if name == "resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=10)
+    return paper_cifar_net()
+
+
+def model_on(device: torch.device, world: int, args, fsdp: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
-    m = paper_cifar_net().to(device)
+    m = make_net(args.model).to(device)
     if fsdp:  # FSDP2: every layer's parameters dim-0 sharded (the root as one unit)
         from torch.distributed.fsdp import fully_shard
 
@@ -115,9 +159,11 @@ def make_kfc(model, s: int, i: int, mode: str | None):
 
 def time_config(world: int, rank: int, device, args, s: int, i: int, mode: str | None = None) -> dict:
     data = batches(args.batch, rank, world, device)
-    sgd_model, kfc_model = model_on(device, world), model_on(device, world)
+    sgd_model, kfc_model = model_on(device, world, args), model_on(device, world, args)
     sgd = Stepper(sgd_model, torch.optim.SGD(sgd_model.parameters(), lr=LR, momentum=0.9), data)
     opt = make_kfc(kfc_model, s, i, mode)
+    phases = Phases()
+    phases.attach(opt)
     kfc = Stepper(kfc_model, opt, data)
     kfc.run(WARMUP)
     sgd.run(WARMUP)
@@ -127,7 +173,9 @@ def time_config(world: int, rank: int, device, args, s: int, i: int, mode: str |
     P = math.lcm(s, i)
     tk, ts = [], []
     for _ in range(args.rounds):
+        phases.on = True
         tk.append(kfc.run(P))
+        phases.on = False
         ts.append(sgd.run(P))
     n = args.rounds * P
     grad_bytes = sum(p.numel() * p.element_size() for p in kfc_model.parameters())
@@ -135,12 +183,13 @@ def time_config(world: int, rank: int, device, args, s: int, i: int, mode: str |
             "kfc_wall_ms": 1e3 * sum(t[0] for t in tk) / n, "sgd_wall_ms": 1e3 * sum(t[0] for t in ts) / n,
             "kfc_cpu_ms": 1e3 * sum(t[1] for t in tk) / n, "sgd_cpu_ms": 1e3 * sum(t[1] for t in ts) / n,
             "traffic": {} if comm is None else {k: (v.calls / n, v.bytes / n) for k, v in comm.traffic.items()},
-            "ddp_grad_bytes": grad_bytes if world else 0}
+            "ddp_grad_bytes": grad_bytes if world else 0,
+            "phases": {k: (1e3 * phases.wall[k] / n, 1e3 * phases.cpu[k] / n) for k in phases.wall}}
 
 
 def time_refresh(world: int, rank: int, device, args, mode: str | None) -> dict:
     data = batches(args.batch, rank, world, device)
-    model = model_on(device, world, fsdp=mode == "fsdp")
+    model = model_on(device, world, args, fsdp=mode == "fsdp")
     opt = make_kfc(model, 1, 10 ** 6, None if mode == "fsdp" else mode)
     Stepper(model, opt, data).run(1)  # statistics and the first inverses
     est, eta = opt._estimator, opt.param_groups[0]["damping"] + opt.param_groups[0]["weight_decay"]
@@ -229,6 +278,22 @@ def report(single: list[dict], ranks: list[dict], world: int, args) -> str:
                      f"{d['ddp_grad_bytes']:,}", f"{d['ddp_grad_bytes']:,}"])
     lines.append(table(rows, ["(stats, inv)", "collective", "calls / step", "bytes / call", "bytes / step"]))
     lines.append("")
+    rows = []
+    for j, d in enumerate(ranks[0]["steps"]):
+        one = single[0]["steps"][j % len(single[0]["steps"])]
+        names = list(dict.fromkeys([*one["phases"], *d["phases"]]))
+        for name in ["step (KFC)", "SGD step", *names]:
+            def ms(x, name=name):
+                if name == "step (KFC)":
+                    return x["kfc_cpu_ms"]
+                if name == "SGD step":
+                    return x["sgd_cpu_ms"]
+                return x["phases"].get(name, (0.0, 0.0))[1]
+            rows.append([f"({d['stats_every']}, {d['inverse_every']}) {d['mode']}", name, f"{ms(one):.1f}",
+                         *(f"{ms(r['steps'][j]):.1f}" for r in ranks)])
+    lines.append(table(rows, ["(stats, inv)", "phase (CPU ms / step)", "1 proc",
+                              *(f"DDP rank {r}" for r in range(world))]))
+    lines.append("")
     one = single[0]["refresh"][0]
     rows = [["single process", "0", f"{one['wall_ms']:.1f}", f"{one['cpu_ms']:.1f}", "all", f"{one['nbytes']:,}",
              "1 / 1 / 1"]]
@@ -247,7 +312,9 @@ def report(single: list[dict], ranks: list[dict], world: int, args) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--batch", type=int, default=128, help="global batch (split evenly over the ranks)")
+    p.add_argument("--model", choices=("paper", "resnet18"), default="paper")
+    p.add_argument("--batch", type=int, help="global batch, split evenly over the ranks (default: 128 for the "
+                   "paper net, 32 per rank for resnet18)")
     p.add_argument("--configs", default="1:20,10:100", help="stats_every:inverse_every pairs")
     p.add_argument("--rounds", type=int, default=2, help="windows of P steps per optimizer")
     p.add_argument("--refresh-reps", type=int, default=5)
@@ -256,6 +323,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="gloo on the CPU even when CUDA is available")
     p.add_argument("--json", help="also write the raw results here")
     args = p.parse_args(argv)
+    if args.batch is None:
+        args.batch = 128 if args.model == "paper" else 32 * args.nproc
     with tempfile.TemporaryDirectory() as out:
         single = launch(0, args, out)
         ranks = launch(args.nproc, args, out)

@@ -186,8 +186,9 @@ def resume(rank: int, world: int, cfg: dict, directory: str, single: str | None)
     path = f"{directory}/ddp.pt"
     model, wrapped, opt = build(world, cfg)
     run_steps(wrapped, opt, x, y, 3, False)
+    state = {"model": model.state_dict(), "opt": opt.state_dict()}  # a collective: every rank calls it
     if rank == 0:
-        save(model, opt, path)
+        torch.save(state, path)
     dist.barrier()
     out = {"straight": run_steps(wrapped, opt, x, y, 2, False)["params"][-1]}
     model, wrapped, opt = build(world, cfg, path)

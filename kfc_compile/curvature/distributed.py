@@ -3,12 +3,17 @@
 Each rank runs the user's step on its own shard of the global batch; DDP averages the gradients. KFC adds
 (docs/algorithm.md §12):
 
-* **factors**: after the statistics of a step are folded into the moving averages, every layer's running Ω and Γ
-  become their mean over ranks, weighted by the examples each rank's statistics used (its batch, or the leading
-  subset of its own shard with ``stats_fraction < 1``). The running averages are the same on every rank before the
-  fold, so this equals folding the factors of the concatenated global batch: Ω = (1/N)Σ and Γ = 1/(N·T)Σ pool over
-  N = Σ N_r (T, the positions per example, is the same on every rank whenever the shards could be concatenated).
-  One all-reduce per dtype carries the upper triangles of all layers' Ω and Γ and the per-layer weights;
+* **factors** (folded locally, averaged when an inverse needs them): the moving average is linear, so each rank
+  folds its own batch factors with the weight W·n_r/N (N = Σ_r n_r, the examples behind the layer's Ω or Γ over
+  the ranks: one all-reduce of the per-layer counts per statistics step, :meth:`Distributed.weigh`), and the mean of
+  the ranks' running factors is the single-process average of the concatenated global batch: Ω = (1/N)Σ and
+  Γ = 1/(N·T)Σ pool over N = Σ N_r (T, the positions per example, is the same on every rank whenever the shards
+  could be concatenated), with the same ε = min(1 − 1/k, stat_decay) (every rank folds every layer some rank
+  recorded: zeros where it recorded none). That mean is taken by :meth:`Distributed.settle` (one all-reduce per
+  dtype of the upper triangles of the pending layers' Ω and Γ) right before an inverse refresh recomputes or
+  rescales a pending layer, before ``KFC.state_dict()`` / ``KFC.factors()`` (so they are collectives), and
+  before the factored Fisher Gram fallback reads the factors: at stats_every = 1, inverse_every = 20 the factor
+  bytes fall 20×. Between those points a rank's ``LayerState.running`` is its own share, not the average;
 * **inverses**: each layer's inverse is computed by one rank and gathered by the others (``sharding.py``), or by
   every rank with ``distributed="replicate"``;
 * **objective terms** (the curvature scale of a sum loss, the exact Fisher Gram matrix behind the clipping ν and
@@ -33,7 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kfc_compile.curvature.comm import Comm
-from kfc_compile.curvature.factors import RunningFactors
+from kfc_compile.curvature.factors import Factors, RunningFactors
 from kfc_compile.curvature.owner import OwnerCurvature, sharding_problem
 from kfc_compile.curvature.sharding import LocalInverses, ShardedInverses
 
@@ -128,6 +133,7 @@ class Distributed:
     sharded: bool = False
 
     def __post_init__(self) -> None:
+        self._pending: dict[str, RunningFactors] = {}  # layer name → running factors folded locally, not yet averaged
         self.owner = OwnerCurvature(self.comm, self.sharded) if self.mode == "owner" else None
         self.inverses = (ShardedInverses(self.comm) if self.mode == "broadcast" else
                          self.owner.inverses if self.owner is not None else LocalInverses())
@@ -174,50 +180,89 @@ class Distributed:
             self._generator = torch.Generator(layers[0].weight.device)
 
     # -- factors -------------------------------------------------------------------------------------------------
-    def average_factors(self, states: list, batch: dict, examples: int) -> None:
-        """After a statistics fold: every collecting layer's running (Ω, Γ) becomes its example-weighted mean.
+    def weigh(self, states: list, batch: dict[int, Factors], dropped: set[int], examples: int) -> dict[int, Factors]:
+        """Before a statistics fold: this rank's share of the global batch factors, for every layer some rank recorded.
+
+        The single process normalises a layer's Ω by the step's examples (those that did not reach the layer add
+        zero) and its Γ by the examples whose gradients it saw. So one all-reduce sums, per layer, N_Ω = Σ n_r over
+        the ranks that did not drop the layer's statistics and N_Γ = Σ n_r over those that recorded it; this rank's
+        Ω is weighted W·n_r/N_Ω and its Γ W·n_r/N_Γ. A layer recorded on other ranks only gets zero factors (this
+        rank still folds: its ε and ``updates`` stay those of every rank). The mean over ranks of the folded
+        averages is then the single-process average of the global batch (:meth:`settle`).
 
         Args:
             states: the estimator's layer states (the same layers on every rank).
-            batch: the layers this rank recorded statistics for (layer index → batch factors).
-            examples: the examples this rank's statistics used (its weight).
+            batch: the finite batch factors this rank recorded (layer index → Factors), frozen layers left out.
+            dropped: the layers whose batch factors this rank dropped (not finite).
+            examples: the examples this rank's statistics used (0: none, e.g. a non-finite model output).
         """
-        groups: dict[tuple, list] = {}
-        for i, s in enumerate(states):
-            if not s.frozen:
-                recorded = i in batch and s.running is not None
-                groups.setdefault((_factor_dtype(s), s.layer.weight.device), []).append((s, recorded))
-        for (dtype, device), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            self._average_group(members, float(examples), dtype, device)
+        live = [i for i, s in enumerate(states) if not s.frozen]
+        if not live:
+            return {}
+        counts = torch.tensor([[0.0 if i in dropped else float(examples), float(examples) if i in batch else 0.0]
+                               for i in live], dtype=torch.float64)
+        self.comm.all_reduce_("counts", counts)
+        out, world = {}, self.comm.world_size
+        for i, (n_a, n_g) in zip(live, counts.tolist(), strict=True):
+            if n_g <= 0:  # no rank recorded it: no fold anywhere
+                continue
+            if i in batch:
+                ca, cg, f = world * examples / n_a, world * examples / n_g, batch[i]
+                out[i] = Factors(f.A if ca == 1.0 else f.A * ca, f.G if cg == 1.0 else f.G * cg)
+            else:
+                s = states[i]
+                dtype, dev = _factor_dtype(s), s.layer.weight.device
+                out[i] = Factors(*(torch.zeros(shape, dtype=dtype, device=dev) for shape in s.layout.shapes()))
+        return out
 
-    def _average_group(self, members: list, weight: float, dtype: torch.dtype, device: torch.device) -> None:
-        """One all-reduce of [w·triu(Ω), w·triu(Γ) per layer..., w per layer] (w = 0 for a layer not recorded)."""
+    def folded(self, states: list, indices) -> None:
+        """The layers at ``indices`` folded this rank's share in: their running factors wait for :meth:`settle`."""
+        for i in indices:
+            self._pending[states[i].layer.name] = states[i].running
+
+    def settle_for(self, states: list, due: bool, eta: float, scale: float) -> None:
+        """Before an inverse refresh: :meth:`settle` if a pending layer's inverse will be recomputed or rescaled.
+
+        The same decision on every rank (the schedule, η, the scale and the inverses are).
+        """
+        if any(self._is_pending(s) and (due or s.stale or s.inverse is None or s.inverse.eta != eta
+                                        or s.inverse.scale != scale) for s in states):
+            self.settle(states)
+
+    def settle(self, states: list) -> None:
+        """The pending factor sync: every pending layer's running (Ω, Γ) becomes its mean over ranks.
+
+        A collective: every rank calls it (``KFC.state_dict()``, ``KFC.factors()`` and the inverse refreshes do);
+        a no-op, without communication, when nothing is pending. One all-reduce per dtype of the upper triangles.
+        """
+        pending = [s for s in states if self._is_pending(s)]
+        self._pending.clear()
+        groups: dict[tuple, list] = {}
+        for s in pending:
+            groups.setdefault((_factor_dtype(s), s.layer.weight.device), []).append(s)
+        for (_, device), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            self._average_group(members, device)
+
+    def _is_pending(self, s) -> bool:
+        return s.running is not None and self._pending.get(s.layer.name) is s.running
+
+    def _average_group(self, members: list, device: torch.device) -> None:
+        """One all-reduce of [triu(Ω), triu(Γ) per layer...]; every rank then holds the mean."""
         parts, segments = [], []
-        for s, recorded in members:
+        for s in members:
             for which, shape in zip(("A", "G"), s.layout.shapes(), strict=True):
                 iu = _triu(shape[-1], device)
-                n = shape[0] * iu.shape[1]
-                parts.append(getattr(s.running, which)[:, iu[0], iu[1]].reshape(-1) if recorded
-                             else torch.zeros(n, dtype=dtype, device=device))
-                segments.append((which, shape, iu, n))
-        parts.append(torch.tensor([float(recorded) for _, recorded in members], dtype=dtype, device=device))
-        buf = torch.cat(parts).mul_(weight)
-        self.comm.all_reduce_("factors", buf)
-        totals = buf[-len(members):].tolist()
+                parts.append(getattr(s.running, which)[:, iu[0], iu[1]].reshape(-1))
+                segments.append((s, which, iu, parts[-1].numel()))
+        buf = torch.cat(parts)
+        self.comm.all_reduce_("factors", buf).div_(self.comm.world_size)
         offset = 0
-        for j, ((s, recorded), total) in enumerate(zip(members, totals, strict=True)):
-            if total > 0 and s.running is None:  # the layer's first statistics, recorded by other ranks only
-                zeros = [torch.zeros(shape, dtype=dtype, device=device) for shape in s.layout.shapes()]
-                s.running = RunningFactors(*zeros, updates=1)
-            elif total > 0 and not recorded:  # the other ranks folded a step in: so does this one
-                s.running.updates += 1
-            for which, _, iu, n in segments[2 * j: 2 * j + 2]:
-                if total > 0:
-                    vals = buf[offset:offset + n].view(-1, iu.shape[1]).div_(total)
-                    M = getattr(s.running, which)
-                    M[:, iu[0], iu[1]] = vals
-                    M[:, iu[1], iu[0]] = vals
-                offset += n
+        for s, which, iu, n in segments:
+            vals = buf[offset:offset + n].view(-1, iu.shape[1])
+            M = getattr(s.running, which)
+            M[:, iu[0], iu[1]] = vals
+            M[:, iu[1], iu[0]] = vals
+            offset += n
 
     # -- objective terms -----------------------------------------------------------------------------------------
     def mean(self, name: str, value: float | torch.Tensor) -> float | torch.Tensor:

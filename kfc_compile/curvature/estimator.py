@@ -92,7 +92,7 @@ class CurvatureEstimator:
         self.memory_budget = memory_budget
         self.loss_scale = 1.0  # the user's backward was of loss·loss_scale (a GradScaler): in-pass Γ is unscaled
         self._output_failed = False  # the Fisher pass of the user's backward found a non-finite output
-        self.distributed = distributed  # distributed KFC: hooks in _fold, refresh_inverses, schedule, scale
+        self.distributed = distributed  # distributed KFC: hooks: _fold, refresh_inverses, schedule, scale, _ema_targets
         self._inverses = LocalInverses() if distributed is None else distributed.inverses
         self._owner = None if distributed is None else distributed.owner  # owner preconditioning (owner.py)
         info = model.kfc
@@ -301,7 +301,7 @@ class CurvatureEstimator:
         Only for layers with one call site: an input of a later site that cannot be added safely could no longer
         leave the running Ω as it was.
         """
-        if self._owner is not None:  # owner preconditioning: the owner folds the ranks' pooled Ω
+        if self.distributed is not None:  # the fold weighs this rank's Ω (weigh) / the owner folds the pooled Ω
             return {}
         return {i: (s.running.A, s.running.next_eps(self.stat_decay)) for i, s in enumerate(self.states)
                 if s.running is not None and not s.frozen and len(s.layer.sites) == 1}
@@ -316,7 +316,7 @@ class CurvatureEstimator:
         if self._owner is not None:  # owner preconditioning: the ranks' batch factors pooled on each owner
             batch = self._owner.pool(self.states, batch, self.capture.last_examples if batch else 0)
         finite = dict(zip(batch, finite_flags([(f.A, f.G) for f in batch.values()]), strict=True))
-        folded = {}
+        good = {}
         for i, f in batch.items():
             s = self.states[i]
             if s.frozen:
@@ -327,17 +327,18 @@ class CurvatureEstimator:
                 else:
                     self.health.statistics_dropped(s.layer.name, "non-finite batch factors")
                 continue
+            good[i] = f
+        if self.distributed is not None and self._owner is None:  # this rank's share W·n_r/N of the global batch
+            dropped = {i for i in batch if not finite[i]}
+            good = self.distributed.weigh(self.states, good, dropped, self.capture.last_examples if batch else 0)
+        for i, f in good.items():
+            s = self.states[i]
             if s.running is None:  # the first update has ε = 0: the batch factors become the average (no copy)
                 s.running = RunningFactors(f.A, f.G, updates=1)
             else:
                 s.running.update(f, self.stat_decay)
-            folded[i] = f
-        self._share_factors(folded)
-
-    def _share_factors(self, folded: dict[int, Factors]) -> None:
-        """Distributed: the running factors become their mean over ranks (every rank joins, even with none folded)."""
-        if self.distributed is not None and self._owner is None:
-            self.distributed.average_factors(self.states, folded, self.capture.last_examples if folded else 0)
+        if self.distributed is not None and self._owner is None:  # averaged over ranks when an inverse needs it
+            self.distributed.folded(self.states, good)
 
     # -- inverses ------------------------------------------------------------------------------------------------
     def refresh_inverses(self, k: int | None, eta: float) -> None:
@@ -350,9 +351,11 @@ class CurvatureEstimator:
         restart at the next statistics step, the layer keeps its last inverse, and a RuntimeWarning names it.
         A decomposition that fails in fp32 and fp64 leaves the layer its previous inverse (``guard.refresh_layer``).
         """
+        due = k is not None and (k <= 3 or k % self.inverse_every == 0)
+        if self.distributed is not None:  # the ranks' locally folded factors averaged first if this refresh reads them
+            self.distributed.settle_for(self.states, due, eta, self.scale)
         if self._inverses.takes_over_refresh():  # distributed: owners compute, then the inverses are shared
             return self._inverses.refresh(self, k, eta)
-        due = k is not None and (k <= 3 or k % self.inverse_every == 0)
         changed = False
         for s in self.states:
             if s.running is None:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from kfc_compile.curvature.comm import Comm
+from kfc_compile.curvature.decompositions import SILENT_MIN_DIM, SILENT_SHARE
 from kfc_compile.curvature.factors import Factors
 from kfc_compile.curvature.precondition import apply_buckets, grad_matrix, regularised_grad, split_matrix
 from kfc_compile.curvature.sharding import LocalInverses, assign, inverse_cost
@@ -122,13 +123,21 @@ class OwnerCurvature:
         self.inverses = OwnerInverses()
         self._key: tuple | None = None
         self._owners: list[int] = []
+        self._fixed = False  # owners taken from the first batch's live coordinates, or a checkpoint's factors held
 
-    def owners(self, states: Sequence) -> list[int]:
-        """The owner rank of each layer state (greedy d³ balancing; recomputed when the layouts change)."""
+    def owners(self, states: Sequence, diagonals: list[torch.Tensor | None] | None = None) -> list[int]:
+        """The owner rank of each layer state (greedy d³ balancing; recomputed when the layouts change).
+
+        ``diagonals`` (the ranks' summed diagonals of each layer's first batch Ω, from :meth:`pool`): the costs
+        leave out Ω's silent coordinates (``sharding.live_cost``); taken once, before any rank holds factors.
+        """
         key = tuple((s.layer.name, s.layout) for s in states)
-        if key != self._key:
-            self._owners = assign([inverse_cost(s.layout) for s in states], self.comm.world_size)
+        if key != self._key or (diagonals is not None and not self._fixed):
+            costs = [inverse_cost(s.layout) if diagonals is None else _diag_cost(s.layout, d)
+                     for s, d in zip(states, diagonals or [None] * len(states), strict=True)]
+            self._owners = assign(costs, self.comm.world_size)
             self._key = key
+            self._fixed = self._fixed or diagonals is not None
         return self._owners
 
     def trim(self, states: Sequence) -> None:
@@ -136,6 +145,19 @@ class OwnerCurvature:
         for s, r in zip(states, self.owners(states), strict=True):
             if r != self.comm.rank:
                 s.running, s.inverse = None, None
+        self._fixed = True  # the owners now hold the factors: no reassignment from the first batch
+
+    def _first_diagonals(self, states: Sequence, batch: dict[int, Factors]) -> list[torch.Tensor | None]:
+        """The diagonals of every layer's batch Ω summed over ranks (one all-reduce, at the first statistics)."""
+        parts, shapes = [], []
+        for i, s in enumerate(states):
+            (na, ba, _), _ = s.layout.shapes()
+            f = batch.get(i)
+            parts.append(torch.diagonal(f.A, dim1=-2, dim2=-1).reshape(-1).double().cpu() if f is not None
+                         else torch.zeros(na * ba, dtype=torch.float64))
+            shapes.append((na, ba))
+        flat = self.comm.all_reduce_("live", torch.cat(parts)) if parts else torch.zeros(0)
+        return [d.view(shape) for d, shape in zip(flat.split([a * b for a, b in shapes]), shapes, strict=True)]
 
     # -- factors -------------------------------------------------------------------------------------------------
     def pool(self, states: Sequence, batch: dict[int, Factors], examples: int) -> dict[int, Factors]:
@@ -144,6 +166,8 @@ class OwnerCurvature:
         Every rank calls it at every statistics fold (with an empty ``batch`` when it has none); the result holds
         the layers this rank owns that some rank recorded.
         """
+        if not self._fixed:  # the first statistics: assign the layers by their live cost, then keep the owners
+            self.owners(states, self._first_diagonals(states, batch))
         owners = self.owners(states)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(states):
@@ -338,6 +362,16 @@ class OwnerCurvature:
                 out[p] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                             stride=p.stride())
         return out
+
+
+def _diag_cost(layout, diagonal: torch.Tensor) -> float:
+    """``sharding.live_cost`` from Ω's diagonal (groups, width): a dense Ω's silent coordinates left out."""
+    (na, ba, _), (ng, bg, _) = layout.shapes()
+    if not layout.blocked and ba >= SILENT_MIN_DIM:
+        n = int((diagonal > 0).any(0).sum())
+        if 0 < n <= (1.0 - SILENT_SHARE) * ba:
+            ba = n
+    return float(na * ba ** 3 + ng * bg ** 3)
 
 
 def _row(p: torch.Tensor) -> int:

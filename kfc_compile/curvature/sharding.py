@@ -1,10 +1,11 @@
 """The inverse refresh sharded over ranks: which rank inverts which layer, and how the others get the result.
 
 **Cost model and assignment.** Inverting (Cholesky) or eigendecomposing a d×d matrix costs ~d³, so a layer costs
-the sum of b³ over the stored blocks of its Ω and Γ (``groups·(a_dim³ + g_dim³)`` for dense factors).
+the sum of b³ over the stored blocks of its Ω and Γ (``groups·(a_dim³ + g_dim³)`` for dense factors), with Ω's
+silent coordinates left out where the factors show them (:func:`live_cost`).
 :func:`assign` gives each layer to one rank: the most expensive first, each to the rank with the least cost so far
-(ties: the lower rank), the greedy LPT rule of KAISA's ``assignment.py``. It depends on the layer list only, so
-every rank computes the same owners without communicating.
+(ties: the lower rank), the greedy LPT rule of KAISA's ``assignment.py``. It depends on the layer list and
+the inverses only, so every rank computes the same owners without communicating.
 
 **Refresh protocol** (:meth:`ShardedInverses.refresh`, option A: compute on the owner, share with everyone).
 Every rank runs the estimator's refresh loop: the factors, η and the curvature scale are the same on every rank, so
@@ -48,6 +49,20 @@ def inverse_cost(layout: Layout) -> float:
     return float(na * ba ** 3 + ng * bg ** 3)
 
 
+def live_cost(state) -> float:
+    """:func:`inverse_cost` of a layer state, with Ω's silent coordinates left out where its inverse shows them.
+
+    The inverse of a dense Ω with enough silent coordinates (``decompositions.live_coordinates``: zero diagonal,
+    e.g. a 3×3 convolution with padding on a 1×1 or 2×2 feature map, whose border taps never see an input) is
+    computed on the live block only, so it costs live³, not d³. Without an inverse yet: the stored blocks' d³.
+    """
+    (na, ba, _), (ng, bg, _) = state.layout.shapes()
+    live = getattr(state.inverse, "live", None)
+    if live is not None and not state.layout.blocked:
+        ba = live.numel()
+    return float(na * ba ** 3 + ng * bg ** 3)
+
+
 def assign(costs: Sequence[float], world_size: int) -> list[int]:
     """The owner rank of each item: greedy LPT (most expensive first, to the least-loaded rank, ties to the lower).
 
@@ -87,16 +102,24 @@ class ShardedInverses(LocalInverses):
         self.refreshing = False
         self._key: tuple | None = None
         self._owners: dict[str, int] = {}
+        self._informed = False  # the owners were assigned by the inverses' live costs
         self._states: dict[str, object] = {}
         self._touched: list[str] = []
 
     def owners(self, states: Sequence) -> dict[str, int]:
-        """Layer name → owner rank for these layer states (recomputed when the layers or their layouts change)."""
+        """Layer name → owner rank for these layer states (recomputed when the layers or their layouts change).
+
+        The costs are :func:`live_cost`, read from the inverses (the same on every rank: every rank rebuilds them
+        from the gathered bytes). The first refresh assigns by d³; once every layer with factors has an inverse
+        the layers are assigned once more by their live cost, and the owners then stay until the layers change.
+        """
         key = tuple((s.layer.name, s.layout) for s in states)
-        if key != self._key:
-            ranks = assign([inverse_cost(s.layout) for s in states], self.comm.world_size)
+        informed = any(s.inverse is not None for s in states) and all(
+            s.inverse is not None for s in states if s.running is not None)
+        if key != self._key or (informed and not self._informed):
+            ranks = assign([live_cost(s) for s in states], self.comm.world_size)
             self._owners = {s.layer.name: r for s, r in zip(states, ranks, strict=True)}
-            self._key = key
+            self._key, self._informed = key, informed
         return self._owners
 
     def takes_over_refresh(self) -> bool:

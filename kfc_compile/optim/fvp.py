@@ -221,6 +221,8 @@ class ExactGram:
                 warnings.warn(f"{op} has no forward-mode AD: the exact Fisher products (clip_curvature='exact', "
                               "mode='adaptive') use the Kronecker-factored curvature of the KFC layers instead "
                               "(0 on the other parameters) on the steps where it runs", RuntimeWarning, stacklevel=4)
+            if est.distributed is not None:  # the factors the ranks folded locally, averaged (a collective)
+                est.distributed.settle(est.states)
             return factored_gram(est.states, directions, est.scale)
         if len(grams) == 1:
             return grams[0]

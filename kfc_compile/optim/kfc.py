@@ -226,7 +226,10 @@ class KFC(torch.optim.Optimizer):
         """Current moving averages (Ω, Γ) of a layer; None before any statistics.
 
         2-D, or stacked per group; with ``max_factor_dim`` blocks, the dense block-diagonal matrices they stand for.
+        Under DDP (``distributed`` broadcast / replicate) a collective: every rank calls it (``Distributed.settle``).
         """
+        if self._dist is not None:  # the ranks' locally folded factors become their mean first
+            self._dist.settle(self._estimator.states)
         return self.layer_state(name).dense_factors()
 
     def set_factors(self, name: str, A: torch.Tensor, G: torch.Tensor, frozen: bool = False) -> None:
@@ -357,9 +360,16 @@ class KFC(torch.optim.Optimizer):
 
     # -- state -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """``torch.optim`` state plus ``"kfc"``: the curvature, the health record, the RNG (``checkpoint.py``)."""
+        """``torch.optim`` state plus ``"kfc"``: the curvature, the health record, the RNG (``checkpoint.py``).
+
+        Distributed: a collective, like ``ZeroRedundancyOptimizer.consolidate_state_dict``: every rank calls it
+        (the pending factor average, ``Distributed.settle``; the owners' layers, FSDP2's DTensors gathered), and
+        rank 0 writes the result.
+        """
         if self._pending_state is not None:  # loaded, not applied yet: nothing changed since
             return copy.deepcopy(self._pending_state)
+        if self._dist is not None:  # the checkpoint holds the ranks' mean factors: a resume is exact
+            self._dist.settle(self._estimator.states)
         sd = checkpoint.whole_state(super().state_dict())  # FSDP2: DTensors gathered (a collective)
         sd["kfc"] = kfc_state(self._estimator, self.options, self.health, self._step_count, self._warned,
                               self.options.approx, self._dist)
