@@ -148,6 +148,8 @@ def distributed_state(opt) -> dict:
     """``KFC.distributed_state_dict()`` (see the module docstring); copies, so ``dcp.load`` may fill it in place."""
     _require_layers(opt)
     est = opt._estimator
+    if opt._dist is not None:  # DDP: the ranks' pending factor shares averaged first (a collective), as state_dict
+        opt._dist.settle(est.states)
     kfc = run_entry(est, opt.options, opt.health, opt._step_count, opt._warned, opt.options.approx, opt._dist)
     kfc["layers"] = [{"name": s.layer.name, "layout": astuple(s.layout), "frozen": s.frozen} for s in est.states]
     sd: dict[str, object] = {}
