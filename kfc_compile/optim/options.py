@@ -107,6 +107,7 @@ class KFCOptions:
     distributed: bool | str | None = None
     clip_scaling: str = "fixed"
     clip_on: str = "auto"
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -118,6 +119,9 @@ class KFCOptions:
         put("weight_decay", real("weight_decay", self.weight_decay, low=0.0))
         put("stats_every", positive_int("stats_every", self.stats_every))
         put("inverse_every", positive_int("inverse_every", self.inverse_every))
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer (steps with statistics and inverses every "
+                             f"step; 0: none), got {self.warmup!r}")
         put("stat_decay", real("stat_decay", self.stat_decay, low=0.0, high=1.0))
         put("stats_fraction", real("stats_fraction", self.stats_fraction, low=0.0, high=1.0, low_open=True))
         choice("fisher", self.fisher, FISHER_TYPES)
