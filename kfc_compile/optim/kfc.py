@@ -36,10 +36,11 @@ from kfc_compile.optim.model import (
     warn_if_uncovered,
 )
 from kfc_compile.optim.options import KFCOptions
+from kfc_compile.optim.pre_damping import pre_lm_update
 from kfc_compile.optim.rules import average_iterates_, swapped_in
 from kfc_compile.optim.safety import BufferSnapshot, StepGuard
 from kfc_compile.optim.scalars import all_finite_
-from kfc_compile.optim.updates import adam_update, adaptive_lm_update, group_parts, pre_update
+from kfc_compile.optim.updates import adam_update, adaptive_lm_update, group_parts
 from kfc_compile.registry import KFCInfo, KFCLayer
 
 
@@ -58,6 +59,7 @@ class KFC(torch.optim.Optimizer):
         weight_decay: ℓ2 coefficient: added to the gradient, folded into the damping and into ν.
         stats_every, inverse_every: statistics / inverse periods T_s, T_f (inverses also at steps 1–3).
         warmup: the first ``warmup`` steps all collect statistics and recompute inverses (a warm start, §4.3).
+        adapt_damping: KFC-pre adapts ``damping`` by Levenberg–Marquardt on its applied step (needs a closure, §5.5).
         stat_decay: the moving-average cap: ε = min(1 − 1/k, stat_decay).
         stats_fraction: share of the batch (its first examples, at least 2) that feeds the factor statistics
             (K-FAC's τ₁); 1 uses the whole batch inside the user's own forward and backward.
@@ -124,7 +126,8 @@ class KFC(torch.optim.Optimizer):
                  max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
                  memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None,
                  frontend: str = "auto", output=None, distributed: bool | str | None = None,
-                 clip_scaling: str = "lr", clip_on: str = "auto", warmup: int = 0):
+                 clip_scaling: str = "lr", clip_on: str = "auto", warmup: int = 0,
+                 adapt_damping: bool = False):
         self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
@@ -134,7 +137,8 @@ class KFC(torch.optim.Optimizer):
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
             max_factor_dim=max_factor_dim, max_failures=max_failures, max_skipped_steps=max_skipped_steps,
             memory_budget=memory_budget, grad_scaler=grad_scaler, frontend=frontend, output=output,
-            distributed=distributed, clip_scaling=clip_scaling, clip_on=clip_on, warmup=warmup)
+            distributed=distributed, clip_scaling=clip_scaling, clip_on=clip_on, warmup=warmup,
+            adapt_damping=adapt_damping)
         saved = routing_snapshot(model)
         try:
             self._setup(model)
@@ -319,7 +323,8 @@ class KFC(torch.optim.Optimizer):
         parts = group_parts(kg, fg if o.fallback == "sgd" else None, nat)
         if any(part.params for part in parts):
             if o.mode == "pre":
-                pre_update(parts, self.state, o, self._exact_gram, info)
+                pre_lm_update(parts, self.state, o, self._exact_gram, info, loss, closure, k, self._warned,
+                              self.param_groups, self._dist)
             else:
                 adaptive_lm_update(parts, self.state, o, self._exact_gram, info, loss, closure, k,
                                    self._warned, self.param_groups, self._dist)

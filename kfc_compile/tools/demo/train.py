@@ -195,7 +195,8 @@ class _Run:
             self.opt = make_optimizer(self.opt_name, model, self.lr, self.kfc_options, ds.loss)
             model.train()
         # adaptive K-FAC's Levenberg–Marquardt rule re-evaluates the loss after its update: it needs a closure
-        closure_needed = isinstance(self.opt, kc.KFC) and self.opt.options.mode == "adaptive"
+        closure_needed = isinstance(self.opt, kc.KFC) and (self.opt.options.mode == "adaptive"
+                                                            or self.opt.options.adapt_damping)
         loss = None
         try:
             for _ in range(chunk):
