@@ -71,21 +71,47 @@ def test_lm_ratio_and_damping_against_the_dense_model(clip):
     assert any(hi or lo for _, hi, lo in seen)  # λ moved: the rule was exercised, not only its 'unchanged' branch
 
 
-def test_without_a_closure_the_damping_stays_and_a_warning_says_so():
+def _plain_loop(adapt) -> kc.KFC:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    opt = kc.KFC(model, lr=1e-2, adapt_damping=True, lm_interval=1)
+    opt = kc.KFC(model, lr=1e-2, adapt_damping=adapt, lm_interval=1, damping=2e-3)
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.param_groups[0]["damping"] == 2e-3 and "rho" not in opt.last_step
+    return opt
+
+
+def test_without_a_closure_the_damping_stays_and_true_warns():
     with pytest.warns(UserWarning, match="adapt_damping=True adapts KFC-pre's damping only when step"):
-        for _ in range(2):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    assert opt.param_groups[0]["damping"] == 1e-3 and "rho" not in opt.last_step
+        _plain_loop(True)
+
+
+def test_auto_adapts_with_a_closure_only_and_silently_without(recwarn):
+    _plain_loop("auto")
+    assert not [w for w in recwarn if "adapt_damping" in str(w.message)]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = kc.KFC(model, lr=1e-2, lm_interval=1, damping=2e-3)  # the default: "auto"
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert "rho" in opt.last_step and opt.param_groups[0]["damping"] != 2e-3
+    # the paper's rule measures v, not the applied step: "auto" is then off, without an error
+    assert kc.KFC(nn.Linear(2, 2), lr=0.1, clip_on="update").options.adapt_damping is False
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(adapt_damping=1), "adapt_damping must be True or False"),
+    (dict(adapt_damping=1), "adapt_damping must be True, False or 'auto'"),
+    (dict(adapt_damping="on"), "adapt_damping must be True, False or 'auto'"),
     (dict(adapt_damping=True, clip=None), "adapt_damping=True needs KFC-pre's trust region"),
     (dict(adapt_damping=True, clip_on="update"), "adapt_damping=True needs KFC-pre's trust region"),
     (dict(adapt_damping=True, clip_curvature="factored"), "adapt_damping=True needs KFC-pre's trust region"),

@@ -1,4 +1,4 @@
-"""Levenberg–Marquardt damping for KFC-pre (``adapt_damping=True``, docs/algorithm.md §5.5).
+"""Levenberg–Marquardt damping for KFC-pre (``adapt_damping``, docs/algorithm.md §5.5).
 
 KFC-pre's step δ (preconditioned, clipped, with momentum) is not the minimiser of a quadratic model, but the model
 still says how far the curvature can be trusted: every ``lm_interval`` steps, with a closure, the reduction ratio
@@ -36,15 +36,16 @@ def pre_lm_update(parts: list[GroupPart], state: MutableMapping, options: KFCOpt
                   dist: Distributed | None = None) -> None:
     """KFC-pre's update (``updates.pre_update``), then with ``adapt_damping`` every ``lm_interval`` steps LM on λ.
 
-    The rule needs ``closure`` (re-evaluated after the update; without one a once-only warning says the damping
-    stays fixed); the new λ is written into every group of ``param_groups`` and ``info`` gets ρ and λ. A skipped
+    The rule needs ``closure`` (re-evaluated after the update); without one the damping stays fixed, silently for
+    ``adapt_damping="auto"`` (a plain training loop) and with a once-only warning for ``True``. The new λ is
+    written into every group of ``param_groups`` and ``info`` gets ρ and λ. A skipped
     update adapts nothing. Distributed (``dist``): the loss values are their mean over ranks.
     """
     pre_update(parts, state, options, exact_gram, info)
     if not options.adapt_damping or k % options.lm_interval or info.get("skipped"):
         return
     if closure is None or loss is None:
-        if "pre_lm" not in warned:
+        if options.adapt_damping is True and "pre_lm" not in warned:
             warned.add("pre_lm")
             warnings.warn("adapt_damping=True adapts KFC-pre's damping only when step() gets a closure that "
                           "re-evaluates the loss; the damping stays fixed", stacklevel=4)
