@@ -24,14 +24,18 @@ def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-@pytest.mark.parametrize("clip", [1e-3, 1e3])  # the trust region binds / does not bind
-def test_lm_ratio_and_damping_against_the_dense_model(clip):
+@pytest.mark.parametrize("clip, wd", [(1e-3, 0.0), (1e3, 0.0), (1e-3, 0.05)])  # the trust region binds / not
+def test_lm_ratio_and_damping_against_the_dense_model(clip, wd):
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     ref = copy.deepcopy(model)
     lam0, decay = 1e-2, 0.5
     opt = kc.KFC(model, lr=0.5, momentum=0.9, damping=lam0, clip=clip, clip_fraction=1.0, adapt_damping=True,
-                 lm_interval=1, lm_decay=decay, stats_fraction=1.0, fisher="type-2")
+                 lm_interval=1, lm_decay=decay, stats_fraction=1.0, fisher="type-2", weight_decay=wd)
+
+    def h(m, x, y):  # the objective: the loss plus ½·wd·‖θ‖²
+        return F.cross_entropy(m(x), y) + 0.5 * wd * sum(p.pow(2).sum() for p in m.parameters())
+
     g = torch.Generator().manual_seed(2)
     lam = lam0
     seen = set()
@@ -48,7 +52,7 @@ def test_lm_ratio_and_damping_against_the_dense_model(clip):
             for p, q in zip(ref.parameters(), model.parameters(), strict=True):
                 p.copy_(q)
         ref.zero_grad()
-        loss0 = F.cross_entropy(ref(x), y)
+        loss0 = h(ref, x, y)
         loss0.backward()
         h0 = float(loss0.detach())
         grad = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
@@ -58,8 +62,8 @@ def test_lm_ratio_and_damping_against_the_dense_model(clip):
         info = opt.last_step
         delta = _flat(model) - theta0
         with torch.no_grad():
-            h1 = float(F.cross_entropy(model(x), y))
-        change = float(grad @ delta + 0.5 * (delta @ Fd @ delta + lam * delta @ delta))
+            h1 = float(h(model, x, y))
+        change = float(grad @ delta + 0.5 * (delta @ Fd @ delta + (lam + wd) * delta @ delta))
         rho = (h0 - h1) / -change if change < 0 else float("-inf")  # no predicted decrease: λ must grow
         assert info["model_change"] == pytest.approx(change, rel=1e-9, abs=1e-15)
         assert info["rho"] == pytest.approx(rho, rel=1e-7)

@@ -41,8 +41,11 @@ def pre_lm_update(parts: list[GroupPart], state: MutableMapping, options: KFCOpt
     written into every group of ``param_groups`` and ``info`` gets ρ and λ. A skipped
     update adapts nothing. Distributed (``dist``): the loss values are their mean over ranks.
     """
+    due = bool(options.adapt_damping) and k % options.lm_interval == 0
+    l2_groups = [(part.group["params"], part.group["weight_decay"]) for part in parts]
+    l2_before = l2_term(l2_groups) if due else 0.0  # ½·wd·‖θ‖² of h(θ), before the step moves θ
     pre_update(parts, state, options, exact_gram, info)
-    if not options.adapt_damping or k % options.lm_interval or info.get("skipped"):
+    if not due or info.get("skipped"):
         return
     if closure is None or loss is None:
         if options.adapt_damping is True and "pre_lm" not in warned:
@@ -50,11 +53,8 @@ def pre_lm_update(parts: list[GroupPart], state: MutableMapping, options: KFCOpt
             warnings.warn("adapt_damping=True adapts KFC-pre's damping only when step() gets a closure that "
                           "re-evaluates the loss; the damping stays fixed", stacklevel=4)
         return
-    l2_groups = [(part.group["params"], part.group["weight_decay"]) for part in parts]
     lam = parts[0].group["damping"]
-    # θ is already θ + δ: h(θ) needs the l2 term before the step, i.e. at θ − δ
-    h0 = _as_float(loss, dist) + l2_term([(
-        [p - state[p]["momentum_buffer"] for p in params], wd) for params, wd in l2_groups])
+    h0 = _as_float(loss, dist) + l2_before
     change = applied_model_change(parts, state, info, lam)
     with torch.enable_grad():
         h1 = _as_float(closure(), dist) + l2_term(l2_groups)
