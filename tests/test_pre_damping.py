@@ -98,7 +98,7 @@ def test_auto_adapts_with_a_closure_only_and_silently_without(recwarn):
     assert not [w for w in recwarn if "adapt_damping" in str(w.message)]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    opt = kc.KFC(model, lr=1e-2, lm_interval=1, damping=2e-3)  # the default: "auto"
+    opt = kc.KFC(model, lr=1e-2, lm_interval=1, damping=2e-3, adapt_damping="auto")
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
 
     def closure():
@@ -110,7 +110,8 @@ def test_auto_adapts_with_a_closure_only_and_silently_without(recwarn):
     opt.step(closure)
     assert "rho" in opt.last_step and opt.param_groups[0]["damping"] != 2e-3
     # the paper's rule measures v, not the applied step: "auto" is then off, without an error
-    assert kc.KFC(nn.Linear(2, 2), lr=0.1, clip_on="update").options.adapt_damping is False
+    assert kc.KFC(nn.Linear(2, 2), lr=0.1, clip_on="update", adapt_damping="auto").options.adapt_damping is False
+    assert kc.KFC(nn.Linear(2, 2), lr=0.1).options.adapt_damping is False  # the default: fixed damping
 
 
 @pytest.mark.parametrize("kw, match", [

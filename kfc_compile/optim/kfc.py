@@ -60,7 +60,7 @@ class KFC(torch.optim.Optimizer):
         stats_every, inverse_every: statistics / inverse periods T_s, T_f (inverses also at steps 1–3).
         warmup: the first ``warmup`` steps all collect statistics and recompute inverses (a warm start, §4.3).
         adapt_damping: KFC-pre adapts ``damping`` by Levenberg–Marquardt on its applied step when ``step()`` gets
-            a closure (``"auto"``; ``True``: warn without one; ``False``: fixed), docs/algorithm.md §5.5.
+            a closure (``"auto"``; ``True``: warn without one; ``False``, default: fixed), docs/algorithm.md §5.5.
         stat_decay: the moving-average cap: ε = min(1 − 1/k, stat_decay).
         stats_fraction: share of the batch (its first examples, at least 2) that feeds the factor statistics
             (K-FAC's τ₁); 1 uses the whole batch inside the user's own forward and backward.
@@ -115,7 +115,7 @@ class KFC(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True  # scaler.step(opt) always calls step() with grad_scale and found_inf
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, damping: float = 1e-4,
+    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, damping: float = 1e-3,
                  weight_decay: float = 0.0, stats_every: int = 1, inverse_every: int = 20, stat_decay: float = 0.95,
                  stats_fraction: float = 0.125,
                  fisher: str = "mc", loss="cross_entropy", approx: str = "expand", mode: str = "pre",
@@ -128,7 +128,7 @@ class KFC(torch.optim.Optimizer):
                  memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None,
                  frontend: str = "auto", output=None, distributed: bool | str | None = None,
                  clip_scaling: str = "lr", clip_on: str = "auto", warmup: int = 0,
-                 adapt_damping: bool | str = "auto"):
+                 adapt_damping: bool | str = False):
         self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,

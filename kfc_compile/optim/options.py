@@ -108,7 +108,7 @@ class KFCOptions:
     clip_scaling: str = "fixed"
     clip_on: str = "auto"
     warmup: int = 0
-    adapt_damping: bool | str = "auto"
+    adapt_damping: bool | str = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
