@@ -189,6 +189,7 @@ def test_a_non_finite_preconditioned_gradient_changes_nothing(monkeypatch, compi
 @pytest.mark.parametrize(("options", "why"), [
     (dict(mode="adaptive"), "mode='adaptive'"),
     (dict(max_factor_dim=4, compile_update=True), "live-block or blocked inverse"),
+    (dict(adapt_damping="auto"), "adapt_damping='auto'"),
 ])
 def test_a_case_it_cannot_take_keeps_the_per_tensor_path_and_says_so(caplog, monkeypatch, options, why):
     monkeypatch.setattr(fused_update, "BACKEND", "aot_eager")

@@ -50,7 +50,7 @@ SETTINGS = (None, False, True, "broadcast", "replicate", "owner")
 #: options that must agree on every rank (the layout of what the ranks exchange, and their common schedule)
 _SHARED_OPTIONS = ("approx", "fisher", "stats_every", "inverse_every", "stats_fraction", "stat_decay",
                    "damping_method", "max_factor_dim", "mode", "clip", "clip_fraction", "clip_curvature",
-                   "mc_samples", "lm_interval", "clip_scaling", "clip_on")
+                   "mc_samples", "lm_interval", "clip_scaling", "clip_on", "warmup", "adapt_damping")
 _MASK64 = (1 << 64) - 1
 
 

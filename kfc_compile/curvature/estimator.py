@@ -5,7 +5,8 @@ it (its factor layout, the moving averages of Ω and Γ, the damped inverse, the
 :class:`CurvatureEstimator` owns the list and drives the capture taps (``capture.CaptureState``, through its
 driver methods only):
 
-* statistics schedule: step k collects statistics when (k−1) % stats_every == 0 and some layer is not frozen; the
+* statistics schedule (``schedule.py``): step k collects statistics when k ≤ warmup or (k−1) % stats_every == 0
+  and some layer is not frozen; the
   taps are armed before that step's forward (statistics in the user's backward), or, with a subset
   (``stats_fraction < 1``, MC / type-2 Fisher, eager model), a separate forward of the batch's leading subset
   and its sampled-target backward(s) run at ``update_statistics()``;
@@ -13,10 +14,10 @@ driver methods only):
 * moving averages: F ← εF + (1 − ε)F_batch, ε = min(1 − 1/k, stat_decay) (the subset pass averages Ω in the
   kernels' epilogue; in-pass Ω is summed over the micro-batches first and averaged in by ``update_statistics()``,
   so a step skipped after the user's backward leaves the averages untouched);
-* inverses: recomputed at steps 1–3, every ``inverse_every`` steps and for new / replaced factors, rescaled when
-  the damping or the curvature scale changes; non-finite factors are not inverted (the layer's averages restart at
-  its next statistics step and it keeps its last inverse), failed decompositions are retried in fp64 and then
-  leave the layer its previous inverse (``guard.py``);
+* inverses: recomputed at steps 1–max(3, warmup), every ``inverse_every`` steps and for new / replaced factors,
+  rescaled when the damping or the curvature scale changes; non-finite factors are not inverted (the layer's
+  averages restart at its next statistics step and it keeps its last inverse), failed decompositions are retried
+  in fp64 and then leave the layer its previous inverse (``guard.py``);
 * faults: a layer's batch statistics with non-finite entries are dropped, not averaged in, and so are all of a
   step's when the model output is not finite; ``discard()`` throws away a skipped step's statistics; everything
   is counted in the shared :class:`~kfc_compile.curvature.health.Health` record;
@@ -40,6 +41,7 @@ from kfc_compile.curvature.layer_state import LayerState
 from kfc_compile.curvature.layouts import LayoutPlan, weak_blocks
 from kfc_compile.curvature.losses import Loss, NonFiniteOutputError, output_gradients
 from kfc_compile.curvature.precondition import apply_buckets, build_buckets, grad_matrix, split_matrix
+from kfc_compile.curvature.schedule import inverses_due, statistics_due
 from kfc_compile.curvature.sharding import LocalInverses
 from kfc_compile.curvature.subset import forward_with_private_buffers, leading_subset
 from kfc_compile.registry import KFCLayer
@@ -59,7 +61,7 @@ class CurvatureEstimator:
         loss: the loss's Fisher model.
         fisher: ``"mc"``, ``"empirical"`` or ``"type-2"``.
         mc_samples, generator: sampled targets per example and their RNG (``fisher="mc"``).
-        stats_every, inverse_every, stat_decay, stats_fraction: the statistics and inverse schedule.
+        stats_every, inverse_every, warmup, stat_decay, stats_fraction: the statistics and inverse schedule.
         damping_method: ``"factored"`` or ``"eigen"``.
         max_factor_dim: factors wider than this are stored as diagonal blocks (None: dense).
         warned: once-only warnings already given (shared with the optimizer, part of its state).
@@ -74,7 +76,7 @@ class CurvatureEstimator:
                  mc_samples: int, generator: torch.Generator | None, stats_every: int, inverse_every: int,
                  stat_decay: float, stats_fraction: float, damping_method: str, max_factor_dim: int | None,
                  warned: set[str], health: Health | None = None, max_failures: int | None = None,
-                 memory_budget: int | None = None, distributed: Distributed | None = None):
+                 memory_budget: int | None = None, distributed: Distributed | None = None, warmup: int = 0):
         self.model = model
         self.loss = loss
         self.fisher = fisher
@@ -82,6 +84,7 @@ class CurvatureEstimator:
         self.generator = generator
         self.stats_every = stats_every
         self.inverse_every = inverse_every
+        self.warmup = warmup
         self.stat_decay = stat_decay
         self.stats_fraction = stats_fraction
         self.damping_method = damping_method
@@ -171,7 +174,8 @@ class CurvatureEstimator:
         if self.distributed is not None:  # this rank's MC stream for step k
             self.generator = self.distributed.mc_generator(k)
         layers_pending = self.live and not self.states  # kfc backend, nothing compiled yet
-        due = (k - 1) % self.stats_every == 0 and (any(not s.frozen for s in self.states) or layers_pending)
+        due = statistics_due(k, self.stats_every, self.warmup) and (any(not s.frozen for s in self.states)
+                                                                    or layers_pending)
         self._stats_due = due and self._separate_pass
         if not due or self._separate_pass:
             if self._armed:
@@ -344,14 +348,14 @@ class CurvatureEstimator:
     def refresh_inverses(self, k: int | None, eta: float) -> None:
         """Recompute or rescale the damped inverses for the identity weight η = damping + weight decay.
 
-        Recomputed when due at step k (steps 1–3 and every inverse_every steps) and for layers whose factors are
+        Recomputed when due at step k (``schedule.inverses_due``) and for layers whose factors are
         new or were replaced; rescaled when (η, scale) changed; k=None: only the latter.
 
         Factors with non-finite entries (e.g. replaced by ``set_factors``) are not inverted: their moving averages
         restart at the next statistics step, the layer keeps its last inverse, and a RuntimeWarning names it.
         A decomposition that fails in fp32 and fp64 leaves the layer its previous inverse (``guard.refresh_layer``).
         """
-        due = k is not None and (k <= 3 or k % self.inverse_every == 0)
+        due = k is not None and inverses_due(k, self.inverse_every, self.warmup)
         if self.distributed is not None:  # the ranks' locally folded factors averaged first if this refresh reads them
             self.distributed.settle_for(self.states, due, eta, self.scale)
         if self._inverses.takes_over_refresh():  # distributed: owners compute, then the inverses are shared

@@ -226,6 +226,8 @@ class FusedPre:
             why = f"mode={options.mode!r}"
         elif distributed:
             why = "distributed KFC"
+        elif getattr(options, "adapt_damping", False):  # its Levenberg–Marquardt rule lives on updates.py's path
+            why = f"adapt_damping={options.adapt_damping!r}"
         self._off = why
         if why is not None:
             log.debug("fused KFC-pre update not taken: %s (updates.py's path)", why)

@@ -37,10 +37,11 @@ from kfc_compile.optim.model import (
     warn_if_uncovered,
 )
 from kfc_compile.optim.options import KFCOptions
+from kfc_compile.optim.pre_damping import pre_lm_update
 from kfc_compile.optim.rules import average_iterates_, swapped_in
 from kfc_compile.optim.safety import BufferSnapshot, StepGuard
 from kfc_compile.optim.scalars import all_finite_
-from kfc_compile.optim.updates import adam_update, adaptive_lm_update, group_parts, pre_update
+from kfc_compile.optim.updates import adam_update, adaptive_lm_update, group_parts
 from kfc_compile.registry import KFCInfo, KFCLayer
 
 
@@ -58,6 +59,9 @@ class KFC(torch.optim.Optimizer):
             mode this is the Levenberg–Marquardt λ and it is adapted (``param_groups[0]["damping"]``).
         weight_decay: ℓ2 coefficient: added to the gradient, folded into the damping and into ν.
         stats_every, inverse_every: statistics / inverse periods T_s, T_f (inverses also at steps 1–3).
+        warmup: the first ``warmup`` steps all collect statistics and recompute inverses (a warm start, §4.3).
+        adapt_damping: KFC-pre adapts ``damping`` by Levenberg–Marquardt on its applied step when ``step()`` gets
+            a closure (``"auto"``; ``True``: warn without one; ``False``, default: fixed), docs/algorithm.md §5.5.
         stat_decay: the moving-average cap: ε = min(1 − 1/k, stat_decay).
         stats_fraction: share of the batch (its first examples, at least 2) that feeds the factor statistics
             (K-FAC's τ₁); 1 uses the whole batch inside the user's own forward and backward.
@@ -126,7 +130,8 @@ class KFC(torch.optim.Optimizer):
                  max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
                  memory_budget: int | None = None, grad_scaler: torch.amp.GradScaler | None = None,
                  frontend: str = "auto", output=None, distributed: bool | str | None = None,
-                 clip_scaling: str = "lr", clip_on: str = "auto", compile_update: bool = False):
+                 clip_scaling: str = "lr", clip_on: str = "auto", compile_update: bool = False, warmup: int = 0,
+                 adapt_damping: bool | str = False):
         self.options = KFCOptions(
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, stats_every=stats_every,
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
@@ -136,7 +141,8 @@ class KFC(torch.optim.Optimizer):
             fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
             max_factor_dim=max_factor_dim, max_failures=max_failures, max_skipped_steps=max_skipped_steps,
             memory_budget=memory_budget, grad_scaler=grad_scaler, frontend=frontend, output=output,
-            distributed=distributed, clip_scaling=clip_scaling, clip_on=clip_on, compile_update=compile_update)
+            distributed=distributed, clip_scaling=clip_scaling, clip_on=clip_on, compile_update=compile_update,
+            warmup=warmup, adapt_damping=adapt_damping)
         saved = routing_snapshot(model)
         try:
             self._setup(model)
@@ -163,7 +169,7 @@ class KFC(torch.optim.Optimizer):
             stats_every=o.stats_every, inverse_every=o.inverse_every, stat_decay=o.stat_decay,
             stats_fraction=o.stats_fraction, damping_method=o.damping_method, max_factor_dim=o.max_factor_dim,
             warned=self._warned, health=self.health, max_failures=o.max_failures, memory_budget=o.memory_budget,
-            distributed=self._dist)
+            distributed=self._dist, warmup=o.warmup)
         # the exact Fisher products' Gram matrix on the step's recorded calls (updates.GramFn)
         self._exact_gram = fvp.ExactGram(fvp.FisherProducts((info.eager or owner) if compiled else tm, o.loss,
                                                             o.output), self._estimator, self._warned,
@@ -325,7 +331,8 @@ class KFC(torch.optim.Optimizer):
         parts = group_parts(kg, fg if o.fallback == "sgd" else None, nat) if fused is None else []
         if any(part.params for part in parts):
             if o.mode == "pre":
-                pre_update(parts, self.state, o, self._exact_gram, info)
+                pre_lm_update(parts, self.state, o, self._exact_gram, info, loss, closure, k, self._warned,
+                              self.param_groups, self._dist)
             else:
                 adaptive_lm_update(parts, self.state, o, self._exact_gram, info, loss, closure, k,
                                    self._warned, self.param_groups, self._dist)

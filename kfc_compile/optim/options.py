@@ -108,6 +108,8 @@ class KFCOptions:
     clip_scaling: str = "fixed"
     clip_on: str = "auto"
     compile_update: bool = False
+    warmup: int = 0
+    adapt_damping: bool | str = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -119,6 +121,9 @@ class KFCOptions:
         put("weight_decay", real("weight_decay", self.weight_decay, low=0.0))
         put("stats_every", positive_int("stats_every", self.stats_every))
         put("inverse_every", positive_int("inverse_every", self.inverse_every))
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer (steps with statistics and inverses every "
+                             f"step; 0: none), got {self.warmup!r}")
         put("stat_decay", real("stat_decay", self.stat_decay, low=0.0, high=1.0))
         put("stats_fraction", real("stats_fraction", self.stats_fraction, low=0.0, high=1.0, low_open=True))
         choice("fisher", self.fisher, FISHER_TYPES)
@@ -144,6 +149,14 @@ class KFCOptions:
         if self.clip_on == "step" and self.clip_curvature == "factored":
             raise ValueError("clip_on='step' needs clip_curvature='exact': the factored ν = lr²·⟨F̂⁻¹∇h, ∇h⟩ is the "
                              "new update's alone; use clip_on='update' with clip_curvature='factored'")
+        if not isinstance(self.adapt_damping, bool) and self.adapt_damping != "auto":
+            raise ValueError(f"adapt_damping must be True, False or 'auto', got {self.adapt_damping!r}")
+        step_region = self.clip is not None and self.clip_on == "step"
+        if self.adapt_damping is True and self.mode == "pre" and not step_region:
+            raise ValueError("adapt_damping=True needs KFC-pre's trust region on the applied step (clip set, "
+                             "clip_on='step' or 'auto' with clip_curvature='exact'): its ν is the model's δᵀFδ")
+        if self.adapt_damping == "auto":  # adapt when step() gets a closure, where the trust region allows it
+            put("adapt_damping", "auto" if step_region else False)
         if self.fallback_lr is not None:
             put("fallback_lr", real("fallback_lr", self.fallback_lr, low=0.0))
         put("fallback_betas", betas("fallback_betas", self.fallback_betas))

@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("kfc", "sgd", "adam")
 LABELS = {"kfc": "KFC-pre", "sgd": "SGD+momentum", "adam": "Adam"}
 # Learning-rate grids. KFC's is the documented grid of kc.KFC's defaults (README, docs/benchmarks.md "Time to target
-# (issue 17)"): with the trust region ν ≤ 30·lr of the applied step, 1e-2 … 1e-3 reach the target on every task of
-# bench/time_to_target.py and none diverges (3e-2 diverges on digits). SGD / Adam: parts of the paper's
-# {0.3, 0.1, ..., 0.0003} around what the bench picks (SGD 0.1–0.3, Adam 1e-2–3e-2).
+# (issue 17)"): with the trust region ν ≤ 30·lr of the applied step (also with the LM-damping recipe, round 2),
+# 1e-2 … 1e-3 reach the target on every task of bench/time_to_target.py and none diverges. SGD / Adam: parts of the
+# paper's {0.3, 0.1, ..., 0.0003} around what the bench picks (SGD 0.1–0.3, Adam 1e-2–3e-2).
 GRIDS = {"kfc": (1e-2, 3e-3, 1e-3), "sgd": (0.3, 0.1, 0.03), "adam": (3e-2, 1e-2, 3e-3)}
 # KFC-pre's periods for the demo (the paper chose T_s, T_f for runtime only): statistics every 5 steps, inverses
 # every 10 take the same number of steps to the target as (1, 20) here at half the step time.
@@ -194,8 +194,10 @@ class _Run:
         if self.opt is None:  # building the optimizer (KFC: tracing and instrumenting the model) is on the clock
             self.opt = make_optimizer(self.opt_name, model, self.lr, self.kfc_options, ds.loss)
             model.train()
-        # adaptive K-FAC's Levenberg–Marquardt rule re-evaluates the loss after its update: it needs a closure
-        closure_needed = isinstance(self.opt, kc.KFC) and self.opt.options.mode == "adaptive"
+        # the Levenberg–Marquardt rules (adaptive K-FAC's, and KFC-pre's with adapt_damping=True / "auto")
+        # re-evaluate the loss after the update: they need a closure, which any training loop can pass
+        closure_needed = isinstance(self.opt, kc.KFC) and (self.opt.options.mode == "adaptive"
+                                                            or bool(self.opt.options.adapt_damping))
         loss = None
         try:
             for _ in range(chunk):
