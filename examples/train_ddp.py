@@ -87,7 +87,8 @@ for step in range(start + 1, start + args.steps + 1):
         if rank == 0:
             print(f"step {step:4d}  rank-0 batch loss {loss.item():.4f}  full training loss {full.item():.5f}  "
                   f"{time.perf_counter() - t0:.1f}s")
+opt_state = opt.state_dict()  # a collective under DDP (the ranks' pending factor shares are averaged): every rank
 if rank == 0:
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": start + args.steps}, args.checkpoint)
+    torch.save({"model": model.state_dict(), "opt": opt_state, "step": start + args.steps}, args.checkpoint)
     print(f"checkpoint: {args.checkpoint}")
 dist.destroy_process_group()
