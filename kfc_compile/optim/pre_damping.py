@@ -13,12 +13,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import MutableMapping
 
-import torch
-
 from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.optim.options import KFCOptions
-from kfc_compile.optim.rules import inner, l2_term, levenberg_marquardt, reduction_ratio, sum_squares
-from kfc_compile.optim.updates import GramFn, GroupPart, _as_float, pre_update
+from kfc_compile.optim.rules import inner, l2_term, sum_squares
+from kfc_compile.optim.updates import GramFn, GroupPart, _as_float, lm_adapt, pre_update
 
 
 def applied_model_change(parts: list[GroupPart], state: MutableMapping, info: dict, damping: float) -> float:
@@ -54,12 +52,6 @@ def pre_lm_update(parts: list[GroupPart], state: MutableMapping, options: KFCOpt
                           "re-evaluates the loss; the damping stays fixed", stacklevel=4)
         return
     lam = parts[0].group["damping"]
-    h0 = _as_float(loss, dist) + l2_before
     change = applied_model_change(parts, state, info, lam)
-    with torch.enable_grad():
-        h1 = _as_float(closure(), dist) + l2_term(l2_groups)
-    rho = reduction_ratio(h0, h1, change)
-    new = levenberg_marquardt(lam, rho, options.lm_decay, options.min_damping)
-    for g in param_groups:
-        g["damping"] = new
-    info.update(rho=rho, damping=new, model_change=change)
+    info["model_change"] = change
+    lm_adapt(lam, _as_float(loss, dist) + l2_before, change, closure, l2_groups, options, param_groups, info, dist)

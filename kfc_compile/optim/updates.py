@@ -168,13 +168,22 @@ def adaptive_lm_update(parts: list[GroupPart], state: MutableMapping, options: K
     lam = parts[0].group["damping"]
     model_change = adaptive_update(parts, state, options, exact_gram, info, h0)
     if lm_due and not info.get("skipped"):
-        with torch.enable_grad():
-            h1 = _as_float(closure(), dist) + l2_term(l2_groups)
-        rho = reduction_ratio(h0, h1, model_change)
-        new = levenberg_marquardt(lam, rho, options.lm_decay, options.min_damping)
-        for g in param_groups:
-            g["damping"] = new
-        info.update(rho=rho, damping=new)
+        lm_adapt(lam, h0, model_change, closure, l2_groups, options, param_groups, info, dist)
+
+
+def lm_adapt(lam: float, h0: float, model_change: float, closure, l2_groups: list, options: KFCOptions,
+             param_groups: list[dict], info: dict, dist: Distributed | None = None) -> None:
+    """The Levenberg–Marquardt step on λ after an update: ρ from ``closure``'s new loss, λ into every group.
+
+    ``h0`` is h(θ) before the update, ``model_change`` M(δ) − M(0) of the step applied; ``info`` gets ρ and λ.
+    """
+    with torch.enable_grad():
+        h1 = _as_float(closure(), dist) + l2_term(l2_groups)
+    rho = reduction_ratio(h0, h1, model_change)
+    new = levenberg_marquardt(lam, rho, options.lm_decay, options.min_damping)
+    for g in param_groups:
+        g["damping"] = new
+    info.update(rho=rho, damping=new)
 
 
 def _as_float(loss, dist: Distributed | None = None) -> float:
