@@ -9,9 +9,10 @@ they give the code before these changes (same results, more overhead):
 * the statistics subset's forward under ``functional_call`` with every parameter and buffer;
 * the finite checks of the factors tensor by tensor;
 * the factored inverse's host syncs: four for the π split's range check, one per Cholesky factorisation;
-* ``PER_CALL`` (also alone: ``--baseline percall``): the exact Fisher products walking the module tree on every
-  call (``named_parameters`` / ``named_buffers``, ``functional_call`` untying tied names), and the taps' statistics
-  under an ``autocast(enabled=False)`` context also outside autocast.
+* ``PER_CALL`` (also alone: ``--baseline percall``; its halves ``fvp-walk`` / ``record-autocast``): the exact
+  Fisher products walking the module tree on every call (``named_parameters`` / ``named_buffers``,
+  ``functional_call`` untying tied names), and the taps' statistics under an ``autocast(enabled=False)`` context
+  also outside autocast.
 
 Used by ``step_breakdown.py --baseline overhead`` / ``--baseline percall`` and ``ttt_step_breakdown.py --before``.
 """
@@ -139,8 +140,9 @@ def _record_autocast_off(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
-PER_CALL = [(fvp.ModelMembers, "current", _walked_members), (fvp.FisherProducts, "_call", _untying_call),
-            (state_mod, "no_autocast", _record_autocast_off)]
+FVP_WALK = [(fvp.ModelMembers, "current", _walked_members), (fvp.FisherProducts, "_call", _untying_call)]
+RECORD_AUTOCAST = [(state_mod, "no_autocast", _record_autocast_off)]
+PER_CALL = FVP_WALK + RECORD_AUTOCAST
 PATCHES = [(dispatch, "_direct_ok", False), (reference, "_no_autocast", _no_autocast),
            (safety.StepGuard, "check", _check),
            (estimator_mod, "forward_with_private_buffers", _forward_with_private_buffers),
