@@ -8,9 +8,13 @@ they give the code before these changes (same results, more overhead):
 * the step guard's finite checks: one ``aminmax`` per gradient, and the loss read by a second host sync;
 * the statistics subset's forward under ``functional_call`` with every parameter and buffer;
 * the finite checks of the factors tensor by tensor;
-* the factored inverse's host syncs: four for the π split's range check, one per Cholesky factorisation.
+* the factored inverse's host syncs: four for the π split's range check, one per Cholesky factorisation;
+* ``PER_CALL`` (also alone: ``--baseline percall``; its halves ``fvp-walk`` / ``record-autocast``): the exact
+  Fisher products walking the module tree on every call (``named_parameters`` / ``named_buffers``,
+  ``functional_call`` untying tied names), and the taps' statistics under an ``autocast(enabled=False)`` context
+  also outside autocast.
 
-Used by ``step_breakdown.py --baseline overhead`` and ``ttt_step_breakdown.py --before``.
+Used by ``step_breakdown.py --baseline overhead`` / ``--baseline percall`` and ``ttt_step_breakdown.py --before``.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from kfc_compile.curvature import inverses as inverses_mod
 from kfc_compile.curvature.blocks import Layout
 from kfc_compile.curvature.guard import all_finite
 from kfc_compile.curvature.owner import without_fsdp_hooks
-from kfc_compile.optim import safety
+from kfc_compile.optim import fvp, safety
+from kfc_compile.runtime import state as state_mod
 from kfc_compile.runtime.taps import model_output
 from triton_kernels import dispatch, reference
 
@@ -121,12 +126,29 @@ def _factored_inverses(A, G, eta, scale=1.0, name="?", live=None, layout=None):
     return dec._spd_inverse(Ad, what_a, exact), dec._spd_inverse(Gd, what_g, exact), ca
 
 
+def _walked_members(self):
+    self.params = list(self.model.named_parameters())
+    self.buffers = list(self.model.named_buffers())
+    return self
+
+
+def _untying_call(self, tensors, call):
+    return functional_call(self.model, tensors, call.args, call.kwargs)
+
+
+def _record_autocast_off(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+FVP_WALK = [(fvp.ModelMembers, "current", _walked_members), (fvp.FisherProducts, "_call", _untying_call)]
+RECORD_AUTOCAST = [(state_mod, "no_autocast", _record_autocast_off)]
+PER_CALL = FVP_WALK + RECORD_AUTOCAST
 PATCHES = [(dispatch, "_direct_ok", False), (reference, "_no_autocast", _no_autocast),
            (safety.StepGuard, "check", _check),
            (estimator_mod, "forward_with_private_buffers", _forward_with_private_buffers),
            (estimator_mod, "finite_flags", _finite_flags),
            (guard_mod, "finite_flags", _finite_flags),
-           (inverses_mod, "factored_inverses", _factored_inverses)]
+           (inverses_mod, "factored_inverses", _factored_inverses), *PER_CALL]
 
 
 @contextlib.contextmanager

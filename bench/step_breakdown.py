@@ -43,6 +43,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # overhead_baseline
+from overhead_baseline import FVP_WALK, PER_CALL, RECORD_AUTOCAST  # noqa: E402
 from overhead_baseline import PATCHES as OVERHEAD  # noqa: E402
 
 import kfc_compile as kc  # noqa: E402
@@ -143,7 +144,9 @@ BEFORE = ((updates_mod, "quadratic_model", rules.quadratic_model), (updates_mod,
           (kfc_mod, "all_finite_", lambda ts: finite_flags([ts])[0]))
 #: what --before / --ab compare against: (patches, whether the Fisher products run one pass per direction)
 BASELINES = {"scalars": (BEFORE, True),
-             "overhead": (OVERHEAD, False)}  # bench/overhead_baseline.py: dispatcher, finite checks, averages
+             "overhead": (OVERHEAD, False),  # bench/overhead_baseline.py: dispatcher, finite checks, averages
+             "percall": (PER_CALL, False),  # its last two items (PER_CALL), and each alone:
+             "fvp-walk": (FVP_WALK, False), "record-autocast": (RECORD_AUTOCAST, False)}
 
 
 class Stepper:
@@ -325,7 +328,9 @@ def main(argv=None) -> int:
     p.add_argument("--before", action="store_true", help="also time a KFC with --baseline's older code")
     p.add_argument("--baseline", choices=BASELINES, default="scalars", help="scalars: the term-by-term scalars and "
                    "one Fisher-product pass per direction (the issue-15 step-cost table's baseline); overhead: "
-                   "bench/overhead_baseline.py (dispatcher, finite checks, moving averages; issue 17)")
+                   "bench/overhead_baseline.py (dispatcher, finite checks, moving averages; issue 17); "
+                   "percall: its PER_CALL alone (the Fisher products' module walks, the taps' autocast context); "
+                   "fvp-walk, record-autocast: each of the two")
     p.add_argument("--ab", action="store_true", help="only this code against --before's baseline, uninstrumented, "
                    "in alternating order (no SGD, no phases)")
     p.add_argument("--kfc-options", default="{}", help="extra kc.KFC arguments as a Python dict literal")

@@ -48,6 +48,54 @@ log = logging.getLogger(__name__)
 BATCHED_MIN_FLOPS = 1e6
 
 
+class ModelMembers:
+    """A model's named parameters and buffers, walked once and kept while its module tree is unchanged.
+
+    Walking the tree every call (``named_parameters`` / ``named_buffers``, and ``functional_call``'s own walk for
+    tied names) was ~0.1 ms of each exact-ν step on the 8-layer autoencoder. The walk is kept with a snapshot of
+    every module's ``_parameters`` / ``_buffers`` / ``_modules`` entries (objects by identity, and their counts);
+    any change there (a parameter, buffer or submodule replaced, added or removed, ``load_state_dict(assign=True)``)
+    makes :meth:`current` walk again, so the result is always that of a fresh walk. In-place updates of the values
+    (optimizer steps, ``load_state_dict``'s copies) change nothing here.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._lens: list[tuple[dict, int]] = []
+        self._entries: list[tuple[dict, str, object]] = []
+        self.params: list[tuple[str, torch.Tensor]] = []
+        self.buffers: list[tuple[str, torch.Tensor]] = []
+        self.names: dict[int, str] = {}  # id(parameter) -> its (first) name
+        self.aliases: list[tuple[str, str]] = []  # (tied name, the name whose tensor it takes)
+        self._walk()
+
+    def current(self) -> ModelMembers:
+        """Self, walked again first if the module tree changed since the last walk."""
+        if not (all(len(d) == n for d, n in self._lens) and all(d.get(k) is v for d, k, v in self._entries)):
+            self._walk()
+        return self
+
+    def tied(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` with every tied name of the model given its first name's tensor (as ``tie_weights=True``)."""
+        if not self.aliases:
+            return tensors
+        return {**tensors, **{a: tensors[n] for a, n in self.aliases if n in tensors}}
+
+    def _walk(self) -> None:
+        model = self.model
+        dicts = [d for m in model.modules() for d in (m._parameters, m._buffers, m._modules)]
+        self._lens = [(d, len(d)) for d in dicts]
+        self._entries = [(d, k, v) for d in dicts for k, v in d.items()]
+        self.params = list(model.named_parameters())
+        self.buffers = list(model.named_buffers())
+        first: dict[int, str] = {}
+        for n, t in (*self.params, *self.buffers):
+            first.setdefault(id(t), n)
+        self.names = {id(p): n for n, p in self.params}
+        every = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+        self.aliases = [(n, first[id(t)]) for n, t in every if first[id(t)] != n]
+
+
 class FisherProducts:
     """JVPs of a (transformed) model's output w.r.t. its parameters.
 
@@ -58,9 +106,7 @@ class FisherProducts:
         self.model = model
         self.spec = spec
         self.select = select  # picks the logits from the model's output (``model_output``)
-        self.names: dict[int, str] = {}
-        for name, p in model.named_parameters():
-            self.names.setdefault(id(p), name)
+        self.members = ModelMembers(model)
         self.batched: bool | None = None  # several directions in one vmapped pass; None: not decided yet
 
     def outputs_and_jvps(self, call: RecordedCall | tuple, directions: list[dict[torch.Tensor, torch.Tensor]]
@@ -75,16 +121,17 @@ class FisherProducts:
         """
         if not isinstance(call, RecordedCall):
             call = RecordedCall(tuple(call), {})
-        model = self.model
         # FSDP2: sharded parameters and directions as whole tensors, and FSDP's own hooks off (owner.py)
-        params = {n: full_tensor(p.detach()) for n, p in model.named_parameters()}
-        buffers = {n: b.detach() for n, b in model.named_buffers()}
-        named = [{self.names[id(p)]: full_tensor(v) for p, v in d.items() if id(p) in self.names} for d in directions]
+        members = self.members.current()
+        params = {n: full_tensor(p.detach()) for n, p in members.params}
+        buffers = {n: b.detach() for n, b in members.buffers}
+        names = members.names
+        named = [{names[id(p)]: full_tensor(v) for p, v in d.items() if id(p) in names} for d in directions]
         moving = {n: params[n] for d in named for n in d}
         if not moving:
             with torch.no_grad():
                 bufs = {n: b.clone() for n, b in buffers.items()}
-                f = model_output(functional_call(model, (params, bufs), call.args, call.kwargs), self.select)
+                f = model_output(self._call({**params, **bufs}, call), self.select)
             return f, [torch.zeros_like(f) for _ in directions]
 
         if len(named) > 1 and self.batched is None:
@@ -100,6 +147,14 @@ class FisherProducts:
                          str(e).splitlines()[0] if str(e) else type(e).__name__)
         return self._sequential_jvps(call, params, buffers, moving, named)
 
+    def _call(self, tensors: dict[str, torch.Tensor], call: RecordedCall):
+        """The model on ``call`` with ``tensors`` (name → tensor) for its parameters and buffers, tied names included.
+
+        ``functional_call`` would look the tied names up by walking the module tree on every call
+        (``tie_weights=True``); :class:`ModelMembers` keeps them.
+        """
+        return functional_call(self.model, self.members.tied(tensors), call.args, call.kwargs, tie_weights=False)
+
     def _batch_pays(self, call, params, buffers) -> bool:
         """Whether the model's forward does ≥ :data:`BATCHED_MIN_FLOPS` per parameter tensor on ``call``.
 
@@ -110,7 +165,7 @@ class FisherProducts:
         with (torch.no_grad(), torch.random.fork_rng(devices=cuda), without_fsdp_hooks(self.model),
               FlopCounterMode(display=False) as counter):
             bufs = {n: b.clone() for n, b in buffers.items()}
-            functional_call(self.model, (params, bufs), call.args, call.kwargs)
+            self._call({**params, **bufs}, call)
         return counter.get_total_flops() >= BATCHED_MIN_FLOPS * max(len(params), 1)
 
     def _sequential_jvps(self, call, params, buffers, moving, named):
@@ -131,8 +186,7 @@ class FisherProducts:
                                  for n, prim in moving.items()}
                     # fresh buffer copies per pass: BatchNorm's in-place running-stat updates stay local
                     bufs = {n: b.clone() for n, b in buffers.items()}
-                    out = model_output(functional_call(self.model, ({**params, **duals}, bufs), call.args,
-                                                       call.kwargs), self.select)
+                    out = model_output(self._call({**params, **duals, **bufs}, call), self.select)
                     primal, tangent = fwAD.unpack_dual(out)
                     f = primal.detach().clone()
                     outs.append(torch.zeros_like(f) if tangent is None else tangent.detach().clone())
@@ -149,8 +203,7 @@ class FisherProducts:
 
         def forward(moved):
             bufs = {n: b.clone() for n, b in buffers.items()}  # BatchNorm's in-place running-stat updates stay local
-            return model_output(functional_call(self.model, ({**params, **moved}, bufs), call.args, call.kwargs),
-                                self.select)
+            return model_output(self._call({**params, **moved, **bufs}, call), self.select)
 
         def push(t):
             return torch.func.jvp(forward, (moving,), (t,))
