@@ -101,14 +101,21 @@ def _with_delta(seen, d, run):
     return run()
 
 
-def brute_reduce(run, module, mask, counted=None):
-    """Type-2 KFAC-reduce (Ω, Γ): x̃_n the mean of x̄ over the counted positions, Γ from Σ_t of the gradients."""
+def _references(run, module, mask, counted):
+    """What both brute-force references start from (f, J, N, the token weight c = N/M, counted, p, x̄).
+
+    x̄ is the layer input with its homogeneous 1; ``counted`` defaults to ``mask``.
+    """
     f, x, J = _jacobian(run, module)
     n = f.shape[0]
-    c = n / int(mask.sum())
-    counted = mask if counted is None else counted
     p = torch.softmax(f, -1)
     xb = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)
+    return f, J, n, n / int(mask.sum()), mask if counted is None else counted, p, xb
+
+
+def brute_reduce(run, module, mask, counted=None):
+    """Type-2 KFAC-reduce (Ω, Γ): x̃_n the mean of x̄ over the counted positions, Γ from Σ_t of the gradients."""
+    f, J, n, c, counted, p, xb = _references(run, module, mask, counted)
     A = G = 0.0
     for i in range(n):
         xm = (xb[i] * counted[i].unsqueeze(-1)).sum(0) / counted[i].sum()
@@ -122,12 +129,7 @@ def brute_reduce(run, module, mask, counted=None):
 
 def brute_factors(run, module, mask, fisher="type-2", targets=None, smoothing=0.0, counted=None):
     """(Ω, Γ) of ``module`` by the definition; ``counted`` (B, T) the positions that count (default: ``mask``)."""
-    f, x, J = _jacobian(run, module)
-    n = f.shape[0]
-    c = n / int(mask.sum())
-    counted = mask if counted is None else counted
-    p = torch.softmax(f, -1)
-    xb = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)
+    f, J, n, c, counted, p, xb = _references(run, module, mask, counted)
     A = sum(torch.outer(xb[i, t], xb[i, t]) for i in range(n) for t in range(T) if counted[i, t]) / n
     if fisher == "empirical":
         fr = f.clone().requires_grad_(True)
