@@ -9,6 +9,7 @@ kernels follow, so both backends return exactly symmetric factors). Inputs are v
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as tF
@@ -27,22 +28,44 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+_WHERE_MAX = 512  # up to this width one ``where`` over the whole factor beats the block loop (CPU, measured)
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_mask(d: int, device: torch.device) -> Tensor:
+    """(d, d) bool, True on and above the diagonal (cached: the statistics reuse a few widths every step)."""
+    return torch.ones(d, d, dtype=torch.bool, device=device).triu_()
+
+
+def _mirror_upper_(F: Tensor) -> None:
+    """F's lower triangle <- its upper triangle's mirror, in place (F square in its last two dims)."""
+    F.copy_(torch.where(_upper_mask(F.shape[-1], F.device), F, F.mT))
+
+
 def sym_axpby_(F: Tensor, G: Tensor, alpha: float, beta: float) -> Tensor:
     """F <- sym(beta*F + alpha*G) in place, built from the upper triangle; beta == 0 never reads F (NaN-safe).
 
-    In place, block by block (small temporaries): factors can be thousands wide.
+    In place, block by block above ``_WHERE_MAX`` (small temporaries: factors can be thousands wide); a factor of
+    at most that width in one ``where`` (a few ops: this runs for every small layer at every statistics step).
+    A product by 1 is skipped (exact either way).
     """
     if beta == 0:
-        F.copy_(G).mul_(alpha)
+        F.copy_(G)
+        if alpha != 1:
+            F.mul_(alpha)
     else:
-        F.mul_(beta).add_(G, alpha=alpha)
+        if beta != 1:
+            F.mul_(beta)
+        F.add_(G, alpha=alpha)
     d, bs = F.shape[-1], 256
+    if d <= _WHERE_MAX:
+        _mirror_upper_(F)
+        return F
     for a in range(0, d, bs):  # block rows: the part left of the diagonal block from the columns above it
         b = min(a + bs, d)
         if a:
             F[..., a:b, :a] = F[..., :a, a:b].mT
-        blk = F[..., a:b, a:b]
-        blk.copy_(torch.triu(blk) + torch.triu(blk, 1).mT)
+        _mirror_upper_(F[..., a:b, a:b])
     return F
 
 
