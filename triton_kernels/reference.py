@@ -28,7 +28,7 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-_WHERE_MAX = 512  # up to this width one ``where`` over the whole factor beats the block loop (CPU, measured)
+_WHERE_MAX = 640  # up to this width one ``where`` over the whole factor beats the block loop (CPU, measured)
 
 
 @functools.lru_cache(maxsize=64)
@@ -78,8 +78,8 @@ def syrk_update_(F: Tensor, X: Tensor, alpha: float, beta: float, ones: bool) ->
         return sym_axpby_(F, Xc.mT @ Xc, alpha, beta)
 
 
-def im2col(x: Tensor, geom: ConvGeometry, ones: bool = False) -> Tensor:
-    """Explicit patches (N, groups, Dg', T), ordered like ``weight.flatten(1)`` (channel-major, offset-minor)."""
+def _windows(x: Tensor, geom: ConvGeometry) -> Tensor:
+    """The zero-padded input's windows as a view (N, C, To_0..To_{d-1}, k_0..k_{d-1})."""
     d = geom.d
     lo, hi = geom.pad_lo[3 - d:], geom.pad_hi[3 - d:]
     pad: list[int] = []
@@ -89,6 +89,13 @@ def im2col(x: Tensor, geom: ConvGeometry, ones: bool = False) -> Tensor:
     for i in range(d):
         k, s, dl = geom.kernel[3 - d + i], geom.stride[3 - d + i], geom.dilation[3 - d + i]
         xp = xp.unfold(2 + i, dl * (k - 1) + 1, s)[..., ::dl]     # appends the window dim last
+    return xp
+
+
+def im2col(x: Tensor, geom: ConvGeometry, ones: bool = False) -> Tensor:
+    """Explicit patches (N, groups, Dg', T), ordered like ``weight.flatten(1)`` (channel-major, offset-minor)."""
+    d = geom.d
+    xp = _windows(x, geom)
     # (N, C, To_0..To_{d-1}, k_0..k_{d-1}) -> (N, C, k..., To...)
     perm = [0, 1] + list(range(2 + d, 2 + 2 * d)) + list(range(2, 2 + d))
     cols = xp.permute(perm).reshape(geom.N, geom.groups, geom.Dg, geom.T)
@@ -97,11 +104,27 @@ def im2col(x: Tensor, geom: ConvGeometry, ones: bool = False) -> Tensor:
     return cols
 
 
+def patch_matrix(x: Tensor, geom: ConvGeometry, ones: bool) -> Tensor:
+    """The patches as (groups, Dg', N·T) rows ``weight.flatten(1)``-ordered, written in one copy from ``x``'s windows.
+
+    The same matrix as :func:`im2col`'s patches permuted to (G, Dg', N·T) (with a row of ones for ``ones``).
+    """
+    d = geom.d
+    xp = _windows(x, geom)  # (N, C, To..., k...)
+    G, Cg, N = geom.groups, geom.Cg, geom.N
+    kern, outs = geom.kernel[3 - d:], geom.out[3 - d:]
+    P = xp.new_empty(G, geom.dp(ones), N * geom.T)
+    src = xp.unflatten(1, (G, Cg)).permute(1, 2, *range(3 + d, 3 + 2 * d), 0, *range(3, 3 + d))
+    P[:, :geom.Dg].view(G, Cg, *kern, N, *outs).copy_(src)
+    if ones:
+        P[:, geom.Dg].fill_(1)
+    return P
+
+
 def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, beta: float, ones: bool) -> Tensor:
     """F[g] <- beta*F[g] + alpha*sum_{n,t} pbar pbar^T for each group g; F is (groups, Dg', Dg')."""
     with _no_autocast(F.device):
-        cols = im2col(x.to(F.dtype), geom, ones)                      # (N, G, Dg', T)
-        P = cols.permute(1, 2, 0, 3).reshape(geom.groups, cols.shape[2], geom.N * geom.T)
+        P = patch_matrix(x.to(F.dtype), geom, ones)  # (G, Dg', N·T)
         return sym_axpby_(F, P @ P.mT, alpha, beta)
 
 
