@@ -5,6 +5,8 @@ Restored together they give the code before these changes (same factors, more wo
 
 * the torch twin's symmetrisation (``reference.sym_axpby_``): a product by β and by α also when 1, and every
   block symmetrised by ``triu(B) + triu(B, 1)ᵀ`` (two ``triu``, an add and a copy);
+* the torch twin's im2col patch covariance with the patch matrix built in three copies (im2col, the ones row
+  concatenated, the (groups, Dg', N·T) permute);
 * fresh Ω / Γ accumulators zero-filled and updated with β = 1 (instead of written whole with β = 0);
 * the moving averages layer by layer (``mul_`` / ``add_`` per factor, instead of foreach ops over all layers);
 * the shifted-product patch covariance of stride-1 convs (``shift_cov.patch_cov_update_``) with its products
@@ -38,6 +40,12 @@ def _sym_axpby_(F: Tensor, G: Tensor, alpha: float, beta: float) -> Tensor:
         blk = F[..., a:b, a:b]
         blk.copy_(torch.triu(blk) + torch.triu(blk, 1).mT)
     return F
+
+
+def _patch_cov_update_(F: Tensor, x: Tensor, geom, alpha: float, beta: float, ones: bool) -> Tensor:
+    cols = reference.im2col(x.to(F.dtype), geom, ones)
+    P = cols.permute(1, 2, 0, 3).reshape(geom.groups, cols.shape[2], geom.N * geom.T)
+    return reference.sym_axpby_(F, P @ P.mT, alpha, beta)
 
 
 def _add_rows(self, site, x: Tensor) -> None:
@@ -95,6 +103,7 @@ def _fold_into(states, batch: dict[int, Factors], decay: float) -> None:
             _update(s.running, f, decay)
 
 
-PATCHES = [(reference, "sym_axpby_", _sym_axpby_), (ExpandStatistics, "_add_rows", _add_rows),
+PATCHES = [(reference, "sym_axpby_", _sym_axpby_), (reference, "patch_cov_update_", _patch_cov_update_),
+           (ExpandStatistics, "_add_rows", _add_rows),
            (ExpandStatistics, "_add_output_grad", _add_output_grad), (estimator_mod, "fold_into", _fold_into),
            (shift_cov, "patch_cov_update_", _shift_patch_cov_update_)]
