@@ -45,10 +45,21 @@ def _mirror_upper_(F: Tensor) -> None:
 def sym_axpby_(F: Tensor, G: Tensor, alpha: float, beta: float) -> Tensor:
     """F <- sym(beta*F + alpha*G) in place, built from the upper triangle; beta == 0 never reads F (NaN-safe).
 
-    In place, block by block above ``_WHERE_MAX`` (small temporaries: factors can be thousands wide); a factor of
-    at most that width in one ``where`` (a few ops: this runs for every small layer at every statistics step).
-    A product by 1 is skipped (exact either way).
+    ``G`` must not overlap ``F``. Up to ``_WHERE_MAX`` wide, beta*F + alpha*G in one temporary and one ``where``
+    into F (two to four ops: this runs for every small layer at every statistics step; with beta == 0 the product
+    by alpha comes after the mirror, which it commutes with exactly); wider factors in place, block by block
+    (small temporaries: factors can be thousands wide). A product by 1 is skipped (exact either way).
     """
+    d, bs = F.shape[-1], 256
+    if d <= _WHERE_MAX:
+        if beta == 0:
+            T = G
+        else:
+            T = torch.add(F if beta == 1 else F.mul_(beta), G, alpha=alpha)
+        torch.where(_upper_mask(d, F.device), T, T.mT, out=F)
+        if beta == 0 and alpha != 1:
+            F.mul_(alpha)
+        return F
     if beta == 0:
         F.copy_(G)
         if alpha != 1:
@@ -57,10 +68,6 @@ def sym_axpby_(F: Tensor, G: Tensor, alpha: float, beta: float) -> Tensor:
         if beta != 1:
             F.mul_(beta)
         F.add_(G, alpha=alpha)
-    d, bs = F.shape[-1], 256
-    if d <= _WHERE_MAX:
-        _mirror_upper_(F)
-        return F
     for a in range(0, d, bs):  # block rows: the part left of the diagonal block from the columns above it
         b = min(a + bs, d)
         if a:
