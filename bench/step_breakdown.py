@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # overhead_baseline
 from overhead_baseline import FVP_WALK, PER_CALL, RECORD_AUTOCAST  # noqa: E402
 from overhead_baseline import PATCHES as OVERHEAD  # noqa: E402
+from stats_baseline import PATCHES as STATS  # noqa: E402
 
 import kfc_compile as kc  # noqa: E402
 import kfc_compile.optim.kfc as kfc_mod  # noqa: E402
@@ -146,7 +147,8 @@ BEFORE = ((updates_mod, "quadratic_model", rules.quadratic_model), (updates_mod,
 BASELINES = {"scalars": (BEFORE, True),
              "overhead": (OVERHEAD, False),  # bench/overhead_baseline.py: dispatcher, finite checks, averages
              "percall": (PER_CALL, False),  # its last two items (PER_CALL), and each alone:
-             "fvp-walk": (FVP_WALK, False), "record-autocast": (RECORD_AUTOCAST, False)}
+             "fvp-walk": (FVP_WALK, False), "record-autocast": (RECORD_AUTOCAST, False),
+             "stats": (STATS, False)}  # bench/stats_baseline.py: the statistics step before its cost work
 
 
 class Stepper:
@@ -265,33 +267,64 @@ def measure(model_name: str, variant: str, s: int, i: int, rounds: int, options:
             "sgd_fwbw_ms": ms(sgd.fwbw), "phases": phases, "before_ms": ms(tb) if before else None}
 
 
-def ab(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict, baseline: str = "scalars") -> dict:
-    """``--ab``: this code against ``--before``'s baseline, both uninstrumented, in alternating order per window."""
+def _count_statistics(opt: kc.KFC) -> list[float]:
+    """Wrap the estimator's statistics pass (subset forward, backward, taps, averages): [CPU seconds, calls]."""
+    est, acc = opt._estimator, [0.0, 0]
+    inner = est._statistics_pass
+
+    def timed():
+        t0 = time.process_time()
+        try:
+            return inner()
+        finally:
+            acc[0] += time.process_time() - t0
+            acc[1] += 1
+
+    est._statistics_pass = timed
+    return acc
+
+
+def ab(model_name: str, variant: str, s: int, i: int, rounds: int, options: dict, baseline: str = "scalars",
+       sgd: bool = False) -> dict:
+    """``--ab``: this code against ``--before``'s baseline, both uninstrumented, in alternating order per window.
+
+    Also the statistics pass's CPU time per statistics step of each (one timer around it, no phases inside), and
+    with ``sgd`` an SGD (momentum 0.9) arm in the same rotation for the KFC ÷ SGD ratios.
+    """
     torch.manual_seed(0)
     m = MODELS[model_name][0]()
     data, lossf = batches(model_name), loss_fn(model_name)
     loss = "mse" if MODELS[model_name][3] == "mse" else "cross_entropy"
     kw = dict(momentum=0.9, stats_every=s, inverse_every=i, loss=loss, **VARIANTS[variant], **options)
-    models = [copy.deepcopy(m), copy.deepcopy(m)]
+    models = [copy.deepcopy(m), copy.deepcopy(m), copy.deepcopy(m)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opts = [kc.KFC(mm, **kw) for mm in models]
+        opts = [kc.KFC(mm, **kw) for mm in models[:2]]
         patches, unbatched = BASELINES[baseline]
         if unbatched:
             opts[1]._exact_gram.products.batched = False
             opts[1]._fused._off = "bench: the baseline's per-tensor path"
+        stats = [_count_statistics(o) for o in opts]
         steppers = [Stepper(models[0], opts[0], data, lossf, variant == "adaptive"),
                     Stepper(models[1], opts[1], data, lossf, variant == "adaptive", patches=patches)]
+        if sgd:
+            steppers.append(Stepper(models[2], torch.optim.SGD(models[2].parameters(), lr=1e-3, momentum=0.9), data,
+                                    lossf, False))
         for st in steppers:
             st.run(WARMUP)
+        for acc in stats:
+            acc[:] = [0.0, 0]
         P = math.lcm(s, i)
-        t = [0.0, 0.0]
+        t = [0.0] * len(steppers)
         for r in range(rounds):
-            for j in ((0, 1) if r % 2 == 0 else (1, 0)):
+            order = list(range(len(steppers)))
+            for j in (order if r % 2 == 0 else order[::-1]):
                 t[j] += steppers[j].run(P)
     n = rounds * P
+    stats_ms = [1e3 * a / max(c, 1) for a, c in stats]
     return {"model": model_name, "variant": variant, "s": s, "i": i, "steps": n, "after_ms": 1e3 * t[0] / n,
-            "before_ms": 1e3 * t[1] / n}
+            "before_ms": 1e3 * t[1] / n, "sgd_ms": 1e3 * t[2] / n if sgd else None, "after_stats_ms": stats_ms[0],
+            "before_stats_ms": stats_ms[1]}
 
 
 ORDER = ("user forward + backward", "statistics: subset pass", "statistics: Ω/Γ in the taps",
@@ -330,9 +363,11 @@ def main(argv=None) -> int:
                    "one Fisher-product pass per direction (the issue-15 step-cost table's baseline); overhead: "
                    "bench/overhead_baseline.py (dispatcher, finite checks, moving averages; issue 17); "
                    "percall: its PER_CALL alone (the Fisher products' module walks, the taps' autocast context); "
-                   "fvp-walk, record-autocast: each of the two")
+                   "fvp-walk, record-autocast: each of the two; stats: bench/stats_baseline.py (the statistics "
+                   "step's symmetrisation, accumulators and moving averages before issue 17's statistics work)")
     p.add_argument("--ab", action="store_true", help="only this code against --before's baseline, uninstrumented, "
                    "in alternating order (no SGD, no phases)")
+    p.add_argument("--sgd", action="store_true", help="with --ab: an SGD arm in the same rotation (KFC/SGD ratios)")
     p.add_argument("--kfc-options", default="{}", help="extra kc.KFC arguments as a Python dict literal")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -344,10 +379,14 @@ def main(argv=None) -> int:
                 s, i = map(int, cfg.split(":"))
                 rounds = a.paper_rounds if model_name == "paper" else a.rounds
                 if a.ab:
-                    r = ab(model_name, variant, s, i, rounds, options, a.baseline)
+                    r = ab(model_name, variant, s, i, rounds, options, a.baseline, a.sgd)
+                    sgd = "" if r["sgd_ms"] is None else (
+                        f"; SGD {r['sgd_ms']:.2f} ms, KFC/SGD now {r['after_ms'] / r['sgd_ms']:.2f}x before "
+                        f"{r['before_ms'] / r['sgd_ms']:.2f}x")
                     print(f"{model_name:8s} {variant:9s} ({s}, {i}), {r['steps']} steps each: now "
                           f"{r['after_ms']:.2f} ms, before {r['before_ms']:.2f} ms, now/before "
-                          f"{r['after_ms'] / r['before_ms']:.3f}", flush=True)
+                          f"{r['after_ms'] / r['before_ms']:.3f}; statistics pass now {r['after_stats_ms']:.2f} ms, "
+                          f"before {r['before_stats_ms']:.2f} ms{sgd}", flush=True)
                     continue
                 r = measure(model_name, variant, s, i, rounds, options, a.before, a.baseline)
                 results.append(r)

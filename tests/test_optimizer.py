@@ -154,9 +154,10 @@ def test_moving_average_in_the_kernel_epilogue(monkeypatch):
     """
     from kfc_compile.curvature.factors import RunningFactors
 
-    fused = []
-    update = RunningFactors.update
-    monkeypatch.setattr(RunningFactors, "update", lambda self, b, d: (fused.append(b.A is self.A), update(self, b, d)))
+    fused = []  # per layer and moving-average update: whether its batch Ω is the running Ω itself
+    fold = RunningFactors.fold
+    monkeypatch.setattr(RunningFactors, "fold", staticmethod(
+        lambda pairs, d: (fused.extend(b.A is r.A for r, b in pairs), fold(pairs, d))))
     torch.manual_seed(7)
     model = small_net(bn=False).double()
     ref_model = copy.deepcopy(model)

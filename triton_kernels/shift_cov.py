@@ -5,8 +5,8 @@ indexed by (channel, kernel offset)) has block (k, k') equal to a sum of channel
 ``x[:, q] x[:, q + δ]ᵀ`` with δ = (k' − k)·dilation, taken over the positions q that offset k reads. So instead of
 the im2col GEMM (N·T·(Cg·K)² multiply-adds) this computes, for each of the ∏(2Kᵢ − 1)/2 shifts δ (one of each ±δ
 pair), channel products summed over examples and over the cells of a grid whose lines are the window edges (a
-few cells per dim: edge rows, edge columns and the interior), then every block as a box sum over cells (prefix
-sums, 2^d corners). The sum over the last spatial dim's cell and the examples runs inside one GEMM per
+few cells per dim: edge rows, edge columns and the interior), then every block as a box sum over cells (one
+0/1 GEMM per dim). The sum over the last spatial dim's cell and the examples runs inside one GEMM per
 (shift, cell), batched over the other positions; N·Q·Cg² multiply-adds per shift in all. For a 5×5 kernel that
 is ~15× fewer flops than the GEMM and no unfolded buffer; zero padding needs no special case, positions outside
 the input simply contribute nothing.
@@ -30,6 +30,7 @@ from .checks import ConvGeometry
 
 log = logging.getLogger(__name__)
 METHODS = ("auto", "im2col", "shift")
+_OUT_MIN = 1 << 16  # multiply-adds per batch entry from which a product is written into its slot directly
 _chosen: dict[tuple, str] = {}  # geometry key -> the faster method measured on its first call
 
 
@@ -104,40 +105,26 @@ def _edges(geom: ConvGeometry, dim: int) -> tuple[list[int], list[int], list[int
     return lo, hi, sorted(set(lo) | set(hi) | {0, size})
 
 
-def _box_sums(t: Tensor, geom: ConvGeometry, cells2: list[int]) -> Tensor:
+def _window_sums(t: Tensor, geom: ConvGeometry, cells2: list[int]) -> Tensor:
     """Sums of ``t`` (S0, S1, cells of dim 2, *rest) over the window box of every kernel offset: (K, *rest).
 
-    Per dim one small GEMM with a 0/1 matrix gives the prefix sums at the window edges (edge 0 is a zero row),
-    then each box is up to 2^3 signed corners of that grid.
+    Per dim one GEMM with the 0/1 matrix (offsets × positions, or × cells for dim 2) of the windows: no gathers
+    and no signed corners. A dim of size 1 that every window covers (the leading dims of a 1-d/2-d conv) is
+    skipped.
     """
     rest = t.shape[3:]
-    sizes = [geom.spatial[0], geom.spatial[1], len(cells2) - 1]
-    corners, n_edges = [], []  # per dim: (index of each offset's lower edge or None if 0, of its upper edge)
+    lead = 1  # offsets of the dims done so far
     for dim in range(3):
         lo, hi, edges = _edges(geom, dim)
         if dim == 2 and edges != cells2:
             raise AssertionError("cells of the last spatial dim do not match its window edges")
-        if sizes[dim] == 1 and not any(lo) and all(hi):  # every window is the whole size-1 dim: nothing to sum
-            t = t.reshape(*t.shape[:dim], 1, -1)
-            corners.append((None, [0] * len(hi)))
-            n_edges.append(1)
-            continue
-        starts = torch.tensor(edges[:-1]) if dim == 2 else torch.arange(sizes[dim])  # where each row/cell begins
-        below = (starts[None, :] < torch.tensor(edges)[:, None]).to(t.dtype)  # (edges, sizes[dim])
-        t = torch.matmul(below, t.reshape(*t.shape[:dim], sizes[dim], -1))
-        lo_pos = [edges.index(v) for v in lo]
-        corners.append((lo_pos if any(lo_pos) else None, [edges.index(v) for v in hi]))
-        n_edges.append(len(edges))
-    t = t.reshape(*n_edges, *rest)
-    offsets = list(itertools.product(*[range(v) for v in geom.kernel]))
-    out = torch.zeros(len(offsets), *rest, dtype=t.dtype, device=t.device)
-    for corner in itertools.product((1, 0), repeat=3):
-        idx = [corners[dim][1] if use_hi else corners[dim][0] for dim, use_hi in enumerate(corner)]
-        if any(i is None for i in idx):
-            continue  # every lower edge of that dim is 0: the prefix there is zero
-        term = t[tuple(torch.tensor([i[k[dim]] for k in offsets]) for dim, i in enumerate(idx))]
-        out = out.sub_(term) if (3 - sum(corner)) % 2 else out.add_(term)
-    return out
+        starts = torch.tensor(edges[:-1]) if dim == 2 else torch.arange(geom.spatial[dim])  # row / cell starts
+        inside = (starts[None, :] >= torch.tensor(lo)[:, None]) & (starts[None, :] < torch.tensor(hi)[:, None])
+        t = t.reshape(lead, starts.numel(), -1)
+        if inside.shape != (1, 1) or not bool(inside):
+            t = torch.matmul(inside.to(dtype=t.dtype, device=t.device), t)  # (lead, offsets of dim, ...)
+        lead *= geom.kernel[dim]
+    return t.reshape(geom.K, *rest)
 
 
 def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, beta: float, ones: bool,
@@ -178,13 +165,22 @@ def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, be
             chunk.append(grp)
             if n + 1 < len(groups) and sum(len(g[1]) for g in chunk) + len(groups[n + 1][1]) <= cap:
                 continue
-            parts = []
-            for a, b in itertools.pairwise(cells):
+            # the products of every (shift, cell), written in place: (S0, S1, cells, G, shifts·Cg, Cg)
+            prod = F.new_empty(S[0], S[1], len(cells) - 1, G, sum(len(g[1]) for g in chunk) * Cg, Cg)
+            for c, (a, b) in enumerate(itertools.pairwise(cells)):
                 here = window(0, 0, range(1), a, b)[:, :, :, 0]  # (S0, S1, G, Cg, cell·N)
-                parts.append(torch.cat([torch.matmul(window(j01[0], j01[1], j2, a, b).flatten(3, 4), here.mT)
-                                        for j01, j2 in chunk], dim=3))  # (S0, S1, G, shifts·Cg, Cg)
-            # box sums over cells; block (k, k + j) is the transpose: x_{q+δ} x_qᵀ was computed
-            sums = _box_sums(torch.stack(parts, dim=2), geom, cells).unflatten(2, (-1, Cg))  # (K, G, shifts, Cg, Cg)
+                at = 0
+                for j01, j2 in chunk:
+                    rows = len(j2) * Cg
+                    lhs, dst = window(j01[0], j01[1], j2, a, b).flatten(3, 4), prod[:, :, c, :, at:at + rows]
+                    if rows * Cg * (b - a) * N >= _OUT_MIN:  # big products: straight into the strided slot
+                        torch.matmul(lhs, here.mT, out=dst)
+                    else:  # small ones: bmm into a strided out loops over the batch, a copy is cheaper
+                        dst.copy_(torch.matmul(lhs, here.mT))
+                    at += rows
+            # window sums over cells; block (k, k + j) is the transpose: x_{q+δ} x_qᵀ was computed
+            sums = _window_sums(prod, geom, cells).unflatten(2, (-1, Cg))  # (K, G, shifts, Cg, Cg)
+            del prod
             si, kf, kpf = [], [], []
             for sn, j in enumerate((j01 + (j2,) for j01, rng in chunk for j2 in rng)):
                 for k in offsets:
@@ -210,7 +206,7 @@ def patch_cov_update_(F: Tensor, x: Tensor, geom: ConvGeometry, alpha: float, be
         if ones:
             real = xp[r[0]:r[0] + S[0], r[1]:r[1] + S[1], :, :, r[2]:r[2] + S[2]].sum(-1)  # (S0, S1, G, Cg, S2)
             per_cell = torch.stack([real[..., a:b].sum(-1) for a, b in itertools.pairwise(cells)], dim=2)
-            row = _box_sums(per_cell, geom, cells).permute(1, 2, 0).reshape(G, D)  # patch sums
+            row = _window_sums(per_cell, geom, cells).permute(1, 2, 0).reshape(G, D)  # patch sums
             corner = torch.full((G,), float(N * geom.T), dtype=F.dtype, device=F.device)
             for part, value in ((F[:, D, :D], row), (F[:, :D, D], row), (F[:, D, D], corner)):
                 if beta == 0:

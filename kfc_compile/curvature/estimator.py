@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from kfc_compile.curvature.distributed import Distributed
-from kfc_compile.curvature.factors import Factors, RunningFactors
+from kfc_compile.curvature.factors import Factors
 from kfc_compile.curvature.guard import finite_flags, refresh_layer, restart_factors
 from kfc_compile.curvature.health import Health
 from kfc_compile.curvature.labels import LabelSource
-from kfc_compile.curvature.layer_state import LayerState
+from kfc_compile.curvature.layer_state import LayerState, fold_into
 from kfc_compile.curvature.layouts import LayoutPlan, weak_blocks
 from kfc_compile.curvature.losses import Loss, NonFiniteOutputError, output_gradients
 from kfc_compile.curvature.precondition import apply_buckets, build_buckets, grad_matrix, split_matrix
@@ -335,12 +335,7 @@ class CurvatureEstimator:
         if self.distributed is not None and self._owner is None:  # this rank's share W·n_r/N of the global batch
             dropped = {i for i in batch if not finite[i]}
             good = self.distributed.weigh(self.states, good, dropped, self.capture.last_examples if batch else 0)
-        for i, f in good.items():
-            s = self.states[i]
-            if s.running is None:  # the first update has ε = 0: the batch factors become the average (no copy)
-                s.running = RunningFactors(f.A, f.G, updates=1)
-            else:
-                s.running.update(f, self.stat_decay)
+        fold_into(self.states, good, self.stat_decay)
         if self.distributed is not None and self._owner is None:  # averaged over ranks when an inverse needs it
             self.distributed.folded(self.states, good)
 

@@ -6,6 +6,7 @@ group, ``(groups, d, d)``, or as diagonal blocks per group (``blocks.py``).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -41,11 +42,29 @@ class RunningFactors:
 
     def update(self, batch: Factors, decay: float) -> None:
         """Fold a batch in; a batch Ω that *is* this average was already folded in the kernel's epilogue."""
-        eps = self.next_eps(decay)
-        self.updates += 1
-        if batch.A is not self.A:
-            self.A.mul_(eps).add_(batch.A, alpha=1.0 - eps)
-        self.G.mul_(eps).add_(batch.G, alpha=1.0 - eps)
+        RunningFactors.fold([(self, batch)], decay)
+
+    @staticmethod
+    def fold(pairs: Sequence[tuple[RunningFactors, Factors]], decay: float) -> None:
+        """:meth:`update` of many layers at once: two ``torch._foreach_*`` ops per distinct ε, not two per factor.
+
+        The same arithmetic as ``F.mul_(ε).add_(F_batch, alpha=1 − ε)`` per factor (bitwise: foreach ops compute
+        elementwise like their per-tensor forms); a batch Ω that *is* its running Ω (averaged in the kernel
+        epilogue) is skipped.
+        """
+        by_eps: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for running, batch in pairs:
+            eps = running.next_eps(decay)
+            running.updates += 1
+            old, new = by_eps.setdefault(eps, ([], []))
+            for r, b in ((running.A, batch.A), (running.G, batch.G)):
+                if b is not r:
+                    old.append(r)
+                    new.append(b)
+        for eps, (old, new) in by_eps.items():
+            if old:
+                torch._foreach_mul_(old, eps)
+                torch._foreach_add_(old, new, alpha=1.0 - eps)
 
     def nbytes(self) -> int:
         """Bytes held by the two running factors."""

@@ -1,6 +1,7 @@
 """What ``kc.KFC`` keeps for one KFC layer: its factor layout, moving averages, damped inverse and flags."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,3 +86,19 @@ class LayerState:
         self.running = RunningFactors(out[0], out[1], updates=1)
         self.frozen = bool(frozen)
         self.stale = True
+
+
+def fold_into(states: Sequence[LayerState], batch: dict[int, Factors], decay: float) -> None:
+    """Fold batch factors (layer index → Factors) into the moving averages of ``states[i]``, all layers at once.
+
+    A layer's first batch becomes its average (ε = 0: no copy); the others are averaged in by one
+    :meth:`RunningFactors.fold` (a few foreach ops for all layers instead of two ops per factor).
+    """
+    averaged = []
+    for i, f in batch.items():
+        s = states[i]
+        if s.running is None:
+            s.running = RunningFactors(f.A, f.G, updates=1)
+        else:
+            averaged.append((s.running, f))
+    RunningFactors.fold(averaged, decay)

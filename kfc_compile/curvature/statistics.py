@@ -214,6 +214,8 @@ class ExpandStatistics(BatchStatistics):
             if self.ema is not None:
                 self.A, beta, alpha = self.ema
                 self.a_is_average = True
+            elif self.a_blocks > 1 or target_dim == self.a_dim:  # the kernel writes it whole: never read
+                self.A, beta = self._new(self.a_dim, self.a_blocks), 0.0
             else:
                 self.A = self._new(self.a_dim, self.a_blocks).zero_()
         elif self.a_is_average:
@@ -235,9 +237,11 @@ class ExpandStatistics(BatchStatistics):
     def _add_output_grad(self, site, gy: torch.Tensor, scale: float) -> None:
         if self.poisoned:
             return
-        if self.G is None:
-            self.G = self._new(self.g_dim, self.g_blocks).zero_()
-        self._blocked_update(self.G, site.output_rows(gy), self.g_blocks, self.g_dim, scale * scale, 1.0)
+        fresh = self.G is None  # a new accumulator is written whole by the kernel (beta = 0: never read)
+        if fresh:
+            self.G = self._new(self.g_dim, self.g_blocks)
+        self._blocked_update(self.G, site.output_rows(gy), self.g_blocks, self.g_dim, scale * scale,
+                             0.0 if fresh else 1.0)
 
     def _g_count(self, n_examples: int) -> int:
         if self.masked and not self.leaked:
