@@ -34,6 +34,7 @@ TASKS = {"digits": ("digits", "convnet", 150, 128, 1e-3),
          # small batches (not in --tasks' default): docs/benchmarks.md "Small batches"
          "digits_b16": ("digits", "convnet", 600, 16, 1e-2),
          "digits_b32": ("digits", "convnet", 400, 32, 1e-2),
+         "digits_b64": ("digits", "convnet", 300, 64, 1e-2),
          "mnist1d_b16": ("mnist1d", "convnet", 1200, 16, 0.2),
          "mnist1d_b32": ("mnist1d", "convnet", 800, 32, 0.2)}
 DEFAULT_TASKS = ("digits", "mnist1d", "mnist1d_b1024", "autoencoder")
