@@ -30,10 +30,6 @@ def brute_force(n: int, fraction: float, floor: int) -> int:
     return next((k for k in range(n + 1) if k >= fraction * n - 1e-12 and k >= floor), n)
 
 
-def test_the_floor_is_32():
-    assert MIN_SUBSET == 32
-
-
 @pytest.mark.parametrize("fraction, default, want", [
     (0.125, True, (1, 2, 7, 16, 31, 32, 128)),   # the statistics default: 1/8, at least 32
     (0.25, True, (1, 2, 7, 16, 31, 32, 256)),    # the ν default: 1/4, at least 32

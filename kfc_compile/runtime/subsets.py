@@ -50,4 +50,4 @@ def subset_size(n: int, fraction: float) -> int:
     ``floor`` is a :class:`Share`'s own (the defaults': :data:`MIN_SUBSET`), else 2: a subset of a batch of n ≥ 2
     has at least 2 examples, which train-mode BatchNorm needs.
     """
-    return min(n, max(math.ceil(fraction * n), getattr(fraction, "floor", 2), 2))
+    return min(n, max(math.ceil(fraction * n), getattr(fraction, "floor", 2)))
