@@ -45,7 +45,8 @@ KINDS = ("nan_input_subset", "nan_input_outside", "inf_input", "inf_loss", "nan_
 REFRESH_KINDS = ("decomposition", "decomposition_fp32")  # injected only on steps that refresh the inverses
 # exact ν on the whole batch: on a quarter of it (the default), ν can be ~0 late in training where the softmax
 # saturates on those examples, and a spike's clipped step is then followed by unclipped ones (docs/benchmarks.md)
-OPTIONS = dict(lr=0.05, momentum=0.0, damping=1e-2, inverse_every=10, clip_fraction=1.0)
+# statistics on an explicit 1/8 (the defaults' floor would take 32 of the 64), so that the subset has its own size
+OPTIONS = dict(lr=0.05, momentum=0.0, damping=1e-2, inverse_every=10, clip_fraction=1.0, stats_fraction=0.125)
 BATCH, SUBSET = 64, 8  # the statistics subset: the first ceil(64/8) examples
 POISON = {"statistics": False}
 

@@ -13,6 +13,8 @@ steps (which take statistics and invert), each configuration timed in turns (rou
 * ``inverse``: inverses every step, so ``inverse − plain`` is an inverse refresh.
 
 The defaults' average step at the demo's periods (5, 10) is then ≈ plain + (stats − plain)/5 + (inverse − plain)/10.
+``--extra NAME=JSON`` adds a configuration (``kc.KFC`` options on top of ``stats``' own, e.g. a larger statistics
+subset: ``--extra 'subset 32={"stats_fraction": 0.25}'``), timed in the same turns and printed against ``stats``.
 ``--before`` also times every KFC configuration with ``overhead_baseline.PATCHES`` (the per-call overheads before
 issue 17's dispatch work), in the same round-robin, and prints both columns.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -53,7 +56,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--before", action="store_true", help="also time each KFC configuration with the per-call "
                    "overheads before issue 17's dispatch work (bench/overhead_baseline.py)")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
+                   help="another configuration: kc.KFC options on top of the statistics-every-step one")
     a = p.parse_args(argv)
+    extra = {}
+    for spec in a.extra:
+        name, _, options = spec.partition("=")
+        extra[f"extra:{name}"] = {**CONFIGS["stats"], **json.loads(options)}
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)
     task, model_name, bs = TASKS[a.task]
@@ -61,11 +70,11 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, len(ds.y_train), (bs,), generator=gen) for _ in range(a.steps + 3)]
     runs = {}
-    names = ["sgd", *CONFIGS] + ([f"before:{n}" for n in CONFIGS] if a.before else [])
+    names = ["sgd", *CONFIGS, *extra] + ([f"before:{n}" for n in CONFIGS] if a.before else [])
     for name in names:
         torch.manual_seed(0)
         model = build_model(model_name, task, ds.input_shape, ds.num_classes)
-        config = CONFIGS.get(name.removeprefix("before:"))
+        config = extra.get(name) or CONFIGS.get(name.removeprefix("before:"))
         opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if name == "sgd" else
                kc.KFC(model, lr=1e-3, loss=ds.loss, generator=torch.Generator().manual_seed(2), **config))
         runs[name] = [model, opt, 0.0]
@@ -96,6 +105,10 @@ def main(argv=None) -> int:
                 ("=> average KFC step at (stats 5, inverses 10)", avg)]
         for label, v in rows:
             print(f"  {label:<62} {v:7.2f}  ({v / m['sgd']:.2f}x SGD)")
+    for name in extra:
+        v = ms[name]
+        print(f"  {name.removeprefix('extra:') + ': statistics step':<62} {v:7.2f}  ({v / ms['sgd']:.2f}x SGD, "
+              f"{v / ms['stats']:.3f}x the stats step, extra {v - ms['plain']:.2f} vs {ms['stats'] - ms['plain']:.2f})")
     return 0
 
 

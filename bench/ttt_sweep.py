@@ -4,7 +4,9 @@
 Each variant is a JSON object of ``kc.KFC`` options on top of the demo's (``KFC_OPTIONS``); every variant runs every
 task with every lr of its grid (``"lr"`` in the variant overrides ``--lr``) and the given seeds, stopping at the
 target or at the task's sweep budget. Steps are exact (the evaluation every ``--eval-every`` steps is their
-resolution); this is how the evidence table of docs/benchmarks.md "Time to target (issue 17)" is made.
+resolution); this is how the evidence table of docs/benchmarks.md "Time to target (issue 17)" is made. The key
+``"min_subset"`` in a variant is not a ``kc.KFC`` option: it sets the statistics / ν subsets' floor
+(``kfc_compile.runtime.subsets.MIN_SUBSET``) for that variant's runs, to measure it.
 
     .venv/bin/python bench/ttt_sweep.py '{}' '{"damping": 1e-2}' --seeds 0
 """
@@ -20,6 +22,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from kfc_compile.runtime import subsets  # noqa: E402
 from kfc_compile.tools.demo import load_task, train_run  # noqa: E402
 from kfc_compile.tools.demo.train import GRIDS, KFC_OPTIONS  # noqa: E402
 
@@ -28,8 +31,12 @@ TASKS = {"digits": ("digits", "convnet", 150, 128, 1e-3),
          "mnist1d": ("mnist1d", "convnet", 400, 128, 0.1),
          "mnist1d_b1024": ("mnist1d", "convnet", 200, 1024, 0.1),
          "autoencoder": ("mnist1d_ae", "autoencoder", 400, 128, 0.3),
-         # small batches (not in --tasks' default): the statistics subset of 1/8 is 2 examples here
-         "digits_b16": ("digits", "convnet", 600, 16, 1e-2)}
+         # small batches (not in --tasks' default): docs/benchmarks.md "Small batches"
+         "digits_b16": ("digits", "convnet", 600, 16, 1e-2),
+         "digits_b32": ("digits", "convnet", 400, 32, 1e-2),
+         "digits_b64": ("digits", "convnet", 300, 64, 1e-2),
+         "mnist1d_b16": ("mnist1d", "convnet", 1200, 16, 0.2),
+         "mnist1d_b32": ("mnist1d", "convnet", 800, 32, 0.2)}
 DEFAULT_TASKS = ("digits", "mnist1d", "mnist1d_b1024", "autoencoder")
 
 
@@ -46,8 +53,10 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     tasks = [t for t in a.tasks.split(",") if t]
     seeds = [int(s) for s in a.seeds.split(",") if s]
+    floor = subsets.MIN_SUBSET
     for v in a.variants:
-        opts = {k: x for k, x in v.items() if k != "lr"}
+        opts = {k: x for k, x in v.items() if k not in ("lr", "min_subset")}
+        subsets.MIN_SUBSET = v.get("min_subset", floor)
         grid = v.get("lr", [float(x) for x in a.lr.split(",") if x])
         cells = []
         for t in tasks:

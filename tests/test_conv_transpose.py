@@ -454,7 +454,9 @@ def test_unet_trains(compiled):
     torch.manual_seed(0)
     model = UNet().double()
     run = torch.compile(model, backend="kfc", options={"inner": "aot_eager"}) if compiled else model
-    opt = kc.KFC(run, lr=0.05, damping=1e-2)
+    # the subsets of 8 before the defaults' floor (2 and 2 examples): with the whole batch (the floor) the loss
+    # still falls to 0.35 in 12 steps, but momentum makes one of them go up (0.53 → 0.59), which this run rules out
+    opt = kc.KFC(run, lr=0.05, damping=1e-2, stats_fraction=0.125, clip_fraction=0.25)
     x = torch.randn(8, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()  # per-pixel classes
     losses = []

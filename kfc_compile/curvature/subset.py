@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 from kfc_compile.curvature.owner import without_fsdp_hooks
 from kfc_compile.runtime.calls import RecordedCall
-from kfc_compile.runtime.state import subset_size
+from kfc_compile.runtime.subsets import subset_size
 from kfc_compile.runtime.taps import model_output
 
 

@@ -63,8 +63,8 @@ class KFC(torch.optim.Optimizer):
         adapt_damping: KFC-pre adapts ``damping`` by Levenberg–Marquardt on its applied step when ``step()`` gets
             a closure (``"auto"``; ``True``: warn without one; ``False``, default: fixed), docs/algorithm.md §5.5.
         stat_decay: the moving-average cap: ε = min(1 − 1/k, stat_decay).
-        stats_fraction: share of the batch (its first examples, at least 2) that feeds the factor statistics
-            (K-FAC's τ₁); 1 uses the whole batch inside the user's own forward and backward.
+        stats_fraction: share of the batch (its first ⌈fraction·N⌉ examples, at least 2) that feeds the factor
+            statistics (K-FAC's τ₁); None: 1/8, at least 32 examples (§4.3); 1: the whole batch, in the user's pass.
         fisher: ``"mc"`` (sampled targets), ``"empirical"`` or ``"type-2"``.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or the matching ``nn`` loss instance (its
             reduction says whether the objective is a batch mean or sum; a sum scales the curvature by N).
@@ -82,7 +82,7 @@ class KFC(torch.optim.Optimizer):
         mc_samples: sampled targets per example for ``fisher="mc"``.
         generator: ``torch.Generator`` for the MC targets (its state is part of ``state_dict``); default: the
             global RNG (save ``torch.get_rng_state()`` yourself for bit-identical resumes).
-        clip_fraction: share of the batch (its first examples) used for the exact Fisher products.
+        clip_fraction: share of the batch (its first examples) for the exact Fisher products; None: 1/4, at least 32.
         clip_curvature: ``"exact"`` (the paper: exact Fisher-vector products on ``clip_fraction`` of the batch) or
             ``"factored"`` (the optimizer's own damped F̂: free, no extra forward).
         fallback_lr: learning rate of the fallback group (default: ``lr`` for SGD, 1e-3 for Adam).
@@ -120,11 +120,11 @@ class KFC(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, damping: float = 1e-3,
                  weight_decay: float = 0.0, stats_every: int = 1, inverse_every: int = 20, stat_decay: float = 0.95,
-                 stats_fraction: float = 0.125,
+                 stats_fraction: float | None = None,
                  fisher: str = "mc", loss="cross_entropy", approx: str = "expand", mode: str = "pre",
                  clip: float | None = 30.0, averaging: float | None = None, damping_method: str = "factored",
                  fallback: str | None = "sgd", mc_samples: int = 1, generator: torch.Generator | None = None,
-                 clip_fraction: float = 0.25, clip_curvature: str = "exact", fallback_lr: float | None = None,
+                 clip_fraction: float | None = None, clip_curvature: str = "exact", fallback_lr: float | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
                  max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,

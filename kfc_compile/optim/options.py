@@ -19,10 +19,12 @@ from kfc_compile.curvature.losses import FISHER_TYPES, Loss, loss_spec
 from kfc_compile.curvature.statistics import check_approx
 from kfc_compile.frontend.select import check_frontend
 from kfc_compile.optim.rules import CLIP_SCALINGS, CLIP_TARGETS
+from kfc_compile.runtime.subsets import default_share
 
 MODES = ("pre", "adaptive")
 CLIP_CURVATURES = ("exact", "factored")
 FALLBACKS = ("sgd", "adam", None)
+STATS_FRACTION, CLIP_FRACTION = 0.125, 0.25  # the default subsets' shares (at least MIN_SUBSET examples each)
 
 
 def real(name: str, value: object, *, low: float | None = None, high: float | None = None, low_open: bool = False,
@@ -39,6 +41,13 @@ def real(name: str, value: object, *, low: float | None = None, high: float | No
     if high is not None and (v > high or (high_open and v == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
     return v
+
+
+def fraction(name: str, value: object, default: float) -> float:
+    """A subset's share of the batch in (0, 1]; None: ``default`` with the defaults' floor (``runtime/subsets.py``)."""
+    if value is None:
+        return default_share(default)
+    return real(name, value, low=0.0, high=1.0, low_open=True)
 
 
 def positive_int(name: str, value: object) -> int:
@@ -78,7 +87,7 @@ class KFCOptions:
     stats_every: int
     inverse_every: int
     stat_decay: float
-    stats_fraction: float
+    stats_fraction: float | None
     fisher: str
     loss: Loss | str | nn.Module
     approx: str
@@ -89,7 +98,7 @@ class KFCOptions:
     fallback: str | None
     mc_samples: int
     generator: torch.Generator | None
-    clip_fraction: float
+    clip_fraction: float | None
     clip_curvature: str
     fallback_lr: float | None
     fallback_betas: tuple[float, float]
@@ -125,7 +134,7 @@ class KFCOptions:
             raise ValueError(f"warmup must be a non-negative integer (steps with statistics and inverses every "
                              f"step; 0: none), got {self.warmup!r}")
         put("stat_decay", real("stat_decay", self.stat_decay, low=0.0, high=1.0))
-        put("stats_fraction", real("stats_fraction", self.stats_fraction, low=0.0, high=1.0, low_open=True))
+        put("stats_fraction", fraction("stats_fraction", self.stats_fraction, STATS_FRACTION))
         choice("fisher", self.fisher, FISHER_TYPES)
         if not isinstance(self.loss, Loss):
             put("loss", loss_spec(self.loss))
@@ -140,7 +149,7 @@ class KFCOptions:
         put("mc_samples", positive_int("mc_samples", self.mc_samples))
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
-        put("clip_fraction", real("clip_fraction", self.clip_fraction, low=0.0, high=1.0, low_open=True))
+        put("clip_fraction", fraction("clip_fraction", self.clip_fraction, CLIP_FRACTION))
         choice("clip_curvature", self.clip_curvature, CLIP_CURVATURES)
         choice("clip_scaling", self.clip_scaling, CLIP_SCALINGS)
         choice("clip_on", self.clip_on, CLIP_TARGETS)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from kfc_compile.curvature.statistics import BatchStatistics, new_statistics
 from kfc_compile.registry import KFCLayer
 from kfc_compile.runtime import record as record_op
 from kfc_compile.runtime.calls import NO_CALLS, CallLog, RecordedCall
+from kfc_compile.runtime.subsets import subset_size
 from kfc_compile.sites.geometry import LinearSite, Site
 
 log = logging.getLogger(__name__)
@@ -410,10 +410,3 @@ def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     on = torch.is_autocast_enabled(device_type)
     return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
-
-def subset_size(n: int, fraction: float) -> int:
-    """Examples in a leading subset of a batch of n: ceil(fraction·n), but at least 2 when n allows.
-
-    Train-mode BatchNorm needs more than one example.
-    """
-    return max(min(2, n), min(n, math.ceil(fraction * n)))
