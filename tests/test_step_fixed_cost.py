@@ -56,3 +56,31 @@ def test_guard_cause_with_small_and_large_gradients(bad, loss):
     loss_bad = loss is not None and not math.isfinite(float(loss))
     cause = "loss" if loss_bad else "gradient" if bad is not None else None
     assert (found and found[0]) == cause
+
+
+def _gram_by_stores(spec, f, jvps, scale=1.0, mask=None, c=None):
+    """The Gram matrix as it was built before: an fp64 zeros matrix and one indexed store per entry."""
+    k = len(jvps)
+    C = torch.zeros(k, k, dtype=torch.float64)
+    for i in range(k):
+        for j in range(i, k):
+            C[i, j] = C[j, i] = float(spec.fisher_inner(f, jvps[i], jvps[j], mask, c)) * scale
+    return C
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gram_from_floats_is_bitwise_the_stored_one(k, masked):
+    from kfc_compile.curvature.losses import loss_spec
+    from kfc_compile.optim.fvp import gram
+
+    gen = torch.Generator().manual_seed(3)
+    spec = loss_spec("cross_entropy")
+    f = torch.randn(6, 5, generator=gen)
+    jvps = [torch.randn(6, 5, generator=gen) for _ in range(k)]
+    mask = torch.tensor([True, False, True, True, False, True]) if masked else None
+    C = gram(spec, f, jvps, 6.0, mask, 1.5 if masked else None)
+    C0 = _gram_by_stores(spec, f, jvps, 6.0, mask, 1.5 if masked else None)
+    assert C.dtype == torch.float64 and C.shape == (k, k) and torch.equal(C, C0)
+    if k:
+        assert C[0, 0] > 0  # a real Gram matrix: the comparison can fail

@@ -291,11 +291,11 @@ def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1
     H over ``mask``'s real terms with the term weight ``c`` (``Loss.fisher_inner``) where labels are visible.
     """
     k = len(jvps)
-    C = torch.zeros(k, k, dtype=torch.float64)
+    C = [[0.0] * k for _ in range(k)]  # Python floats, one tensor at the end (not one indexed store per entry)
     for i in range(k):
         for j in range(i, k):
-            C[i, j] = C[j, i] = float(spec.fisher_inner(f, jvps[i], jvps[j], mask, c)) * scale
-    return C
+            C[i][j] = C[j][i] = float(spec.fisher_inner(f, jvps[i], jvps[j], mask, c)) * scale
+    return torch.tensor(C, dtype=torch.float64).reshape(k, k)
 
 
 
