@@ -25,6 +25,8 @@ around the estimator's and the update's functions:
     OMP_NUM_THREADS=1 .venv/bin/python bench/step_breakdown.py --models autoenc,digits --variants adaptive
     OMP_NUM_THREADS=1 .venv/bin/python bench/step_breakdown.py --ab --baseline overhead   # now vs before issue 17's
                                                                                           # dispatch work
+    OMP_NUM_THREADS=1 .venv/bin/python bench/step_breakdown.py --ab --baseline fixed-cost  # vs before the
+                                                                                    # small-layer fixed-cost cuts
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # overhead_baseline
+from fixed_cost_baseline import PATCHES as FIXED_COST  # noqa: E402
 from overhead_baseline import FVP_WALK, PER_CALL, RECORD_AUTOCAST  # noqa: E402
 from overhead_baseline import PATCHES as OVERHEAD  # noqa: E402
 
@@ -146,7 +149,8 @@ BEFORE = ((updates_mod, "quadratic_model", rules.quadratic_model), (updates_mod,
 BASELINES = {"scalars": (BEFORE, True),
              "overhead": (OVERHEAD, False),  # bench/overhead_baseline.py: dispatcher, finite checks, averages
              "percall": (PER_CALL, False),  # its last two items (PER_CALL), and each alone:
-             "fvp-walk": (FVP_WALK, False), "record-autocast": (RECORD_AUTOCAST, False)}
+             "fvp-walk": (FVP_WALK, False), "record-autocast": (RECORD_AUTOCAST, False),
+             "fixed-cost": (FIXED_COST, False)}  # bench/fixed_cost_baseline.py: Fisher-product swap, guard read
 
 
 class Stepper:
@@ -330,7 +334,8 @@ def main(argv=None) -> int:
                    "one Fisher-product pass per direction (the issue-15 step-cost table's baseline); overhead: "
                    "bench/overhead_baseline.py (dispatcher, finite checks, moving averages; issue 17); "
                    "percall: its PER_CALL alone (the Fisher products' module walks, the taps' autocast context); "
-                   "fvp-walk, record-autocast: each of the two")
+                   "fvp-walk, record-autocast: each of the two; fixed-cost: bench/fixed_cost_baseline.py (the "
+                   "Fisher products' functional_call and make_dual, the guard's 0-d flags; issue 17 item 3)")
     p.add_argument("--ab", action="store_true", help="only this code against --before's baseline, uninstrumented, "
                    "in alternating order (no SGD, no phases)")
     p.add_argument("--kfc-options", default="{}", help="extra kc.KFC arguments as a Python dict literal")
