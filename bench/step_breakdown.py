@@ -25,6 +25,8 @@ around the estimator's and the update's functions:
     OMP_NUM_THREADS=1 .venv/bin/python bench/step_breakdown.py --models autoenc,digits --variants adaptive
     OMP_NUM_THREADS=1 .venv/bin/python bench/step_breakdown.py --ab --baseline overhead   # now vs before issue 17's
                                                                                           # dispatch work
+    OMP_NUM_THREADS=1 .venv/bin/python bench/step_breakdown.py --ab --baseline fixed-cost  # vs before the
+                                                                                    # small-layer fixed-cost cuts
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # overhead_baseline
+from fixed_cost_baseline import PATCHES as FIXED_COST  # noqa: E402
 from overhead_baseline import FVP_WALK, PER_CALL, RECORD_AUTOCAST  # noqa: E402
 from overhead_baseline import PATCHES as OVERHEAD  # noqa: E402
 from stats_baseline import PATCHES as STATS  # noqa: E402
@@ -148,7 +151,8 @@ BASELINES = {"scalars": (BEFORE, True),
              "overhead": (OVERHEAD, False),  # bench/overhead_baseline.py: dispatcher, finite checks, averages
              "percall": (PER_CALL, False),  # its last two items (PER_CALL), and each alone:
              "fvp-walk": (FVP_WALK, False), "record-autocast": (RECORD_AUTOCAST, False),
-             "stats": (STATS, False)}  # bench/stats_baseline.py: the statistics step before its cost work
+             "stats": (STATS, False),  # bench/stats_baseline.py: the statistics step before its cost work
+             "fixed-cost": (FIXED_COST, False)}  # bench/fixed_cost_baseline.py: Fisher-product swap, guard read
 
 
 class Stepper:
@@ -364,7 +368,9 @@ def main(argv=None) -> int:
                    "bench/overhead_baseline.py (dispatcher, finite checks, moving averages; issue 17); "
                    "percall: its PER_CALL alone (the Fisher products' module walks, the taps' autocast context); "
                    "fvp-walk, record-autocast: each of the two; stats: bench/stats_baseline.py (the statistics "
-                   "step's symmetrisation, accumulators and moving averages before issue 17's statistics work)")
+                   "step's symmetrisation, accumulators and moving averages before issue 17's statistics work); "
+                   "fixed-cost: bench/fixed_cost_baseline.py (the Fisher products' functional_call and make_dual, "
+                   "the guard's 0-d flags; issue 17 item 3)")
     p.add_argument("--ab", action="store_true", help="only this code against --before's baseline, uninstrumented, "
                    "in alternating order (no SGD, no phases)")
     p.add_argument("--sgd", action="store_true", help="with --ab: an SGD arm in the same rotation (KFC/SGD ratios)")

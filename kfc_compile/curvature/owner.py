@@ -71,17 +71,18 @@ def sharding_problem(name: str, p: torch.Tensor, comm: Comm) -> str | None:
 
 
 @contextlib.contextmanager
-def without_fsdp_hooks(module: nn.Module) -> Iterator[None]:
+def without_fsdp_hooks(module: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """FSDP2's forward hooks of the modules in ``module`` off (a functional pass on whole parameters).
 
     Its pre-forward hook would all-gather and install the unsharded parameters, over those the pass passes in.
+    ``modules``: ``list(module.modules())`` where the caller keeps it (saves the walk).
     """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - a torch without FSDP2
         yield
         return
-    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in (module.modules() if modules is None else modules) if isinstance(m, FSDPModule)]
     saved = [(m._forward_pre_hooks, m._forward_hooks) for m in units]
     for m in units:
         m._forward_pre_hooks, m._forward_hooks = OrderedDict(), OrderedDict()

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 #: the batched pass of several directions pays from this many forward FLOPs per parameter tensor on (CPU: the
 #: 8-layer autoencoder does 4e4 and loses 1.4×, the digits conv net 3e6 and gains 0.89×; bench/fisher_products.py)
 BATCHED_MIN_FLOPS = 1e6
+#: the op ``fwAD.make_dual`` ends in (``torch._VF._make_dual``, looked up once: ``torch._VF`` resolves per access)
+_MAKE_DUAL = torch._C._VariableFunctions._make_dual
 
 
 class ModelMembers:
@@ -57,6 +59,11 @@ class ModelMembers:
     any change there (a parameter, buffer or submodule replaced, added or removed, ``load_state_dict(assign=True)``)
     makes :meth:`current` walk again, so the result is always that of a fresh walk. In-place updates of the values
     (optimizer steps, ``load_state_dict``'s copies) change nothing here.
+
+    The walk also keeps, per (first) name, the module dict entries that hold the tensor under each of its names
+    (:attr:`slots`): :meth:`swap_in` puts tensors there and :meth:`restore` puts the originals back, which is what
+    ``functional_call`` does (``torch.nn.utils.stateless``: ``module._parameters[name] = tensor``) without its
+    per-call name resolution and context managers (~0.1 ms of the autoencoder's exact-ν pass).
     """
 
     def __init__(self, model: nn.Module):
@@ -67,11 +74,16 @@ class ModelMembers:
         self.buffers: list[tuple[str, torch.Tensor]] = []
         self.names: dict[int, str] = {}  # id(parameter) -> its (first) name
         self.aliases: list[tuple[str, str]] = []  # (tied name, the name whose tensor it takes)
+        self.slots: dict[str, list[tuple[dict, str]]] = {}  # first name -> (module dict, key) under every name
+        self.modules: list[nn.Module] = []
+        self.direct = True  # swap_in can stand for functional_call (no TorchScript / DataParallel module)
+        self.sharded = False  # a parameter is a DTensor (FSDP2): passes take its whole tensor
         self._walk()
 
     def current(self) -> ModelMembers:
         """Self, walked again first if the module tree changed since the last walk."""
-        if not (all(len(d) == n for d, n in self._lens) and all(d.get(k) is v for d, k, v in self._entries)):
+        if not (self.direct and all(len(d) == n for d, n in self._lens)
+                and all(d.get(k) is v for d, k, v in self._entries)):  # (TorchScript modules: walked every call)
             self._walk()
         return self
 
@@ -81,9 +93,33 @@ class ModelMembers:
             return tensors
         return {**tensors, **{a: tensors[n] for a, n in self.aliases if n in tensors}}
 
+    def swap_in(self, tensors: dict[str, torch.Tensor]) -> list[tuple[dict, str, object]]:
+        """Put each tensor (keyed by its first name) in the module entries of all its names; returns the originals.
+
+        Pass the result to :meth:`restore` (in a ``finally``); on an error here the entries are already restored.
+        """
+        saved: list[tuple[dict, str, object]] = []
+        try:
+            for n, t in tensors.items():
+                for d, k in self.slots[n]:
+                    saved.append((d, k, d[k]))
+                    d[k] = t
+        except BaseException:
+            self.restore(saved)
+            raise
+        return saved
+
+    @staticmethod
+    def restore(saved: list[tuple[dict, str, object]]) -> None:
+        """Put back what :meth:`swap_in` replaced (in reverse order: a tensor under two names ends as it was)."""
+        for d, k, old in reversed(saved):
+            d[k] = old
+
     def _walk(self) -> None:
         model = self.model
-        dicts = [d for m in model.modules() for d in (m._parameters, m._buffers, m._modules)]
+        self.modules = list(model.modules())
+        self.direct = not any(isinstance(m, (torch.jit.ScriptModule, nn.DataParallel)) for m in self.modules)
+        dicts = [d for m in self.modules for d in (m._parameters, m._buffers, m._modules)] if self.direct else []
         self._lens = [(d, len(d)) for d in dicts]
         self._entries = [(d, k, v) for d in dicts for k, v in d.items()]
         self.params = list(model.named_parameters())
@@ -94,6 +130,13 @@ class ModelMembers:
         self.names = {id(p): n for n, p in self.params}
         every = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
         self.aliases = [(n, first[id(t)]) for n, t in every if first[id(t)] != n]
+        self.slots = {}
+        for n, t in every if self.direct else ():
+            prefix, _, key = n.rpartition(".")
+            owner = model.get_submodule(prefix)
+            d = owner._parameters if owner._parameters.get(key) is t else owner._buffers
+            self.slots.setdefault(first[id(t)], []).append((d, key))
+        self.sharded = any(hasattr(p, "to_local") for _, p in self.params)
 
 
 class FisherProducts:
@@ -123,7 +166,8 @@ class FisherProducts:
             call = RecordedCall(tuple(call), {})
         # FSDP2: sharded parameters and directions as whole tensors, and FSDP's own hooks off (owner.py)
         members = self.members.current()
-        params = {n: full_tensor(p.detach()) for n, p in members.params}
+        params = {n: full_tensor(p.detach()) for n, p in members.params} if members.sharded else {
+            n: p.detach() for n, p in members.params}
         buffers = {n: b.detach() for n, b in members.buffers}
         names = members.names
         named = [{names[id(p)]: full_tensor(v) for p, v in d.items() if id(p) in names} for d in directions]
@@ -150,10 +194,17 @@ class FisherProducts:
     def _call(self, tensors: dict[str, torch.Tensor], call: RecordedCall):
         """The model on ``call`` with ``tensors`` (name → tensor) for its parameters and buffers, tied names included.
 
-        ``functional_call`` would look the tied names up by walking the module tree on every call
-        (``tie_weights=True``); :class:`ModelMembers` keeps them.
+        ``functional_call``'s swap, done on the entries :class:`ModelMembers` keeps (``functional_call`` itself
+        for a TorchScript or ``DataParallel`` module, which it refuses with its own error).
         """
-        return functional_call(self.model, self.members.tied(tensors), call.args, call.kwargs, tie_weights=False)
+        members = self.members
+        if not members.direct:
+            return functional_call(self.model, members.tied(tensors), call.args, call.kwargs, tie_weights=False)
+        saved = members.swap_in(tensors)
+        try:
+            return self.model(*call.args, **call.kwargs)
+        finally:
+            members.restore(saved)
 
     def _batch_pays(self, call, params, buffers) -> bool:
         """Whether the model's forward does ≥ :data:`BATCHED_MIN_FLOPS` per parameter tensor on ``call``.
@@ -162,8 +213,8 @@ class FisherProducts:
         only on the model and the batch shape: a resumed run makes the same one.
         """
         cuda = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
-        with (torch.no_grad(), torch.random.fork_rng(devices=cuda), without_fsdp_hooks(self.model),
-              FlopCounterMode(display=False) as counter):
+        with (torch.no_grad(), torch.random.fork_rng(devices=cuda),
+              without_fsdp_hooks(self.model, self.members.modules), FlopCounterMode(display=False) as counter):
             bufs = {n: b.clone() for n, b in buffers.items()}
             self._call({**params, **bufs}, call)
         return counter.get_total_flops() >= BATCHED_MIN_FLOPS * max(len(params), 1)
@@ -174,16 +225,10 @@ class FisherProducts:
         outs = []
         # the fused scaled-dot-product-attention kernels have no forward-mode AD: the math backend (composite ops)
         # gives the same values and JVPs through attention
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), without_fsdp_hooks(self.model):
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), without_fsdp_hooks(self.model, self.members.modules):
             for d in named:
-                with fwAD.dual_level():
-                    with warnings.catch_warnings():
-                        # the first make_dual imports torch's JVP decompositions, which call the deprecated
-                        # torch.jit.script: torch's own warning, not the user's concern
-                        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
-                                                category=FutureWarning)
-                        duals = {n: fwAD.make_dual(prim, d[n].to(prim.dtype) if n in d else torch.zeros_like(prim))
-                                 for n, prim in moving.items()}
+                with fwAD.dual_level() as level:
+                    duals = make_duals(moving, d, level)
                     # fresh buffer copies per pass: BatchNorm's in-place running-stat updates stay local
                     bufs = {n: b.clone() for n, b in buffers.items()}
                     out = model_output(self._call({**params, **duals, **bufs}, call), self.select)
@@ -208,11 +253,35 @@ class FisherProducts:
         def push(t):
             return torch.func.jvp(forward, (moving,), (t,))
 
-        with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), without_fsdp_hooks(self.model),
+        with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), without_fsdp_hooks(self.model, self.members.modules),
               warnings.catch_warnings()):
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
             f, tangent = torch.func.vmap(push, out_dims=(None, 0), randomness="same")(tangents)
         return f.detach(), [t.detach() for t in tangent.unbind(0)]
+
+
+def make_duals(primals: dict[str, torch.Tensor], tangents: dict[str, torch.Tensor], level: int
+               ) -> dict[str, torch.Tensor]:
+    """``fwAD.make_dual(primal, tangent)`` per name (a zero tangent where ``tangents`` has none), at ``level``.
+
+    The first goes through ``fwAD.make_dual`` (its checks, the import of torch's JVP decompositions); the others,
+    when both tensors are floating point and no export is tracing, call the op it calls (``torch._VF._make_dual``)
+    directly: the same dual tensors, without ~2 µs of Python per parameter.
+    """
+    out: dict[str, torch.Tensor] = {}
+    fast = False
+    for n, prim in primals.items():
+        t = tangents[n].to(prim.dtype) if n in tangents else torch.zeros_like(prim)
+        if fast and prim.dtype.is_floating_point:  # t has its dtype
+            out[n] = _MAKE_DUAL(prim, t, level=level)
+            continue
+        with warnings.catch_warnings():
+            # the first make_dual imports torch's JVP decompositions, which call the deprecated torch.jit.script:
+            # torch's own warning, not the user's concern
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            out[n] = fwAD.make_dual(prim, t, level=level)
+        fast = not torch.compiler.is_exporting()
+    return out
 
 
 def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1.0,
@@ -222,11 +291,11 @@ def gram(spec: Loss, f: torch.Tensor, jvps: list[torch.Tensor], scale: float = 1
     H over ``mask``'s real terms with the term weight ``c`` (``Loss.fisher_inner``) where labels are visible.
     """
     k = len(jvps)
-    C = torch.zeros(k, k, dtype=torch.float64)
+    C = [[0.0] * k for _ in range(k)]  # Python floats, one tensor at the end (not one indexed store per entry)
     for i in range(k):
         for j in range(i, k):
-            C[i, j] = C[j, i] = float(spec.fisher_inner(f, jvps[i], jvps[j], mask, c)) * scale
-    return C
+            C[i][j] = C[j][i] = float(spec.fisher_inner(f, jvps[i], jvps[j], mask, c)) * scale
+    return torch.tensor(C, dtype=torch.float64).reshape(k, k)
 
 
 

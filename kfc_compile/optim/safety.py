@@ -56,6 +56,37 @@ def _non_finite_and_unscale_(grads: Sequence[torch.Tensor], inv_scale: float) ->
     return found
 
 
+#: tensors up to this many entries are read for inf/NaN together (one copy into one buffer); larger ones alone
+SMALL_NUMEL = 1 << 16
+
+
+def _plain(tensors: Sequence[torch.Tensor]) -> bool:
+    """No tensor is a ``DTensor`` (whose check is a collective over its shards: ``guard.all_finite``)."""
+    return not any(type(t) is not torch.Tensor and hasattr(t, "to_local") for t in tensors)
+
+
+def _finite_read(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of every (plain) tensor is finite, read with one host sync per device.
+
+    The small tensors of a device are concatenated (``cat`` upcasts mixed dtypes, which keeps inf/NaN and creates
+    none) and read by one ``aminmax``, larger ones alone; all (min, max) pairs come back in one ``tolist``. NaN shows
+    in both, ±inf in one. This is ``guard.fused_finite_flags`` without its 0-d ``isfinite`` / ``&`` / ``bool``
+    ops, ~0.1 ms of an 8-layer MLP's step on CPU.
+    """
+    by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        small, large = by_device.setdefault(t.device, ([], []))
+        (large if t.numel() > SMALL_NUMEL else small).append(t.reshape(-1))
+    for small, large in by_device.values():
+        pieces = ([torch.cat(small) if len(small) > 1 else small[0]] if small else []) + large
+        ends = [end for piece in pieces for end in torch.aminmax(piece)]
+        if not all(math.isfinite(v) for v in torch.stack(ends).tolist()):
+            return False
+    return True
+
+
 def _all_true(flags: Sequence[torch.Tensor]) -> bool:
     """Whether every 0-d bool flag is true: one host sync (one per device when they lie on several)."""
     if not flags:
@@ -142,17 +173,21 @@ class StepGuard:
             return "scaler", "the GradScaler found inf/NaN in the scaled gradients"
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         inv = 1.0 / loss_scale if getattr(optimizer, "grad_scale", None) is not None else 1.0
-        grad_flags = _non_finite_and_unscale_(grads, inv) if grads else []
         loss_t = loss.detach() if isinstance(loss, torch.Tensor) else None
-        loss_flags = [all_finite(loss_t)] if loss_t is not None else []
         # the loss and the gradients in one host sync; which one failed is only looked up when one did
-        if _all_true(grad_flags + loss_flags) and (loss is None or loss_t is not None or math.isfinite(float(loss))):
+        read = inv == 1.0 and _plain(grads) and (loss_t is None or _plain([loss_t]))
+        if read:  # no unscaling, no DTensor: one aminmax read of everything
+            ok = _finite_read(grads + ([] if loss_t is None else [loss_t]))
+        else:
+            grad_flags = _non_finite_and_unscale_(grads, inv) if grads else []
+            ok = _all_true(grad_flags + ([all_finite(loss_t)] if loss_t is not None else []))
+        if ok and (loss is None or loss_t is not None or math.isfinite(float(loss))):
             return None
         if loss is not None:
             value = float(loss_t if loss_t is not None else loss)
             if not math.isfinite(value):
                 return "loss", f"the closure's loss is {value}"
-        if not _all_true(grad_flags):
+        if not (_finite_read(grads) if read else _all_true(grad_flags)):
             return "gradient", "a parameter gradient has inf/NaN entries (a non-finite loss or model output?)"
         return None
 
