@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kfc_compile.curvature.curvature_product import dense_quadratic, product_tensors, quadratic
 from kfc_compile.curvature.precondition import bucket_tensors, dense_solve
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import clip_threshold
@@ -77,24 +78,33 @@ class Spec:
 # -- the update as functions of tensors ---------------------------------------------------------------------------
 
 
-def _naturals(spec: Spec, params, grads, invs, scal) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(F̂⁻¹∇h, ∇h) per KFC parameter (weight, then bias, layer by layer), as ``estimator.precondition`` builds them."""
-    hs = [g + scal[WD] * p for g, p in zip(grads, params, strict=True)] if spec.kfc_wd else list(grads)
+def _matrices(spec: Spec, ts) -> list[torch.Tensor]:
+    """The layers' ``[W | b]`` matrices ``(groups, g, a)`` of per-parameter tensors (``precondition.grad_matrix``)."""
     mats, pos = [], 0
     for lay in spec.layers:
-        gW = lay.site.weight_matrix(hs[pos])
+        gW = lay.site.weight_matrix(ts[pos])
         if lay.bias_shape is None:
             mats.append(gW)
             pos += 1
             continue
-        gb = hs[pos + 1].reshape(lay.groups, lay.g_dim, 1)
+        gb = ts[pos + 1].reshape(lay.groups, lay.g_dim, 1)
         mats.append(torch.cat([gW.to(torch.promote_types(gW.dtype, gb.dtype)), gb.to(gW.dtype)], dim=-1))
         pos += 2
+    return mats
+
+
+def _stacked(members, mats, dtype) -> torch.Tensor:
+    parts = [mats[i].to(dtype) for i in members]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _naturals(spec: Spec, params, grads, invs, scal) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(F̂⁻¹∇h, ∇h) per KFC parameter (weight, then bias, layer by layer), as ``estimator.precondition`` builds them."""
+    hs = [g + scal[WD] * p for g, p in zip(grads, params, strict=True)] if spec.kfc_wd else list(grads)
+    mats = _matrices(spec, hs)
     out: list[torch.Tensor | None] = [None] * len(spec.layers)
     for (method, members, counts), tensors in zip(spec.buckets, invs, strict=True):
-        dtype = tensors[0].dtype
-        parts = [mats[i].to(dtype) for i in members]
-        g = torch.cat(parts) if len(parts) > 1 else parts[0]
+        g = _stacked(members, mats, tensors[0].dtype)
         U = tensors[0].solve(g) if method == "solve" else dense_solve(method, tensors, scal[ETA], g)
         for i, part in zip(members, torch.split(U, list(counts)), strict=True):
             out[i] = part
@@ -112,8 +122,17 @@ def _flat64(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
 
 
-def _directions(spec: Spec, params, grads, bufs, invs, fparams, fgrads, fbufs, scal):
-    """F̂⁻¹∇h's finite flag, the updates v (KFC, then fallback), what ν measures, and the factored ν's terms."""
+def _buffer_terms(spec: Spec, bufs, hs, invs, curvs, scal) -> torch.Tensor:
+    """μ²·pᵀF̂p − 2μ·lr·⟨p, ∇h⟩: the momentum buffers' share of the factored ν(μp + v), as F̂v = −lr·∇h."""
+    mats, q = _matrices(spec, bufs), torch.zeros((), dtype=torch.float64)
+    for (method, members, _), tensors, cur in zip(spec.buckets, invs, curvs, strict=True):
+        P = _stacked(members, mats, tensors[0].dtype)
+        q = q + (quadratic(tensors[0], P) if method == "solve" else dense_quadratic(method, cur, scal[ETA], P))
+    return scal[MOM] * scal[MOM] * q - 2.0 * scal[MOM] * scal[LR] * (_flat64(bufs) @ _flat64(hs))
+
+
+def _directions(spec: Spec, params, grads, bufs, invs, curvs, fparams, fgrads, fbufs, scal):
+    """F̂⁻¹∇h's finite flag, the updates v (KFC, then fallback), what the exact ν measures, and the factored ν."""
     nats, hs = _naturals(spec, params, grads, invs, scal)
     fhs = [g + scal[FWD] * p for g, p in zip(fgrads, fparams, strict=True)] if spec.fallback_wd else list(fgrads)
     flat = torch.cat([n.reshape(-1) for n in nats])
@@ -124,10 +143,14 @@ def _directions(spec: Spec, params, grads, bufs, invs, fparams, fgrads, fbufs, s
     measured = vs if spec.clip != "exact" or spec.clip_on == "update" else [
         b * m + v for b, m, v in zip(list(bufs) + list(fbufs), moms, vs, strict=True)]
     nu = None
-    if spec.clip == "factored":  # lr²·⟨F̂⁻¹∇h, ∇h⟩ plus the fallback's wd·‖v‖²
+    if spec.clip == "factored":  # dᵀF̂d: lr²·⟨F̂⁻¹∇h, ∇h⟩ (+ the buffers' terms), plus the fallback's wd·‖d‖²
         nu = scal[LR] * scal[LR] * (flat.to(torch.float64) @ _flat64(hs))
+        fd = vs[len(nats):]
+        if spec.clip_on == "step":
+            nu = nu + _buffer_terms(spec, bufs, hs, invs, curvs, scal)
+            fd = [b * scal[FMOM] + v for b, v in zip(fbufs, fd, strict=True)]
         if spec.fallback_wd and fhs:
-            fv = _flat64(vs[len(nats):])
+            fv = _flat64(fd)
             nu = nu + scal[FWD] * (fv @ fv)
     return finite, vs, measured, nu
 
@@ -156,9 +179,9 @@ def _guarded_apply(spec: Spec, ok, scale, vs, params, bufs, fparams, fbufs, scal
             p.copy_(torch.where(ok, p + new, p))
 
 
-def _whole(spec: Spec, params, grads, bufs, invs, fparams, fgrads, fbufs, scal) -> torch.Tensor:
+def _whole(spec: Spec, params, grads, bufs, invs, curvs, fparams, fgrads, fbufs, scal) -> torch.Tensor:
     """The factored-ν (or unclipped) update in one graph; returns [finite F̂⁻¹∇h, ν, s] (fp64)."""
-    finite, vs, _, nu = _directions(spec, params, grads, bufs, invs, fparams, fgrads, fbufs, scal)
+    finite, vs, _, nu = _directions(spec, params, grads, bufs, invs, curvs, fparams, fgrads, fbufs, scal)
     if nu is None:
         nu = torch.zeros((), dtype=torch.float64)
     scale = _scale(spec, nu, scal) if spec.clip is not None else torch.ones((), dtype=torch.float64)
@@ -262,7 +285,10 @@ class FusedPre:
                   0.0 if o.clip is None else clip_threshold(o.clip, o.clip_scaling, lr),
                   est.buckets[plan.buckets[0]].inverse.eta]
         scal = torch.tensor(values, dtype=torch.float64)
-        args = (plan.params, grads, bufs, invs, plan.fparams, fgrads, fbufs, scal)
+        products = spec.clip == "factored" and spec.clip_on == "step"  # F̂ itself, for the buffers' pᵀF̂p
+        curvs = [product_tensors(est.buckets[i].inverse) if products and method != "solve" else ()
+                 for i, (method, _, _) in zip(plan.buckets, spec.buckets, strict=True)]
+        args = (plan.params, grads, bufs, invs, curvs, plan.fparams, fgrads, fbufs, scal)
         if spec.clip == "exact":
             finite, vs, measured, _ = plan.fn("first", self.compile)(spec, *args)
             if not bool(finite):
