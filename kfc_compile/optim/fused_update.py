@@ -1,21 +1,20 @@
 """KFC-pre's per-step update as one function of tensors: fused eager, or compiled with ``torch.compile``.
 
 The common path of ``mode="pre"`` (dense, grouped and same-shape-bucketed layers, factored or eigen damping, the
-factored or exact ν, the SGD fallback's parameters in the same update vector, momentum, weight decay) is written
-here as functions of lists of tensors: ∇h = grad + wd·θ, the gradient matrices, the bucket products Γ⁻¹GΩ⁻¹
-(``precondition.dense_solve``), the finite check of F̂⁻¹∇h, ν, the clipping scale, p ← μp + s·v and θ ← θ + p.
-They replace, for that path, the per-tensor Python of ``estimator.precondition`` + ``updates.pre_update`` +
-``rules.momentum_step_`` with the same arithmetic (float64: equal to ≤ 1e-12 relative; the scalars' sums in
-another order).
+factored or exact ν of v or of the step μp + v, the SGD fallback's parameters in the same update vector, momentum,
+weight decay) as functions of lists of tensors: ∇h = grad + wd·θ, the gradient matrices, the bucket products
+Γ⁻¹GΩ⁻¹ (``precondition.dense_solve``), the finite check of F̂⁻¹∇h, ν (the factored ν of the step adds the
+buffers' pᵀF̂p, ``curvature_product.py``), the clipping scale, p ← μp + s·v and θ ← θ + p. They replace the
+per-tensor Python of ``estimator.precondition`` + ``updates.pre_update`` + ``rules.momentum_step_`` with the same
+arithmetic (float64: equal to ≤ 1e-12 relative; the scalars' sums in another order).
 
 * **eager** (the default): the directions and ν in a few batched ops, one host sync for (finite, ν, scale), then
   the momentum step with ``torch._foreach_*`` exactly as ``rules.momentum_step_`` does it.
-* **compiled** (``KFC(compile_update=True)``): the same functions under ``torch.compile(fullgraph=True,
-  dynamic=False)`` (inductor). lr, μ, wd, the clip bound and η enter as one fp64 vector and the inverses as
+* **compiled** (``KFC(compile_update=True)``): the same under ``torch.compile(fullgraph=True, dynamic=False)``
+  (inductor). lr, μ, wd, the clip bound and η enter as one fp64 vector and the inverses (and F̂'s tensors) as
   inputs, so schedulers, statistics and inverse refreshes never recompile; the finite check and the clip decision
   are ``torch.where`` inside the graph (nothing is changed on a faulty step), read back with one ``.tolist()``.
-  With the exact ν the graph is cut in two around the exact Fisher products (a JVP of the model, eager):
-  the directions and their finite flag (one sync), the products, then ν and the update.
+  With the exact ν the graph is cut in two around the exact Fisher products (a JVP of the model, eager).
 
 A *plan* (which layers have a gradient, the buckets' structure, which parameters the fallback updates, whether wd
 is 0) is built once per configuration and cached; a configuration the plan cannot take (``mode="adaptive"``,
@@ -94,8 +93,7 @@ def _matrices(spec: Spec, ts) -> list[torch.Tensor]:
 
 
 def _stacked(members, mats, dtype) -> torch.Tensor:
-    parts = [mats[i].to(dtype) for i in members]
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return torch.cat([mats[i].to(dtype) for i in members]) if len(members) > 1 else mats[members[0]].to(dtype)
 
 
 def _naturals(spec: Spec, params, grads, invs, scal) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -117,9 +115,7 @@ def _naturals(spec: Spec, params, grads, invs, scal) -> tuple[list[torch.Tensor]
 
 
 def _flat64(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
+    return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64) if tensors else torch.zeros(0).double()
 
 
 def _buffer_terms(spec: Spec, bufs, hs, invs, curvs, scal) -> torch.Tensor:
@@ -150,8 +146,7 @@ def _directions(spec: Spec, params, grads, bufs, invs, curvs, fparams, fgrads, f
             nu = nu + _buffer_terms(spec, bufs, hs, invs, curvs, scal)
             fd = [b * scal[FMOM] + v for b, v in zip(fbufs, fd, strict=True)]
         if spec.fallback_wd and fhs:
-            fv = _flat64(fd)
-            nu = nu + scal[FWD] * (fv @ fv)
+            nu = nu + scal[FWD] * sum((t.double() * t.double()).sum() for t in fd)
     return finite, vs, measured, nu
 
 
@@ -182,8 +177,7 @@ def _guarded_apply(spec: Spec, ok, scale, vs, params, bufs, fparams, fbufs, scal
 def _whole(spec: Spec, params, grads, bufs, invs, curvs, fparams, fgrads, fbufs, scal) -> torch.Tensor:
     """The factored-ν (or unclipped) update in one graph; returns [finite F̂⁻¹∇h, ν, s] (fp64)."""
     finite, vs, _, nu = _directions(spec, params, grads, bufs, invs, curvs, fparams, fgrads, fbufs, scal)
-    if nu is None:
-        nu = torch.zeros((), dtype=torch.float64)
+    nu = torch.zeros((), dtype=torch.float64) if nu is None else nu
     scale = _scale(spec, nu, scal) if spec.clip is not None else torch.ones((), dtype=torch.float64)
     ok = finite & torch.isfinite(nu)
     _guarded_apply(spec, ok, scale, vs, params, bufs, fparams, fbufs, scal)

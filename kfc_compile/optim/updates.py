@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.curvature_product import bucket_quadratic
+from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.precondition import grad_matrix, regularised_grad
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import (
@@ -96,7 +96,7 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
                 nu += wd * sum_squares(v.values())
         else:  # dᵀF̂d (F̂ holds the damping and the weight decay): vᵀF̂v = lr²·uᵀ∇h with u = F̂⁻¹∇h
             nu = 0.0
-            for part, ts, ds in zip(parts, updates, measured, strict=True):
+            for part, ds in zip(parts, measured, strict=True):
                 if part.group["role"] == "kfc":
                     nu += factored_nu(part.naturals, part.grads, part.group["lr"])
                     if options.clip_on == "step":
