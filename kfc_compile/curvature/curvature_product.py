@@ -7,10 +7,11 @@ preconditioner applies (``inverses.py``), so that for d = v the factored ν is t
 * **eigen** damping: F̂ = (Q_Γ ⊗ Q_Ω) diag(l_Γ l_Ωᵀ + η) (Q_Γ ⊗ Q_Ω)ᵀ, so pᵀF̂p = Σ (l_Γ l_Ωᵀ + η) ⊙ (Q_Γᵀ P Q_Ω)²
   from the stored eigenbases (``scale`` folded into l_Ω; silent coordinates: η‖P_silent‖²; blocked: per tile).
 * **factored** damping: F̂ = Γ_d ⊗ Ω_d, pᵀF̂p = Σ P ⊙ (Γ_d P Ω_d). The damped factors Γ_d, Ω_d are not kept (the
-  inverses are, and the running factors have moved on since the refresh), so they are taken as the float64
-  inverses of the stored Γ_d⁻¹, Ω_d⁻¹: exactly the curvature whose inverse is applied, whatever built it (a refresh,
-  a rescale, the damped identity, a checkpoint). One inversion per factor per new inverse, memoised on the bucket's
-  inverse object (:func:`damped`); a silent coordinate's Ω_d is 1/``silent_scale``.
+  inverses are, and the running factors have moved on since the refresh), so they are taken as the inverses of
+  the stored Γ_d⁻¹, Ω_d⁻¹ (Cholesky in their dtype, as the refresh itself; float64 for fp64 models; a failure
+  redone in float64): the curvature whose inverse is applied, whatever built it (a refresh, a rescale, the damped
+  identity, a checkpoint). One inversion per factor per new inverse, the refresh's own cost again, memoised on the
+  bucket's inverse object (:func:`damped`); a silent coordinate's Ω_d is 1/``silent_scale``.
 
 Layers with a gradient but no inverse yet are preconditioned by the identity (``estimator.precondition``), so their
 F̂ is I. Every sum is in float64.
@@ -28,7 +29,10 @@ _DAMPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _inverted(M: torch.Tensor) -> torch.Tensor:
-    """The inverses of stacked SPD matrices, formed in float64 (symmetrised), in M's dtype."""
+    """The inverses of stacked SPD matrices by Cholesky in M's dtype; a failure is redone by LU in float64."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if bool((info == 0).all()):
+        return torch.cholesky_inverse(L)
     X = torch.linalg.inv(M.double())
     return (0.5 * (X + X.mT)).to(M.dtype)
 
