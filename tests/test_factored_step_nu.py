@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,3 +188,24 @@ def test_compiled_update_equals_eager_over_20_steps_without_recompiles(monkeypat
     _close(compiled, eager, 1e-12)
     assert [g - before for g in compiled[2]] == [1] * 20  # one graph: no JVP, no recompile across lr changes
     assert any(s < 1.0 for _, s in compiled[1]) and any(s == 1.0 for _, s in compiled[1])  # both branches
+
+
+def test_without_the_estimator_the_per_tensor_path_takes_the_exact_nu_and_says_so(caplog):
+    """A Fisher-product function that cannot reach F̂ (here: no ``estimator``) runs the exact ν of the step."""
+    runs = []
+    for curvature in ("factored", "exact"):
+        torch.manual_seed(0)
+        model = _mlp().double()
+        opt = _optimizer(model, clip_curvature=curvature)
+        opt._fused._off = "test: the per-tensor path"
+        gram = opt._exact_gram
+        opt._exact_gram = lambda directions, fraction, gram=gram: gram(directions, fraction)
+        with caplog.at_level(logging.DEBUG, logger="kfc_compile.optim.updates"):
+            for x, y in _batches((5,), 3):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        runs.append(opt.last_step["nu"])
+    assert runs[0] == runs[1]
+    assert any("factored ν of the applied step not taken: the Fisher-product function has no estimator"
+               in r.getMessage() for r in caplog.records)
