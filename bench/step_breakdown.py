@@ -9,7 +9,8 @@ Models (synthetic inputs):
   MSE.
 
 Variants: ``pre`` (KFC-pre, the defaults: momentum 0.9, clip 0.3 with exact ν on 1/4 of the batch), ``pre-fact``
-(the same with ``clip_curvature="factored"``) and ``adaptive`` (``mode="adaptive"``; lr 0.5, damping 1e-2 and
+(the same with ``clip_curvature="factored"``: ν of v alone), ``pre-fact-step`` (the factored ν of the applied step,
+``clip_on="step"``) and ``adaptive`` (``mode="adaptive"``; lr 0.5, damping 1e-2 and
 min_damping 1e-3 so that random labels never diverge; ``step(closure)`` every ``lm_interval`` = 5 steps, so the
 Levenberg–Marquardt rule re-evaluates the loss there). For each model, variant and
 (stats_every, inverse_every) the KFC and SGD (momentum 0.9) steppers alternate windows of P = lcm(stats,
@@ -78,6 +79,7 @@ MODELS = {  # name -> (builder, input shape, batch, loss kind)
 VARIANTS = {
     "pre": dict(lr=1e-3),
     "pre-fact": dict(lr=1e-3, clip_curvature="factored"),
+    "pre-fact-step": dict(lr=1e-3, clip_curvature="factored", clip_on="step"),
     "adaptive": dict(lr=0.5, damping=1e-2, min_damping=1e-3, mode="adaptive"),  # timing only: random labels
 }
 

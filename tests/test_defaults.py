@@ -80,8 +80,8 @@ def test_step_clipping_bounds_the_applied_step_against_the_dense_ce_fisher():
         thetas.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
         step = thetas[-1] - thetas[-2]
         assert float(step @ Fd @ step) == pytest.approx(clip, rel=1e-9)
-    with pytest.raises(ValueError, match="clip_on='step' needs clip_curvature='exact'"):
-        kc.KFC(nn.Linear(2, 2), lr=0.1, clip_on="step", clip_curvature="factored")
+    with pytest.raises(ValueError, match="adapt_damping=True needs KFC-pre's trust region on the applied step"):
+        kc.KFC(nn.Linear(2, 2), lr=0.1, clip_on="step", clip_curvature="factored", adapt_damping=True)
 
 
 # -- training sanity per task type (bench/time_to_target.py's tasks, loose targets) --------------------------------

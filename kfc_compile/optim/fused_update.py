@@ -1,21 +1,20 @@
 """KFC-pre's per-step update as one function of tensors: fused eager, or compiled with ``torch.compile``.
 
 The common path of ``mode="pre"`` (dense, grouped and same-shape-bucketed layers, factored or eigen damping, the
-factored or exact ν, the SGD fallback's parameters in the same update vector, momentum, weight decay) is written
-here as functions of lists of tensors: ∇h = grad + wd·θ, the gradient matrices, the bucket products Γ⁻¹GΩ⁻¹
-(``precondition.dense_solve``), the finite check of F̂⁻¹∇h, ν, the clipping scale, p ← μp + s·v and θ ← θ + p.
-They replace, for that path, the per-tensor Python of ``estimator.precondition`` + ``updates.pre_update`` +
-``rules.momentum_step_`` with the same arithmetic (float64: equal to ≤ 1e-12 relative; the scalars' sums in
-another order).
+factored or exact ν of v or of the step μp + v, the SGD fallback's parameters in the same update vector, momentum,
+weight decay) as functions of lists of tensors: ∇h = grad + wd·θ, the gradient matrices, the bucket products
+Γ⁻¹GΩ⁻¹ (``precondition.dense_solve``), the finite check of F̂⁻¹∇h, ν (the factored ν of the step adds the
+buffers' pᵀF̂p, ``curvature_product.py``), the clipping scale, p ← μp + s·v and θ ← θ + p. They replace the
+per-tensor Python of ``estimator.precondition`` + ``updates.pre_update`` + ``rules.momentum_step_`` with the same
+arithmetic (float64: equal to ≤ 1e-12 relative; the scalars' sums in another order).
 
 * **eager** (the default): the directions and ν in a few batched ops, one host sync for (finite, ν, scale), then
   the momentum step with ``torch._foreach_*`` exactly as ``rules.momentum_step_`` does it.
-* **compiled** (``KFC(compile_update=True)``): the same functions under ``torch.compile(fullgraph=True,
-  dynamic=False)`` (inductor). lr, μ, wd, the clip bound and η enter as one fp64 vector and the inverses as
+* **compiled** (``KFC(compile_update=True)``): the same under ``torch.compile(fullgraph=True, dynamic=False)``
+  (inductor). lr, μ, wd, the clip bound and η enter as one fp64 vector and the inverses (and F̂'s tensors) as
   inputs, so schedulers, statistics and inverse refreshes never recompile; the finite check and the clip decision
   are ``torch.where`` inside the graph (nothing is changed on a faulty step), read back with one ``.tolist()``.
-  With the exact ν the graph is cut in two around the exact Fisher products (a JVP of the model, eager):
-  the directions and their finite flag (one sync), the products, then ν and the update.
+  With the exact ν the graph is cut in two around the exact Fisher products (a JVP of the model, eager).
 
 A *plan* (which layers have a gradient, the buckets' structure, which parameters the fallback updates, whether wd
 is 0) is built once per configuration and cached; a configuration the plan cannot take (``mode="adaptive"``,
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kfc_compile.curvature.curvature_product import dense_quadratic, product_tensors, quadratic
 from kfc_compile.curvature.precondition import bucket_tensors, dense_solve
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import clip_threshold
@@ -77,24 +77,32 @@ class Spec:
 # -- the update as functions of tensors ---------------------------------------------------------------------------
 
 
-def _naturals(spec: Spec, params, grads, invs, scal) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(F̂⁻¹∇h, ∇h) per KFC parameter (weight, then bias, layer by layer), as ``estimator.precondition`` builds them."""
-    hs = [g + scal[WD] * p for g, p in zip(grads, params, strict=True)] if spec.kfc_wd else list(grads)
+def _matrices(spec: Spec, ts) -> list[torch.Tensor]:
+    """The layers' ``[W | b]`` matrices ``(groups, g, a)`` of per-parameter tensors (``precondition.grad_matrix``)."""
     mats, pos = [], 0
     for lay in spec.layers:
-        gW = lay.site.weight_matrix(hs[pos])
+        gW = lay.site.weight_matrix(ts[pos])
         if lay.bias_shape is None:
             mats.append(gW)
             pos += 1
             continue
-        gb = hs[pos + 1].reshape(lay.groups, lay.g_dim, 1)
+        gb = ts[pos + 1].reshape(lay.groups, lay.g_dim, 1)
         mats.append(torch.cat([gW.to(torch.promote_types(gW.dtype, gb.dtype)), gb.to(gW.dtype)], dim=-1))
         pos += 2
+    return mats
+
+
+def _stacked(members, mats, dtype) -> torch.Tensor:
+    return torch.cat([mats[i].to(dtype) for i in members]) if len(members) > 1 else mats[members[0]].to(dtype)
+
+
+def _naturals(spec: Spec, params, grads, invs, scal) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(F̂⁻¹∇h, ∇h) per KFC parameter (weight, then bias, layer by layer), as ``estimator.precondition`` builds them."""
+    hs = [g + scal[WD] * p for g, p in zip(grads, params, strict=True)] if spec.kfc_wd else list(grads)
+    mats = _matrices(spec, hs)
     out: list[torch.Tensor | None] = [None] * len(spec.layers)
     for (method, members, counts), tensors in zip(spec.buckets, invs, strict=True):
-        dtype = tensors[0].dtype
-        parts = [mats[i].to(dtype) for i in members]
-        g = torch.cat(parts) if len(parts) > 1 else parts[0]
+        g = _stacked(members, mats, tensors[0].dtype)
         U = tensors[0].solve(g) if method == "solve" else dense_solve(method, tensors, scal[ETA], g)
         for i, part in zip(members, torch.split(U, list(counts)), strict=True):
             out[i] = part
@@ -107,13 +115,20 @@ def _naturals(spec: Spec, params, grads, invs, scal) -> tuple[list[torch.Tensor]
 
 
 def _flat64(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
+    return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64) if tensors else torch.zeros(0).double()
 
 
-def _directions(spec: Spec, params, grads, bufs, invs, fparams, fgrads, fbufs, scal):
-    """F̂⁻¹∇h's finite flag, the updates v (KFC, then fallback), what ν measures, and the factored ν's terms."""
+def _buffer_terms(spec: Spec, bufs, hs, invs, curvs, scal) -> torch.Tensor:
+    """μ²·pᵀF̂p − 2μ·lr·⟨p, ∇h⟩: the momentum buffers' share of the factored ν(μp + v), as F̂v = −lr·∇h."""
+    mats, q = _matrices(spec, bufs), torch.zeros((), dtype=torch.float64)
+    for (method, members, _), tensors, cur in zip(spec.buckets, invs, curvs, strict=True):
+        P = _stacked(members, mats, tensors[0].dtype)
+        q = q + (quadratic(tensors[0], P) if method == "solve" else dense_quadratic(method, cur, scal[ETA], P))
+    return scal[MOM] * scal[MOM] * q - 2.0 * scal[MOM] * scal[LR] * (_flat64(bufs) @ _flat64(hs))
+
+
+def _directions(spec: Spec, params, grads, bufs, invs, curvs, fparams, fgrads, fbufs, scal):
+    """F̂⁻¹∇h's finite flag, the updates v (KFC, then fallback), what the exact ν measures, and the factored ν."""
     nats, hs = _naturals(spec, params, grads, invs, scal)
     fhs = [g + scal[FWD] * p for g, p in zip(fgrads, fparams, strict=True)] if spec.fallback_wd else list(fgrads)
     flat = torch.cat([n.reshape(-1) for n in nats])
@@ -124,11 +139,14 @@ def _directions(spec: Spec, params, grads, bufs, invs, fparams, fgrads, fbufs, s
     measured = vs if spec.clip != "exact" or spec.clip_on == "update" else [
         b * m + v for b, m, v in zip(list(bufs) + list(fbufs), moms, vs, strict=True)]
     nu = None
-    if spec.clip == "factored":  # lr²·⟨F̂⁻¹∇h, ∇h⟩ plus the fallback's wd·‖v‖²
+    if spec.clip == "factored":  # dᵀF̂d: lr²·⟨F̂⁻¹∇h, ∇h⟩ (+ the buffers' terms), plus the fallback's wd·‖d‖²
         nu = scal[LR] * scal[LR] * (flat.to(torch.float64) @ _flat64(hs))
+        fd = vs[len(nats):]
+        if spec.clip_on == "step":
+            nu = nu + _buffer_terms(spec, bufs, hs, invs, curvs, scal)
+            fd = [b * scal[FMOM] + v for b, v in zip(fbufs, fd, strict=True)]
         if spec.fallback_wd and fhs:
-            fv = _flat64(vs[len(nats):])
-            nu = nu + scal[FWD] * (fv @ fv)
+            nu = nu + scal[FWD] * sum((t.double() * t.double()).sum() for t in fd)
     return finite, vs, measured, nu
 
 
@@ -156,11 +174,10 @@ def _guarded_apply(spec: Spec, ok, scale, vs, params, bufs, fparams, fbufs, scal
             p.copy_(torch.where(ok, p + new, p))
 
 
-def _whole(spec: Spec, params, grads, bufs, invs, fparams, fgrads, fbufs, scal) -> torch.Tensor:
+def _whole(spec: Spec, params, grads, bufs, invs, curvs, fparams, fgrads, fbufs, scal) -> torch.Tensor:
     """The factored-ν (or unclipped) update in one graph; returns [finite F̂⁻¹∇h, ν, s] (fp64)."""
-    finite, vs, _, nu = _directions(spec, params, grads, bufs, invs, fparams, fgrads, fbufs, scal)
-    if nu is None:
-        nu = torch.zeros((), dtype=torch.float64)
+    finite, vs, _, nu = _directions(spec, params, grads, bufs, invs, curvs, fparams, fgrads, fbufs, scal)
+    nu = torch.zeros((), dtype=torch.float64) if nu is None else nu
     scale = _scale(spec, nu, scal) if spec.clip is not None else torch.ones((), dtype=torch.float64)
     ok = finite & torch.isfinite(nu)
     _guarded_apply(spec, ok, scale, vs, params, bufs, fparams, fbufs, scal)
@@ -262,7 +279,10 @@ class FusedPre:
                   0.0 if o.clip is None else clip_threshold(o.clip, o.clip_scaling, lr),
                   est.buckets[plan.buckets[0]].inverse.eta]
         scal = torch.tensor(values, dtype=torch.float64)
-        args = (plan.params, grads, bufs, invs, plan.fparams, fgrads, fbufs, scal)
+        products = spec.clip == "factored" and spec.clip_on == "step"  # F̂ itself, for the buffers' pᵀF̂p
+        curvs = [product_tensors(est.buckets[i].inverse) if products and method != "solve" else ()
+                 for i, (method, _, _) in zip(plan.buckets, spec.buckets, strict=True)]
+        args = (plan.params, grads, bufs, invs, curvs, plan.fparams, fgrads, fbufs, scal)
         if spec.clip == "exact":
             finite, vs, measured, _ = plan.fn("first", self.compile)(spec, *args)
             if not bool(finite):

@@ -84,7 +84,7 @@ class KFC(torch.optim.Optimizer):
             global RNG (save ``torch.get_rng_state()`` yourself for bit-identical resumes).
         clip_fraction: share of the batch (its first examples) for the exact Fisher products; None: 1/4, at least 32.
         clip_curvature: ``"exact"`` (the paper: exact Fisher-vector products on ``clip_fraction`` of the batch) or
-            ``"factored"`` (the optimizer's own damped F̂: free, no extra forward).
+            ``"factored"`` (the optimizer's own damped F̂, no extra forward; of v or, clip_on="step", of μp + v).
         fallback_lr: learning rate of the fallback group (default: ``lr`` for SGD, 1e-3 for Adam).
         fallback_betas, fallback_eps: Adam's hyper-parameters.
         lm_interval, lm_decay, min_damping: Levenberg–Marquardt period T1, factor ω₁ and floor for λ.

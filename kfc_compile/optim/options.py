@@ -153,17 +153,15 @@ class KFCOptions:
         choice("clip_curvature", self.clip_curvature, CLIP_CURVATURES)
         choice("clip_scaling", self.clip_scaling, CLIP_SCALINGS)
         choice("clip_on", self.clip_on, CLIP_TARGETS)
-        if self.clip_on == "auto":  # the applied step where ν is exact; the factored ν exists for v alone
+        if self.clip_on == "auto":  # the applied step where ν is exact; factored: v alone (docs/algorithm.md §6.2)
             put("clip_on", "step" if self.clip_curvature == "exact" else "update")
-        if self.clip_on == "step" and self.clip_curvature == "factored":
-            raise ValueError("clip_on='step' needs clip_curvature='exact': the factored ν = lr²·⟨F̂⁻¹∇h, ∇h⟩ is the "
-                             "new update's alone; use clip_on='update' with clip_curvature='factored'")
         if not isinstance(self.adapt_damping, bool) and self.adapt_damping != "auto":
             raise ValueError(f"adapt_damping must be True, False or 'auto', got {self.adapt_damping!r}")
-        step_region = self.clip is not None and self.clip_on == "step"
+        step_region = self.clip is not None and self.clip_on == "step" and self.clip_curvature == "exact"
         if self.adapt_damping is True and self.mode == "pre" and not step_region:
-            raise ValueError("adapt_damping=True needs KFC-pre's trust region on the applied step (clip set, "
-                             "clip_on='step' or 'auto' with clip_curvature='exact'): its ν is the model's δᵀFδ")
+            raise ValueError("adapt_damping=True needs KFC-pre's trust region on the applied step with the exact "
+                             "Fisher (clip set, clip_on='step' or 'auto', clip_curvature='exact'): its ν is the "
+                             "model's δᵀFδ")
         if self.adapt_damping == "auto":  # adapt when step() gets a closure, where the trust region allows it
             put("adapt_damping", "auto" if step_region else False)
         if self.fallback_lr is not None:

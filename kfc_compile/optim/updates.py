@@ -8,6 +8,7 @@ adaptive rule treat the parts as one update vector: the KFC layers first, then t
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, MutableMapping
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kfc_compile.curvature.curvature_product import bucket_quadratic
 from kfc_compile.curvature.distributed import Distributed
-from kfc_compile.curvature.precondition import regularised_grad
+from kfc_compile.curvature.precondition import grad_matrix, regularised_grad
 from kfc_compile.optim.options import KFCOptions
 from kfc_compile.optim.rules import (
     adam_step_,
@@ -29,7 +31,9 @@ from kfc_compile.optim.rules import (
     reduction_ratio,
     rescaling,
 )
-from kfc_compile.optim.scalars import factored_nu, quadratic_model, sum_squares
+from kfc_compile.optim.scalars import factored_nu, flat64, quadratic_model, sharded, sum_squares
+
+log = logging.getLogger(__name__)
 
 #: the Gram matrix of the exact Fisher among directions, on a leading fraction of the batch (``KFC._exact_gram``)
 GramFn = Callable[[list[dict[torch.Tensor, torch.Tensor]], float], torch.Tensor]
@@ -72,7 +76,8 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
     C is ``clip``, or clip·lr with ``clip_scaling="lr"`` (``rules.clip_threshold``, lr of the first part).
 
     ν is vᵀFv + wd·vᵀv with the exact Fisher on the batch's first ``clip_fraction`` (``clip_curvature="exact"``,
-    wd of the first part) or vᵀF̂v = lr²·⟨F̂⁻¹∇h, ∇h⟩ plus the fallback's wd·vᵀv (``"factored"``). A non-finite ν
+    wd of the first part) or vᵀF̂v = lr²·⟨F̂⁻¹∇h, ∇h⟩ plus the fallback's wd·vᵀv (``"factored"``); with
+    ``clip_on="step"`` of d = μp + v instead of v (the factored dᵀF̂d adds :func:`buffer_terms`). A non-finite ν
     changes nothing and sets ``info["skipped"]`` (the optimizer then skips the step). ``info`` receives ν and the
     clipping scale. Some part must have a parameter.
     """
@@ -83,19 +88,21 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
          for p, v in zip(part.params, ts, strict=True)] for part, ts in zip(parts, updates, strict=True)]
     scale = None
     if options.clip is not None:
-        if options.clip_curvature == "exact":
+        if _curvature(options, parts, exact_gram) == "exact":
             wd = parts[0].group["weight_decay"]
             v = {p: t for part, ts in zip(parts, measured, strict=True) for p, t in zip(part.params, ts, strict=True)}
             nu = float(exact_gram([v], options.clip_fraction)[0, 0])
             if wd:
                 nu += wd * sum_squares(v.values())
-        else:  # vᵀF̂v = lr²·uᵀ∇h with u = F̂⁻¹∇h (F̂ holds the damping and the weight decay)
+        else:  # dᵀF̂d (F̂ holds the damping and the weight decay): vᵀF̂v = lr²·uᵀ∇h with u = F̂⁻¹∇h
             nu = 0.0
-            for part, ts in zip(parts, updates, strict=True):
+            for part, ds in zip(parts, measured, strict=True):
                 if part.group["role"] == "kfc":
                     nu += factored_nu(part.naturals, part.grads, part.group["lr"])
+                    if options.clip_on == "step":
+                        nu += buffer_terms(part, state, exact_gram)
                 elif part.group["weight_decay"]:
-                    nu += part.group["weight_decay"] * sum_squares(ts)
+                    nu += part.group["weight_decay"] * sum_squares(ds)
         info["nu"] = nu
         if not math.isfinite(nu):  # inf/NaN in the model's output on the clip subset: no safe step size exists
             info["skipped"] = True  # the caller skips the step (nothing was changed here)
@@ -110,6 +117,45 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
         new_buffers = momentum_step_(part.params, buffers, ts, mom, scale)
         for p, buf in zip(part.params, new_buffers, strict=True):
             state[p]["momentum_buffer"] = buf
+
+
+def _curvature(options: KFCOptions, parts: list[GroupPart], exact_gram: GramFn) -> str:
+    """``options.clip_curvature``, or "exact" where the factored ν of the step cannot be formed (logged why)."""
+    if options.clip_curvature != "factored" or options.clip_on != "step":
+        return options.clip_curvature
+    why = None
+    if getattr(exact_gram, "estimator", None) is None:
+        why = "the Fisher-product function has no estimator"
+    elif getattr(exact_gram, "distributed", None) is not None:
+        why = "distributed KFC (a rank may not hold every inverse)"
+    elif sharded([p for part in parts for p in part.params]):
+        why = "DTensor (sharded) parameters"
+    if why is None:
+        return "factored"
+    log.debug("factored ν of the applied step not taken: %s; exact ν", why)
+    return "exact"
+
+
+def buffer_terms(part: GroupPart, state: MutableMapping, exact_gram: GramFn) -> float:
+    """μ²·pᵀF̂p − 2μ·lr·⟨p, ∇h⟩: the momentum buffers' share of the factored ν(μp + v) of the KFC part (F̂v = −lr·∇h).
+
+    F̂ is the estimator's (``exact_gram.estimator``; ``curvature_product.bucket_quadratic``).
+    """
+    bufs = {p: state[p].get("momentum_buffer") for p in part.params}
+    bufs = {p: b for p, b in bufs.items() if b is not None}
+    if not bufs:
+        return 0.0
+    mats = {}
+    for i, s in enumerate(exact_gram.estimator.states):
+        w, b = s.layer.weight, s.layer.bias
+        m = grad_matrix(s.layer, 0.0, (bufs.get(w), None if b is None else bufs.get(b)))
+        if m is not None:
+            mats[i] = m
+    q = float(bucket_quadratic(exact_gram.estimator.buckets, mats))
+    g = dict(zip(part.params, part.grads, strict=True))
+    mu, lr = part.group["momentum"], part.group["lr"]
+    ps = list(bufs)
+    return mu * mu * q - 2.0 * mu * lr * float(flat64([g[p] for p in ps], ps) @ flat64(list(bufs.values()), ps))
 
 
 def adaptive_update(parts: list[GroupPart], state: MutableMapping, options: KFCOptions, exact_gram: GramFn,
