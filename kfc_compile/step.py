@@ -17,8 +17,8 @@ What is compiled and what is not (measured in ``bench/compiled_step.py``, see do
   around the exact ν's Fisher products; no recompile under schedulers or inverse refreshes). It stays off here:
   in ``bench/compiled_update_probe.py --ab`` (docs/benchmarks.md) it saved 14–20 % of a whole step only with
   ``clip_curvature="factored"`` on the small models at (stats 10, inverses 100), ~4 % at (1, 20), nothing
-  measurable with the default exact ν (whose Fisher products stay eager) or on the paper net (where the update
-  is ~3 % of a step and a live-block layer changes the plan at inverse refreshes), for 2–8 s of compilation.
+  measurable with the exact ν (then the default; its Fisher products stay eager) or on the paper net (where the
+  update is ~3 % of a step and a live-block layer changes the plan at inverse refreshes), for 2–8 s of compilation.
 
 On CPU, inductor's default layout optimisation (channels-last convolutions) made resnet18's training graph
 slower than eager in ``bench/compiled_step.py``; ``backend_options={"layout_optimization": False}`` turns it off.

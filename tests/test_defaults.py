@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_factored_step_nu import _dense_curvature, _vec
 from torch import nn
 
 import kfc_compile as kc
@@ -36,7 +37,9 @@ def _first_step(lr: float, scaling: str, clip: float):
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     plain = copy.deepcopy(model)
-    opt = kc.KFC(model, lr=lr, momentum=0.0, clip=clip, clip_fraction=1.0, clip_scaling=scaling)
+    # clip_curvature="exact": the property is about the exact Fisher's ν (the default's: test below)
+    opt = kc.KFC(model, lr=lr, momentum=0.0, clip=clip, clip_fraction=1.0, clip_scaling=scaling,
+                 clip_curvature="exact")
     x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
     before = [p.detach().clone() for p in model.parameters()]
     F.cross_entropy(model(x), y).backward()
@@ -65,7 +68,9 @@ def test_step_clipping_bounds_the_applied_step_against_the_dense_ce_fisher():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     plain = copy.deepcopy(model)
     clip, mom = 1e-3, 0.9
-    opt = kc.KFC(model, lr=1.0, momentum=mom, clip=clip, clip_fraction=1.0, clip_on="step")
+    # clip_curvature="exact": the property is about the exact Fisher's ν (the default's: test below)
+    opt = kc.KFC(model, lr=1.0, momentum=mom, clip=clip, clip_fraction=1.0, clip_on="step",
+                 clip_curvature="exact")
     x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
     thetas = [torch.cat([p.detach().reshape(-1) for p in model.parameters()])]
     for _ in range(2):
@@ -82,6 +87,31 @@ def test_step_clipping_bounds_the_applied_step_against_the_dense_ce_fisher():
         assert float(step @ Fd @ step) == pytest.approx(clip, rel=1e-9)
     with pytest.raises(ValueError, match="adapt_damping=True needs KFC-pre's trust region on the applied step"):
         kc.KFC(nn.Linear(2, 2), lr=0.1, clip_on="step", clip_curvature="factored", adapt_damping=True)
+
+
+@pytest.mark.parametrize("lr", [0.5, 2.0])
+def test_default_trust_region_bounds_the_applied_step_against_the_dense_damped_kronecker_curvature(lr):
+    """The default (factored ν of the applied step, C = clip·lr): when it binds, ΔθᵀF̂Δθ = clip·lr on both steps.
+
+    F̂ is the dense damped Kronecker curvature built from the layers' factors (``test_factored_step_nu``); the
+    inverses are refreshed at steps 1–3, so the steps' F̂ is the one of the current factors.
+    """
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    clip = 1e-3
+    opt = kc.KFC(model, lr=lr, clip=clip)
+    o = opt.options
+    assert (o.clip_curvature, o.clip_on, o.clip_scaling, o.momentum) == ("factored", "step", "lr", 0.9)
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    for k in range(2):
+        before = {p: p.detach().clone() for p in model.parameters()}
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert opt.last_step["clip_scale"] < 1.0
+        q = sum(float(d @ Fd @ d) for layer, Fd in _dense_curvature(opt)
+                for d in [_vec(layer, {p: p.detach() - before[p] for p in before})])
+        assert q == pytest.approx(clip * lr, rel=1e-9), k
 
 
 # -- training sanity per task type (bench/time_to_target.py's tasks, loose targets) --------------------------------

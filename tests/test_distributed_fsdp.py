@@ -31,7 +31,8 @@ def _configs(world: int) -> list[dict]:
     ]
     if world == 2:
         cfgs.append({"sizes": eq, "steps": STEPS,
-                     "kfc": dict(BASE, fisher="type-2", clip_curvature="factored", max_factor_dim=40)})
+                     "kfc": dict(BASE, fisher="type-2", clip_curvature="factored", clip_on="update",
+                                  max_factor_dim=40)})
     return cfgs + [SUBSET(world)]
 
 

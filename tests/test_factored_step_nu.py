@@ -180,7 +180,9 @@ def test_fused_update_equals_the_per_tensor_path(case):
 @pytest.mark.parametrize(("damping_method", "backend"), [("factored", "inductor"), ("eigen", "aot_eager")])
 def test_compiled_update_equals_eager_over_20_steps_without_recompiles(monkeypatch, damping_method, backend):
     monkeypatch.setattr(fused_update, "BACKEND", backend)  # eigen: dynamo's graph and guards, without inductor's time
-    options = dict(weight_decay=1e-3, clip=0.3, damping_method=damping_method)
+    # clip 0.1: binding on some steps and not on others for both damping methods (with 0.3 the factored damping's
+    # clip bound on no step at this branch's base 44e6f6b, so "both branches" failed there)
+    options = dict(weight_decay=1e-3, clip=0.1, damping_method=damping_method)
     before = counters["stats"]["unique_graphs"]
     compiled = _run(_mlp, (5,), dict(options, compile_update=True), steps=20, scheduler=True)
     eager = _run(_mlp, (5,), options, steps=20, scheduler=True)

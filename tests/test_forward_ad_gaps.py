@@ -82,7 +82,8 @@ def _train(model, opt, xs, ys, steps=5):
 def test_no_forward_ad_falls_back_with_one_warning(model_cls, op, mode):
     torch.manual_seed(0)
     model = model_cls()
-    opt = kc.KFC(model, lr=0.05 if mode == "pre" else 1.0, mode=mode, damping=1e-2)
+    # clip_curvature="exact": the exact ν's forward-mode products are what lacks the op (the default has none)
+    opt = kc.KFC(model, lr=0.05 if mode == "pre" else 1.0, mode=mode, damping=1e-2, clip_curvature="exact")
     assert opt.layers
     g = torch.Generator().manual_seed(1)
     shape = (16, 7, 3) if model_cls is LSTMHead else (16, 3)
@@ -102,7 +103,8 @@ def test_fallback_nu_is_the_factored_quadratic_form():
     """KFC-pre's ν on the fallback is Σ vᵀ kron(Γ, Ω) v over the KFC layers: checked with dense Kronecker products."""
     torch.manual_seed(0)
     model = FakeOpNet().double()
-    opt = kc.KFC(model, lr=0.1, momentum=0.0, clip=1e6, stats_fraction=1.0)
+    # clip_curvature="exact": the fallback of the exact ν without forward-mode AD is the point
+    opt = kc.KFC(model, lr=0.1, momentum=0.0, clip=1e6, stats_fraction=1.0, clip_curvature="exact")
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 4, (8,))
     layers = {"a": model.a, "b": model.b}
 

@@ -103,16 +103,21 @@ def _assert_equal(a, b, tol):
             assert abs(nu - nu_ref) <= tol * abs(nu_ref) and abs(s - s_ref) <= tol * abs(s_ref)
 
 
+# the resolved curvature / target pinned where the case was written for them before the default became the factored
+# ν of the applied step (clip_curvature / clip_on "auto"), so each still covers the path it was meant to
 CONFIGS = [
-    dict(),  # the defaults: exact ν on the applied step, factored damping, SGD fallback
-    dict(clip=1e-4, weight_decay=1e-2),  # the clip binds every step
-    dict(clip=1e-4, clip_curvature="factored", weight_decay=1e-2, damping_method="eigen"),
+    dict(),  # the defaults: factored ν on the applied step (clip 0.2·lr), factored damping, SGD fallback
+    dict(clip_curvature="exact"),  # the exact ν on the applied step, clip 30·lr
+    dict(clip=1e-4, weight_decay=1e-2, clip_curvature="exact"),  # the clip binds every step
+    dict(clip=1e-4, clip_curvature="factored", clip_on="update", weight_decay=1e-2, damping_method="eigen"),
     dict(clip=None, momentum=0.0, fallback="adam"),
-    dict(clip=1e-3, clip_curvature="factored", fallback=None, damping=1e-2),
-    dict(clip=1e-4, clip_on="update", damping_method="eigen", fallback="adam", weight_decay=1e-3),
-    dict(clip=1e-4, clip_scaling="fixed", clip_curvature="factored", momentum=0.5, fallback_lr=0.01),
-    dict(clip=1e-4, max_factor_dim=8, weight_decay=1e-3),  # blocked factors: their own solve (eager)
-    dict(clip=1e-4, max_factor_dim=8, damping_method="eigen", clip_curvature="factored"),
+    dict(clip=1e-3, clip_curvature="factored", clip_on="update", fallback=None, damping=1e-2),
+    dict(clip=1e-4, clip_on="update", damping_method="eigen", fallback="adam", weight_decay=1e-3,
+         clip_curvature="exact"),
+    dict(clip=1e-4, clip_scaling="fixed", clip_curvature="factored", clip_on="update", momentum=0.5,
+         fallback_lr=0.01),
+    dict(clip=1e-4, max_factor_dim=8, weight_decay=1e-3, clip_curvature="exact"),  # blocked factors: own solve
+    dict(clip=1e-4, max_factor_dim=8, damping_method="eigen", clip_curvature="factored", clip_on="update"),
 ]
 
 
@@ -128,7 +133,7 @@ def test_fused_equals_the_per_tensor_path(config):
 
 
 def test_fused_equals_the_per_tensor_path_in_float32():
-    options = dict(lr=0.05, inverse_every=3, stats_fraction=0.5, clip=1e-4, weight_decay=1e-3)
+    options = dict(lr=0.05, inverse_every=3, stats_fraction=0.5, clip=1e-4, weight_decay=1e-3, clip_curvature="exact")
     fused = _run(Net, (2, 4, 4), options, dtype=torch.float32)
     ref = _run(Net, (2, 4, 4), options, fused=False, dtype=torch.float32)
     assert _taken(fused[4])
@@ -137,7 +142,8 @@ def test_fused_equals_the_per_tensor_path_in_float32():
 
 @pytest.mark.parametrize("damping_method", ["factored", "eigen"])
 def test_fused_equals_the_per_tensor_path_with_a_live_block_inverse(damping_method):
-    options = dict(lr=0.05, inverse_every=3, clip=1e-4, weight_decay=1e-3, damping_method=damping_method)
+    options = dict(lr=0.05, inverse_every=3, clip=1e-4, weight_decay=1e-3, damping_method=damping_method,
+                   clip_curvature="exact")
     fused = _run(_wide, (70,), options, silent=10)
     ref = _run(_wide, (70,), options, fused=False, silent=10)
     assert fused[4].layer_states()[0].inverse.live is not None and _taken(fused[4])
@@ -146,7 +152,7 @@ def test_fused_equals_the_per_tensor_path_with_a_live_block_inverse(damping_meth
 
 def test_compiled_update_equals_eager_over_20_steps_without_recompiles():
     options = dict(lr=0.05, inverse_every=3, stats_fraction=0.5, clip=3e-2, clip_curvature="factored",
-                   weight_decay=1e-3)
+                   clip_on="update", weight_decay=1e-3)
     before = counters["stats"]["unique_graphs"]
     compiled = _run(_mlp, (5,), dict(options, compile_update=True), steps=20, scheduler=True)
     eager = _run(_mlp, (5,), options, steps=20, scheduler=True)
@@ -159,7 +165,9 @@ def test_compiled_update_equals_eager_over_20_steps_without_recompiles():
 
 def test_compiled_exact_nu_update_is_two_graphs_without_recompiles(monkeypatch):
     monkeypatch.setattr(fused_update, "BACKEND", "aot_eager")
-    options = dict(lr=0.05, inverse_every=3, stats_fraction=0.5, clip=1e-3, weight_decay=1e-3)
+    # clip_curvature="exact": the JVP's graph is the point (the default's factored ν has none)
+    options = dict(lr=0.05, inverse_every=3, stats_fraction=0.5, clip=1e-3, weight_decay=1e-3,
+                   clip_curvature="exact")
     before = counters["stats"]["unique_graphs"]
     compiled = _run(_mlp, (5,), dict(options, compile_update=True), steps=20, scheduler=True)
     eager = _run(_mlp, (5,), options, steps=20, scheduler=True, fused=False)

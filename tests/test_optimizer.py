@@ -285,7 +285,8 @@ def test_clipping_rescales_update_to_the_threshold():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     wd, clip = 0.01, 1e-3
     plain = copy.deepcopy(model)  # the dense reference runs on an uninstrumented twin
-    opt = kc.KFC(model, lr=1.0, momentum=0.0, weight_decay=wd, clip=clip, clip_fraction=1.0)
+    # clip_curvature="exact": the property is the exact Fisher's ν (the default's, against F̂: test_defaults.py)
+    opt = kc.KFC(model, lr=1.0, momentum=0.0, weight_decay=wd, clip=clip, clip_fraction=1.0, clip_curvature="exact")
     x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
     before = [p.detach().clone() for p in model.parameters()]
     F.cross_entropy(model(x), y).backward()

@@ -157,16 +157,20 @@ class SizeLog(nn.Module):
 
 @pytest.mark.parametrize("n", [16, 48, 128, 1024])
 def test_the_default_passes_run_on_the_floored_subsets(n):
-    """Defaults (MC Fisher: a separate statistics pass; exact ν): the passes see max(N/8, 32) and max(N/4, 32)."""
-    torch.manual_seed(0)
-    model = SizeLog()
-    opt = kc.KFC(model, lr=1e-2, generator=torch.Generator().manual_seed(0))
-    model.seen.clear()  # the trace's
-    x, y = torch.randn(n, 6), torch.randint(0, 3, (n,))
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+    """Default subsets (MC Fisher: a separate statistics pass): max(N/8, 32), and max(N/4, 32) for the exact ν.
+
+    The default trust region (the factored ν of the step) adds no pass.
+    """
     want_stats, want_nu = min(n, max(math.ceil(n / 8), 32)), min(n, max(math.ceil(n / 4), 32))
-    assert model.seen == [n, want_stats, want_nu]
+    for curvature, want in (("exact", [n, want_stats, want_nu]), ("auto", [n, want_stats])):
+        torch.manual_seed(0)
+        model = SizeLog()
+        opt = kc.KFC(model, lr=1e-2, generator=torch.Generator().manual_seed(0), clip_curvature=curvature)
+        model.seen.clear()  # the trace's
+        x, y = torch.randn(n, 6), torch.randint(0, 3, (n,))
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert model.seen == want, curvature
 
 
 @pytest.fixture(scope="module")

@@ -203,12 +203,15 @@ def kfc_options(um: UserModel, **overrides) -> dict:
     The small ν threshold keeps each step inside a trust region (the batch of 4 is memorised within a few steps
     otherwise, and the loss then bounces).
     """
-    kw = dict(lr=0.1, damping=0.1, clip=0.01, loss=um.loss)
+    # clip_curvature="exact", clip_on="update" where factored: what these options resolved to when they were tuned,
+    # before the factored ν of the applied step became the default (its ν is on another scale)
+    kw = dict(lr=0.1, damping=0.1, clip=0.01, clip_curvature="exact", loss=um.loss)
     if um.hf:
         # keyword-called models: the statistics subset pass and the exact Fisher products replay positional inputs
         # only, until keyword replays land; whole-batch statistics and the factored ν meanwhile
-        kw.update(stats_fraction=1.0, clip_curvature="factored")
+        kw.update(stats_fraction=1.0, clip_curvature="factored", clip_on="update")
     if um.name == "lstm":
-        kw["clip_curvature"] = "factored"  # the exact ν needs forward AD, which mkldnn_rnn_layer lacks on CPU
+        kw.update(clip_curvature="factored", clip_on="update")  # the exact ν needs forward AD: mkldnn_rnn_layer
+        # lacks it on CPU
     kw.update(overrides)
     return kw

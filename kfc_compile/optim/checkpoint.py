@@ -3,7 +3,8 @@
 Format version 2 (version 1, without ``"options"``, per-layer ``"layout"`` and ``"health"``, still loads)::
 
     {"version": 2, "step": int, "mode": str, "scale": float, "warned": [str],
-     "options": {"approx", "damping_method", "max_factor_dim", "memory_budget"},   # the structural options
+     "options": {"approx", "damping_method", "max_factor_dim", "memory_budget",   # the structural options
+                 "clip", "clip_curvature", "clip_on", "clip_scaling"},          # the resolved trust region
      "layers": [{"name", "layout": (groups, a_dim, g_dim, a_blocks, g_blocks), "frozen": bool,
                  "factors": None | {"A", "G", "updates"}, "inverse": None | LayerInverse.state()}],
      "generator": None | uint8 tensor, "health": Health.state(),
@@ -20,7 +21,10 @@ saved on another device or in another precision (``map_location``, a ``.double()
 goes back to the CPU, where ``torch.Generator.set_state`` wants it.
 
 A state saved with other structural options is refused with a ``ValueError`` that names the mismatch: another
-layer set, ``approx``, ``damping_method``, or factor layouts (``max_factor_dim`` / ``memory_budget``).
+layer set, ``approx``, ``damping_method``, or factor layouts (``max_factor_dim`` / ``memory_budget``). A state
+saved with another resolved trust region (e.g. before the factored ν of the step became the default: clip 30 with
+the exact ν) loads with a warning naming the saved values to pass for the same run; states without them load as
+before (they carry no record of it).
 """
 from __future__ import annotations
 
@@ -53,6 +57,10 @@ def layer_entry(s: LayerState) -> dict:
             "inverse": None if s.inverse is None else s.inverse.state()}
 
 
+#: the resolved trust-region options a state records (its defaults changed: docs/algorithm.md §6.2)
+TRUST_REGION = ("clip", "clip_curvature", "clip_on", "clip_scaling")
+
+
 def kfc_state(est: CurvatureEstimator, options: KFCOptions, health: Health, step: int, warned: set[str],
               approx: str, dist: Distributed | None = None) -> dict:
     """The ``"kfc"`` entry of ``state_dict()`` (see the module docstring)."""
@@ -70,7 +78,8 @@ def run_entry(est: CurvatureEstimator, options: KFCOptions, health: Health, step
         "mode": options.mode,
         "damping_method": options.damping_method,
         "options": {"approx": approx, "damping_method": options.damping_method,
-                    "max_factor_dim": options.max_factor_dim, "memory_budget": options.memory_budget},
+                    "max_factor_dim": options.max_factor_dim, "memory_budget": options.memory_budget,
+                    **{key: getattr(options, key) for key in TRUST_REGION}},
         "scale": est.scale,
         "warned": sorted(warned),
         "generator": None if options.generator is None else options.generator.get_state(),
@@ -95,6 +104,12 @@ def check_kfc_state(kfc: dict | None, est: CurvatureEstimator, options: KFCOptio
     for key, now in (("approx", approx), ("damping_method", options.damping_method)):
         if key in saved and saved[key] != now:
             raise ValueError(f"state_dict was saved with {key}={saved[key]!r}, this optimizer uses {key}={now!r}")
+    differ = {key: saved[key] for key in TRUST_REGION if key in saved and saved[key] != getattr(options, key)}
+    if differ and options.mode == "pre":
+        now = {key: getattr(options, key) for key in differ}
+        warnings.warn(f"state_dict was saved with the trust region {differ}, this optimizer resolved {now}: the "
+                      f"resumed run clips differently; pass {', '.join(f'{k}={v!r}' for k, v in differ.items())} "
+                      "to continue the saved run", stacklevel=4)
     if not layers:
         return
     saved_names = [entry["name"] for entry in kfc["layers"]]

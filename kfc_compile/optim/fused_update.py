@@ -87,13 +87,18 @@ def _matrices(spec: Spec, ts) -> list[torch.Tensor]:
             pos += 1
             continue
         gb = ts[pos + 1].reshape(lay.groups, lay.g_dim, 1)
-        mats.append(torch.cat([gW.to(torch.promote_types(gW.dtype, gb.dtype)), gb.to(gW.dtype)], dim=-1))
+        if gb.dtype != gW.dtype:
+            gW, gb = gW.to(torch.promote_types(gW.dtype, gb.dtype)), gb.to(gW.dtype)
+        mats.append(torch.cat([gW, gb], dim=-1))
         pos += 2
     return mats
 
 
 def _stacked(members, mats, dtype) -> torch.Tensor:
-    return torch.cat([mats[i].to(dtype) for i in members]) if len(members) > 1 else mats[members[0]].to(dtype)
+    if len(members) > 1:
+        return torch.cat([mats[i].to(dtype) for i in members])
+    m = mats[members[0]]
+    return m if m.dtype == dtype else m.to(dtype)
 
 
 def _naturals(spec: Spec, params, grads, invs, scal) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -104,6 +109,9 @@ def _naturals(spec: Spec, params, grads, invs, scal) -> tuple[list[torch.Tensor]
     for (method, members, counts), tensors in zip(spec.buckets, invs, strict=True):
         g = _stacked(members, mats, tensors[0].dtype)
         U = tensors[0].solve(g) if method == "solve" else dense_solve(method, tensors, scal[ETA], g)
+        if len(members) == 1:
+            out[members[0]] = U
+            continue
         for i, part in zip(members, torch.split(U, list(counts)), strict=True):
             out[i] = part
     nats = []
@@ -134,7 +142,8 @@ def _directions(spec: Spec, params, grads, bufs, invs, curvs, fparams, fgrads, f
     flat = torch.cat([n.reshape(-1) for n in nats])
     lo, hi = torch.aminmax(flat)  # a read of F̂⁻¹∇h without isfinite's bool temporary (curvature.guard.all_finite)
     finite = torch.isfinite(lo) & torch.isfinite(hi)
-    vs = [n * -scal[LR] for n in nats] + [g * -scal[FLR] for g in fhs]
+    nlr, nflr = -scal[LR], -scal[FLR]
+    vs = [n * nlr for n in nats] + [g * nflr for g in fhs]
     moms = [scal[MOM]] * len(nats) + [scal[FMOM]] * len(fhs)
     measured = vs if spec.clip != "exact" or spec.clip_on == "update" else [
         b * m + v for b, m, v in zip(list(bufs) + list(fbufs), moms, vs, strict=True)]

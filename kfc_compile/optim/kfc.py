@@ -4,8 +4,8 @@ A training step is the usual ``loss_fn(model(x), y).backward(); opt.step(); opt.
 the optimizer arms the model's capture taps before the forward, and the taps record Ω and Γ during the backward
 (``fisher=`` says which backward feeds Γ: docs/algorithm.md §3; ``stats_fraction`` the examples: §4.3).
 ``step()`` folds the batch factors into the moving averages, refreshes the damped inverses and preconditions every
-KFC layer (``curvature/estimator.py``), then applies the update of ``mode="pre"`` (KFC-pre with the exact-ν trust
-region, §6.2) or ``mode="adaptive"`` (α/μ rescaling and Levenberg–Marquardt damping, §5.4 and §6.1) through
+KFC layer (``curvature/estimator.py``), then applies the update of ``mode="pre"`` (KFC-pre with a trust region on
+the applied step, §6.2) or ``mode="adaptive"`` (α/μ rescaling and Levenberg–Marquardt damping, §5.4 and §6.1) through
 ``updates.py`` / ``rules.py``. ∇h is ``.grad + weight_decay·θ``; parameters outside KFC are updated by the
 fallback (§6.3). Faults (``safety.py``, ``curvature/guard.py``, counted in ``opt.health``) skip a step before
 anything of it is kept (§5.7).
@@ -36,7 +36,7 @@ from kfc_compile.optim.model import (
     routing_snapshot,
     warn_if_uncovered,
 )
-from kfc_compile.optim.options import KFCOptions
+from kfc_compile.optim.options import KFCOptions, model_curvature
 from kfc_compile.optim.pre_damping import pre_lm_update
 from kfc_compile.optim.rules import average_iterates_, swapped_in
 from kfc_compile.optim.safety import BufferSnapshot, StepGuard
@@ -60,20 +60,19 @@ class KFC(torch.optim.Optimizer):
         weight_decay: ℓ2 coefficient: added to the gradient, folded into the damping and into ν.
         stats_every, inverse_every: statistics / inverse periods T_s, T_f (inverses also at steps 1–3).
         warmup: the first ``warmup`` steps all collect statistics and recompute inverses (a warm start, §4.3).
-        adapt_damping: KFC-pre adapts ``damping`` by Levenberg–Marquardt on its applied step when ``step()`` gets
-            a closure (``"auto"``; ``True``: warn without one; ``False``, default: fixed), docs/algorithm.md §5.5.
+        adapt_damping: Levenberg–Marquardt on ``damping`` (KFC-pre, exact ν) when ``step()`` gets a closure
+            (``"auto"``; ``True``: warn without one; ``False``, default: fixed), docs/algorithm.md §5.5.
         stat_decay: the moving-average cap: ε = min(1 − 1/k, stat_decay).
         stats_fraction: share of the batch (its first ⌈fraction·N⌉ examples, at least 2) that feeds the factor
             statistics (K-FAC's τ₁); None: 1/8, at least 32 examples (§4.3); 1: the whole batch, in the user's pass.
         fisher: ``"mc"`` (sampled targets), ``"empirical"`` or ``"type-2"``.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or the matching ``nn`` loss instance (its
             reduction says whether the objective is a batch mean or sum; a sum scales the curvature by N).
-        approx: ``"expand"`` (KFC) or ``"reduce"``.
-        mode: ``"pre"`` or ``"adaptive"``.
-        clip: KFC-pre's trust-region constant (``None`` disables clipping and its JVP); the paper's is 0.3 fixed.
+        approx, mode: ``"expand"`` (KFC) or ``"reduce"``; ``"pre"`` or ``"adaptive"``.
+        clip: KFC-pre's trust-region constant: ``"auto"`` (default) 0.2 for the factored ν of the step, 30 for the
+            exact ν (``options.CLIP_DEFAULTS``); a float: that; ``None``: no clipping. The paper's is 0.3 fixed.
         clip_scaling, clip_on: the bound ν ≤ clip·lr (``"lr"``) or ν ≤ clip (``"fixed"``), and what ν measures:
-            ``"step"`` the applied μp + v, ``"update"`` v alone (the paper), ``"auto"`` the step with exact ν and v
-            with ``clip_curvature="factored"`` (docs/algorithm.md §6.2).
+            ``"step"`` (``"auto"``) the applied μp + v, ``"update"`` v alone (the paper), docs/algorithm.md §6.2.
         compile_update: KFC-pre's update (preconditioning, ν, clipping, momentum) under ``torch.compile`` (inductor;
             2–8 s of compilation per configuration on CPU, ``optim/fused_update.py``); False: the same, fused eager.
         averaging: iterate-averaging timescale τ in steps (``None``: off); see :meth:`swap_averaged`.
@@ -83,8 +82,9 @@ class KFC(torch.optim.Optimizer):
         generator: ``torch.Generator`` for the MC targets (its state is part of ``state_dict``); default: the
             global RNG (save ``torch.get_rng_state()`` yourself for bit-identical resumes).
         clip_fraction: share of the batch (its first examples) for the exact Fisher products; None: 1/4, at least 32.
-        clip_curvature: ``"exact"`` (the paper: exact Fisher-vector products on ``clip_fraction`` of the batch) or
-            ``"factored"`` (the optimizer's own damped F̂, no extra forward; of v or, clip_on="step", of μp + v).
+        clip_curvature: ``"factored"`` (the damped F̂ itself: no extra pass), ``"exact"`` (the paper: Fisher-vector
+            products on ``clip_fraction`` of the batch) or ``"auto"``: factored, exact with ``adapt_damping``,
+            distributed KFC (DDP, FSDP2) or ``mode="adaptive"``.
         fallback_lr: learning rate of the fallback group (default: ``lr`` for SGD, 1e-3 for Adam).
         fallback_betas, fallback_eps: Adam's hyper-parameters.
         lm_interval, lm_decay, min_damping: Levenberg–Marquardt period T1, factor ω₁ and floor for λ.
@@ -122,9 +122,9 @@ class KFC(torch.optim.Optimizer):
                  weight_decay: float = 0.0, stats_every: int = 1, inverse_every: int = 20, stat_decay: float = 0.95,
                  stats_fraction: float | None = None,
                  fisher: str = "mc", loss="cross_entropy", approx: str = "expand", mode: str = "pre",
-                 clip: float | None = 30.0, averaging: float | None = None, damping_method: str = "factored",
+                 clip: float | str | None = "auto", averaging: float | None = None, damping_method: str = "factored",
                  fallback: str | None = "sgd", mc_samples: int = 1, generator: torch.Generator | None = None,
-                 clip_fraction: float | None = None, clip_curvature: str = "exact", fallback_lr: float | None = None,
+                 clip_fraction: float | None = None, clip_curvature: str = "auto", fallback_lr: float | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.999), fallback_eps: float = 1e-8,
                  lm_interval: int = 5, lm_decay: float = (19 / 20) ** 5, min_damping: float = 1e-8,
                  max_factor_dim: int | None = 8192, max_failures: int | None = 3, max_skipped_steps: int | None = 5,
@@ -137,12 +137,12 @@ class KFC(torch.optim.Optimizer):
             inverse_every=inverse_every, stat_decay=stat_decay, stats_fraction=stats_fraction, fisher=fisher,
             loss=loss, approx=approx, mode=mode, clip=clip, averaging=averaging, damping_method=damping_method,
             fallback=fallback, mc_samples=mc_samples, generator=generator, clip_fraction=clip_fraction,
-            clip_curvature=clip_curvature, fallback_lr=fallback_lr, fallback_betas=fallback_betas,
-            fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay, min_damping=min_damping,
-            max_factor_dim=max_factor_dim, max_failures=max_failures, max_skipped_steps=max_skipped_steps,
-            memory_budget=memory_budget, grad_scaler=grad_scaler, frontend=frontend, output=output,
-            distributed=distributed, clip_scaling=clip_scaling, clip_on=clip_on, compile_update=compile_update,
-            warmup=warmup, adapt_damping=adapt_damping)
+            clip_curvature=model_curvature(model, clip_curvature, clip_on, clip, mode), fallback_lr=fallback_lr,
+            fallback_betas=fallback_betas, fallback_eps=fallback_eps, lm_interval=lm_interval, lm_decay=lm_decay,
+            min_damping=min_damping, max_factor_dim=max_factor_dim, max_failures=max_failures,
+            max_skipped_steps=max_skipped_steps, memory_budget=memory_budget, grad_scaler=grad_scaler,
+            frontend=frontend, output=output, distributed=distributed, clip_scaling=clip_scaling, clip_on=clip_on,
+            compile_update=compile_update, warmup=warmup, adapt_damping=adapt_damping)
         saved = routing_snapshot(model)
         try:
             self._setup(model)

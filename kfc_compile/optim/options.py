@@ -22,7 +22,12 @@ from kfc_compile.optim.rules import CLIP_SCALINGS, CLIP_TARGETS
 from kfc_compile.runtime.subsets import default_share
 
 MODES = ("pre", "adaptive")
-CLIP_CURVATURES = ("exact", "factored")
+CLIP_CURVATURES = ("auto", "exact", "factored")
+#: ``clip="auto"``: the trust-region constant per (curvature, clip_on), the bound ν ≤ clip·lr with the default
+#: ``clip_scaling="lr"`` (docs/algorithm.md §6.2: the factored ν of the applied step measures the optimizer's own
+#: damped F̂, whose ν is ~100× the exact Fisher's on the same step; 0.2 was the best of {0.2, 0.3, 30})
+CLIP_DEFAULTS = {("exact", "step"): 30.0, ("exact", "update"): 30.0, ("factored", "step"): 0.2,
+                 ("factored", "update"): 30.0}
 FALLBACKS = ("sgd", "adam", None)
 STATS_FRACTION, CLIP_FRACTION = 0.125, 0.25  # the default subsets' shares (at least MIN_SUBSET examples each)
 
@@ -72,6 +77,55 @@ def betas(name: str, value: object) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
+def exact_reason(options: KFCOptions) -> str:
+    """Why ``clip_curvature="auto"`` resolves to the exact ν ("" where it is the factored ν of the applied step).
+
+    The factored ν of the step is not meaningful for ``adapt_damping`` (True or "auto": its Levenberg–Marquardt
+    model needs the model's δᵀFδ) and not available to distributed KFC (``distributed`` set; a DDP / FSDP2 model:
+    :func:`model_curvature`), where a rank may not hold every inverse. ``mode="adaptive"`` has no trust region
+    (its α/μ use the exact Fisher Gram whatever this says): "exact", its value before the factored default.
+    """
+    if options.mode == "adaptive":
+        return "mode='adaptive'"
+    if options.adapt_damping is True or options.adapt_damping == "auto":
+        return f"adapt_damping={options.adapt_damping!r}"
+    return distributed_reason(options.distributed)
+
+
+def distributed_reason(setting: object) -> str:
+    """"distributed=..." where ``setting`` turns distributed KFC on, else ""."""
+    return "" if setting is None or setting is False else f"distributed={setting!r}"
+
+
+def model_curvature(model: nn.Module, clip_curvature: object, clip_on: object, clip: object, mode: object) -> object:
+    """``clip_curvature`` for ``KFC(model)``: "exact" for "auto" where the model is distributed (DDP or FSDP2).
+
+    An explicit ``"factored"`` on the applied step (``clip_on`` "step" or "auto") of a distributed model is a
+    ``ValueError`` naming the fix: the runtime would otherwise measure the exact ν against the factored constant.
+    """
+    if (clip_curvature not in ("auto", "factored") or clip is None or clip_on not in ("auto", "step") or mode != "pre"
+            or not isinstance(model, nn.Module)):  # not a module: resolve_model names the problem
+        return clip_curvature
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    why = ""
+    if isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel):
+        why = "a DistributedDataParallel model"
+    elif any(isinstance(p, DTensor) for p in model.parameters()):
+        why = "DTensor (FSDP2) parameters"
+    if not why:
+        return clip_curvature
+    if clip_curvature == "auto":
+        return "exact"
+    raise ValueError(_declined(f"distributed KFC ({why})"))
+
+
+def _declined(why: str) -> str:
+    return (f"clip_curvature='factored' with clip_on='step' is not available with {why}: a rank may not hold every "
+            "inverse; pass clip_curvature='exact' (or leave it at 'auto'), or clip_on='update'")
+
+
 @dataclass(frozen=True)
 class KFCOptions:
     """Every argument of ``kc.KFC`` but the model, validated and normalised (see ``KFC`` for their meaning).
@@ -92,7 +146,7 @@ class KFCOptions:
     loss: Loss | str | nn.Module
     approx: str
     mode: str
-    clip: float | None
+    clip: float | str | None
     averaging: float | None
     damping_method: str
     fallback: str | None
@@ -124,6 +178,8 @@ class KFCOptions:
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
+        put("_clip_auto", self.clip == "auto")
+
         put("lr", real("lr", self.lr, low=0.0))
         put("momentum", real("momentum", self.momentum, low=0.0, high=1.0, high_open=True))
         put("damping", real("damping", self.damping, low=0.0))
@@ -140,7 +196,7 @@ class KFCOptions:
             put("loss", loss_spec(self.loss))
         check_approx(self.approx)
         choice("mode", self.mode, MODES)
-        if self.clip is not None:
+        if self.clip is not None and self.clip != "auto":
             put("clip", real("clip", self.clip, low=0.0, low_open=True))
         if self.averaging is not None:
             put("averaging", real("averaging", self.averaging, low=0.0, low_open=True))
@@ -153,15 +209,22 @@ class KFCOptions:
         choice("clip_curvature", self.clip_curvature, CLIP_CURVATURES)
         choice("clip_scaling", self.clip_scaling, CLIP_SCALINGS)
         choice("clip_on", self.clip_on, CLIP_TARGETS)
-        if self.clip_on == "auto":  # the applied step where ν is exact; factored: v alone (docs/algorithm.md §6.2)
-            put("clip_on", "step" if self.clip_curvature == "exact" else "update")
         if not isinstance(self.adapt_damping, bool) and self.adapt_damping != "auto":
             raise ValueError(f"adapt_damping must be True, False or 'auto', got {self.adapt_damping!r}")
+        if self.clip_on == "auto":  # the applied step for both curvatures (docs/algorithm.md §6.2)
+            put("clip_on", "step")
+        if self.clip_curvature == "auto":
+            put("clip_curvature", "exact" if exact_reason(self) else "factored")
+        elif (self.clip_curvature == "factored" and self.clip_on == "step" and self.clip is not None
+              and self.mode == "pre" and distributed_reason(self.distributed)):
+            raise ValueError(_declined(distributed_reason(self.distributed)))
+        if self.clip == "auto":
+            put("clip", CLIP_DEFAULTS[self.clip_curvature, self.clip_on])
         step_region = self.clip is not None and self.clip_on == "step" and self.clip_curvature == "exact"
         if self.adapt_damping is True and self.mode == "pre" and not step_region:
             raise ValueError("adapt_damping=True needs KFC-pre's trust region on the applied step with the exact "
-                             "Fisher (clip set, clip_on='step' or 'auto', clip_curvature='exact'): its ν is the "
-                             "model's δᵀFδ")
+                             "Fisher (clip set, clip_on='step' or 'auto', clip_curvature='exact' or 'auto'): its "
+                             "ν is the model's δᵀFδ")
         if self.adapt_damping == "auto":  # adapt when step() gets a closure, where the trust region allows it
             put("adapt_damping", "auto" if step_region else False)
         if self.fallback_lr is not None:
@@ -186,6 +249,11 @@ class KFCOptions:
         check_setting(self.distributed)
         if not isinstance(self.compile_update, bool):
             raise ValueError(f"compile_update must be True or False, got {self.compile_update!r}")
+
+    @property
+    def clip_auto(self) -> bool:
+        """Whether ``clip`` is :data:`CLIP_DEFAULTS`' constant for the resolved curvature (``clip="auto"``)."""
+        return self._clip_auto
 
     @property
     def fallback_learning_rate(self) -> float:

@@ -6,7 +6,8 @@ still says how far the curvature can be trusted: every ``lm_interval`` steps, wi
 λ = ``damping`` by the rule of §5.4 (ρ > 3/4: λ·ω₁; ρ < 1/4: λ/ω₁); the new λ is the factored damping of the next
 inverses. δᵀ(F + wd·I)δ costs nothing: δ = c·s is the clipped step s = μp + v whose ν = sᵀ(F + wd·I)s the trust
 region measured (exact Fisher on the batch's first ``clip_fraction``, at θ), so it is c²ν; hence the option needs
-``clip_on="step"`` with exact ν (the defaults). The price is the closure's second forward and backward.
+``clip_on="step"`` with exact ν (what ``clip_curvature="auto"`` resolves to with ``adapt_damping``). The price is
+the closure's second forward and backward.
 """
 from __future__ import annotations
 

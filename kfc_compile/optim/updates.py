@@ -19,7 +19,7 @@ import torch
 from kfc_compile.curvature.curvature_product import bucket_quadratic
 from kfc_compile.curvature.distributed import Distributed
 from kfc_compile.curvature.precondition import grad_matrix, regularised_grad
-from kfc_compile.optim.options import KFCOptions
+from kfc_compile.optim.options import CLIP_DEFAULTS, KFCOptions
 from kfc_compile.optim.rules import (
     adam_step_,
     adaptive_step_,
@@ -86,9 +86,12 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
     measured = updates if options.clip_on == "update" else [
         [v if state[p].get("momentum_buffer") is None else state[p]["momentum_buffer"] * part.group["momentum"] + v
          for p, v in zip(part.params, ts, strict=True)] for part, ts in zip(parts, updates, strict=True)]
-    scale = None
-    if options.clip is not None:
-        if _curvature(options, parts, exact_gram) == "exact":
+    scale, clip = None, options.clip
+    if clip is not None:
+        curvature = _curvature(options, parts, exact_gram)
+        if curvature != options.clip_curvature and options.clip_auto:  # clip="auto": the exact ν's own constant
+            clip = CLIP_DEFAULTS[curvature, options.clip_on]
+        if curvature == "exact":
             wd = parts[0].group["weight_decay"]
             v = {p: t for part, ts in zip(parts, measured, strict=True) for p, t in zip(part.params, ts, strict=True)}
             nu = float(exact_gram([v], options.clip_fraction)[0, 0])
@@ -107,7 +110,7 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
         if not math.isfinite(nu):  # inf/NaN in the model's output on the clip subset: no safe step size exists
             info["skipped"] = True  # the caller skips the step (nothing was changed here)
             return
-        scale = clip_scale(nu, clip_threshold(options.clip, options.clip_scaling, parts[0].group["lr"]))
+        scale = clip_scale(nu, clip_threshold(clip, options.clip_scaling, parts[0].group["lr"]))
         info["clip_scale"] = 1.0 if scale is None else scale
     for part, ts in zip(parts, updates, strict=True):
         buffers = [state[p].get("momentum_buffer") for p in part.params]
@@ -120,7 +123,11 @@ def pre_update(parts: list[GroupPart], state: MutableMapping, options: KFCOption
 
 
 def _curvature(options: KFCOptions, parts: list[GroupPart], exact_gram: GramFn) -> str:
-    """``options.clip_curvature``, or "exact" where the factored ν of the step cannot be formed (logged why)."""
+    """``options.clip_curvature``, or "exact" where the factored ν of the step cannot be formed (warned why).
+
+    ``KFC`` refuses the cases it can know at construction (distributed KFC, DTensor parameters:
+    ``options.model_curvature``); what is left is a Fisher-product function that cannot reach F̂.
+    """
     if options.clip_curvature != "factored" or options.clip_on != "step":
         return options.clip_curvature
     why = None
@@ -133,6 +140,10 @@ def _curvature(options: KFCOptions, parts: list[GroupPart], exact_gram: GramFn) 
     if why is None:
         return "factored"
     log.debug("factored ν of the applied step not taken: %s; exact ν", why)
+    constant = (f"its own constant clip={CLIP_DEFAULTS['exact', 'step']} (clip='auto')" if options.clip_auto else
+                f"clip={options.clip}, a constant meant for the factored ν")
+    warnings.warn(f"clip_curvature='factored' with clip_on='step' is not available here ({why}): the exact ν is "
+                  f"measured, against {constant}; pass clip_curvature='exact'", stacklevel=4)
     return "exact"
 
 
