@@ -77,8 +77,9 @@ MODELS = {  # name -> (builder, input shape, batch, loss kind)
     "autoenc": (autoencoder, (40,), 128, "mse"),
 }
 VARIANTS = {
-    "pre": dict(lr=1e-3),
-    "pre-fact": dict(lr=1e-3, clip_curvature="factored"),
+    "pre": dict(lr=1e-3),  # the default: the factored ν of the applied step (before 2026-12-02 08:00: the exact ν)
+    "pre-exact": dict(lr=1e-3, clip_curvature="exact"),  # the exact ν of the applied step (the JVP pass)
+    "pre-fact": dict(lr=1e-3, clip_curvature="factored", clip_on="update"),  # the factored ν of v alone
     "pre-fact-step": dict(lr=1e-3, clip_curvature="factored", clip_on="step"),
     "adaptive": dict(lr=0.5, damping=1e-2, min_damping=1e-3, mode="adaptive"),  # timing only: random labels
 }

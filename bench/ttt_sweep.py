@@ -6,7 +6,7 @@ task with every lr of its grid (``"lr"`` in the variant overrides ``--lr``) and 
 target or at the task's sweep budget. Steps are exact (the evaluation every ``--eval-every`` steps is their
 resolution); this is how the evidence table of docs/benchmarks.md "Time to target (issue 17)" is made. The key
 ``"min_subset"`` in a variant is not a ``kc.KFC`` option: it sets the statistics / ν subsets' floor
-(``kfc_compile.runtime.subsets.MIN_SUBSET``) for that variant's runs, to measure it.
+(both ``MIN_STATS_SUBSET`` and ``MIN_CLIP_SUBSET`` of ``runtime/subsets.py``) for that variant's runs, to measure it.
 
     .venv/bin/python bench/ttt_sweep.py '{}' '{"damping": 1e-2}' --seeds 0
 """
@@ -53,10 +53,10 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     tasks = [t for t in a.tasks.split(",") if t]
     seeds = [int(s) for s in a.seeds.split(",") if s]
-    floor = subsets.MIN_SUBSET
+    floors = subsets.MIN_STATS_SUBSET, subsets.MIN_CLIP_SUBSET
     for v in a.variants:
         opts = {k: x for k, x in v.items() if k not in ("lr", "min_subset")}
-        subsets.MIN_SUBSET = v.get("min_subset", floor)
+        subsets.MIN_STATS_SUBSET, subsets.MIN_CLIP_SUBSET = (v["min_subset"],) * 2 if "min_subset" in v else floors
         grid = v.get("lr", [float(x) for x in a.lr.split(",") if x])
         cells = []
         for t in tasks:

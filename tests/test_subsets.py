@@ -1,8 +1,9 @@
 """The statistics and ν subsets: how many leading examples they take, and that small batches train with the defaults.
 
 docs/algorithm.md §4.3: a subset is ceil(fraction·N) examples, at least 2 (train-mode BatchNorm), and the defaults'
-(``stats_fraction`` / ``clip_fraction`` left at None: 1/8 and 1/4) at least ``MIN_SUBSET`` = 32 where the batch
-has them; gradient accumulation spreads the subset over the step's micro-batches in order.
+(``stats_fraction`` / ``clip_fraction`` left at None: 1/8 and 1/4) at least ``MIN_STATS_SUBSET`` = 16 and
+``MIN_CLIP_SUBSET`` = 32 where the batch has them; gradient accumulation spreads the subset over the step's
+micro-batches in order.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 import kfc_compile as kc
 from kfc_compile.curvature.subset import leading_subset
 from kfc_compile.runtime.calls import RecordedCall
-from kfc_compile.runtime.subsets import MIN_SUBSET, Share, default_share, subset_size
+from kfc_compile.runtime.subsets import MIN_CLIP_SUBSET, MIN_STATS_SUBSET, Share, default_share, subset_size
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -30,19 +31,19 @@ def brute_force(n: int, fraction: float, floor: int) -> int:
     return next((k for k in range(n + 1) if k >= fraction * n - 1e-12 and k >= floor), n)
 
 
-@pytest.mark.parametrize("fraction, default, want", [
-    (0.125, True, (1, 2, 7, 16, 31, 32, 128)),   # the statistics default: 1/8, at least 32
-    (0.25, True, (1, 2, 7, 16, 31, 32, 256)),    # the ν default: 1/4, at least 32
-    (0.125, False, (1, 2, 2, 2, 4, 16, 128)),    # an explicit fraction: as given, at least 2
-    (0.25, False, (1, 2, 2, 4, 8, 32, 256)),
-    (1.0, True, SIZES),
-    (1.0, False, SIZES),
+@pytest.mark.parametrize("fraction, floor, want", [
+    (0.125, 16, (1, 2, 7, 16, 16, 16, 128)),     # the statistics default: 1/8, at least 16
+    (0.25, 32, (1, 2, 7, 16, 31, 32, 256)),      # the ν default: 1/4, at least 32
+    (0.125, None, (1, 2, 2, 2, 4, 16, 128)),     # an explicit fraction: as given, at least 2
+    (0.25, None, (1, 2, 2, 4, 8, 32, 256)),
+    (1.0, 32, SIZES),
+    (1.0, None, SIZES),
 ])
-def test_subset_size_exact_counts(fraction, default, want):
-    share = default_share(fraction) if default else fraction
+def test_subset_size_exact_counts(fraction, floor, want):
+    share = default_share(fraction, floor) if floor else fraction
     got = tuple(subset_size(n, share) for n in SIZES)
     assert got == want
-    assert got == tuple(brute_force(n, fraction, MIN_SUBSET if default else 2) for n in SIZES)
+    assert got == tuple(brute_force(n, fraction, floor or 2) for n in SIZES)
 
 
 def test_subset_size_matches_the_rule_everywhere():
@@ -53,8 +54,8 @@ def test_subset_size_matches_the_rule_everywhere():
 
 
 def test_share_is_a_float_that_survives_pickling_and_copies():
-    s = default_share(0.125)
-    assert s == 0.125 and s < 1.0 and isinstance(s, float) and s.floor == MIN_SUBSET
+    s = default_share(0.125, 16)
+    assert s == 0.125 and s < 1.0 and isinstance(s, float) and s.floor == 16
     for t in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s), copy.copy(s)):
         assert isinstance(t, Share) and t == s and t.floor == s.floor
     with pytest.raises(ValueError, match="floor"):
@@ -64,8 +65,9 @@ def test_share_is_a_float_that_survives_pickling_and_copies():
 def test_options_defaults_and_explicit_fractions():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     o = kc.KFC(model, lr=0.1).options
-    assert isinstance(o.stats_fraction, Share) and (o.stats_fraction, o.stats_fraction.floor) == (0.125, MIN_SUBSET)
-    assert isinstance(o.clip_fraction, Share) and (o.clip_fraction, o.clip_fraction.floor) == (0.25, MIN_SUBSET)
+    assert isinstance(o.stats_fraction, Share) and isinstance(o.clip_fraction, Share)
+    assert (o.stats_fraction, o.stats_fraction.floor) == (0.125, MIN_STATS_SUBSET) == (0.125, 16)
+    assert (o.clip_fraction, o.clip_fraction.floor) == (0.25, MIN_CLIP_SUBSET) == (0.25, 32)
     o = kc.KFC(copy.deepcopy(model), lr=0.1, stats_fraction=0.125, clip_fraction=0.25).options
     assert getattr(o.stats_fraction, "floor", 2) == 2 and getattr(o.clip_fraction, "floor", 2) == 2
     for name in ("stats_fraction", "clip_fraction"):
@@ -78,14 +80,15 @@ def calls_of(sizes):
 
 
 @pytest.mark.parametrize("sizes, share, want", [
-    ([5, 20, 3, 40], default_share(0.125), [5, 20, 3, 4]),  # N = 68: m = 32 over the first four
-    ([5, 20, 3, 40], 0.125, [5, 4]),                        # explicit 1/8: m = ceil(8.5) = 9
-    ([7, 9], 0.5, [7, 2]),                                  # m = 8, but the second call gets 2 (BatchNorm)
-    ([1, 6, 6], 0.25, [1, 3]),                              # m = ceil(3.25) = 4; a call of one keeps its one
-    ([10, 10, 10], default_share(0.25), [10, 10, 10]),      # N = 30 < 32: the whole batch
-    ([64, 64, 64, 64], default_share(0.125), [32]),         # N = 256: 32 from the first micro-batch
-    ([512, 512], default_share(0.25), [256]),
-    ([3, 2], default_share(0.125), [3, 2]),
+    ([5, 20, 3, 40], default_share(0.125, 32), [5, 20, 3, 4]),  # N = 68: m = 32 over the first four
+    ([5, 20, 3, 40], default_share(0.125, 16), [5, 11]),        # N = 68: m = 16 over the first two
+    ([5, 20, 3, 40], 0.125, [5, 4]),                            # explicit 1/8: m = ceil(8.5) = 9
+    ([7, 9], 0.5, [7, 2]),                                      # m = 8, but the second call gets 2 (BatchNorm)
+    ([1, 6, 6], 0.25, [1, 3]),                                  # m = ceil(3.25) = 4; a call of one keeps its one
+    ([10, 10, 10], default_share(0.25, 32), [10, 10, 10]),      # N = 30 < 32: the whole batch
+    ([64, 64, 64, 64], default_share(0.125, 32), [32]),         # N = 256: 32 from the first micro-batch
+    ([512, 512], default_share(0.25, 32), [256]),
+    ([3, 2], default_share(0.125, 16), [3, 2]),
 ])
 def test_leading_subset_over_unequal_micro_batches(sizes, share, want):
     calls = calls_of(sizes)
@@ -157,11 +160,11 @@ class SizeLog(nn.Module):
 
 @pytest.mark.parametrize("n", [16, 48, 128, 1024])
 def test_the_default_passes_run_on_the_floored_subsets(n):
-    """Default subsets (MC Fisher: a separate statistics pass): max(N/8, 32), and max(N/4, 32) for the exact ν.
+    """Default subsets (MC Fisher: a separate statistics pass): max(N/8, 16), and max(N/4, 32) for the exact ν.
 
     The default trust region (the factored ν of the step) adds no pass.
     """
-    want_stats, want_nu = min(n, max(math.ceil(n / 8), 32)), min(n, max(math.ceil(n / 4), 32))
+    want_stats, want_nu = min(n, max(math.ceil(n / 8), 16)), min(n, max(math.ceil(n / 4), 32))
     for curvature, want in (("exact", [n, want_stats, want_nu]), ("auto", [n, want_stats])):
         torch.manual_seed(0)
         model = SizeLog()

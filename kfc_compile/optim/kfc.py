@@ -64,7 +64,7 @@ class KFC(torch.optim.Optimizer):
             (``"auto"``; ``True``: warn without one; ``False``, default: fixed), docs/algorithm.md §5.5.
         stat_decay: the moving-average cap: ε = min(1 − 1/k, stat_decay).
         stats_fraction: share of the batch (its first ⌈fraction·N⌉ examples, at least 2) that feeds the factor
-            statistics (K-FAC's τ₁); None: 1/8, at least 32 examples (§4.3); 1: the whole batch, in the user's pass.
+            statistics (K-FAC's τ₁); None: 1/8, at least 16 examples (§4.3); 1: the whole batch, in the user's pass.
         fisher: ``"mc"`` (sampled targets), ``"empirical"`` or ``"type-2"``.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or the matching ``nn`` loss instance (its
             reduction says whether the objective is a batch mean or sum; a sum scales the curvature by N).

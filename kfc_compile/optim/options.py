@@ -19,17 +19,17 @@ from kfc_compile.curvature.losses import FISHER_TYPES, Loss, loss_spec
 from kfc_compile.curvature.statistics import check_approx
 from kfc_compile.frontend.select import check_frontend
 from kfc_compile.optim.rules import CLIP_SCALINGS, CLIP_TARGETS
-from kfc_compile.runtime.subsets import default_share
+from kfc_compile.runtime import subsets
 
 MODES = ("pre", "adaptive")
 CLIP_CURVATURES = ("auto", "exact", "factored")
 #: ``clip="auto"``: the trust-region constant per (curvature, clip_on), the bound ν ≤ clip·lr with the default
 #: ``clip_scaling="lr"`` (docs/algorithm.md §6.2: the factored ν of the applied step measures the optimizer's own
-#: damped F̂, whose ν is ~100× the exact Fisher's on the same step; 0.2 was the best of {0.2, 0.3, 30})
+#: damped F̂, which underestimates the curvature along the step: 6× on digits' first step; 0.2 was measured best)
 CLIP_DEFAULTS = {("exact", "step"): 30.0, ("exact", "update"): 30.0, ("factored", "step"): 0.2,
                  ("factored", "update"): 30.0}
 FALLBACKS = ("sgd", "adam", None)
-STATS_FRACTION, CLIP_FRACTION = 0.125, 0.25  # the default subsets' shares (at least MIN_SUBSET examples each)
+STATS_FRACTION, CLIP_FRACTION = 0.125, 0.25  # the default subsets' shares (at least runtime/subsets.py's floors)
 
 
 def real(name: str, value: object, *, low: float | None = None, high: float | None = None, low_open: bool = False,
@@ -48,10 +48,10 @@ def real(name: str, value: object, *, low: float | None = None, high: float | No
     return v
 
 
-def fraction(name: str, value: object, default: float) -> float:
-    """A subset's share of the batch in (0, 1]; None: ``default`` with the defaults' floor (``runtime/subsets.py``)."""
+def fraction(name: str, value: object, default: float, floor: int) -> float:
+    """A subset's share of the batch in (0, 1]; None: ``default`` with the defaults' ``floor`` (runtime/subsets.py)."""
     if value is None:
-        return default_share(default)
+        return subsets.default_share(default, floor)
     return real(name, value, low=0.0, high=1.0, low_open=True)
 
 
@@ -190,7 +190,7 @@ class KFCOptions:
             raise ValueError(f"warmup must be a non-negative integer (steps with statistics and inverses every "
                              f"step; 0: none), got {self.warmup!r}")
         put("stat_decay", real("stat_decay", self.stat_decay, low=0.0, high=1.0))
-        put("stats_fraction", fraction("stats_fraction", self.stats_fraction, STATS_FRACTION))
+        put("stats_fraction", fraction("stats_fraction", self.stats_fraction, STATS_FRACTION, subsets.MIN_STATS_SUBSET))
         choice("fisher", self.fisher, FISHER_TYPES)
         if not isinstance(self.loss, Loss):
             put("loss", loss_spec(self.loss))
@@ -205,7 +205,7 @@ class KFCOptions:
         put("mc_samples", positive_int("mc_samples", self.mc_samples))
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
-        put("clip_fraction", fraction("clip_fraction", self.clip_fraction, CLIP_FRACTION))
+        put("clip_fraction", fraction("clip_fraction", self.clip_fraction, CLIP_FRACTION, subsets.MIN_CLIP_SUBSET))
         choice("clip_curvature", self.clip_curvature, CLIP_CURVATURES)
         choice("clip_scaling", self.clip_scaling, CLIP_SCALINGS)
         choice("clip_on", self.clip_on, CLIP_TARGETS)
