@@ -16,7 +16,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from test_fused_update import Net, _mlp, _wide  # the same tiny nets as the fused update's tests
 from torch._dynamo.utils import counters
 
 import kfc_compile as kc
@@ -25,33 +25,6 @@ from kfc_compile.optim import fused_update
 from kfc_compile.optim.groups import find_group
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-class Net(nn.Module):
-    """A conv, a grouped conv without bias, linears (two of the same shape: one bucket) and a fallback gain."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False)
-        self.l1 = nn.Linear(16, 5)
-        self.l2 = nn.Linear(5, 5)
-        self.l3 = nn.Linear(5, 5)
-        self.out = nn.Linear(5, 3)
-        self.gain = nn.Parameter(torch.ones(5))
-
-    def forward(self, x):
-        h = F.max_pool2d(torch.tanh(self.c2(torch.tanh(self.c1(x)))), 2).flatten(1)
-        h = torch.tanh(self.l1(h)) * self.gain
-        return self.out(torch.tanh(self.l3(torch.tanh(self.l2(h)))))
-
-
-def _wide():
-    return nn.Sequential(nn.Linear(70, 6), nn.Tanh(), nn.Linear(6, 3))
-
-
-def _mlp():
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
 
 
 CASES = {  # name: (model, input shape, silent inputs, options)
