@@ -127,4 +127,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def guard_check(loss, grads):
+    """``StepGuard.check`` of ``loss`` and a stand-in optimizer whose parameters carry ``grads`` (its result)."""
+    from torch import nn
+
+    from kfc_compile.curvature.health import Health
+    from kfc_compile.optim.safety import StepGuard
+
+    class Opt:
+        param_groups = [{"params": []}]
+    opt = Opt()
+    for g in grads:
+        p = nn.Parameter(torch.zeros_like(g))
+        p.grad = g
+        opt.param_groups[0]["params"].append(p)
+    return StepGuard(None, Health(), set()).check(opt, loss, 1.0)  # check() reads no option
+
 sys.modules.setdefault("kfc_test_helpers", sys.modules[__name__])

@@ -10,11 +10,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from kfc_compile.curvature.health import Health
 from kfc_compile.optim import safety
-from kfc_compile.optim.safety import StepGuard
+
+from kfc_test_helpers import guard_check
 
 
 def _tensors(gen: torch.Generator) -> list[torch.Tensor]:
@@ -35,24 +34,13 @@ def test_finite_read_is_isfinite_all(where, value):
     assert expected == (where is None)  # the reference sees the bad entry: the check above can fail
 
 
-def _guard_check(loss, grads):
-    class Opt:
-        param_groups = [{"params": []}]
-    opt = Opt()
-    for g in grads:
-        p = nn.Parameter(torch.zeros_like(g))
-        p.grad = g
-        opt.param_groups[0]["params"].append(p)
-    return StepGuard(None, Health(), set()).check(opt, loss, 1.0)  # check() reads no option
-
-
 @pytest.mark.parametrize("bad", [None, 0, 1, 2])
 @pytest.mark.parametrize("loss", [None, torch.tensor(0.25), torch.tensor(math.nan), torch.tensor(1.0).half()])
 def test_guard_cause_with_small_and_large_gradients(bad, loss):
     grads = [torch.ones(3, 2), torch.ones(safety.SMALL_NUMEL + 1), torch.ones(4, dtype=torch.float64)]
     if bad is not None:
         grads[bad].view(-1)[-1] = math.nan
-    found = _guard_check(loss, grads)
+    found = guard_check(loss, grads)
     loss_bad = loss is not None and not math.isfinite(float(loss))
     cause = "loss" if loss_bad else "gradient" if bad is not None else None
     assert (found and found[0]) == cause

@@ -15,10 +15,10 @@ from torch.func import functional_call
 
 from kfc_compile.curvature import decompositions as dec
 from kfc_compile.curvature.guard import all_finite, finite_flags
-from kfc_compile.curvature.health import Health
 from kfc_compile.curvature.subset import forward_with_private_buffers
-from kfc_compile.optim.safety import StepGuard
 from kfc_compile.runtime.calls import RecordedCall
+
+from kfc_test_helpers import guard_check
 
 
 def _sym(d, gen, dtype=torch.float32, groups=1):
@@ -39,18 +39,6 @@ def test_finite_flags_fused_equals_per_group(bad):
     assert expected == [bad is None or bad[0] != i for i in range(3)]
 
 
-def _guard_check(loss, grads):
-    class Opt:
-        param_groups = [{"params": []}]
-    opt = Opt()
-    for g in grads:
-        p = nn.Parameter(torch.zeros_like(g))
-        p.grad = g
-        opt.param_groups[0]["params"].append(p)
-    guard = StepGuard(None, Health(), set())  # check() reads no option
-    return guard.check(opt, loss, 1.0)
-
-
 @pytest.mark.parametrize("loss,grad_bad,cause", [
     (torch.tensor(0.5), False, None), (torch.tensor(math.nan), False, "loss"), (torch.tensor(0.5), True, "gradient"),
     (torch.tensor(math.inf), True, "loss"), (float("nan"), False, "loss"), (None, True, "gradient"),
@@ -59,7 +47,7 @@ def test_guard_names_the_cause_in_order(loss, grad_bad, cause):
     grads = [torch.ones(3, 2), torch.ones(70000), torch.ones(4, dtype=torch.float64)]
     if grad_bad:
         grads[1][5] = math.inf
-    found = _guard_check(loss, grads)
+    found = guard_check(loss, grads)
     assert (found and found[0]) == cause
     if cause == "loss":
         assert "loss is" in found[1]
